@@ -1,0 +1,60 @@
+# The one entry point for people and CI. README names `make run` and `make test`;
+# .ci/run calls `make test`.
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+
+CARGO ?= cargo
+export CARGO_TERM_COLOR ?= never
+
+.PHONY: help
+help: ## list the recipes
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
+
+.PHONY: libtorch
+libtorch: ## install libtorch 2.11.0 (CPU) into ~/.cache/hndsr and link ./.libtorch
+	@bash server/scripts/install-libtorch.sh >/dev/null
+
+.PHONY: prereqs
+prereqs: libtorch ## check and install everything the build needs
+	@command -v $(CARGO) >/dev/null || { echo "error: cargo not found (install Rust 1.95 with rustup)" >&2; exit 1; }
+	@command -v python3 >/dev/null || { echo "error: python3 not found" >&2; exit 1; }
+
+.PHONY: run
+run: prereqs ## build the server and run it on 127.0.0.1:8080 with the bicubic backend
+	$(CARGO) build --release -p hndsr-server --bin hndsr-server
+	@echo "hndsr-server on http://127.0.0.1:8080 — try:"
+	@echo "  curl -s --data-binary @docs/samples/aero-64.png -H 'content-type: image/png' 'http://127.0.0.1:8080/v1/upscale?scale=4' -o /tmp/up.png"
+	./target/release/hndsr-server --listen 127.0.0.1:8080 --backend bicubic
+
+.PHONY: fmt
+fmt: ## format the workspace
+	$(CARGO) fmt --all
+
+.PHONY: lint
+lint: prereqs ## rustfmt and clippy, warnings are errors
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+
+.PHONY: generate
+generate: prereqs ## regenerate the committed artefacts (CRD YAML, chart CRD, OpenAPI, CRD reference)
+	$(CARGO) run --locked -q -p hndsr-crds --bin crdgen -- --out crds/hndsrservice.yaml --chart-out charts/hndsr-operator/crds/hndsrservice.yaml --reference-out docs/crd-reference.md
+	$(CARGO) run --locked -q -p hndsr-server --bin hndsr-server -- openapi > docs/openapi.json
+
+.PHONY: check-generated
+check-generated: generate ## fail when regenerating the committed artefacts changes anything
+	@git diff --exit-code -- crds/hndsrservice.yaml charts/hndsr-operator/crds docs/openapi.json docs/crd-reference.md \
+	  || { echo "error: generated files are out of date; run 'make generate' and commit" >&2; exit 1; }
+
+.PHONY: unit
+unit: prereqs ## unit, mocked-API and HTTP tests of every crate
+	$(CARGO) test --workspace --exclude hndsr-e2e --locked
+
+.PHONY: test
+test: lint check-generated unit ## every test: lint, generated-file drift, unit/HTTP/mocked-API tests
+	@echo "make test: all green"
+
+.PHONY: bench
+bench: prereqs ## load-test the release server on 127.0.0.1 and print the figures for docs/benchmarks.md
+	$(CARGO) build --release --locked -p hndsr-server --bin hndsr-server --bin hndsr-loadgen
+	bash server/scripts/bench.sh

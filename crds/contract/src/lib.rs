@@ -1,0 +1,107 @@
+//! The contract between the operator and the inference server.
+//!
+//! The operator writes these env vars, ports and probe paths into every pod
+//! it manages, and builds its HorizontalPodAutoscaler on these metric names;
+//! the server reads the same names. Both depend on this crate (which has no
+//! dependencies, so the server stays free of kube), so the two sides cannot
+//! drift apart.
+
+/// Environment variables the server reads its configuration from. The names
+/// are the original service's; each also has a matching CLI flag.
+pub mod env {
+    /// Maximum number of requests running on the backend at once (GPU permits).
+    pub const MAX_CONCURRENT: &str = "MAX_CONCURRENT";
+    /// Maximum number of requests in flight (running + waiting); beyond it, 503.
+    pub const MAX_QUEUE_DEPTH: &str = "MAX_QUEUE_DEPTH";
+    /// Requests allowed per client per hour; 0 disables the limiter.
+    pub const RATE_LIMIT_PER_HOUR: &str = "RATE_LIMIT_PER_HOUR";
+    /// Whole-request deadline in seconds; past it, 504 and the work is cancelled.
+    pub const REQUEST_TIMEOUT_S: &str = "REQUEST_TIMEOUT_S";
+    /// Largest accepted input image, in pixels (width × height).
+    pub const MAX_IMAGE_PIXELS: &str = "MAX_IMAGE_PIXELS";
+    /// Largest accepted request body, in MiB.
+    pub const MAX_PAYLOAD_MB: &str = "MAX_PAYLOAD_MB";
+    /// Seconds to drain in-flight requests after SIGTERM.
+    pub const DRAIN_SECONDS: &str = "DRAIN_SECONDS";
+    /// Address the HTTP server binds (`host:port`).
+    pub const LISTEN_ADDR: &str = "HNDSR_LISTEN_ADDR";
+    /// Model backend: `bicubic` or `hndsr`.
+    pub const BACKEND: &str = "HNDSR_BACKEND";
+    /// Default upscaling factor.
+    pub const SCALE: &str = "HNDSR_SCALE";
+    /// Device: `cpu`, `cuda` or `cuda:N`.
+    pub const DEVICE: &str = "HNDSR_DEVICE";
+    /// Path of the model weights (safetensors).
+    pub const WEIGHTS_PATH: &str = "HNDSR_WEIGHTS_PATH";
+    /// Expected sha256 of the weights file (hex).
+    pub const WEIGHTS_SHA256: &str = "HNDSR_WEIGHTS_SHA256";
+    /// DDIM sampling steps for the `hndsr` backend.
+    pub const SAMPLING_STEPS: &str = "HNDSR_SAMPLING_STEPS";
+    /// Numeric precision: `fp32`, `fp16` or `bf16`.
+    pub const PRECISION: &str = "HNDSR_PRECISION";
+    /// Comma-separated CIDRs whose X-Forwarded-For is trusted.
+    pub const TRUSTED_PROXIES: &str = "HNDSR_TRUSTED_PROXIES";
+    /// Emit JSON logs when `true`.
+    pub const LOG_JSON: &str = "HNDSR_LOG_JSON";
+}
+
+/// Network endpoints of the server.
+pub mod http {
+    /// The one port the server listens on (API, probes and metrics).
+    pub const PORT: u16 = 8080;
+    /// Name of the container port (used by the Service's targetPort).
+    pub const PORT_NAME: &str = "http";
+    /// Liveness probe: the process is alive and its inference thread answers.
+    pub const HEALTHZ_PATH: &str = "/healthz";
+    /// Readiness probe: the model is loaded and warmed up, and not draining.
+    pub const READYZ_PATH: &str = "/readyz";
+    /// Prometheus text exposition.
+    pub const METRICS_PATH: &str = "/metrics";
+    /// Model, backend, device, limits and version.
+    pub const INFO_PATH: &str = "/v1/info";
+    /// The upscaling endpoint (raw image body).
+    pub const UPSCALE_PATH: &str = "/v1/upscale";
+    /// The OpenAPI document.
+    pub const OPENAPI_PATH: &str = "/openapi.json";
+}
+
+/// Prometheus metric names the server exports and the autoscaler consumes.
+pub mod metrics {
+    /// Gauge: requests currently running on the backend. Autoscaling signal.
+    pub const ACTIVE_REQUESTS: &str = "hndsr_active_requests";
+    /// Gauge: admitted requests waiting for a backend permit. Autoscaling signal.
+    pub const QUEUE_DEPTH: &str = "hndsr_queue_depth";
+    /// Histogram: whole request duration in seconds.
+    pub const REQUEST_DURATION_SECONDS: &str = "hndsr_request_duration_seconds";
+    /// Buckets of [`REQUEST_DURATION_SECONDS`].
+    pub const REQUEST_DURATION_BUCKETS: &[f64] = &[0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+    /// Histogram: time spent waiting for a backend permit.
+    pub const QUEUE_WAIT_SECONDS: &str = "hndsr_queue_wait_seconds";
+    /// Histogram: time spent in the backend.
+    pub const INFERENCE_SECONDS: &str = "hndsr_inference_seconds";
+    /// Counter: finished requests by `outcome`.
+    pub const REQUESTS_TOTAL: &str = "hndsr_requests_total";
+    /// Counter: rejected requests by `reason`.
+    pub const REJECTIONS_TOTAL: &str = "hndsr_rejections_total";
+}
+
+/// Defaults shared by the CRD (reported as effective values in status) and
+/// the server (used when an env var is absent). The seed system's numbers.
+pub mod defaults {
+    /// Default [`super::env::MAX_CONCURRENT`].
+    pub const MAX_CONCURRENT: u32 = 4;
+    /// Default [`super::env::MAX_QUEUE_DEPTH`].
+    pub const MAX_QUEUE_DEPTH: u32 = 20;
+    /// Default [`super::env::RATE_LIMIT_PER_HOUR`].
+    pub const RATE_LIMIT_PER_HOUR: u32 = 100;
+    /// Default [`super::env::REQUEST_TIMEOUT_S`].
+    pub const REQUEST_TIMEOUT_SECONDS: u32 = 30;
+    /// Default [`super::env::MAX_IMAGE_PIXELS`].
+    pub const MAX_IMAGE_PIXELS: u64 = 16_000_000;
+    /// Default [`super::env::MAX_PAYLOAD_MB`].
+    pub const MAX_PAYLOAD_MB: u32 = 20;
+    /// Default [`super::env::DRAIN_SECONDS`].
+    pub const DRAIN_SECONDS: u32 = 30;
+    /// Default upscaling factor.
+    pub const SCALE: u32 = 4;
+}

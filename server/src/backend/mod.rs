@@ -1,0 +1,106 @@
+//! The model backend interface, and the backends behind it.
+//!
+//! A [`Backend`] is synchronous and blocking: the core calls it only from its
+//! dedicated inference threads (never from tokio workers), one job per
+//! thread at a time, with at most `MAX_CONCURRENT` jobs running at once. It
+//! must check the [`CancellationToken`] between units of work (tiles,
+//! diffusion steps) and return [`BackendError::Cancelled`] promptly once it
+//! is cancelled; the caller holds the request's GPU permit until `upscale`
+//! has returned, so cancellation is what frees capacity after a timeout or a
+//! client disconnect.
+
+use std::fmt;
+
+pub use tokio_util::sync::CancellationToken;
+
+#[cfg(feature = "torch")]
+pub mod torch;
+
+/// A decoded image as planar `f32` samples in `[0, 1]`, channel-major (CHW).
+#[derive(Clone, PartialEq)]
+pub struct Planar {
+    /// 1 (gray), 2 (gray + alpha), 3 (RGB) or 4 (RGBA).
+    pub channels: u8,
+    /// Width in pixels.
+    pub width: u32,
+    /// Height in pixels.
+    pub height: u32,
+    /// `channels * height * width` samples, plane after plane.
+    pub data: Vec<f32>,
+}
+
+impl fmt::Debug for Planar {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Planar")
+            .field("channels", &self.channels)
+            .field("width", &self.width)
+            .field("height", &self.height)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One unit of backend work: upscale `image` by `scale`.
+#[derive(Debug, Clone)]
+pub struct Job {
+    /// The input image.
+    pub image: Planar,
+    /// Integer upscaling factor (validated against [`BackendInfo::scales`]).
+    pub scale: u32,
+    /// Diffusion sampling steps; `None` means the backend's configured default.
+    pub steps: Option<u32>,
+    /// Seed for any stochastic part, so a result is reproducible.
+    pub seed: u64,
+}
+
+/// What a backend reports about itself (served by `/v1/info`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct BackendInfo {
+    /// Backend kind: `bicubic`, `hndsr`, or a test backend's name.
+    pub backend: String,
+    /// Model name and version (for `bicubic`, `bicubic`).
+    pub model: String,
+    /// sha256 of the weights, or of a fixed string for weight-less backends;
+    /// part of the request-coalescing key.
+    pub model_digest: String,
+    /// Device the work runs on: `cpu`, `cuda:0`, ...
+    pub device: String,
+    /// Numeric precision: `fp32`, `fp16`, `bf16`.
+    pub precision: String,
+    /// Upscaling factors this backend accepts.
+    pub scales: Vec<u32>,
+}
+
+/// Why a backend call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The cancellation token fired and the work stopped.
+    #[error("cancelled")]
+    Cancelled,
+    /// The device ran out of memory; caches were freed and the backend is usable.
+    #[error("device out of memory: {0}")]
+    OutOfMemory(String),
+    /// The job cannot be run as asked (unsupported scale, channel count, ...).
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
+    /// Loading or warming up the model failed.
+    #[error("loading the model failed: {0}")]
+    Load(String),
+    /// Anything else the backend reports.
+    #[error("backend failure: {0}")]
+    Internal(String),
+}
+
+/// A model that upscales images. See the module docs for the threading and
+/// cancellation contract.
+pub trait Backend: Send + Sync + 'static {
+    /// Static facts about the backend.
+    fn info(&self) -> BackendInfo;
+
+    /// Runs the model once on a small input so the first real request does
+    /// not pay for lazy initialisation. Called on an inference thread before
+    /// `/readyz` turns true.
+    fn warm_up(&self) -> Result<(), BackendError>;
+
+    /// Upscales one image. Blocking; checks `cancel` between units of work.
+    fn upscale(&self, job: &Job, cancel: &CancellationToken) -> Result<Planar, BackendError>;
+}
