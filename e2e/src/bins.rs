@@ -1,0 +1,91 @@
+//! Where the control-plane programs are, and which versions.
+//!
+//! `e2e/scripts/build-binaries.sh` builds them into
+//! `$HNDSR_E2E_BIN_DIR` (default `~/.cache/hndsr/e2e-bin`), one directory per
+//! tool and version. The versions here must match the script's.
+
+use std::path::{Path, PathBuf};
+
+use crate::{Error, Result};
+
+/// `k8s.io/kubernetes` version of kube-apiserver, -controller-manager, -scheduler and kubectl.
+pub const KUBERNETES_VERSION: &str = "v1.36.3";
+/// `go.etcd.io/etcd/server/v3` version.
+pub const ETCD_VERSION: &str = "v3.6.16";
+/// `sigs.k8s.io/kwok` version.
+pub const KWOK_VERSION: &str = "v0.8.0";
+/// `helm.sh/helm/v3` version.
+pub const HELM_VERSION: &str = "v3.22.0";
+
+/// The command that builds the binaries (run from the repository root).
+pub const BUILD_COMMAND: &str = "bash e2e/scripts/build-binaries.sh";
+
+/// Environment variable overriding the binary cache directory.
+pub const BIN_DIR_ENV: &str = "HNDSR_E2E_BIN_DIR";
+
+/// Paths of every program the harness runs.
+#[derive(Debug, Clone)]
+pub struct Binaries {
+    /// kube-apiserver
+    pub kube_apiserver: PathBuf,
+    /// kube-controller-manager
+    pub kube_controller_manager: PathBuf,
+    /// kube-scheduler
+    pub kube_scheduler: PathBuf,
+    /// kubectl
+    pub kubectl: PathBuf,
+    /// etcd
+    pub etcd: PathBuf,
+    /// kwok
+    pub kwok: PathBuf,
+    /// helm
+    pub helm: PathBuf,
+}
+
+impl Binaries {
+    /// Finds every binary in the cache, failing (never skipping) with the
+    /// build command when one is missing.
+    pub fn locate() -> Result<Self> {
+        let root = cache_dir();
+        let k8s = root.join(format!("kubernetes-{KUBERNETES_VERSION}"));
+        let bins = Self {
+            kube_apiserver: k8s.join("kube-apiserver"),
+            kube_controller_manager: k8s.join("kube-controller-manager"),
+            kube_scheduler: k8s.join("kube-scheduler"),
+            kubectl: k8s.join("kubectl"),
+            etcd: root.join(format!("etcd-{ETCD_VERSION}")).join("etcd"),
+            kwok: root.join(format!("kwok-{KWOK_VERSION}")).join("kwok"),
+            helm: root.join(format!("helm-{HELM_VERSION}")).join("helm"),
+        };
+        for path in [
+            &bins.kube_apiserver,
+            &bins.kube_controller_manager,
+            &bins.kube_scheduler,
+            &bins.kubectl,
+            &bins.etcd,
+            &bins.kwok,
+            &bins.helm,
+        ] {
+            if !path.is_file() {
+                return Err(Error::MissingBinary { path: path.clone() });
+            }
+        }
+        Ok(bins)
+    }
+}
+
+/// The binary cache: `$HNDSR_E2E_BIN_DIR` or `~/.cache/hndsr/e2e-bin`.
+pub fn cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os(BIN_DIR_ENV) {
+        return PathBuf::from(dir);
+    }
+    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("/"), PathBuf::from);
+    home.join(".cache/hndsr/e2e-bin")
+}
+
+/// The repository root (the workspace this crate belongs to).
+pub fn repo_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the e2e crate lives one level below the repository root")
+}

@@ -1,0 +1,164 @@
+//! Certificates and keys for one control plane, written as PEM files.
+//!
+//! A cluster CA signs the apiserver's serving certificate (SANs `localhost`,
+//! `127.0.0.1` and the in-cluster names) and the admin client certificate
+//! (`O=system:masters`); a separate front-proxy CA signs the client
+//! certificate the aggregation layer presents to extension apiservers; an
+//! ECDSA key pair signs service-account tokens. All keys are ECDSA P-256.
+
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose,
+};
+
+use crate::{Error, Result};
+
+/// Paths of the generated PEM files.
+#[derive(Debug, Clone)]
+pub struct Pki {
+    /// Cluster CA certificate (client CA of the apiserver, root CA of pods).
+    pub ca_cert: PathBuf,
+    /// Cluster CA key (signs CSRs in the controller-manager).
+    pub ca_key: PathBuf,
+    /// kube-apiserver serving certificate.
+    pub apiserver_cert: PathBuf,
+    /// kube-apiserver serving key.
+    pub apiserver_key: PathBuf,
+    /// Admin client certificate (`CN=hndsr-e2e-admin`, `O=system:masters`).
+    pub admin_cert: PathBuf,
+    /// Admin client key.
+    pub admin_key: PathBuf,
+    /// Front-proxy CA certificate (`--requestheader-client-ca-file`).
+    pub front_proxy_ca_cert: PathBuf,
+    /// Front-proxy client certificate (`CN=front-proxy-client`).
+    pub front_proxy_client_cert: PathBuf,
+    /// Front-proxy client key.
+    pub front_proxy_client_key: PathBuf,
+    /// Service-account signing key (PKCS#8).
+    pub service_account_key: PathBuf,
+    /// Service-account public key.
+    pub service_account_pub: PathBuf,
+}
+
+/// CN of the front-proxy client certificate (`--requestheader-allowed-names`).
+pub const FRONT_PROXY_CLIENT_CN: &str = "front-proxy-client";
+
+impl Pki {
+    /// Generates every certificate and key into `dir`.
+    pub fn generate(dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(dir).map_err(Error::io("creating", dir))?;
+        let pki = Self {
+            ca_cert: dir.join("ca.crt"),
+            ca_key: dir.join("ca.key"),
+            apiserver_cert: dir.join("apiserver.crt"),
+            apiserver_key: dir.join("apiserver.key"),
+            admin_cert: dir.join("admin.crt"),
+            admin_key: dir.join("admin.key"),
+            front_proxy_ca_cert: dir.join("front-proxy-ca.crt"),
+            front_proxy_client_cert: dir.join("front-proxy-client.crt"),
+            front_proxy_client_key: dir.join("front-proxy-client.key"),
+            service_account_key: dir.join("sa.key"),
+            service_account_pub: dir.join("sa.pub"),
+        };
+
+        let ca = new_ca("hndsr-e2e-ca")?;
+        write(&pki.ca_cert, &ca.pem())?;
+        write(&pki.ca_key, &ca.key().serialize_pem())?;
+
+        let serving = leaf(
+            "kube-apiserver",
+            None,
+            &[
+                "localhost",
+                "127.0.0.1",
+                "kubernetes",
+                "kubernetes.default",
+                "kubernetes.default.svc",
+                "kubernetes.default.svc.cluster.local",
+                "10.0.0.1",
+            ],
+            ExtendedKeyUsagePurpose::ServerAuth,
+            &ca,
+        )?;
+        write(&pki.apiserver_cert, &serving.0)?;
+        write(&pki.apiserver_key, &serving.1)?;
+
+        let admin = leaf(
+            "hndsr-e2e-admin",
+            Some("system:masters"),
+            &[],
+            ExtendedKeyUsagePurpose::ClientAuth,
+            &ca,
+        )?;
+        write(&pki.admin_cert, &admin.0)?;
+        write(&pki.admin_key, &admin.1)?;
+
+        let front_proxy_ca = new_ca("hndsr-e2e-front-proxy-ca")?;
+        write(&pki.front_proxy_ca_cert, &front_proxy_ca.pem())?;
+        let front_proxy = leaf(
+            FRONT_PROXY_CLIENT_CN,
+            None,
+            &[],
+            ExtendedKeyUsagePurpose::ClientAuth,
+            &front_proxy_ca,
+        )?;
+        write(&pki.front_proxy_client_cert, &front_proxy.0)?;
+        write(&pki.front_proxy_client_key, &front_proxy.1)?;
+
+        let sa = KeyPair::generate().map_err(cert_err("service-account key"))?;
+        write(&pki.service_account_key, &sa.serialize_pem())?;
+        write(&pki.service_account_pub, &sa.public_key_pem())?;
+        Ok(pki)
+    }
+}
+
+fn cert_err(what: &'static str) -> impl FnOnce(rcgen::Error) -> Error {
+    move |source| Error::Cert { what, source }
+}
+
+fn name(cn: &str, org: Option<&str>) -> DistinguishedName {
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, cn);
+    if let Some(org) = org {
+        dn.push(DnType::OrganizationName, org);
+    }
+    dn
+}
+
+fn new_ca(cn: &str) -> Result<CertifiedIssuer<'static, KeyPair>> {
+    let key = KeyPair::generate().map_err(cert_err("CA key"))?;
+    let mut params = CertificateParams::new(Vec::<String>::new()).map_err(cert_err("CA"))?;
+    params.distinguished_name = name(cn, None);
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    CertifiedIssuer::self_signed(params, key).map_err(cert_err("CA certificate"))
+}
+
+/// Returns (certificate PEM, key PEM).
+fn leaf(
+    cn: &str,
+    org: Option<&str>,
+    sans: &[&str],
+    usage: ExtendedKeyUsagePurpose,
+    ca: &CertifiedIssuer<'static, KeyPair>,
+) -> Result<(String, String)> {
+    let key = KeyPair::generate().map_err(cert_err("leaf key"))?;
+    let sans: Vec<String> = sans.iter().map(|s| (*s).to_owned()).collect();
+    let mut params = CertificateParams::new(sans).map_err(cert_err("leaf certificate"))?;
+    params.distinguished_name = name(cn, org);
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+    params.extended_key_usages = vec![usage];
+    params.use_authority_key_identifier_extension = true;
+    let cert = params.signed_by(&key, ca).map_err(cert_err("leaf certificate"))?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
+fn write(path: &Path, pem: &str) -> Result<()> {
+    std::fs::write(path, pem).map_err(Error::io("writing", path))
+}

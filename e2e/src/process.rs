@@ -1,0 +1,156 @@
+//! Child processes that never outlive the harness.
+//!
+//! Every program is started through `setpriv --pdeathsig KILL` (util-linux),
+//! so the kernel kills it as soon as its parent goes away, even when the
+//! harness itself is killed with SIGKILL. The workspace forbids `unsafe`,
+//! which rules out calling `prctl(PR_SET_PDEATHSIG)` in a `pre_exec` hook
+//! ourselves; `setpriv` makes the same call and then execs the program.
+//!
+//! The death signal fires when the *thread* that spawned the child exits, not
+//! the process: spawn from a thread that lives as long as the control plane
+//! (the main thread of `hndsr-e2e up`, a dedicated thread in
+//! [`crate::shared`]), never from a short-lived runtime worker.
+//!
+//! Each child gets its own process group, so a Ctrl-C in a terminal reaches
+//! only the harness, which then stops the children in order. [`Proc::stop`]
+//! (also run on drop) sends SIGTERM, waits, then SIGKILLs.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::{Error, Result};
+
+/// A running child process whose output goes to `<log_dir>/<name>.log`.
+#[derive(Debug)]
+pub struct Proc {
+    name: String,
+    child: Child,
+    log: PathBuf,
+    stopped: bool,
+}
+
+impl Proc {
+    /// Starts `program args...` under `setpriv --pdeathsig KILL`.
+    pub fn spawn(
+        name: &str,
+        program: &Path,
+        args: &[String],
+        log_dir: &Path,
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
+        let log = log_dir.join(format!("{name}.log"));
+        let out = File::create(&log).map_err(Error::io("creating", &log))?;
+        let err = out.try_clone().map_err(Error::io("duplicating", &log))?;
+        let mut cmd = Command::new("setpriv");
+        cmd.arg("--pdeathsig")
+            .arg("KILL")
+            .arg("--")
+            .arg(program)
+            .args(args)
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .process_group(0);
+        let child = cmd.spawn().map_err(|source| Error::Spawn {
+            name: format!("{name} (via setpriv from util-linux)"),
+            source,
+        })?;
+        Ok(Self {
+            name: name.to_owned(),
+            child,
+            log,
+            stopped: false,
+        })
+    }
+
+    /// The component's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The log file.
+    pub fn log(&self) -> &Path {
+        &self.log
+    }
+
+    /// Fails with the end of its log when the process has exited.
+    pub fn check_running(&mut self) -> Result<()> {
+        match self.child.try_wait() {
+            Ok(None) => Ok(()),
+            Ok(Some(status)) => Err(Error::Exited {
+                name: self.name.clone(),
+                status: status.to_string(),
+                log: self.log.clone(),
+                tail: log_tail(&self.log, 30),
+            }),
+            Err(source) => Err(Error::Io {
+                op: "waiting for",
+                path: PathBuf::from(&self.name),
+                source,
+            }),
+        }
+    }
+
+    /// SIGTERM, up to `grace` to exit, then SIGKILL; reaps the process.
+    pub fn stop(&mut self, grace: Duration) {
+        if self.stopped {
+            return;
+        }
+        self.stopped = true;
+        if matches!(self.child.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.stop(Duration::from_secs(5));
+    }
+}
+
+/// The last `lines` lines of a log file (empty when unreadable).
+pub fn log_tail(path: &Path, lines: usize) -> String {
+    let Ok(file) = File::open(path) else {
+        return String::new();
+    };
+    let all: Vec<String> = BufReader::new(file).lines().map_while(Result::ok).collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released; the small race with
+/// other programs picking the same port is accepted in tests).
+pub fn free_port() -> Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")
+        .map_err(Error::io("binding", "127.0.0.1:0"))?;
+    let port = listener
+        .local_addr()
+        .map_err(Error::io("reading address of", "127.0.0.1:0"))?
+        .port();
+    Ok(port)
+}
