@@ -152,10 +152,15 @@ fn leaf(
     let sans: Vec<String> = sans.iter().map(|s| (*s).to_owned()).collect();
     let mut params = CertificateParams::new(sans).map_err(cert_err("leaf certificate"))?;
     params.distinguished_name = name(cn, org);
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
     params.extended_key_usages = vec![usage];
     params.use_authority_key_identifier_extension = true;
-    let cert = params.signed_by(&key, ca).map_err(cert_err("leaf certificate"))?;
+    let cert = params
+        .signed_by(&key, ca)
+        .map_err(cert_err("leaf certificate"))?;
     Ok((cert.pem(), key.serialize_pem()))
 }
 

@@ -125,7 +125,12 @@ impl ControlPlane {
 
         // kube-apiserver
         let apiserver = plane.apiserver_args(etcd_client, apiserver_port);
-        plane.spawn("kube-apiserver", &plane.bins.kube_apiserver.clone(), &apiserver, &logs)?;
+        plane.spawn(
+            "kube-apiserver",
+            &plane.bins.kube_apiserver.clone(),
+            &apiserver,
+            &logs,
+        )?;
         let client = plane.wait_apiserver(timeout).await?;
 
         // controllers, scheduler, fake kubelets
@@ -137,15 +142,24 @@ impl ControlPlane {
             &logs,
         )?;
         let scheduler = plane.scheduler_args()?;
-        plane.spawn("kube-scheduler", &plane.bins.kube_scheduler.clone(), &scheduler, &logs)?;
+        plane.spawn(
+            "kube-scheduler",
+            &plane.bins.kube_scheduler.clone(),
+            &scheduler,
+            &logs,
+        )?;
         let kwok = plane.kwok_args();
         plane.spawn("kwok", &plane.bins.kwok.clone(), &kwok, &logs)?;
 
         plane.create_nodes(&client, &opts.nodes).await?;
-        plane.wait_nodes_ready(&client, &opts.nodes, timeout).await?;
+        plane
+            .wait_nodes_ready(&client, &opts.nodes, timeout)
+            .await?;
         // The service-account controller runs in the controller-manager: the
         // default ServiceAccount appearing means the controllers are working.
-        plane.wait_default_service_account(&client, "default", timeout).await?;
+        plane
+            .wait_default_service_account(&client, "default", timeout)
+            .await?;
         Ok(plane)
     }
 
@@ -187,7 +201,10 @@ impl ControlPlane {
 
     /// Pids of the running components, by name.
     pub fn pids(&self) -> Vec<(String, u32)> {
-        self.procs.iter().map(|p| (p.name().to_owned(), p.pid())).collect()
+        self.procs
+            .iter()
+            .map(|p| (p.name().to_owned(), p.pid()))
+            .collect()
     }
 
     /// Stops every component, the last started first.
@@ -233,19 +250,34 @@ impl ControlPlane {
             format!("--tls-private-key-file={}", path(&p.apiserver_key)),
             format!("--client-ca-file={}", path(&p.ca_cert)),
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
-            format!("--service-account-key-file={}", path(&p.service_account_pub)),
-            format!("--service-account-signing-key-file={}", path(&p.service_account_key)),
+            format!(
+                "--service-account-key-file={}",
+                path(&p.service_account_pub)
+            ),
+            format!(
+                "--service-account-signing-key-file={}",
+                path(&p.service_account_key)
+            ),
             format!("--service-cluster-ip-range={SERVICE_CIDR}"),
             "--authorization-mode=RBAC".into(),
             "--endpoint-reconciler-type=none".into(),
             "--allow-privileged=true".into(),
-            format!("--requestheader-client-ca-file={}", path(&p.front_proxy_ca_cert)),
+            format!(
+                "--requestheader-client-ca-file={}",
+                path(&p.front_proxy_ca_cert)
+            ),
             format!("--requestheader-allowed-names={FRONT_PROXY_CLIENT_CN}"),
             "--requestheader-username-headers=X-Remote-User".into(),
             "--requestheader-group-headers=X-Remote-Group".into(),
             "--requestheader-extra-headers-prefix=X-Remote-Extra-".into(),
-            format!("--proxy-client-cert-file={}", path(&p.front_proxy_client_cert)),
-            format!("--proxy-client-key-file={}", path(&p.front_proxy_client_key)),
+            format!(
+                "--proxy-client-cert-file={}",
+                path(&p.front_proxy_client_cert)
+            ),
+            format!(
+                "--proxy-client-key-file={}",
+                path(&p.front_proxy_client_key)
+            ),
             // Room for the 1000-object measurements.
             "--max-requests-inflight=1000".into(),
             "--max-mutating-requests-inflight=500".into(),
@@ -275,7 +307,10 @@ impl ControlPlane {
         let p = &self.pki;
         let mut args = self.component_common("kube-controller-manager")?;
         args.extend([
-            format!("--service-account-private-key-file={}", p.service_account_key.display()),
+            format!(
+                "--service-account-private-key-file={}",
+                p.service_account_key.display()
+            ),
             format!("--root-ca-file={}", p.ca_cert.display()),
             format!("--cluster-signing-cert-file={}", p.ca_cert.display()),
             format!("--cluster-signing-key-file={}", p.ca_key.display()),
@@ -333,7 +368,9 @@ impl ControlPlane {
         let client = self.client().await?;
         loop {
             self.check_running()?;
-            let req = http::Request::get("/readyz").body(Vec::new()).expect("static request");
+            let req = http::Request::get("/readyz")
+                .body(Vec::new())
+                .expect("static request");
             if client.request_text(req).await.is_ok() {
                 return Ok(client);
             }
@@ -357,7 +394,12 @@ impl ControlPlane {
         Ok(())
     }
 
-    async fn wait_nodes_ready(&mut self, client: &Client, nodes: &FakeNodes, timeout: Duration) -> Result<()> {
+    async fn wait_nodes_ready(
+        &mut self,
+        client: &Client,
+        nodes: &FakeNodes,
+        timeout: Duration,
+    ) -> Result<()> {
         let api: Api<Node> = Api::all(client.clone());
         let start = Instant::now();
         loop {
@@ -375,13 +417,22 @@ impl ControlPlane {
                 return Ok(());
             }
             if start.elapsed() > timeout {
-                return Err(self.timeout("the fake nodes to be Ready and untainted", timeout, "kwok"));
+                return Err(self.timeout(
+                    "the fake nodes to be Ready and untainted",
+                    timeout,
+                    "kwok",
+                ));
             }
             tokio::time::sleep(wait::POLL).await;
         }
     }
 
-    async fn wait_default_service_account(&mut self, client: &Client, ns: &str, timeout: Duration) -> Result<()> {
+    async fn wait_default_service_account(
+        &mut self,
+        client: &Client,
+        ns: &str,
+        timeout: Duration,
+    ) -> Result<()> {
         let api: Api<ServiceAccount> = Api::namespaced(client.clone(), ns);
         let start = Instant::now();
         loop {
@@ -447,7 +498,8 @@ fn write_kubeconfig(path: &Path, server: &str, pki: &Pki) -> Result<()> {
     std::fs::write(path, text).map_err(Error::io("writing", path))
 }
 
-fn fake_node(name: &str, gpus: u32) -> serde_json::Value {
+/// A Node kwok manages, advertising `gpus` GPUs.
+pub(crate) fn fake_node(name: &str, gpus: u32) -> serde_json::Value {
     let resources = serde_json::json!({
         "cpu": "64",
         "memory": "512Gi",
@@ -494,7 +546,9 @@ fn node_schedulable(node: &Node) -> bool {
 
 /// `GET path` over plain HTTP/1.0 on 127.0.0.1; the body when the status is 200.
 async fn http_get_plain(port: u16, path: &str) -> Option<String> {
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
     let request = format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n");
     stream.write_all(request.as_bytes()).await.ok()?;
     let mut response = String::new();
@@ -503,6 +557,7 @@ async fn http_get_plain(port: u16, path: &str) -> Option<String> {
         .ok()?
         .ok()?;
     let (head, body) = response.split_once("\r\n\r\n")?;
-    head.starts_with("HTTP/1.0 200").then(|| body.to_owned())
+    head.starts_with("HTTP/1.0 200")
+        .then(|| body.to_owned())
         .or_else(|| head.starts_with("HTTP/1.1 200").then(|| body.to_owned()))
 }

@@ -16,6 +16,7 @@ pub mod bins;
 pub mod certs;
 mod cluster;
 mod error;
+pub mod fixtures;
 pub mod process;
 pub mod shared;
 pub mod wait;

@@ -16,7 +16,10 @@ use clap::{Parser, Subcommand};
 use hndsr_e2e::{ControlPlane, ControlPlaneOptions, FakeNodes};
 
 #[derive(Debug, Parser)]
-#[command(name = "hndsr-e2e", about = "A Kubernetes control plane on 127.0.0.1 for HNDSR's e2e tests")]
+#[command(
+    name = "hndsr-e2e",
+    about = "A Kubernetes control plane on 127.0.0.1 for HNDSR's e2e tests"
+)]
 struct Args {
     #[command(subcommand)]
     cmd: Cmd,
@@ -78,12 +81,21 @@ fn main() -> ExitCode {
 }
 
 fn absolute(dir: &Path) -> anyhow::Result<PathBuf> {
-    Ok(std::env::current_dir().context("reading the current directory")?.join(dir))
+    Ok(std::env::current_dir()
+        .context("reading the current directory")?
+        .join(dir))
 }
 
 fn running_pid(dir: &Path) -> Option<u32> {
-    let pid: u32 = std::fs::read_to_string(dir.join(PID_FILE)).ok()?.trim().parse().ok()?;
-    Path::new("/proc").join(pid.to_string()).exists().then_some(pid)
+    let pid: u32 = std::fs::read_to_string(dir.join(PID_FILE))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    Path::new("/proc")
+        .join(pid.to_string())
+        .exists()
+        .then_some(pid)
 }
 
 fn up(dir: &Path, nodes: usize, gpus_per_node: u32) -> anyhow::Result<()> {
@@ -109,15 +121,20 @@ fn up(dir: &Path, nodes: usize, gpus_per_node: u32) -> anyhow::Result<()> {
         let mut plane = ControlPlane::start(opts).await?;
         let kubeconfig = dir.join("kubeconfig");
         std::fs::copy(plane.kubeconfig(), &kubeconfig).context("copying the kubeconfig")?;
-        std::fs::write(dir.join(PID_FILE), std::process::id().to_string()).context("writing the pid file")?;
-        println!("control plane ready in {:.1}s", started.elapsed().as_secs_f64());
+        std::fs::write(dir.join(PID_FILE), std::process::id().to_string())
+            .context("writing the pid file")?;
+        println!(
+            "control plane ready in {:.1}s",
+            started.elapsed().as_secs_f64()
+        );
         println!("  apiserver  {}", plane.server());
         for (name, pid) in plane.pids() {
             println!("  {name:<24} pid {pid}");
         }
         println!("  logs       {}", plane.dir().join("logs").display());
         println!("export KUBECONFIG={}", kubeconfig.display());
-        std::fs::write(dir.join(READY_FILE), kubeconfig.display().to_string()).context("writing the ready file")?;
+        std::fs::write(dir.join(READY_FILE), kubeconfig.display().to_string())
+            .context("writing the ready file")?;
 
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .context("installing the SIGTERM handler")?;
@@ -167,7 +184,10 @@ fn up_detached(dir: &Path, nodes: usize, gpus_per_node: u32) -> anyhow::Result<(
     loop {
         if let Ok(kubeconfig) = std::fs::read_to_string(dir.join(READY_FILE)) {
             let pid = running_pid(dir).map_or_else(|| "?".to_owned(), |p| p.to_string());
-            println!("control plane running in the background (pid {pid}, log {})", log.display());
+            println!(
+                "control plane running in the background (pid {pid}, log {})",
+                log.display()
+            );
             println!("export KUBECONFIG={kubeconfig}");
             return Ok(());
         }
@@ -187,7 +207,10 @@ fn up_detached(dir: &Path, nodes: usize, gpus_per_node: u32) -> anyhow::Result<(
 
 fn down(dir: &Path) -> anyhow::Result<()> {
     let Some(pid) = running_pid(dir) else {
-        println!("not running (no live pid in {})", dir.join(PID_FILE).display());
+        println!(
+            "not running (no live pid in {})",
+            dir.join(PID_FILE).display()
+        );
         let _ = std::fs::remove_file(dir.join(PID_FILE));
         return Ok(());
     };

@@ -146,8 +146,8 @@ pub fn log_tail(path: &Path, lines: usize) -> String {
 /// A free TCP port on 127.0.0.1 (bound and released; the small race with
 /// other programs picking the same port is accepted in tests).
 pub fn free_port() -> Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")
-        .map_err(Error::io("binding", "127.0.0.1:0"))?;
+    let listener =
+        std::net::TcpListener::bind("127.0.0.1:0").map_err(Error::io("binding", "127.0.0.1:0"))?;
     let port = listener
         .local_addr()
         .map_err(Error::io("reading address of", "127.0.0.1:0"))?

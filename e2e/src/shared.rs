@@ -56,7 +56,10 @@ fn start_on_own_thread() -> std::result::Result<Shared, String> {
     std::thread::Builder::new()
         .name("hndsr-e2e-control-plane".into())
         .spawn(move || {
-            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
                 Ok(rt) => rt,
                 Err(e) => {
                     let _ = tx.send(Err(format!("building a runtime: {e}")));
@@ -70,7 +73,10 @@ fn start_on_own_thread() -> std::result::Result<Shared, String> {
                         dir: plane.dir().to_owned(),
                         binaries: plane.binaries().clone(),
                     };
-                    eprintln!("hndsr-e2e: control plane up, KUBECONFIG={}", shared.kubeconfig.display());
+                    eprintln!(
+                        "hndsr-e2e: control plane up, KUBECONFIG={}",
+                        shared.kubeconfig.display()
+                    );
                     let _ = tx.send(Ok(shared));
                     // Keep the plane, and this thread (its children's parent),
                     // until the process exits.
@@ -129,7 +135,9 @@ pub struct TestNamespace {
 
 impl std::fmt::Debug for TestNamespace {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TestNamespace").field("name", &self.name).finish_non_exhaustive()
+        f.debug_struct("TestNamespace")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
     }
 }
 
@@ -171,5 +179,9 @@ pub async fn namespace(prefix: &str) -> Result<TestNamespace> {
         || async { sas.get_opt("default").await.map(|sa| sa.map(|_| ())) },
     )
     .await?;
-    Ok(TestNamespace { client, name, shared })
+    Ok(TestNamespace {
+        client,
+        name,
+        shared,
+    })
 }

@@ -33,7 +33,11 @@ where
             return Err(Error::Timeout {
                 what: what.to_string(),
                 waited: timeout,
-                detail: if last.is_empty() { String::new() } else { format!(" (last error: {last})") },
+                detail: if last.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (last error: {last})")
+                },
             });
         }
         tokio::time::sleep(POLL).await;
