@@ -13,6 +13,7 @@ use std::fmt;
 
 pub use tokio_util::sync::CancellationToken;
 
+pub mod fake;
 #[cfg(feature = "torch")]
 pub mod torch;
 

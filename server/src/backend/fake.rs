@@ -1,0 +1,185 @@
+//! A scriptable backend for tests of the core and the HTTP layer.
+//!
+//! It is compiled into the library (integration tests link the library
+//! without `cfg(test)`) but the binary never offers it: `--backend` only
+//! names real backends. The test controls the per-call delay and the next
+//! calls' failure mode, and reads the number of calls, the concurrency
+//! high-water mark and how many calls saw their cancel token fire.
+//!
+//! The output is a nearest-neighbour enlargement, so results are exact and
+//! easy to assert on.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+use super::{Backend, BackendError, BackendInfo, CancellationToken, Job, Planar};
+
+/// What the next call does instead of succeeding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// Return [`BackendError::OutOfMemory`].
+    OutOfMemory,
+    /// Panic.
+    Panic,
+    /// Return [`BackendError::Internal`].
+    Internal,
+}
+
+/// The fake backend. Share it as `Arc<FakeBackend>` and keep a clone to
+/// steer and inspect it.
+#[derive(Debug)]
+pub struct FakeBackend {
+    delay: Mutex<Duration>,
+    failures: Mutex<VecDeque<Failure>>,
+    calls: AtomicUsize,
+    running: AtomicUsize,
+    max_running: AtomicUsize,
+    cancelled: AtomicUsize,
+    warm_ups: AtomicUsize,
+    hold_warm_up: AtomicBool,
+}
+
+/// Step between cancel-token checks, like a tile or a diffusion step.
+const STEP: Duration = Duration::from_millis(5);
+
+impl FakeBackend {
+    /// A backend whose calls take `delay`.
+    #[must_use]
+    pub fn new(delay: Duration) -> Self {
+        Self {
+            delay: Mutex::new(delay),
+            failures: Mutex::new(VecDeque::new()),
+            calls: AtomicUsize::new(0),
+            running: AtomicUsize::new(0),
+            max_running: AtomicUsize::new(0),
+            cancelled: AtomicUsize::new(0),
+            warm_ups: AtomicUsize::new(0),
+            hold_warm_up: AtomicBool::new(false),
+        }
+    }
+
+    /// While `true`, `warm_up` does not return (checked every few ms).
+    pub fn hold_warm_up(&self, hold: bool) {
+        self.hold_warm_up.store(hold, Ordering::SeqCst);
+    }
+
+    /// Changes the per-call delay; running calls see the change too (set
+    /// it to zero to release them).
+    pub fn set_delay(&self, delay: Duration) {
+        *self.delay.lock() = delay;
+    }
+
+    /// Makes the next call fail this way (failures queue up in order).
+    pub fn fail_next(&self, failure: Failure) {
+        self.failures.lock().push_back(failure);
+    }
+
+    /// `upscale` calls so far.
+    #[must_use]
+    pub fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+
+    /// Calls running right now.
+    #[must_use]
+    pub fn running(&self) -> usize {
+        self.running.load(Ordering::SeqCst)
+    }
+
+    /// The most calls that ever ran at once.
+    #[must_use]
+    pub fn max_running(&self) -> usize {
+        self.max_running.load(Ordering::SeqCst)
+    }
+
+    /// Calls that stopped because their cancel token fired.
+    #[must_use]
+    pub fn cancelled(&self) -> usize {
+        self.cancelled.load(Ordering::SeqCst)
+    }
+
+    /// `warm_up` calls so far.
+    #[must_use]
+    pub fn warm_ups(&self) -> usize {
+        self.warm_ups.load(Ordering::SeqCst)
+    }
+}
+
+/// Decrements the running count even when the call panics.
+struct Running<'a>(&'a AtomicUsize);
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Backend for FakeBackend {
+    fn info(&self) -> BackendInfo {
+        BackendInfo {
+            backend: "fake".to_owned(),
+            model: "fake-nearest".to_owned(),
+            model_digest: "0".repeat(64),
+            device: "cpu".to_owned(),
+            precision: "fp32".to_owned(),
+            scales: vec![1, 2, 3, 4],
+        }
+    }
+
+    fn warm_up(&self) -> Result<(), BackendError> {
+        self.warm_ups.fetch_add(1, Ordering::SeqCst);
+        while self.hold_warm_up.load(Ordering::SeqCst) {
+            std::thread::sleep(STEP);
+        }
+        Ok(())
+    }
+
+    fn upscale(&self, job: &Job, cancel: &CancellationToken) -> Result<Planar, BackendError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+        let _running = Running(&self.running);
+        self.max_running.fetch_max(now, Ordering::SeqCst);
+
+        match self.failures.lock().pop_front() {
+            Some(Failure::OutOfMemory) => {
+                return Err(BackendError::OutOfMemory("fake: 1 GiB requested".to_owned()));
+            }
+            Some(Failure::Internal) => return Err(BackendError::Internal("fake failure".to_owned())),
+            Some(Failure::Panic) => panic!("fake backend panic"),
+            None => {}
+        }
+
+        let started = Instant::now();
+        loop {
+            if cancel.is_cancelled() {
+                self.cancelled.fetch_add(1, Ordering::SeqCst);
+                return Err(BackendError::Cancelled);
+            }
+            let left = self.delay.lock().saturating_sub(started.elapsed());
+            if left.is_zero() {
+                break;
+            }
+            std::thread::sleep(left.min(STEP));
+        }
+        Ok(nearest(&job.image, job.scale))
+    }
+}
+
+/// Nearest-neighbour enlargement by `scale`.
+fn nearest(src: &Planar, scale: u32) -> Planar {
+    let (w, h) = (src.width * scale, src.height * scale);
+    let plane = src.width as usize * src.height as usize;
+    let mut data = Vec::with_capacity(usize::from(src.channels) * w as usize * h as usize);
+    for c in 0..usize::from(src.channels) {
+        for y in 0..h {
+            for x in 0..w {
+                let i = (y / scale) as usize * src.width as usize + (x / scale) as usize;
+                data.push(src.data[c * plane + i]);
+            }
+        }
+    }
+    Planar { channels: src.channels, width: w, height: h, data }
+}

@@ -1,0 +1,445 @@
+//! Command line and environment configuration.
+//!
+//! One clap [`Args`] struct (every flag also readable from the environment
+//! variable the operator writes, see [`hndsr_contract::env`]) is turned by
+//! [`Args::into_config`] into typed, validated config structs. Invalid
+//! combinations fail at start-up with a message naming the variable.
+
+use std::net::SocketAddr;
+use std::num::{NonZeroU32, NonZeroUsize};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use hndsr_contract::{defaults, env};
+use ipnet::IpNet;
+
+/// Environment variable for [`Args::cors_origins`]. Not part of the operator
+/// contract (the operator does not set it), so it lives here.
+pub const CORS_ORIGINS_ENV: &str = "HNDSR_CORS_ORIGINS";
+
+/// Largest upscaling factor the server accepts from any backend; it bounds
+/// the output pixel budget (see [`Limits::max_output_pixels`]).
+pub const MAX_SCALE: u32 = 8;
+
+/// How many times the input pixel budget the output may have: a full-size
+/// input at ×4 fits, a full-size input at ×8 does not.
+pub const OUTPUT_PIXELS_FACTOR: u64 = 16;
+
+/// Largest accepted `--sampling-steps` and per-request `steps`.
+pub const MAX_SAMPLING_STEPS: u32 = 1000;
+
+/// The HNDSR inference server.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "hndsr-server", version, about)]
+pub struct Args {
+    /// What to run; without a subcommand, serve.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    /// Maximum number of requests running on the backend at once.
+    #[arg(long, env = env::MAX_CONCURRENT, default_value_t = defaults::MAX_CONCURRENT)]
+    pub max_concurrent: u32,
+
+    /// Maximum number of requests in flight (running + waiting); beyond it, 503.
+    #[arg(long, env = env::MAX_QUEUE_DEPTH, default_value_t = defaults::MAX_QUEUE_DEPTH)]
+    pub max_queue_depth: u32,
+
+    /// Requests allowed per client per hour; 0 disables the limiter.
+    #[arg(long, env = env::RATE_LIMIT_PER_HOUR, default_value_t = defaults::RATE_LIMIT_PER_HOUR)]
+    pub rate_limit_per_hour: u32,
+
+    /// Whole-request deadline in seconds; past it, 504 and the work is cancelled.
+    #[arg(long, env = env::REQUEST_TIMEOUT_S, default_value_t = defaults::REQUEST_TIMEOUT_SECONDS)]
+    pub request_timeout_s: u32,
+
+    /// Largest accepted input image in pixels (width × height).
+    #[arg(long, env = env::MAX_IMAGE_PIXELS, default_value_t = defaults::MAX_IMAGE_PIXELS)]
+    pub max_image_pixels: u64,
+
+    /// Largest accepted request body in MiB.
+    #[arg(long, env = env::MAX_PAYLOAD_MB, default_value_t = defaults::MAX_PAYLOAD_MB)]
+    pub max_payload_mb: u32,
+
+    /// Seconds to drain in-flight requests after SIGTERM.
+    #[arg(long, env = env::DRAIN_SECONDS, default_value_t = defaults::DRAIN_SECONDS)]
+    pub drain_seconds: u32,
+
+    /// Address to listen on (`host:port`).
+    #[arg(long, env = env::LISTEN_ADDR, default_value_t = SocketAddr::from(([0, 0, 0, 0], hndsr_contract::http::PORT)))]
+    pub listen: SocketAddr,
+
+    /// Model backend.
+    #[arg(long, env = env::BACKEND, value_enum, default_value_t = BackendKind::Bicubic)]
+    pub backend: BackendKind,
+
+    /// Default upscaling factor.
+    #[arg(long, env = env::SCALE, default_value_t = defaults::SCALE)]
+    pub scale: u32,
+
+    /// Device: `cpu`, `cuda` or `cuda:N`.
+    #[arg(long, env = env::DEVICE, default_value = "cpu")]
+    pub device: String,
+
+    /// Path of the model weights (safetensors); required by `hndsr`.
+    #[arg(long, env = env::WEIGHTS_PATH)]
+    pub weights_path: Option<PathBuf>,
+
+    /// Expected sha256 of the weights file (64 hex digits).
+    #[arg(long, env = env::WEIGHTS_SHA256)]
+    pub weights_sha256: Option<String>,
+
+    /// DDIM sampling steps of the `hndsr` backend (0 = neural operator only).
+    #[arg(long, env = env::SAMPLING_STEPS, default_value_t = 20)]
+    pub sampling_steps: u32,
+
+    /// Numeric precision: `fp32`, `fp16` or `bf16`.
+    #[arg(long, env = env::PRECISION, default_value = "fp32")]
+    pub precision: String,
+
+    /// Comma-separated CIDRs whose X-Forwarded-For header is trusted.
+    #[arg(long, env = env::TRUSTED_PROXIES, value_delimiter = ',')]
+    pub trusted_proxies: Vec<String>,
+
+    /// Comma-separated origins allowed by CORS (`*` is refused); empty: no CORS.
+    #[arg(long, env = CORS_ORIGINS_ENV, value_delimiter = ',')]
+    pub cors_origins: Vec<String>,
+
+    /// Emit JSON logs.
+    #[arg(long, env = env::LOG_JSON, default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub log_json: bool,
+}
+
+/// Subcommands.
+#[derive(Debug, Clone, Subcommand)]
+pub enum Command {
+    /// Print the OpenAPI document (JSON) and exit.
+    Openapi,
+}
+
+/// Which model backend to serve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// libtorch bicubic interpolation.
+    Bicubic,
+    /// The HNDSR model (neural operator + diffusion refinement).
+    Hndsr,
+}
+
+impl BackendKind {
+    /// The name used on the command line and in `/v1/info`.
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Bicubic => "bicubic",
+            Self::Hndsr => "hndsr",
+        }
+    }
+}
+
+/// Everything a backend needs to be built (the libtorch adapter reads it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelConfig {
+    /// Which backend.
+    pub backend: BackendKind,
+    /// Default upscaling factor.
+    pub scale: u32,
+    /// Device string as given (`cpu`, `cuda`, `cuda:N`).
+    pub device: String,
+    /// Weights file (safetensors).
+    pub weights_path: Option<PathBuf>,
+    /// Expected sha256 of the weights, lower-case hex.
+    pub weights_sha256: Option<String>,
+    /// Default DDIM sampling steps.
+    pub sampling_steps: u32,
+    /// `fp32`, `fp16` or `bf16`.
+    pub precision: String,
+}
+
+/// Admission, size and time limits of the request path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Backend calls allowed at once (GPU permits).
+    pub max_concurrent: NonZeroUsize,
+    /// Requests allowed in flight (running + waiting); `>= max_concurrent`.
+    pub max_queue_depth: NonZeroUsize,
+    /// Whole-request deadline.
+    pub request_timeout: Duration,
+    /// Largest input, in pixels.
+    pub max_image_pixels: u64,
+    /// Largest output, in pixels: `max_image_pixels * OUTPUT_PIXELS_FACTOR`.
+    pub max_output_pixels: u64,
+    /// Largest raw request body, in bytes.
+    pub max_payload_bytes: usize,
+    /// How long shutdown waits for in-flight requests.
+    pub drain: Duration,
+}
+
+impl Limits {
+    /// Largest JSON request body: base64 of the largest raw body plus room
+    /// for the other fields.
+    #[must_use]
+    pub const fn max_json_bytes(&self) -> usize {
+        self.max_payload_bytes.div_ceil(3) * 4 + 64 * 1024
+    }
+}
+
+/// HTTP-edge policy: rate limiting, client identification, CORS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpConfig {
+    /// Requests per client per hour; `None` disables the limiter.
+    pub rate_limit_per_hour: Option<NonZeroU32>,
+    /// Peers whose X-Forwarded-For is believed.
+    pub trusted_proxies: Vec<IpNet>,
+    /// Origins allowed by CORS; empty disables CORS.
+    pub cors_origins: Vec<String>,
+}
+
+/// The validated configuration of a serving process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Address to bind.
+    pub listen: SocketAddr,
+    /// Request-path limits.
+    pub limits: Limits,
+    /// HTTP-edge policy.
+    pub http: HttpConfig,
+    /// Model selection.
+    pub model: ModelConfig,
+    /// JSON logs.
+    pub log_json: bool,
+}
+
+/// Why the configuration was refused. Messages name the variable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid configuration: {0}")]
+pub struct ConfigError(String);
+
+impl ConfigError {
+    fn new(msg: impl Into<String>) -> Self {
+        Self(msg.into())
+    }
+}
+
+const MIB: u64 = 1024 * 1024;
+
+impl Args {
+    /// Validates the arguments and builds the typed configuration.
+    ///
+    /// # Errors
+    /// A [`ConfigError`] naming the first offending variable.
+    pub fn into_config(self) -> Result<Config, ConfigError> {
+        let positive = |name: &str, v: u64| {
+            if v == 0 {
+                Err(ConfigError::new(format!("{name} must be greater than 0")))
+            } else {
+                Ok(v)
+            }
+        };
+        let max_concurrent = positive(env::MAX_CONCURRENT, self.max_concurrent.into())?;
+        let max_queue_depth = positive(env::MAX_QUEUE_DEPTH, self.max_queue_depth.into())?;
+        if max_queue_depth < max_concurrent {
+            return Err(ConfigError::new(format!(
+                "{} ({max_queue_depth}) must be >= {} ({max_concurrent})",
+                env::MAX_QUEUE_DEPTH,
+                env::MAX_CONCURRENT
+            )));
+        }
+        let timeout = positive(env::REQUEST_TIMEOUT_S, self.request_timeout_s.into())?;
+        let max_image_pixels = positive(env::MAX_IMAGE_PIXELS, self.max_image_pixels)?;
+        let max_output_pixels = max_image_pixels.checked_mul(OUTPUT_PIXELS_FACTOR).ok_or_else(|| {
+            ConfigError::new(format!("{} ({max_image_pixels}) is too large", env::MAX_IMAGE_PIXELS))
+        })?;
+        let payload_mb = positive(env::MAX_PAYLOAD_MB, self.max_payload_mb.into())?;
+        if payload_mb > 1024 {
+            return Err(ConfigError::new(format!(
+                "{} ({payload_mb}) must be <= 1024",
+                env::MAX_PAYLOAD_MB
+            )));
+        }
+        if !(1..=MAX_SCALE).contains(&self.scale) {
+            return Err(ConfigError::new(format!(
+                "{} ({}) must be between 1 and {MAX_SCALE}",
+                env::SCALE,
+                self.scale
+            )));
+        }
+        if self.sampling_steps > MAX_SAMPLING_STEPS {
+            return Err(ConfigError::new(format!(
+                "{} ({}) must be <= {MAX_SAMPLING_STEPS}",
+                env::SAMPLING_STEPS,
+                self.sampling_steps
+            )));
+        }
+        let precision = self.precision.trim().to_ascii_lowercase();
+        if !["fp32", "fp16", "bf16"].contains(&precision.as_str()) {
+            return Err(ConfigError::new(format!(
+                "{} ({:?}) must be one of fp32, fp16, bf16",
+                env::PRECISION,
+                self.precision
+            )));
+        }
+        let device = self.device.trim().to_ascii_lowercase();
+        let device_ok = device == "cpu"
+            || device == "cuda"
+            || device.strip_prefix("cuda:").is_some_and(|n| n.parse::<u32>().is_ok());
+        if !device_ok {
+            return Err(ConfigError::new(format!(
+                "{} ({:?}) must be cpu, cuda or cuda:N",
+                env::DEVICE,
+                self.device
+            )));
+        }
+        let weights_sha256 = match self.weights_sha256.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(s) if s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit()) => {
+                Some(s.to_ascii_lowercase())
+            }
+            Some(s) => {
+                return Err(ConfigError::new(format!(
+                    "{} ({s:?}) must be 64 hexadecimal digits",
+                    env::WEIGHTS_SHA256
+                )));
+            }
+        };
+        if self.backend == BackendKind::Hndsr && self.weights_path.is_none() {
+            return Err(ConfigError::new(format!(
+                "{} is required with {}=hndsr",
+                env::WEIGHTS_PATH,
+                env::BACKEND
+            )));
+        }
+        let trusted_proxies = self
+            .trusted_proxies
+            .iter()
+            .map(|s| s.trim())
+            .filter(|s| !s.is_empty())
+            .map(parse_cidr)
+            .collect::<Result<Vec<_>, _>>()?;
+        let cors_origins = self
+            .cors_origins
+            .iter()
+            .map(|s| s.trim())
+            .filter(|s| !s.is_empty())
+            .map(parse_origin)
+            .collect::<Result<Vec<_>, _>>()?;
+
+        Ok(Config {
+            listen: self.listen,
+            limits: Limits {
+                max_concurrent: to_nonzero(max_concurrent),
+                max_queue_depth: to_nonzero(max_queue_depth),
+                request_timeout: Duration::from_secs(timeout),
+                max_image_pixels,
+                max_output_pixels,
+                max_payload_bytes: usize::try_from(payload_mb * MIB).unwrap_or(usize::MAX),
+                drain: Duration::from_secs(self.drain_seconds.into()),
+            },
+            http: HttpConfig {
+                rate_limit_per_hour: NonZeroU32::new(self.rate_limit_per_hour),
+                trusted_proxies,
+                cors_origins,
+            },
+            model: ModelConfig {
+                backend: self.backend,
+                scale: self.scale,
+                device,
+                weights_path: self.weights_path,
+                weights_sha256,
+                sampling_steps: self.sampling_steps,
+                precision,
+            },
+            log_json: self.log_json,
+        })
+    }
+}
+
+fn to_nonzero(v: u64) -> NonZeroUsize {
+    NonZeroUsize::new(usize::try_from(v).unwrap_or(usize::MAX)).unwrap_or(NonZeroUsize::MIN)
+}
+
+/// Parses a CIDR; a bare address means a single host.
+fn parse_cidr(s: &str) -> Result<IpNet, ConfigError> {
+    s.parse::<IpNet>()
+        .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from))
+        .map_err(|_| {
+            ConfigError::new(format!(
+                "{} entry {s:?} is not a CIDR (e.g. 10.0.0.0/8)",
+                env::TRUSTED_PROXIES
+            ))
+        })
+}
+
+/// Accepts `scheme://host[:port]` origins only; a wildcard would let any
+/// page call the API with the user's credentials.
+fn parse_origin(s: &str) -> Result<String, ConfigError> {
+    if s == "*" {
+        return Err(ConfigError::new(format!(
+            "{CORS_ORIGINS_ENV} must list explicit origins; \"*\" is refused"
+        )));
+    }
+    let rest = s.strip_prefix("https://").or_else(|| s.strip_prefix("http://"));
+    let valid = rest.is_some_and(|host| {
+        !host.is_empty()
+            && !host.contains('/')
+            && !host.contains('*')
+            && http::HeaderValue::from_str(s).is_ok()
+    });
+    if valid {
+        Ok(s.to_owned())
+    } else {
+        Err(ConfigError::new(format!(
+            "{CORS_ORIGINS_ENV} entry {s:?} is not an origin like https://example.org"
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, ConfigError> {
+        let mut argv = vec!["hndsr-server"];
+        argv.extend_from_slice(args);
+        Args::try_parse_from(argv).expect("clap parse").into_config()
+    }
+
+    #[test]
+    fn defaults_are_the_contract_defaults() {
+        let c = parse(&[]).expect("defaults are valid");
+        assert_eq!(c.limits.max_concurrent.get(), 4);
+        assert_eq!(c.limits.max_queue_depth.get(), 20);
+        assert_eq!(c.limits.max_payload_bytes, 20 * 1024 * 1024);
+        assert_eq!(c.listen.port(), hndsr_contract::http::PORT);
+        assert_eq!(c.model.backend, BackendKind::Bicubic);
+    }
+
+    #[test]
+    fn queue_depth_below_concurrency_is_refused() {
+        let e = parse(&["--max-concurrent", "4", "--max-queue-depth", "3"]).unwrap_err();
+        assert!(e.to_string().contains("MAX_QUEUE_DEPTH (3) must be >= MAX_CONCURRENT (4)"), "{e}");
+    }
+
+    #[test]
+    fn zero_concurrency_is_refused() {
+        let e = parse(&["--max-concurrent", "0"]).unwrap_err();
+        assert!(e.to_string().contains("MAX_CONCURRENT must be greater than 0"), "{e}");
+    }
+
+    #[test]
+    fn wildcard_cors_and_bad_cidr_are_refused() {
+        assert!(parse(&["--cors-origins", "*"]).unwrap_err().to_string().contains("refused"));
+        assert!(parse(&["--trusted-proxies", "10.0.0.0/33"]).is_err());
+        let c = parse(&["--trusted-proxies", "10.0.0.0/8,127.0.0.1", "--cors-origins", "https://a.example"])
+            .expect("valid");
+        assert_eq!(c.http.trusted_proxies.len(), 2);
+        assert_eq!(c.http.cors_origins, vec!["https://a.example".to_owned()]);
+    }
+
+    #[test]
+    fn hndsr_needs_weights() {
+        let e = parse(&["--backend", "hndsr"]).unwrap_err();
+        assert!(e.to_string().contains("HNDSR_WEIGHTS_PATH is required"), "{e}");
+    }
+}

@@ -1,0 +1,224 @@
+//! The dedicated inference threads.
+//!
+//! `MAX_CONCURRENT` std threads (never tokio workers: backend calls block
+//! for seconds) take work from one bounded channel and answer on a oneshot.
+//! Each upscale task carries its GPU permit; the thread drops it only once
+//! `Backend::upscale` has returned (or unwound), so the number of backend
+//! calls in progress never exceeds the number of permits, whatever happened
+//! to the request that asked for it. A panic is caught, answered as
+//! [`Error::BackendPanic`], and the thread goes on serving.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+use prometheus::IntGauge;
+use tokio::sync::{OwnedSemaphorePermit, oneshot};
+
+use crate::backend::{Backend, BackendError, CancellationToken, Job};
+use crate::codec::{self, Encoded};
+use crate::error::Error;
+use crate::metrics::Metrics;
+
+/// A backend permit; counts in `hndsr_active_requests` while held.
+#[derive(Debug)]
+pub(crate) struct Permit {
+    _permit: OwnedSemaphorePermit,
+    active: IntGauge,
+}
+
+impl Permit {
+    pub(crate) fn new(permit: OwnedSemaphorePermit, active: IntGauge) -> Self {
+        active.inc();
+        Self { _permit: permit, active }
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        self.active.dec();
+    }
+}
+
+/// One upscale, as handed to an inference thread.
+#[derive(Debug)]
+pub(crate) struct Task {
+    pub image: Bytes,
+    pub max_pixels: u64,
+    pub scale: u32,
+    pub steps: Option<u32>,
+    pub seed: u64,
+    pub cancel: CancellationToken,
+    pub permit: Permit,
+    pub reply: oneshot::Sender<Result<Output, Error>>,
+}
+
+/// What an inference thread hands back.
+#[derive(Debug)]
+pub(crate) struct Output {
+    pub encoded: Encoded,
+    pub width: u32,
+    pub height: u32,
+    pub decode: Duration,
+    pub inference: Duration,
+    pub encode: Duration,
+}
+
+#[derive(Debug)]
+enum Work {
+    WarmUp(oneshot::Sender<Result<(), BackendError>>),
+    Upscale(Box<Task>),
+}
+
+/// Handle to the inference threads; they stop when it is dropped.
+#[derive(Debug)]
+pub(crate) struct Executor {
+    tx: Sender<Work>,
+    threads: usize,
+    alive: Arc<AtomicUsize>,
+}
+
+/// Decrements the live-thread count however the thread ends.
+struct Alive(Arc<AtomicUsize>);
+
+impl Drop for Alive {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Executor {
+    /// Starts `threads` inference threads.
+    pub(crate) fn start(
+        backend: Arc<dyn Backend>,
+        threads: usize,
+        metrics: &Metrics,
+    ) -> std::io::Result<Self> {
+        // Every queued task holds a permit, so `threads` slots always suffice.
+        let (tx, rx) = crossbeam_channel::bounded::<Work>(threads);
+        let alive = Arc::new(AtomicUsize::new(0));
+        for i in 0..threads {
+            let (rx, backend, metrics) = (rx.clone(), Arc::clone(&backend), metrics.clone());
+            alive.fetch_add(1, Ordering::SeqCst);
+            let guard = Alive(Arc::clone(&alive));
+            std::thread::Builder::new()
+                .name(format!("hndsr-infer-{i}"))
+                .spawn(move || {
+                    let _alive = guard;
+                    worker(&rx, backend.as_ref(), &metrics);
+                })?;
+        }
+        Ok(Self { tx, threads, alive })
+    }
+
+    /// Whether every inference thread is still running.
+    pub(crate) fn healthy(&self) -> bool {
+        self.alive.load(Ordering::SeqCst) == self.threads
+    }
+
+    /// Runs `Backend::warm_up` on one inference thread.
+    pub(crate) async fn warm_up(&self) -> Result<(), BackendError> {
+        let (reply, rx) = oneshot::channel();
+        self.submit(Work::WarmUp(reply))
+            .map_err(|e| BackendError::Load(e.to_string()))?;
+        rx.await.map_err(|_| BackendError::Load("the inference thread went away".to_owned()))?
+    }
+
+    /// Queues an upscale; the answer comes on the task's `reply`.
+    pub(crate) fn upscale(&self, task: Task) -> Result<(), Error> {
+        self.submit(Work::Upscale(Box::new(task)))
+    }
+
+    fn submit(&self, work: Work) -> Result<(), Error> {
+        self.tx.try_send(work).map_err(|e| match e {
+            TrySendError::Full(_) => Error::Internal("the inference queue is full".to_owned()),
+            TrySendError::Disconnected(_) => {
+                Error::Internal("the inference threads have stopped".to_owned())
+            }
+        })
+    }
+}
+
+fn worker(rx: &Receiver<Work>, backend: &dyn Backend, metrics: &Metrics) {
+    while let Ok(work) = rx.recv() {
+        match work {
+            Work::WarmUp(reply) => {
+                let result = catch_unwind(AssertUnwindSafe(|| backend.warm_up())).unwrap_or_else(
+                    |_| Err(BackendError::Load("the backend panicked while warming up".to_owned())),
+                );
+                let _ = reply.send(result);
+            }
+            Work::Upscale(task) => {
+                let Task { image, max_pixels, scale, steps, seed, cancel, permit, reply } = *task;
+                let result = catch_unwind(AssertUnwindSafe(|| {
+                    let params = Params { max_pixels, scale, steps, seed };
+                    run(backend, metrics, &image, params, &cancel, permit)
+                }))
+                .unwrap_or_else(|_| {
+                    tracing::error!("the backend panicked; the inference thread goes on");
+                    Err(Error::BackendPanic)
+                });
+                // The requester may be gone (timeout, disconnect); nothing to do then.
+                let _ = reply.send(result);
+            }
+        }
+    }
+}
+
+/// The numeric parameters of a task.
+#[derive(Debug, Clone, Copy)]
+struct Params {
+    max_pixels: u64,
+    scale: u32,
+    steps: Option<u32>,
+    seed: u64,
+}
+
+fn run(
+    backend: &dyn Backend,
+    metrics: &Metrics,
+    image: &[u8],
+    params: Params,
+    cancel: &CancellationToken,
+    permit: Permit,
+) -> Result<Output, Error> {
+    if cancel.is_cancelled() {
+        return Err(Error::Cancelled);
+    }
+    let started = Instant::now();
+    let (planar, layout) = codec::decode(image, params.max_pixels)?;
+    let (channels, width, height) = (planar.channels, planar.width, planar.height);
+    let job = Job { image: planar, scale: params.scale, steps: params.steps, seed: params.seed };
+    let decode = started.elapsed();
+
+    let started = Instant::now();
+    let result = backend.upscale(&job, cancel);
+    let inference = started.elapsed();
+    // The backend has returned: only now may another call start.
+    drop(permit);
+    metrics.observe_inference(inference);
+    let out = result.map_err(Error::from_backend)?;
+    drop(job);
+
+    let (want_w, want_h) = (width * params.scale, height * params.scale);
+    if out.channels != channels || out.width != want_w || out.height != want_h {
+        return Err(Error::Internal(format!(
+            "backend returned {}x{}x{}, expected {want_w}x{want_h}x{channels}",
+            out.width, out.height, out.channels
+        )));
+    }
+    let started = Instant::now();
+    let encoded = codec::encode(&out, layout)?;
+    Ok(Output {
+        encoded,
+        width: out.width,
+        height: out.height,
+        decode,
+        inference,
+        encode: started.elapsed(),
+    })
+}
+

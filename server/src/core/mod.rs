@@ -1,0 +1,337 @@
+//! The admission core: no HTTP, no torch.
+//!
+//! A request goes [`Core::admit`] (in-flight counter against
+//! `MAX_QUEUE_DEPTH`; full → 503 at once, nothing queued) →
+//! [`Core::upscale`]: header probe and budgets → coalescing (identical
+//! concurrent requests share one flight) → the flight waits for one of
+//! `MAX_CONCURRENT` permits → an inference thread decodes, runs the backend
+//! with the flight's cancel token, releases the permit when the backend has
+//! returned, and encodes. Dropping the `upscale` future (timeout, client
+//! disconnect) leaves the flight; the last waiter leaving cancels it.
+
+mod coalesce;
+mod executor;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use sha2::{Digest, Sha256};
+use tokio::sync::{Semaphore, oneshot};
+
+use self::coalesce::{Coalescer, Joined};
+use self::executor::{Executor, Permit, Task};
+use crate::backend::{Backend, BackendError, BackendInfo, CancellationToken};
+use crate::codec;
+use crate::config::{Limits, MAX_SAMPLING_STEPS};
+use crate::error::{Error, jittered_retry_after};
+use crate::metrics::Metrics;
+
+/// Bodies above this are hashed on a blocking thread, not a tokio worker.
+const INLINE_HASH_BYTES: usize = 256 * 1024;
+
+/// One upscale request, as the HTTP layer hands it over.
+#[derive(Debug, Clone)]
+pub struct UpscaleRequest {
+    /// The encoded image (PNG, JPEG or TIFF).
+    pub image: Bytes,
+    /// Upscaling factor; `None` means the configured default.
+    pub scale: Option<u32>,
+    /// Diffusion steps; `None` means the backend's default.
+    pub steps: Option<u32>,
+    /// Seed of the stochastic parts.
+    pub seed: u64,
+}
+
+/// Where the time of a computation went.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Timings {
+    /// Waiting for a backend permit.
+    pub queue: Duration,
+    /// Decoding the input.
+    pub decode: Duration,
+    /// In the backend.
+    pub inference: Duration,
+    /// Encoding the output.
+    pub encode: Duration,
+}
+
+/// A finished upscale.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upscaled {
+    /// The encoded output.
+    pub image: Bytes,
+    /// Its media type (`image/png` or `image/tiff`).
+    pub content_type: &'static str,
+    /// Output width.
+    pub width: u32,
+    /// Output height.
+    pub height: u32,
+    /// The factor applied.
+    pub scale: u32,
+    /// Stage timings of the computation.
+    pub timings: Timings,
+}
+
+/// The answer to one request.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    /// The result, possibly shared with identical requests.
+    pub upscaled: Arc<Upscaled>,
+    /// Whether this request joined another's computation.
+    pub coalesced: bool,
+}
+
+/// Proof of admission: one in-flight slot, freed on drop.
+#[derive(Debug)]
+pub struct Ticket {
+    inner: Arc<Inner>,
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.inner.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// The admission core. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Core {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    limits: Limits,
+    default_scale: u32,
+    info: BackendInfo,
+    in_flight: AtomicUsize,
+    permits: Arc<Semaphore>,
+    executor: Executor,
+    flights: Arc<Coalescer<Upscaled>>,
+    metrics: Metrics,
+}
+
+/// Decrements `hndsr_queue_depth` however the wait ends.
+struct Queued(prometheus::IntGauge);
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+impl Core {
+    /// Starts the inference threads.
+    ///
+    /// # Errors
+    /// When a thread cannot be spawned, or the default scale is not one the
+    /// backend supports.
+    pub fn start(
+        backend: Arc<dyn Backend>,
+        limits: Limits,
+        default_scale: u32,
+        metrics: Metrics,
+    ) -> Result<Self, BackendError> {
+        let info = backend.info();
+        if !info.scales.contains(&default_scale) {
+            return Err(BackendError::Load(format!(
+                "default scale {default_scale} is not supported by backend {} (supported: {:?})",
+                info.backend, info.scales
+            )));
+        }
+        let threads = limits.max_concurrent.get();
+        let executor = Executor::start(backend, threads, &metrics)
+            .map_err(|e| BackendError::Load(format!("starting the inference threads: {e}")))?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                permits: Arc::new(Semaphore::new(threads)),
+                flights: Arc::new(Coalescer::new(limits.max_queue_depth.get())),
+                in_flight: AtomicUsize::new(0),
+                default_scale,
+                info,
+                executor,
+                metrics,
+                limits,
+            }),
+        })
+    }
+
+    /// Runs the backend's warm-up on an inference thread.
+    ///
+    /// # Errors
+    /// What the backend's `warm_up` returns.
+    pub async fn warm_up(&self) -> Result<(), BackendError> {
+        self.inner.executor.warm_up().await
+    }
+
+    /// Whether every inference thread is alive.
+    #[must_use]
+    pub fn healthy(&self) -> bool {
+        self.inner.executor.healthy()
+    }
+
+    /// The backend's self-description.
+    #[must_use]
+    pub fn info(&self) -> &BackendInfo {
+        &self.inner.info
+    }
+
+    /// The limits in force.
+    #[must_use]
+    pub fn limits(&self) -> &Limits {
+        &self.inner.limits
+    }
+
+    /// The factor used when a request names none.
+    #[must_use]
+    pub fn default_scale(&self) -> u32 {
+        self.inner.default_scale
+    }
+
+    /// Requests admitted and not finished.
+    #[must_use]
+    pub fn in_flight(&self) -> usize {
+        self.inner.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Takes an in-flight slot, or refuses at once when `MAX_QUEUE_DEPTH`
+    /// requests are in flight.
+    ///
+    /// # Errors
+    /// [`Error::Overloaded`] with a jittered retry hint.
+    pub fn admit(&self) -> Result<Ticket, Error> {
+        let max = self.inner.limits.max_queue_depth.get();
+        self.inner
+            .in_flight
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n < max).then_some(n + 1))
+            .map(|_| Ticket { inner: Arc::clone(&self.inner) })
+            .map_err(|_| Error::Overloaded { retry_after: jittered_retry_after() })
+    }
+
+    /// Upscales one image. Cancel-safe: dropping the future leaves the
+    /// computation, which stops once no request waits for it.
+    ///
+    /// # Errors
+    /// Budget and format errors before any work; backend failures after.
+    pub async fn upscale(&self, _ticket: &Ticket, req: UpscaleRequest) -> Result<Answer, Error> {
+        let inner = &self.inner;
+        let scale = req.scale.unwrap_or(inner.default_scale);
+        if !inner.info.scales.contains(&scale) {
+            return Err(Error::Unprocessable(format!(
+                "scale {scale} is not supported; supported: {:?}",
+                inner.info.scales
+            )));
+        }
+        if let Some(steps) = req.steps.filter(|s| *s > MAX_SAMPLING_STEPS) {
+            return Err(Error::Unprocessable(format!(
+                "steps {steps} exceeds the maximum of {MAX_SAMPLING_STEPS}"
+            )));
+        }
+        let probe = codec::probe(&req.image, inner.limits.max_image_pixels)?;
+        let factor = u64::from(scale) * u64::from(scale);
+        let out_pixels = probe.pixels().saturating_mul(factor);
+        if out_pixels > inner.limits.max_output_pixels {
+            return Err(Error::ImageTooLarge {
+                what: "output",
+                width: u64::from(probe.width) * u64::from(scale),
+                height: u64::from(probe.height) * u64::from(scale),
+                pixels: out_pixels,
+                limit: inner.limits.max_output_pixels,
+            });
+        }
+
+        let key = self.key(&req, scale).await?;
+        match inner.flights.join(key) {
+            Joined::Follower(waiter) => {
+                inner.metrics.inc_coalesced();
+                let upscaled = waiter.wait().await?;
+                Ok(Answer { upscaled, coalesced: true })
+            }
+            Joined::Leader { waiter, flight } => {
+                let token = flight.token.clone();
+                let inner = Arc::clone(inner);
+                tokio::spawn(async move {
+                    let result = compute(&inner, req, scale, token).await.map(Arc::new);
+                    flight.publish(result);
+                });
+                let upscaled = waiter.wait().await?;
+                Ok(Answer { upscaled, coalesced: false })
+            }
+        }
+    }
+
+    async fn key(&self, req: &UpscaleRequest, scale: u32) -> Result<coalesce::Key, Error> {
+        let mut params = Vec::with_capacity(96);
+        params.extend_from_slice(&scale.to_le_bytes());
+        params.extend_from_slice(&req.steps.map_or(u64::MAX, u64::from).to_le_bytes());
+        params.extend_from_slice(&req.seed.to_le_bytes());
+        params.extend_from_slice(self.inner.info.model_digest.as_bytes());
+        let image = req.image.clone();
+        let hash = move || -> coalesce::Key {
+            let mut h = Sha256::new();
+            h.update(&params);
+            h.update(&image);
+            h.finalize().into()
+        };
+        if req.image.len() <= INLINE_HASH_BYTES {
+            Ok(hash())
+        } else {
+            tokio::task::spawn_blocking(hash)
+                .await
+                .map_err(|e| Error::Internal(format!("hashing the request: {e}")))
+        }
+    }
+}
+
+/// One flight: wait for a permit (or for every waiter to leave), then run
+/// on an inference thread.
+async fn compute(
+    inner: &Inner,
+    req: UpscaleRequest,
+    scale: u32,
+    cancel: CancellationToken,
+) -> Result<Upscaled, Error> {
+    let queued_at = Instant::now();
+    inner.metrics.queue_depth.inc();
+    let queued = Queued(inner.metrics.queue_depth.clone());
+    let permit = tokio::select! {
+        biased;
+        () = cancel.cancelled() => return Err(Error::Cancelled),
+        permit = Arc::clone(&inner.permits).acquire_owned() => {
+            permit.map_err(|_| Error::Internal("the permit semaphore is closed".to_owned()))?
+        }
+    };
+    drop(queued);
+    let queue = queued_at.elapsed();
+    inner.metrics.observe_queue_wait(queue);
+
+    let (reply, answer) = oneshot::channel();
+    inner.executor.upscale(Task {
+        image: req.image,
+        max_pixels: inner.limits.max_image_pixels,
+        scale,
+        steps: req.steps,
+        seed: req.seed,
+        cancel,
+        permit: Permit::new(permit, inner.metrics.active_requests.clone()),
+        reply,
+    })?;
+    let out = answer
+        .await
+        .map_err(|_| Error::Internal("the inference thread dropped the request".to_owned()))??;
+    Ok(Upscaled {
+        image: Bytes::from(out.encoded.bytes),
+        content_type: out.encoded.content_type,
+        width: out.width,
+        height: out.height,
+        scale,
+        timings: Timings {
+            queue,
+            decode: out.decode,
+            inference: out.inference,
+            encode: out.encode,
+        },
+    })
+}

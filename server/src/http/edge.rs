@@ -1,0 +1,86 @@
+//! Middleware of the upscale routes: metrics tracking, the body-size check
+//! and the per-client rate limit.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Instant;
+
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::header;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use hndsr_contract::http as paths;
+
+use super::AppState;
+use super::rate_limit::client_ip;
+use crate::error::{Error, Failure};
+use crate::metrics::{Metrics, Outcome};
+
+/// The largest body accepted on `path`.
+pub(super) fn body_limit(state: &AppState, path: &str) -> usize {
+    let limits = state.core.limits();
+    if path == paths::UPSCALE_PATH { limits.max_payload_bytes } else { limits.max_json_bytes() }
+}
+
+/// Counts the request when it ends, however it ends: the single place
+/// `hndsr_requests_total`, `hndsr_rejections_total` and the request
+/// duration are recorded.
+pub(super) async fn track(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let mut pending = Pending { metrics: state.metrics.clone(), started: Instant::now(), done: false };
+    let res = next.run(req).await;
+    pending.done = true;
+    let (outcome, rejection) = match res.extensions().get::<Failure>() {
+        None if res.status().is_success() => (Outcome::Ok, None),
+        None => (Outcome::Error, None),
+        Some(f) if f.rejection => (Outcome::Rejected, Some(f.reason)),
+        Some(f) if f.reason == "timeout" => (Outcome::Timeout, None),
+        Some(f) if f.reason == "out_of_memory" => (Outcome::OutOfMemory, None),
+        Some(_) => (Outcome::Error, None),
+    };
+    state.metrics.record_request(outcome, rejection, pending.started.elapsed());
+    res
+}
+
+/// Records a disconnect when the request future is dropped unfinished.
+struct Pending {
+    metrics: Metrics,
+    started: Instant,
+    done: bool,
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if !self.done {
+            self.metrics.record_request(Outcome::Disconnected, None, self.started.elapsed());
+        }
+    }
+}
+
+/// Refuses a declared Content-Length above the limit before reading a byte.
+pub(super) async fn content_length(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let limit = body_limit(&state, req.uri().path());
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Error::PayloadTooLarge { limit }.into_response();
+    }
+    next.run(req).await
+}
+
+/// Applies the per-client rate limit.
+pub(super) async fn rate_limit(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    if let Some(limiter) = &state.limiter {
+        let peer = req
+            .extensions()
+            .get::<ConnectInfo<SocketAddr>>()
+            .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |c| c.0.ip());
+        let client = client_ip(peer, req.headers(), &state.http.trusted_proxies);
+        if let Err(e) = limiter.check(client) {
+            tracing::debug!(%client, "rate limited");
+            return e.into_response();
+        }
+    }
+    next.run(req).await
+}

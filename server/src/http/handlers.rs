@@ -1,0 +1,347 @@
+//! Route handlers. Each is a thin adapter: extract, call the core, shape
+//! the answer. Errors are [`Error`]s and become the one JSON error shape.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use axum::Json;
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use hndsr_contract::http as paths;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use super::edge::body_limit;
+use super::{AppState, COALESCED_HEADER, LEGACY_UPSCALE_PATH};
+use crate::core::{Answer, Ticket, Timings, UpscaleRequest};
+use crate::error::{Error, ErrorBody, jittered_retry_after};
+use crate::lifecycle::Readiness;
+
+/// Query parameters of `POST /v1/upscale`.
+#[derive(Debug, Clone, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct UpscaleQuery {
+    /// Upscaling factor; default: the server's `HNDSR_SCALE`.
+    pub scale: Option<u32>,
+    /// Diffusion sampling steps (`hndsr` backend); default: `HNDSR_SAMPLING_STEPS`.
+    pub steps: Option<u32>,
+    /// Seed of the stochastic parts; default 0. Same input, parameters and
+    /// seed give the same output.
+    pub seed: Option<u64>,
+}
+
+/// Body of `POST /upscale` (the original service's JSON API).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct JsonUpscaleRequest {
+    /// The input image (PNG, JPEG or TIFF), base64; a `data:` URL prefix is accepted.
+    pub image: String,
+    /// Upscaling factor; default: the server's `HNDSR_SCALE`.
+    #[serde(default)]
+    pub scale: Option<u32>,
+    /// Diffusion sampling steps; default: `HNDSR_SAMPLING_STEPS`.
+    #[serde(default)]
+    pub steps: Option<u32>,
+    /// Seed; default 0.
+    #[serde(default)]
+    pub seed: Option<u64>,
+}
+
+/// Answer of `POST /upscale`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct JsonUpscaleResponse {
+    /// The output image, base64 (PNG; TIFF when the input was TIFF).
+    pub image: String,
+    /// `png` or `tiff`.
+    pub format: String,
+    /// Output width in pixels.
+    pub width: u32,
+    /// Output height in pixels.
+    pub height: u32,
+    /// The factor applied.
+    pub scale: u32,
+    /// The model that produced it.
+    pub model: String,
+    /// Time waiting for a backend permit, in milliseconds.
+    pub queue_ms: f64,
+    /// Time in the backend, in milliseconds.
+    pub inference_ms: f64,
+}
+
+/// Answer of `/readyz`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ReadyResponse {
+    /// `warming_up`, `ready` or `draining`.
+    pub status: String,
+}
+
+/// Limits reported by `/v1/info`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct InfoLimits {
+    /// Backend calls at once.
+    pub max_concurrent: usize,
+    /// Requests in flight before 503.
+    pub max_queue_depth: usize,
+    /// Whole-request deadline, seconds.
+    pub request_timeout_s: u64,
+    /// Largest input in pixels.
+    pub max_image_pixels: u64,
+    /// Largest output in pixels.
+    pub max_output_pixels: u64,
+    /// Largest raw body in bytes.
+    pub max_payload_bytes: usize,
+    /// Requests per client per hour; 0 = unlimited.
+    pub rate_limit_per_hour: u32,
+}
+
+/// Answer of `/v1/info`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct InfoResponse {
+    /// Server version.
+    pub version: String,
+    /// Backend kind.
+    pub backend: String,
+    /// Model name and version.
+    pub model: String,
+    /// sha256 of the weights (or of a fixed id for weight-less backends).
+    pub model_digest: String,
+    /// `cpu`, `cuda:0`, ...
+    pub device: String,
+    /// `fp32`, `fp16`, `bf16`.
+    pub precision: String,
+    /// Accepted factors.
+    pub scales: Vec<u32>,
+    /// Factor used when a request names none.
+    pub default_scale: u32,
+    /// Default diffusion steps.
+    pub sampling_steps: u32,
+    /// Limits in force.
+    pub limits: InfoLimits,
+}
+
+/// Takes an admission ticket unless the server is not (or no longer) ready.
+fn admit(state: &AppState) -> Result<Ticket, Error> {
+    if state.lifecycle.readiness() != Readiness::Ready {
+        return Err(Error::Unavailable { retry_after: jittered_retry_after() });
+    }
+    state.core.admit()
+}
+
+/// Reads the body, failing with 413 past `limit` (chunked bodies included).
+async fn read_body(body: Body, limit: usize) -> Result<Bytes, Error> {
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let too_large = std::error::Error::source(&e)
+            .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+        if too_large {
+            Error::PayloadTooLarge { limit }
+        } else {
+            Error::BadRequest(format!("reading the request body: {e}"))
+        }
+    })
+}
+
+/// Runs `work` under the whole-request deadline.
+async fn with_deadline<T>(
+    state: &AppState,
+    work: impl Future<Output = Result<T, Error>>,
+) -> Result<T, Error> {
+    let timeout = state.core.limits().request_timeout;
+    tokio::time::timeout(timeout, work).await.map_err(|_| Error::Timeout { timeout })?
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn server_timing(t: &Timings) -> String {
+    let mut s = String::new();
+    let _ = write!(
+        s,
+        "queue;dur={:.1}, decode;dur={:.1}, inference;dur={:.1}, encode;dur={:.1}",
+        ms(t.queue),
+        ms(t.decode),
+        ms(t.inference),
+        ms(t.encode)
+    );
+    s
+}
+
+fn with_answer_headers(mut res: Response, answer: &Answer) -> Response {
+    let headers = res.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&server_timing(&answer.upscaled.timings)) {
+        headers.insert("server-timing", v);
+    }
+    if answer.coalesced {
+        headers.insert(COALESCED_HEADER, HeaderValue::from_static("true"));
+    }
+    res
+}
+
+/// Upscale an image sent as the raw body.
+#[utoipa::path(
+    post,
+    path = paths::UPSCALE_PATH,
+    tag = "upscale",
+    params(UpscaleQuery),
+    request_body(
+        description = "The image: PNG, JPEG or TIFF; 8 or 16 bit; gray, gray+alpha, RGB or RGBA.",
+        content(("image/png"), ("image/jpeg"), ("image/tiff"), ("application/octet-stream")),
+    ),
+    responses(
+        (status = 200, description = "The upscaled image, same bit depth and channels as the input; PNG, or TIFF for TIFF input.",
+            content(("image/png"), ("image/tiff")),
+            headers(("server-timing" = String, description = "queue, decode, inference, encode durations in ms"),
+                    ("x-request-id" = String, description = "Request id"))),
+        (status = 400, description = "Corrupt image or malformed request", body = ErrorBody),
+        (status = 413, description = "Body, image or output over its limit, or a decompression bomb", body = ErrorBody),
+        (status = 415, description = "Not PNG, JPEG or TIFF", body = ErrorBody),
+        (status = 422, description = "Unsupported scale or steps", body = ErrorBody),
+        (status = 429, description = "Rate limit exceeded (Retry-After)", body = ErrorBody),
+        (status = 500, description = "Backend failure", body = ErrorBody),
+        (status = 503, description = "At capacity, device out of memory, warming up or draining (Retry-After)", body = ErrorBody),
+        (status = 504, description = "Deadline exceeded; the work was cancelled", body = ErrorBody),
+    )
+)]
+pub(super) async fn upscale_raw(
+    State(state): State<AppState>,
+    query: Result<Query<UpscaleQuery>, QueryRejection>,
+    body: Body,
+) -> Result<Response, Error> {
+    let Query(q) = query.map_err(|e| Error::BadRequest(e.body_text()))?;
+    let ticket = admit(&state)?;
+    let limit = body_limit(&state, paths::UPSCALE_PATH);
+    let answer = with_deadline(&state, async {
+        let image = read_body(body, limit).await?;
+        let req = UpscaleRequest { image, scale: q.scale, steps: q.steps, seed: q.seed.unwrap_or(0) };
+        state.core.upscale(&ticket, req).await
+    })
+    .await?;
+    let up = &answer.upscaled;
+    let res = ([(header::CONTENT_TYPE, up.content_type)], up.image.clone()).into_response();
+    Ok(with_answer_headers(res, &answer))
+}
+
+/// Upscale a base64 image in JSON (the original service's API).
+#[utoipa::path(
+    post,
+    path = LEGACY_UPSCALE_PATH,
+    tag = "upscale",
+    request_body = JsonUpscaleRequest,
+    responses(
+        (status = 200, description = "The upscaled image, base64", body = JsonUpscaleResponse),
+        (status = 400, description = "Malformed JSON or base64, or corrupt image", body = ErrorBody),
+        (status = 413, description = "Body, image or output over its limit", body = ErrorBody),
+        (status = 415, description = "Not PNG, JPEG or TIFF", body = ErrorBody),
+        (status = 422, description = "Unsupported scale or steps", body = ErrorBody),
+        (status = 429, description = "Rate limit exceeded (Retry-After)", body = ErrorBody),
+        (status = 500, description = "Backend failure", body = ErrorBody),
+        (status = 503, description = "At capacity, device out of memory, warming up or draining (Retry-After)", body = ErrorBody),
+        (status = 504, description = "Deadline exceeded; the work was cancelled", body = ErrorBody),
+    )
+)]
+pub(super) async fn upscale_json(State(state): State<AppState>, body: Body) -> Result<Response, Error> {
+    let ticket = admit(&state)?;
+    let limit = body_limit(&state, LEGACY_UPSCALE_PATH);
+    let answer = with_deadline(&state, async {
+        let raw = read_body(body, limit).await?;
+        let req: JsonUpscaleRequest = serde_json::from_slice(&raw)
+            .map_err(|e| Error::BadRequest(format!("invalid JSON body: {e}")))?;
+        let b64 = req.image.split_once(";base64,").map_or(req.image.as_str(), |(_, data)| data);
+        let image = BASE64
+            .decode(b64.trim())
+            .map_err(|e| Error::BadRequest(format!("`image` is not valid base64: {e}")))?;
+        let up = UpscaleRequest {
+            image: Bytes::from(image),
+            scale: req.scale,
+            steps: req.steps,
+            seed: req.seed.unwrap_or(0),
+        };
+        state.core.upscale(&ticket, up).await
+    })
+    .await?;
+    let up = &answer.upscaled;
+    let body = JsonUpscaleResponse {
+        image: BASE64.encode(&up.image),
+        format: if up.content_type == "image/tiff" { "tiff" } else { "png" }.to_owned(),
+        width: up.width,
+        height: up.height,
+        scale: up.scale,
+        model: state.core.info().model.clone(),
+        queue_ms: ms(up.timings.queue),
+        inference_ms: ms(up.timings.inference),
+    };
+    Ok(with_answer_headers(Json(body).into_response(), &answer))
+}
+
+/// Liveness: the process runs and its inference threads are alive.
+#[utoipa::path(get, path = paths::HEALTHZ_PATH, tag = "probes",
+    responses((status = 200, description = "Alive"), (status = 503, description = "An inference thread died")))]
+pub(super) async fn healthz(State(state): State<AppState>) -> StatusCode {
+    if state.core.healthy() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }
+}
+
+/// Readiness: warmed up and not draining.
+#[utoipa::path(get, path = paths::READYZ_PATH, tag = "probes",
+    responses((status = 200, description = "Ready", body = ReadyResponse),
+              (status = 503, description = "Warming up or draining", body = ReadyResponse)))]
+pub(super) async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<ReadyResponse>) {
+    let r = state.lifecycle.readiness();
+    let status = match r {
+        Readiness::Ready => "ready",
+        Readiness::WarmingUp => "warming_up",
+        Readiness::Draining => "draining",
+    };
+    let code = if r == Readiness::Ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (code, Json(ReadyResponse { status: status.to_owned() }))
+}
+
+/// Prometheus metrics, text exposition format.
+#[utoipa::path(get, path = paths::METRICS_PATH, tag = "probes",
+    responses((status = 200, description = "Prometheus text format", body = String, content_type = "text/plain")))]
+pub(super) async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], state.metrics.render())
+}
+
+/// Model, backend, device, limits and version.
+#[utoipa::path(get, path = paths::INFO_PATH, tag = "info",
+    responses((status = 200, description = "Server description", body = InfoResponse)))]
+pub(super) async fn info(State(state): State<AppState>) -> Json<InfoResponse> {
+    let i = state.core.info();
+    let l = state.core.limits();
+    Json(InfoResponse {
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        backend: i.backend.clone(),
+        model: i.model.clone(),
+        model_digest: i.model_digest.clone(),
+        device: i.device.clone(),
+        precision: i.precision.clone(),
+        scales: i.scales.clone(),
+        default_scale: state.core.default_scale(),
+        sampling_steps: state.model.sampling_steps,
+        limits: InfoLimits {
+            max_concurrent: l.max_concurrent.get(),
+            max_queue_depth: l.max_queue_depth.get(),
+            request_timeout_s: l.request_timeout.as_secs(),
+            max_image_pixels: l.max_image_pixels,
+            max_output_pixels: l.max_output_pixels,
+            max_payload_bytes: l.max_payload_bytes,
+            rate_limit_per_hour: state.http.rate_limit_per_hour.map_or(0, |n| n.get()),
+        },
+    })
+}
+
+/// This document.
+#[utoipa::path(get, path = paths::OPENAPI_PATH, tag = "info",
+    responses((status = 200, description = "The OpenAPI document")))]
+pub(super) async fn openapi() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/json")], super::openapi::json())
+}
+
+/// Unknown routes get the JSON error shape too.
+pub(super) async fn not_found() -> Error {
+    Error::NotFound
+}

@@ -1,0 +1,214 @@
+//! Prometheus metrics of the server, in their own [`Registry`].
+//!
+//! Names come from [`hndsr_contract::metrics`] (the operator's autoscaler
+//! reads them). Every label value is a `&'static str` from a closed set and
+//! is registered at start-up, so series exist (at 0) before the first event.
+
+use std::time::Duration;
+
+use hndsr_contract::metrics as names;
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+
+use crate::error::ALL_REASONS;
+
+/// Buckets of the queue-wait and inference histograms: finer than the
+/// request buckets at the low end, where queue waits usually are.
+pub const STAGE_BUCKETS: &[f64] =
+    &[0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+
+/// Counter: requests answered from another request's computation.
+pub const COALESCED_TOTAL: &str = "hndsr_coalesced_requests_total";
+/// Gauge: clients tracked by the rate limiter.
+pub const RATE_LIMITER_CLIENTS: &str = "hndsr_rate_limiter_clients";
+/// Counter: times the rate limiter's table hit its cap and was reset.
+pub const RATE_LIMITER_RESETS_TOTAL: &str = "hndsr_rate_limiter_resets_total";
+
+/// How a request ended (label `outcome` of `hndsr_requests_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// 2xx.
+    Ok,
+    /// Turned away before model work (see [`crate::Error::is_rejection`]).
+    Rejected,
+    /// Deadline passed; 504.
+    Timeout,
+    /// Device out of memory; 503.
+    OutOfMemory,
+    /// The client went away before the answer.
+    Disconnected,
+    /// Any other failure; 5xx.
+    Error,
+}
+
+impl Outcome {
+    /// Every outcome.
+    pub const ALL: [Self; 6] =
+        [Self::Ok, Self::Rejected, Self::Timeout, Self::OutOfMemory, Self::Disconnected, Self::Error];
+
+    /// The label value.
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::Rejected => "rejected",
+            Self::Timeout => "timeout",
+            Self::OutOfMemory => "out_of_memory",
+            Self::Disconnected => "disconnected",
+            Self::Error => "error",
+        }
+    }
+}
+
+/// The server's metrics.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    registry: Registry,
+    /// Requests currently running on the backend (holding a permit).
+    pub active_requests: IntGauge,
+    /// Admitted computations waiting for a backend permit.
+    pub queue_depth: IntGauge,
+    request_duration: Histogram,
+    queue_wait: Histogram,
+    inference: Histogram,
+    requests: IntCounterVec,
+    rejections: IntCounterVec,
+    coalesced: IntCounter,
+    /// Clients tracked by the rate limiter.
+    pub rate_limiter_clients: IntGauge,
+    /// Rate limiter table resets.
+    pub rate_limiter_resets: IntCounter,
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    ///
+    /// # Panics
+    /// Never in practice: names and label sets are constants and distinct.
+    #[must_use]
+    #[allow(clippy::expect_used)]
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let hist = |name: &str, help: &str, buckets: &[f64]| {
+            Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec()))
+                .expect("valid histogram")
+        };
+        let m = Self {
+            active_requests: IntGauge::new(
+                names::ACTIVE_REQUESTS,
+                "Requests currently running on the backend.",
+            )
+            .expect("valid gauge"),
+            queue_depth: IntGauge::new(
+                names::QUEUE_DEPTH,
+                "Admitted requests waiting for a backend permit.",
+            )
+            .expect("valid gauge"),
+            request_duration: hist(
+                names::REQUEST_DURATION_SECONDS,
+                "Whole upscale request duration in seconds.",
+                names::REQUEST_DURATION_BUCKETS,
+            ),
+            queue_wait: hist(
+                names::QUEUE_WAIT_SECONDS,
+                "Time spent waiting for a backend permit in seconds.",
+                STAGE_BUCKETS,
+            ),
+            inference: hist(
+                names::INFERENCE_SECONDS,
+                "Time spent in the backend in seconds.",
+                STAGE_BUCKETS,
+            ),
+            requests: IntCounterVec::new(
+                Opts::new(names::REQUESTS_TOTAL, "Finished upscale requests by outcome."),
+                &["outcome"],
+            )
+            .expect("valid counter"),
+            rejections: IntCounterVec::new(
+                Opts::new(names::REJECTIONS_TOTAL, "Rejected upscale requests by reason."),
+                &["reason"],
+            )
+            .expect("valid counter"),
+            coalesced: IntCounter::new(
+                COALESCED_TOTAL,
+                "Requests answered by sharing an identical concurrent request's computation.",
+            )
+            .expect("valid counter"),
+            rate_limiter_clients: IntGauge::new(
+                RATE_LIMITER_CLIENTS,
+                "Clients currently tracked by the rate limiter.",
+            )
+            .expect("valid gauge"),
+            rate_limiter_resets: IntCounter::new(
+                RATE_LIMITER_RESETS_TOTAL,
+                "Times the rate limiter's client table reached its cap and was reset.",
+            )
+            .expect("valid counter"),
+            registry,
+        };
+        for outcome in Outcome::ALL {
+            m.requests.with_label_values(&[outcome.as_str()]);
+        }
+        for reason in ALL_REASONS {
+            m.rejections.with_label_values(&[*reason]);
+        }
+        let collectors: [Box<dyn prometheus::core::Collector>; 10] = [
+            Box::new(m.active_requests.clone()),
+            Box::new(m.queue_depth.clone()),
+            Box::new(m.request_duration.clone()),
+            Box::new(m.queue_wait.clone()),
+            Box::new(m.inference.clone()),
+            Box::new(m.requests.clone()),
+            Box::new(m.rejections.clone()),
+            Box::new(m.coalesced.clone()),
+            Box::new(m.rate_limiter_clients.clone()),
+            Box::new(m.rate_limiter_resets.clone()),
+        ];
+        for c in collectors {
+            m.registry.register(c).expect("distinct metric names");
+        }
+        m
+    }
+
+    /// Counts one finished upscale request. The single place requests are
+    /// counted (called by the HTTP metrics middleware).
+    pub fn record_request(&self, outcome: Outcome, rejection_reason: Option<&'static str>, took: Duration) {
+        self.requests.with_label_values(&[outcome.as_str()]).inc();
+        if let Some(reason) = rejection_reason {
+            self.rejections.with_label_values(&[reason]).inc();
+        }
+        self.request_duration.observe(took.as_secs_f64());
+    }
+
+    /// Records the time a computation waited for its permit.
+    pub fn observe_queue_wait(&self, took: Duration) {
+        self.queue_wait.observe(took.as_secs_f64());
+    }
+
+    /// Records the time a computation spent in the backend.
+    pub fn observe_inference(&self, took: Duration) {
+        self.inference.observe(took.as_secs_f64());
+    }
+
+    /// Counts a request that joined another's computation.
+    pub fn inc_coalesced(&self) {
+        self.coalesced.inc();
+    }
+
+    /// The Prometheus text exposition of every metric.
+    #[must_use]
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        // Encoding into a Vec cannot fail for these metric types.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,184 @@
+//! Assembles a serving process: core + HTTP + lifecycle, and runs it until
+//! shutdown.
+//!
+//! [`Server::run`] serves at once (so `/healthz` answers during a long
+//! warm-up), warms the backend up on an inference thread and only then
+//! turns `/readyz` true. When the shutdown token fires: `/readyz` turns
+//! false, new upscale requests get 503, in-flight requests finish (up to
+//! `DRAIN_SECONDS`), then the listener closes and `run` returns.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use tokio::net::TcpListener;
+
+use crate::backend::{Backend, BackendError, CancellationToken};
+use crate::config::{Config, ModelConfig};
+use crate::core::Core;
+use crate::http::{self, AppState, RateLimiter};
+use crate::lifecycle::Lifecycle;
+use crate::metrics::Metrics;
+
+/// How often the rate limiter forgets idle clients.
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
+
+/// How often the drain checks for remaining in-flight requests.
+const DRAIN_POLL: Duration = Duration::from_millis(20);
+
+/// Time after the drain to let responses flush and connections close.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// Why the server could not start or stopped abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// Building, starting or warming up the backend failed.
+    #[error("backend: {0}")]
+    Backend(#[from] BackendError),
+    /// The listener failed.
+    #[error("serving HTTP: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Builds the backend the configuration names.
+///
+/// # Errors
+/// [`BackendError::Load`] when the backend is not compiled in or fails to load.
+pub fn build_backend(model: &ModelConfig) -> Result<Arc<dyn Backend>, BackendError> {
+    #[cfg(feature = "torch")]
+    {
+        crate::backend::torch::build(model)
+    }
+    #[cfg(not(feature = "torch"))]
+    {
+        Err(BackendError::Load(format!(
+            "backend `{}` is not compiled into this binary (built without the `torch` feature)",
+            model.backend.as_str()
+        )))
+    }
+}
+
+/// A configured, not yet running server.
+#[derive(Debug)]
+pub struct Server {
+    state: AppState,
+}
+
+impl Server {
+    /// Starts the inference threads for `backend` under `config`.
+    ///
+    /// # Errors
+    /// When the core cannot start (see [`Core::start`]).
+    pub fn new(config: Config, backend: Arc<dyn Backend>) -> Result<Self, ServerError> {
+        let metrics = Metrics::new();
+        let core = Core::start(backend, config.limits.clone(), config.model.scale, metrics.clone())?;
+        let limiter = config
+            .http
+            .rate_limit_per_hour
+            .map(|n| Arc::new(RateLimiter::new(n, metrics.clone())));
+        Ok(Self {
+            state: AppState {
+                core,
+                metrics,
+                lifecycle: Arc::new(Lifecycle::new()),
+                limiter,
+                http: Arc::new(config.http),
+                model: Arc::new(config.model),
+            },
+        })
+    }
+
+    /// The shared state (core, metrics, lifecycle) for inspection.
+    #[must_use]
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// The router, for serving elsewhere or for in-process tests.
+    #[must_use]
+    pub fn router(&self) -> Router {
+        http::router(self.state.clone())
+    }
+
+    /// Warms up, serves on `listener` until `shutdown` fires, then drains.
+    ///
+    /// # Errors
+    /// When warm-up fails (after a clean shutdown of the listener) or the
+    /// listener fails.
+    pub async fn run(self, listener: TcpListener, shutdown: CancellationToken) -> Result<(), ServerError> {
+        let state = self.state;
+        let drain = state.core.limits().drain;
+
+        let warm_up = {
+            let (state, shutdown) = (state.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                let result = state.core.warm_up().await;
+                match &result {
+                    Ok(()) => {
+                        state.lifecycle.mark_warmed();
+                        tracing::info!("warm-up done; ready");
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "warm-up failed; shutting down");
+                        shutdown.cancel();
+                    }
+                }
+                result
+            })
+        };
+
+        if let Some(limiter) = state.limiter.clone() {
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(SWEEP_EVERY);
+                loop {
+                    tokio::select! {
+                        () = shutdown.cancelled() => break,
+                        _ = tick.tick() => limiter.sweep(),
+                    }
+                }
+            });
+        }
+
+        let drained = {
+            let (state, shutdown) = (state.clone(), shutdown.clone());
+            async move {
+                shutdown.cancelled().await;
+                state.lifecycle.start_draining();
+                tracing::info!(in_flight = state.core.in_flight(), "draining");
+                let finished = tokio::time::timeout(drain, async {
+                    while state.core.in_flight() > 0 {
+                        tokio::time::sleep(DRAIN_POLL).await;
+                    }
+                })
+                .await;
+                if finished.is_err() {
+                    tracing::warn!(in_flight = state.core.in_flight(), "drain deadline passed");
+                }
+            }
+        };
+
+        let app = http::router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
+        tracing::info!(addr = %listener.local_addr()?, "listening");
+        let serve = axum::serve(listener, app).with_graceful_shutdown(drained).into_future();
+        let deadline = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(drain + CLOSE_GRACE).await;
+        };
+        tokio::select! {
+            result = serve => result?,
+            () = deadline => tracing::warn!("connections still open after the drain; closing them"),
+        }
+        tracing::info!("stopped");
+
+        if warm_up.is_finished() {
+            if let Ok(Err(e)) = warm_up.await {
+                return Err(e.into());
+            }
+        } else {
+            warm_up.abort();
+        }
+        Ok(())
+    }
+}
