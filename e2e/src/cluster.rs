@@ -9,11 +9,10 @@ use k8s_openapi::api::core::v1::{Node, ServiceAccount};
 use kube::api::{Api, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::bins::{self, Binaries};
 use crate::certs::{FRONT_PROXY_CLIENT_CN, Pki};
-use crate::process::{Proc, free_port, log_tail};
+use crate::process::{Proc, free_port, http_get, log_tail};
 use crate::{Error, Result, wait};
 
 /// The extended resource the fake nodes advertise.
@@ -351,7 +350,7 @@ impl ControlPlane {
         let start = Instant::now();
         loop {
             self.check_running()?;
-            if let Some(body) = http_get_plain(port, "/health").await
+            if let Some((200, body)) = http_get(&format!("127.0.0.1:{port}"), "/health").await
                 && body.contains("\"health\":\"true\"")
             {
                 return Ok(());
@@ -542,22 +541,4 @@ fn node_schedulable(node: &Node) -> bool {
         .and_then(|s| s.taints.as_ref())
         .is_some_and(|ts| ts.iter().any(|t| t.key.starts_with("node.kubernetes.io/")));
     ready && !tainted
-}
-
-/// `GET path` over plain HTTP/1.0 on 127.0.0.1; the body when the status is 200.
-async fn http_get_plain(port: u16, path: &str) -> Option<String> {
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .ok()?;
-    let request = format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.ok()?;
-    let mut response = String::new();
-    tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut response))
-        .await
-        .ok()?
-        .ok()?;
-    let (head, body) = response.split_once("\r\n\r\n")?;
-    head.starts_with("HTTP/1.0 200")
-        .then(|| body.to_owned())
-        .or_else(|| head.starts_with("HTTP/1.1 200").then(|| body.to_owned()))
 }

@@ -16,6 +16,17 @@ pub enum Error {
         /// Where the binary was expected.
         path: PathBuf,
     },
+    /// The operator binary has not been built.
+    #[error(
+        "operator binary {path} is missing: build it first with `{command}` \
+         (or point ${env} at it)",
+        command = crate::operator::OPERATOR_BUILD_COMMAND,
+        env = crate::operator::OPERATOR_BIN_ENV
+    )]
+    MissingOperator {
+        /// Where it was expected.
+        path: PathBuf,
+    },
     /// A filesystem operation failed.
     #[error("{op} {path}: {source}")]
     Io {

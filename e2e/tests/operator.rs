@@ -1,0 +1,369 @@
+//! The operator against the real control plane: HndsrService → Deployment →
+//! pods Ready on fake GPU nodes → status Ready; drift reverted; deleted
+//! children recreated; deletion cascades.
+//!
+//! Each test runs its own operator process scoped to its namespace. Needs the
+//! control-plane binaries (`bash e2e/scripts/build-binaries.sh`) and the
+//! operator (`cargo build -p hndsr-operator`); fails, never skips, without them.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Client, Resource, ResourceExt};
+
+use hndsr_crds::{HndsrService, conditions, labels};
+use hndsr_e2e::operator::{Operator, OperatorOptions};
+use hndsr_e2e::shared::{self, TestNamespace};
+use hndsr_e2e::{fixtures, wait};
+
+const TIMEOUT: Duration = Duration::from_secs(90);
+
+struct Env {
+    ns: TestNamespace,
+    operator: Operator,
+}
+
+impl Env {
+    async fn start(prefix: &str) -> anyhow::Result<Self> {
+        let ns = shared::namespace(prefix).await?;
+        fixtures::install_crd(&ns.client).await?;
+        let operator = Operator::start(
+            &ns.shared.kubeconfig,
+            &ns.shared.dir.join("logs"),
+            &OperatorOptions::for_namespace(&ns.name),
+        )
+        .await?;
+        Ok(Self { ns, operator })
+    }
+
+    fn client(&self) -> Client {
+        self.ns.client.clone()
+    }
+
+    fn services(&self) -> Api<HndsrService> {
+        Api::namespaced(self.client(), &self.ns.name)
+    }
+
+    fn deployments(&self) -> Api<Deployment> {
+        Api::namespaced(self.client(), &self.ns.name)
+    }
+
+    fn k8s_services(&self) -> Api<Service> {
+        Api::namespaced(self.client(), &self.ns.name)
+    }
+
+    async fn create(&self, name: &str, spec: serde_json::Value) -> anyhow::Result<HndsrService> {
+        let svc: HndsrService = serde_json::from_value(serde_json::json!({
+            "apiVersion": format!("{}/{}", hndsr_crds::GROUP, hndsr_crds::VERSION),
+            "kind": hndsr_crds::KIND,
+            "metadata": { "name": name },
+            "spec": spec,
+        }))?;
+        Ok(self.services().create(&PostParams::default(), &svc).await?)
+    }
+
+    /// Waits until `status.observedGeneration` is the object's generation and
+    /// `check` holds; returns the object.
+    async fn wait_status(
+        &mut self,
+        name: &str,
+        what: &str,
+        check: impl Fn(&HndsrService) -> bool,
+    ) -> anyhow::Result<HndsrService> {
+        let api = self.services();
+        let result = wait::until(format!("HndsrService {name}: {what}"), TIMEOUT, || async {
+            let svc = api.get(name).await?;
+            let status = svc.status.as_ref();
+            let current = status.and_then(|s| s.observed_generation) == svc.metadata.generation;
+            Ok::<_, kube::Error>((current && check(&svc)).then_some(svc))
+        })
+        .await;
+        match result {
+            Ok(svc) => Ok(svc),
+            Err(e) => {
+                self.operator.check_running()?;
+                let last = api.get(name).await.ok().and_then(|s| s.status);
+                Err(anyhow::Error::from(e)).with_context(|| {
+                    format!(
+                        "last status: {last:?}; operator log: {}",
+                        self.operator.log().display()
+                    )
+                })
+            }
+        }
+    }
+}
+
+fn condition<'a>(svc: &'a HndsrService, type_: &str) -> Option<&'a Condition> {
+    svc.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+}
+
+fn is_ready(svc: &HndsrService) -> bool {
+    condition(svc, conditions::READY).is_some_and(|c| c.status == "True")
+}
+
+fn bicubic(replicas: i32, gpus: i32) -> serde_json::Value {
+    serde_json::json!({
+        "model": { "image": "hndsr/server:e2e", "backend": "bicubic" },
+        "replicas": replicas,
+        "resources": { "gpu": gpus },
+    })
+}
+
+fn serving_selector(name: &str) -> String {
+    format!(
+        "{}={name},{}={}",
+        labels::SERVICE,
+        labels::ROLE,
+        labels::ROLE_SERVING
+    )
+}
+
+async fn wait_deployment(env: &Env, name: &str) -> anyhow::Result<Deployment> {
+    let api = env.deployments();
+    Ok(
+        wait::until(format!("Deployment {name}"), TIMEOUT, || async {
+            api.get_opt(name).await
+        })
+        .await?,
+    )
+}
+
+#[tokio::test]
+async fn hndsrservice_becomes_ready_with_its_deployment_and_pods() -> anyhow::Result<()> {
+    let mut env = Env::start("e2e-op-ready").await?;
+    let created = env.create("sr", bicubic(2, 1)).await?;
+
+    // The Deployment is owned (controller reference) by the HndsrService.
+    let deployment = wait_deployment(&env, "sr").await?;
+    let owner = deployment
+        .owner_references()
+        .iter()
+        .find(|o| o.controller == Some(true))
+        .context("controller owner reference")?;
+    assert_eq!(owner.kind, hndsr_crds::KIND);
+    assert_eq!(Some(&owner.uid), created.meta().uid.as_ref());
+
+    // Pods land on the fake GPU nodes with one GPU each and become Ready.
+    let pods = fixtures::wait_pods_ready(
+        &env.client(),
+        &env.ns.name,
+        &serving_selector("sr"),
+        2,
+        TIMEOUT,
+    )
+    .await?;
+    for pod in &pods {
+        let spec = pod.spec.as_ref().context("pod spec")?;
+        assert!(
+            spec.node_name
+                .as_deref()
+                .is_some_and(|n| n.starts_with("gpu-node-"))
+        );
+        let limits = spec.containers[0]
+            .resources
+            .as_ref()
+            .and_then(|r| r.limits.as_ref());
+        let gpus = limits
+            .and_then(|l| l.get(hndsr_e2e::GPU_RESOURCE))
+            .map(|q| q.0.as_str());
+        assert_eq!(gpus, Some("1"));
+    }
+
+    // Status: Ready for the current generation, with the replica counts.
+    let svc = env
+        .wait_status("sr", "Ready with 2 ready replicas", |s| {
+            is_ready(s) && s.status.as_ref().and_then(|st| st.ready_replicas) == Some(2)
+        })
+        .await?;
+    assert_eq!(
+        svc.status.as_ref().and_then(|s| s.observed_generation),
+        Some(1)
+    );
+    assert_eq!(
+        svc.status.as_ref().and_then(|s| s.selector.clone()),
+        Some(format!(
+            "{}=sr,{}={}",
+            labels::SERVICE,
+            labels::ROLE,
+            labels::ROLE_SERVING
+        ))
+    );
+    assert!(
+        env.k8s_services().get_opt("sr").await?.is_some(),
+        "Service sr"
+    );
+
+    // A spec change bumps the generation; status follows it.
+    env.services()
+        .patch(
+            "sr",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({ "spec": { "replicas": 1 } })),
+        )
+        .await?;
+    let svc = env
+        .wait_status("sr", "Ready with 1 ready replica", |s| {
+            is_ready(s) && s.status.as_ref().and_then(|st| st.ready_replicas) == Some(1)
+        })
+        .await?;
+    assert_eq!(
+        svc.status.as_ref().and_then(|s| s.observed_generation),
+        Some(2)
+    );
+    fixtures::wait_pods_ready(
+        &env.client(),
+        &env.ns.name,
+        &serving_selector("sr"),
+        1,
+        TIMEOUT,
+    )
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn manual_edits_of_the_deployment_are_reverted() -> anyhow::Result<()> {
+    let mut env = Env::start("e2e-op-drift").await?;
+    env.create("sr", bicubic(1, 1)).await?;
+    env.wait_status("sr", "Ready", is_ready).await?;
+
+    let deployment = wait_deployment(&env, "sr").await?;
+    let template = deployment
+        .spec
+        .template
+        .spec
+        .as_ref()
+        .context("pod template")?;
+    let container = template.containers[0].name.clone();
+    let image = template.containers[0].image.clone();
+
+    // Someone edits the Deployment by hand: another image, more replicas.
+    env.deployments()
+        .patch(
+            "sr",
+            &PatchParams::default(),
+            &Patch::Strategic(serde_json::json!({
+                "spec": {
+                    "replicas": 3,
+                    "template": { "spec": { "containers": [{ "name": container, "image": "evil/image:1" }] } },
+                },
+            })),
+        )
+        .await?;
+
+    let api = env.deployments();
+    wait::until("Deployment sr reverted", TIMEOUT, || async {
+        let d = api.get("sr").await?;
+        let current_image = d
+            .spec
+            .template
+            .spec
+            .as_ref()
+            .map(|p| p.containers[0].image.clone());
+        let replicas = d.spec.replicas;
+        Ok::<_, kube::Error>(
+            (current_image == Some(image.clone()) && replicas == Some(1)).then_some(()),
+        )
+    })
+    .await?;
+    env.operator.check_running()?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn deleted_children_are_recreated() -> anyhow::Result<()> {
+    let mut env = Env::start("e2e-op-recreate").await?;
+    env.create("sr", bicubic(1, 1)).await?;
+    env.wait_status("sr", "Ready", is_ready).await?;
+
+    let old_deployment = wait_deployment(&env, "sr").await?.metadata.uid;
+    let services = env.k8s_services();
+    let old_service = services.get("sr").await?.metadata.uid;
+
+    env.deployments()
+        .delete("sr", &DeleteParams::default())
+        .await?;
+    services.delete("sr", &DeleteParams::default()).await?;
+
+    let deployments = env.deployments();
+    wait::until("Deployment sr recreated", TIMEOUT, || async {
+        let d = deployments.get_opt("sr").await?;
+        Ok::<_, kube::Error>(d.filter(|d| {
+            d.metadata.uid != old_deployment && d.metadata.deletion_timestamp.is_none()
+        }))
+    })
+    .await?;
+    wait::until("Service sr recreated", TIMEOUT, || async {
+        let s = services.get_opt("sr").await?;
+        Ok::<_, kube::Error>(
+            s.filter(|s| s.metadata.uid != old_service && s.metadata.deletion_timestamp.is_none()),
+        )
+    })
+    .await?;
+    fixtures::wait_pods_ready(
+        &env.client(),
+        &env.ns.name,
+        &serving_selector("sr"),
+        1,
+        TIMEOUT,
+    )
+    .await?;
+    env.wait_status("sr", "Ready again", is_ready).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn deleting_the_hndsrservice_garbage_collects_its_children() -> anyhow::Result<()> {
+    let mut env = Env::start("e2e-op-gc").await?;
+    env.create("sr", bicubic(1, 1)).await?;
+    env.wait_status("sr", "Ready", is_ready).await?;
+    wait_deployment(&env, "sr").await?;
+
+    env.services()
+        .delete("sr", &DeleteParams::default())
+        .await?;
+
+    let deployments = env.deployments();
+    let services = env.k8s_services();
+    let pods: Api<Pod> = Api::namespaced(env.client(), &env.ns.name);
+    let lp = ListParams::default().labels(&format!("{}=sr", labels::SERVICE));
+    wait::until("children of sr garbage-collected", TIMEOUT, || async {
+        let gone = deployments.get_opt("sr").await?.is_none()
+            && services.get_opt("sr").await?.is_none()
+            && pods.list(&lp).await?.items.is_empty();
+        Ok::<_, kube::Error>(gone.then_some(()))
+    })
+    .await?;
+    assert!(env.services().get_opt("sr").await?.is_none());
+    Ok(())
+}
+
+#[tokio::test]
+async fn more_gpus_than_a_node_has_is_reported_as_waiting_for_gpu_capacity() -> anyhow::Result<()> {
+    let mut env = Env::start("e2e-op-nogpu").await?;
+    env.create("big", bicubic(1, 5)).await?;
+    let svc = env
+        .wait_status("big", "a WaitingForGPUCapacity condition", |s| {
+            s.status.as_ref().is_some_and(|st| {
+                st.conditions
+                    .iter()
+                    .any(|c| c.reason == conditions::reasons::WAITING_FOR_GPU_CAPACITY)
+            })
+        })
+        .await?;
+    assert!(
+        !is_ready(&svc),
+        "not Ready without capacity: {:?}",
+        svc.status
+    );
+    Ok(())
+}
