@@ -22,5 +22,7 @@ pub mod process;
 pub mod shared;
 pub mod wait;
 
-pub use cluster::{ControlPlane, ControlPlaneOptions, FakeNodes, GPU_RESOURCE};
+pub use cluster::{
+    ControlPlane, ControlPlaneOptions, FakeNodes, GPU_RESOURCE, client_from_kubeconfig,
+};
 pub use error::{Error, Result};

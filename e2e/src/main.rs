@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
+use hndsr_e2e::process::pid_alive;
 use hndsr_e2e::{ControlPlane, ControlPlaneOptions, FakeNodes};
 
 #[derive(Debug, Parser)]
@@ -222,12 +223,11 @@ fn down(dir: &Path) -> anyhow::Result<()> {
             .status()
     };
     signal("-TERM").context("running kill")?;
-    let proc_dir = Path::new("/proc").join(pid.to_string());
     let deadline = Instant::now() + Duration::from_secs(60);
-    while proc_dir.exists() && Instant::now() < deadline {
+    while pid_alive(pid) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
     }
-    if proc_dir.exists() {
+    if pid_alive(pid) {
         eprintln!("pid {pid} did not stop within 60s; sending SIGKILL (its children die with it)");
         signal("-KILL").context("running kill")?;
     }

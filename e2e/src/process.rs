@@ -174,3 +174,17 @@ pub async fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
         .await
         .ok()?
 }
+
+/// Whether process `pid` exists and is not a zombie (a killed process whose
+/// parent has not reaped it yet counts as gone).
+pub fn pid_alive(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // The state follows the command name, which is in parentheses and may
+    // itself contain spaces or parentheses.
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next());
+    !matches!(state, Some("Z" | "X") | None)
+}

@@ -105,7 +105,10 @@ fn remove_stale_dirs() {
         let Some(pid) = name.to_str().and_then(|n| n.strip_prefix(DIR_PREFIX)) else {
             continue;
         };
-        if pid.parse::<u32>().is_ok() && !Path::new("/proc").join(pid).exists() {
+        if pid
+            .parse::<u32>()
+            .is_ok_and(|pid| !crate::process::pid_alive(pid))
+        {
             let _ = std::fs::remove_dir_all(entry.path());
         }
     }
