@@ -11,7 +11,7 @@
 //! The working directory is `$TMPDIR/hndsr-e2e-<pid>` (logs in `logs/`); those
 //! of test processes that are gone are removed when the next one starts.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
