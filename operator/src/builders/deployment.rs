@@ -1,0 +1,340 @@
+//! Deployment `<name>`: the serving pods.
+
+use std::collections::BTreeMap;
+
+use hndsr_contract::{env, http};
+use hndsr_crds::{EffectiveServing, annotations};
+use k8s_openapi::api::apps::v1::{
+    Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
+};
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, HTTPGetAction,
+    ImageVolumeSource, LifecycleHandler, Lifecycle, LocalObjectReference,
+    PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
+    ResourceRequirements, SeccompProfile, SecurityContext, SleepAction, Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use super::{BuildConfig, Ctx, serving_selector};
+use crate::defaults;
+
+/// Name of the server container.
+pub const SERVER_CONTAINER: &str = "server";
+/// Name of the init container that downloads `weights.uri`.
+pub const FETCH_CONTAINER: &str = "fetch-weights";
+/// Where the weights volume is mounted.
+const WEIGHTS_DIR: &str = "/weights";
+/// Volume name of the weights.
+const WEIGHTS_VOLUME: &str = "weights";
+/// Volume name of the writable /tmp (the root filesystem is read-only).
+const TMP_VOLUME: &str = "tmp";
+/// Size limit of /tmp: decoded images and tiles spill here at most briefly.
+const TMP_SIZE_LIMIT: &str = "1Gi";
+/// UID/GID the server runs as when the image does not say (non-root).
+const RUN_AS_ID: i64 = 65532;
+/// Seconds a pod may take to load and warm the model before it is restarted
+/// (startup probe: period × failure threshold).
+const STARTUP_PERIOD_SECONDS: i32 = 5;
+const STARTUP_FAILURE_THRESHOLD: i32 = 120;
+/// Rollout deadline: node provisioning, image pull and model load can take minutes.
+const PROGRESS_DEADLINE_SECONDS: i32 = 1200;
+const REVISION_HISTORY_LIMIT: i32 = 3;
+
+pub(super) fn build(ctx: &Ctx<'_>, cfg: &BuildConfig) -> Deployment {
+    let spec = &ctx.svc.spec;
+    let serving = defaults::serving(spec);
+    let pod_labels = ctx.serving_labels();
+    let meta = ctx.meta(ctx.serving_labels());
+
+    let (volumes, init_containers) = weights_volumes(ctx, cfg);
+    let res = spec.resources.clone().unwrap_or_default();
+    let pod = PodSpec {
+        automount_service_account_token: Some(false),
+        enable_service_links: Some(false),
+        termination_grace_period_seconds: Some(defaults::termination_grace_seconds(&serving)),
+        security_context: Some(PodSecurityContext {
+            run_as_non_root: Some(true),
+            run_as_user: Some(RUN_AS_ID),
+            run_as_group: Some(RUN_AS_ID),
+            seccomp_profile: Some(runtime_default()),
+            ..PodSecurityContext::default()
+        }),
+        node_selector: res.node_selector.clone(),
+        tolerations: res.tolerations.clone(),
+        affinity: res.affinity.clone(),
+        priority_class_name: res.priority_class_name.clone(),
+        image_pull_secrets: spec.model.image_pull_secrets.as_ref().map(|names| {
+            names
+                .iter()
+                .map(|n| LocalObjectReference { name: n.clone() })
+                .collect()
+        }),
+        init_containers: (!init_containers.is_empty()).then_some(init_containers),
+        containers: vec![server_container(ctx, cfg, &serving)],
+        volumes: Some(volumes),
+        ..PodSpec::default()
+    };
+
+    Deployment {
+        metadata: meta,
+        spec: DeploymentSpec {
+            // Left out whenever an autoscaler owns the count, so neither the
+            // operator nor a GitOps tool fights it.
+            replicas: (!defaults::autoscaling_enabled(spec))
+                .then(|| defaults::static_replicas(spec)),
+            selector: LabelSelector {
+                match_labels: Some(serving_selector(&ctx.name)),
+                ..LabelSelector::default()
+            },
+            // Surge, never drop below the current capacity; a surge pod that
+            // finds no free GPU shows up as WaitingForGPUCapacity.
+            strategy: Some(DeploymentStrategy {
+                type_: Some("RollingUpdate".to_owned()),
+                rolling_update: Some(RollingUpdateDeployment {
+                    max_surge: Some(IntOrString::Int(1)),
+                    max_unavailable: Some(IntOrString::Int(0)),
+                }),
+            }),
+            progress_deadline_seconds: Some(PROGRESS_DEADLINE_SECONDS),
+            revision_history_limit: Some(REVISION_HISTORY_LIMIT),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(pod_labels),
+                    annotations: Some(BTreeMap::from([
+                        (annotations::PROMETHEUS_SCRAPE.to_owned(), "true".to_owned()),
+                        (annotations::PROMETHEUS_PORT.to_owned(), http::PORT.to_string()),
+                        (annotations::PROMETHEUS_PATH.to_owned(), http::METRICS_PATH.to_owned()),
+                    ])),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(pod),
+            },
+            ..DeploymentSpec::default()
+        },
+        status: None,
+    }
+}
+
+fn runtime_default() -> SeccompProfile {
+    SeccompProfile { type_: "RuntimeDefault".to_owned(), localhost_profile: None }
+}
+
+fn restricted_security_context() -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        read_only_root_filesystem: Some(true),
+        run_as_non_root: Some(true),
+        capabilities: Some(Capabilities { drop: Some(vec!["ALL".to_owned()]), add: None }),
+        seccomp_profile: Some(runtime_default()),
+        ..SecurityContext::default()
+    }
+}
+
+fn env_var(name: &str, value: impl Into<String>) -> EnvVar {
+    EnvVar { name: name.to_owned(), value: Some(value.into()), value_from: None }
+}
+
+fn http_probe(path: &str, period: i32, failures: i32, timeout: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.to_owned()),
+            port: IntOrString::String(http::PORT_NAME.to_owned()),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failures),
+        timeout_seconds: Some(timeout),
+        ..Probe::default()
+    }
+}
+
+/// Path of the weights file inside the container.
+fn weights_path(ctx: &Ctx<'_>) -> Option<String> {
+    let w = ctx.svc.spec.model.weights.as_ref()?;
+    let file = if w.uri.is_some() { defaults::WEIGHTS_FILE } else { defaults::weights_file(&ctx.svc.spec) };
+    Some(format!("{WEIGHTS_DIR}/{file}"))
+}
+
+fn server_container(ctx: &Ctx<'_>, cfg: &BuildConfig, serving: &EffectiveServing) -> Container {
+    let spec = &ctx.svc.spec;
+    let mut envs = vec![
+        env_var(env::LISTEN_ADDR, format!("0.0.0.0:{}", http::PORT)),
+        env_var(env::BACKEND, defaults::backend(spec).as_str()),
+        env_var(env::SCALE, defaults::scale(spec).to_string()),
+        env_var(env::DEVICE, defaults::device(spec)),
+        env_var(env::PRECISION, defaults::precision(spec).as_str()),
+    ];
+    if let Some(steps) = spec.model.sampling_steps {
+        envs.push(env_var(env::SAMPLING_STEPS, steps.to_string()));
+    }
+    if let (Some(path), Some(w)) = (weights_path(ctx), spec.model.weights.as_ref()) {
+        envs.push(env_var(env::WEIGHTS_PATH, path));
+        envs.push(env_var(env::WEIGHTS_SHA256, w.sha256.clone()));
+    }
+    envs.extend([
+        env_var(env::MAX_CONCURRENT, serving.max_concurrent.to_string()),
+        env_var(env::MAX_QUEUE_DEPTH, serving.max_queue_depth.to_string()),
+        env_var(env::REQUEST_TIMEOUT_S, serving.request_timeout_seconds.to_string()),
+        env_var(env::RATE_LIMIT_PER_HOUR, serving.rate_limit_per_hour.to_string()),
+        env_var(env::MAX_IMAGE_PIXELS, serving.max_image_pixels.to_string()),
+        env_var(env::MAX_PAYLOAD_MB, serving.max_payload_mb.to_string()),
+        env_var(env::DRAIN_SECONDS, serving.drain_seconds.to_string()),
+        env_var(env::LOG_JSON, cfg.log_json.to_string()),
+    ]);
+
+    let mut mounts = vec![VolumeMount {
+        name: TMP_VOLUME.to_owned(),
+        mount_path: "/tmp".to_owned(),
+        ..VolumeMount::default()
+    }];
+    if spec.model.weights.is_some() {
+        mounts.push(VolumeMount {
+            name: WEIGHTS_VOLUME.to_owned(),
+            mount_path: WEIGHTS_DIR.to_owned(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        });
+    }
+
+    Container {
+        name: SERVER_CONTAINER.to_owned(),
+        image: Some(spec.model.image.clone()),
+        image_pull_policy: defaults::image_pull_policy(spec).map(|p| p.as_str().to_owned()),
+        env: Some(envs),
+        ports: Some(vec![ContainerPort {
+            name: Some(http::PORT_NAME.to_owned()),
+            container_port: i32::from(http::PORT),
+            protocol: Some("TCP".to_owned()),
+            ..ContainerPort::default()
+        }]),
+        resources: Some(resources(ctx)),
+        // Ready only once the model is loaded and warmed up; the startup
+        // probe gives loading its time before liveness counts.
+        startup_probe: Some(http_probe(
+            http::READYZ_PATH,
+            STARTUP_PERIOD_SECONDS,
+            STARTUP_FAILURE_THRESHOLD,
+            2,
+        )),
+        readiness_probe: Some(http_probe(http::READYZ_PATH, 5, 2, 2)),
+        liveness_probe: Some(http_probe(http::HEALTHZ_PATH, 10, 3, 5)),
+        // Keep serving while endpoints controllers and proxies drop the pod;
+        // the server then drains on SIGTERM for drainSeconds.
+        lifecycle: Some(Lifecycle {
+            pre_stop: Some(LifecycleHandler {
+                sleep: Some(SleepAction { seconds: i64::from(defaults::PRE_STOP_SLEEP_SECONDS) }),
+                ..LifecycleHandler::default()
+            }),
+            ..Lifecycle::default()
+        }),
+        security_context: Some(restricted_security_context()),
+        volume_mounts: Some(mounts),
+        termination_message_policy: Some("FallbackToLogsOnError".to_owned()),
+        ..Container::default()
+    }
+}
+
+/// Requests and limits: GPUs as both, CPU/memory from the spec or the
+/// defaults for GPU or CPU serving. No CPU limit unless asked (throttling
+/// hurts latency more than it protects neighbours).
+fn resources(ctx: &Ctx<'_>) -> ResourceRequirements {
+    let spec = &ctx.svc.spec;
+    let gpu = defaults::gpu(spec);
+    let res = spec.resources.clone().unwrap_or_default();
+    let (cpu_req, mem_req, mem_lim) = if gpu > 0 {
+        (
+            defaults::GPU_POD_CPU_REQUEST,
+            defaults::GPU_POD_MEMORY_REQUEST,
+            defaults::GPU_POD_MEMORY_LIMIT,
+        )
+    } else {
+        (
+            defaults::CPU_POD_CPU_REQUEST,
+            defaults::CPU_POD_MEMORY_REQUEST,
+            defaults::CPU_POD_MEMORY_LIMIT,
+        )
+    };
+    let cpu = res.cpu.unwrap_or_default();
+    let mem = res.memory.unwrap_or_default();
+    let q = |s: &str| Quantity(s.to_owned());
+
+    let mut requests = BTreeMap::new();
+    let mut limits = BTreeMap::new();
+    requests.insert("cpu".to_owned(), cpu.request.unwrap_or_else(|| q(cpu_req)));
+    if let Some(l) = cpu.limit {
+        limits.insert("cpu".to_owned(), l);
+    }
+    requests.insert("memory".to_owned(), mem.request.unwrap_or_else(|| q(mem_req)));
+    limits.insert("memory".to_owned(), mem.limit.unwrap_or_else(|| q(mem_lim)));
+    if gpu > 0 {
+        let name = defaults::gpu_resource_name(spec).to_owned();
+        requests.insert(name.clone(), Quantity(gpu.to_string()));
+        limits.insert(name, Quantity(gpu.to_string()));
+    }
+    ResourceRequirements { requests: Some(requests), limits: Some(limits), ..ResourceRequirements::default() }
+}
+
+/// The /tmp and weights volumes, and the init container for `weights.uri`.
+fn weights_volumes(ctx: &Ctx<'_>, cfg: &BuildConfig) -> (Vec<Volume>, Vec<Container>) {
+    let mut volumes = vec![Volume {
+        name: TMP_VOLUME.to_owned(),
+        empty_dir: Some(EmptyDirVolumeSource {
+            size_limit: Some(Quantity(TMP_SIZE_LIMIT.to_owned())),
+            ..EmptyDirVolumeSource::default()
+        }),
+        ..Volume::default()
+    }];
+    let mut init = Vec::new();
+    let Some(w) = ctx.svc.spec.model.weights.as_ref() else { return (volumes, init) };
+    let mut vol = Volume { name: WEIGHTS_VOLUME.to_owned(), ..Volume::default() };
+    if let Some(pvc) = &w.pvc {
+        vol.persistent_volume_claim = Some(PersistentVolumeClaimVolumeSource {
+            claim_name: pvc.claim_name.clone(),
+            read_only: Some(true),
+        });
+    } else if let Some(image) = &w.image {
+        vol.image = Some(ImageVolumeSource {
+            reference: Some(image.reference.clone()),
+            pull_policy: image.pull_policy.map(|p| p.as_str().to_owned()),
+        });
+    } else if let Some(uri) = &w.uri {
+        vol.empty_dir = Some(EmptyDirVolumeSource::default());
+        let target = format!("{WEIGHTS_DIR}/{}", defaults::WEIGHTS_FILE);
+        // Download to a temporary name and verify before the final rename, so
+        // a restarted init container never sees a half-written file.
+        let script = "set -eu; \
+             wget -q -O \"$TARGET.part\" \"$WEIGHTS_URI\"; \
+             echo \"$WEIGHTS_SHA256  $TARGET.part\" | sha256sum -c -; \
+             mv \"$TARGET.part\" \"$TARGET\"";
+        init.push(Container {
+            name: FETCH_CONTAINER.to_owned(),
+            image: Some(cfg.fetcher_image.clone()),
+            command: Some(vec!["sh".to_owned(), "-c".to_owned(), script.to_owned()]),
+            env: Some(vec![
+                env_var("WEIGHTS_URI", uri.clone()),
+                env_var("WEIGHTS_SHA256", w.sha256.clone()),
+                env_var("TARGET", target),
+            ]),
+            resources: Some(ResourceRequirements {
+                requests: Some(BTreeMap::from([
+                    ("cpu".to_owned(), Quantity("100m".to_owned())),
+                    ("memory".to_owned(), Quantity("64Mi".to_owned())),
+                ])),
+                limits: Some(BTreeMap::from([("memory".to_owned(), Quantity("256Mi".to_owned()))])),
+                ..ResourceRequirements::default()
+            }),
+            security_context: Some(restricted_security_context()),
+            volume_mounts: Some(vec![VolumeMount {
+                name: WEIGHTS_VOLUME.to_owned(),
+                mount_path: WEIGHTS_DIR.to_owned(),
+                ..VolumeMount::default()
+            }]),
+            termination_message_policy: Some("FallbackToLogsOnError".to_owned()),
+            ..Container::default()
+        });
+    }
+    volumes.push(vol);
+    (volumes, init)
+}

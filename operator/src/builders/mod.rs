@@ -1,0 +1,169 @@
+//! Pure builders: an `HndsrService` in, the desired child objects out.
+//!
+//! Nothing here touches the network; the controller applies what
+//! [`desired`] returns with server-side apply under
+//! [`hndsr_crds::FIELD_MANAGER`]. Every child carries the same labels, a
+//! controller owner reference to the `HndsrService`, and is named after it.
+//! The golden tests in `operator/tests/builders.rs` pin the output.
+
+mod deployment;
+mod hpa;
+mod pdb;
+mod service;
+
+use std::collections::BTreeMap;
+
+use hndsr_crds::{AutoscalingProvider, HndsrService, labels};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use kube::Resource as _;
+
+use crate::defaults;
+pub use crate::validate::{InvalidSpec, Problem};
+
+/// Operator-wide settings the builders need (not part of any spec).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuildConfig {
+    /// Image of the init container that downloads `weights.uri` (needs `sh`,
+    /// `wget` and `sha256sum`, e.g. a busybox image).
+    pub fetcher_image: String,
+    /// Cluster DNS domain used in `status.endpoint`.
+    pub cluster_domain: String,
+    /// Whether the server logs JSON.
+    pub log_json: bool,
+}
+
+impl Default for BuildConfig {
+    fn default() -> Self {
+        Self {
+            fetcher_image: "busybox:1.37".to_owned(),
+            cluster_domain: "cluster.local".to_owned(),
+            log_json: true,
+        }
+    }
+}
+
+/// The objects one `HndsrService` wants to exist.
+///
+/// `#[non_exhaustive]`: the standby Deployment (prewarm) and a KEDA
+/// ScaledObject are added later without breaking callers.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct Children {
+    /// Deployment `<name>`: the serving pods.
+    pub deployment: Deployment,
+    /// Service `<name>`: selects serving pods only.
+    pub service: Service,
+    /// HorizontalPodAutoscaler `<name>`; `None` when autoscaling is off or
+    /// the provider is `keda` (not reconciled yet; status says so).
+    pub hpa: Option<HorizontalPodAutoscaler>,
+    /// PodDisruptionBudget `<name>`; `None` when `disruption.enabled` is false.
+    pub pdb: Option<PodDisruptionBudget>,
+    /// In-cluster URL of the Service (`status.endpoint`).
+    pub endpoint: String,
+}
+
+/// Builds the desired children of `svc`, or says why the spec is invalid.
+pub fn desired(svc: &HndsrService, cfg: &BuildConfig) -> Result<Children, InvalidSpec> {
+    crate::validate::validate(svc)?;
+    let ctx = Ctx::new(svc)?;
+    let deployment = deployment::build(&ctx, cfg);
+    let service = service::build(&ctx);
+    let hpa = match defaults::provider(&svc.spec) {
+        Some(AutoscalingProvider::Hpa) => Some(hpa::build(&ctx)),
+        Some(AutoscalingProvider::Keda) | None => None,
+    };
+    let pdb = defaults::pdb_enabled(&svc.spec).then(|| pdb::build(&ctx));
+    let endpoint = endpoint(&ctx.name, &ctx.namespace, cfg);
+    Ok(Children { deployment, service, hpa, pdb, endpoint })
+}
+
+/// Labels every child carries.
+pub fn common_labels(name: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (labels::NAME.to_owned(), labels::APP_NAME.to_owned()),
+        (labels::INSTANCE.to_owned(), name.to_owned()),
+        (labels::COMPONENT.to_owned(), labels::COMPONENT_SERVER.to_owned()),
+        (labels::MANAGED_BY.to_owned(), hndsr_crds::FIELD_MANAGER.to_owned()),
+        (labels::PART_OF.to_owned(), labels::APP_NAME.to_owned()),
+        (labels::SERVICE.to_owned(), name.to_owned()),
+    ])
+}
+
+/// Selector of the serving pods of `name` (Deployment, Service, PDB).
+pub fn serving_selector(name: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (labels::SERVICE.to_owned(), name.to_owned()),
+        (labels::ROLE.to_owned(), labels::ROLE_SERVING.to_owned()),
+    ])
+}
+
+/// The serving selector as a label-selector string (`status.selector`).
+pub fn serving_selector_string(name: &str) -> String {
+    serving_selector(name)
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// In-cluster URL of the service.
+pub fn endpoint(name: &str, namespace: &str, cfg: &BuildConfig) -> String {
+    format!("http://{name}.{namespace}.svc.{}", cfg.cluster_domain)
+}
+
+/// What every builder needs, resolved once.
+struct Ctx<'a> {
+    svc: &'a HndsrService,
+    name: String,
+    namespace: String,
+    owner: OwnerReference,
+}
+
+impl<'a> Ctx<'a> {
+    fn new(svc: &'a HndsrService) -> Result<Self, InvalidSpec> {
+        let name = svc
+            .metadata
+            .name
+            .clone()
+            .ok_or_else(|| InvalidSpec::one("metadata.name", "is missing"))?;
+        let namespace = svc
+            .metadata
+            .namespace
+            .clone()
+            .ok_or_else(|| InvalidSpec::one("metadata.namespace", "is missing"))?;
+        let uid = svc.metadata.uid.clone().ok_or_else(|| {
+            InvalidSpec::one("metadata.uid", "is missing (the object was not read from the API server)")
+        })?;
+        let owner = OwnerReference {
+            api_version: HndsrService::api_version(&()).into_owned(),
+            kind: HndsrService::kind(&()).into_owned(),
+            name: name.clone(),
+            uid,
+            controller: Some(true),
+            block_owner_deletion: Some(true),
+        };
+        Ok(Self { svc, name, namespace, owner })
+    }
+
+    /// Metadata of a child named after the service.
+    fn meta(&self, labels: BTreeMap<String, String>) -> ObjectMeta {
+        ObjectMeta {
+            name: Some(self.name.clone()),
+            namespace: Some(self.namespace.clone()),
+            labels: Some(labels),
+            owner_references: Some(vec![self.owner.clone()]),
+            ..ObjectMeta::default()
+        }
+    }
+
+    /// Common labels plus the serving role.
+    fn serving_labels(&self) -> BTreeMap<String, String> {
+        let mut l = common_labels(&self.name);
+        l.insert(labels::ROLE.to_owned(), labels::ROLE_SERVING.to_owned());
+        l
+    }
+}

@@ -1,0 +1,660 @@
+//! Pure status computation: from the spec, the build result and the
+//! observed children to `HndsrServiceStatus` with `Ready`, `Progressing`
+//! and `Degraded` conditions.
+//!
+//! [`compute`] is deterministic, and a condition keeps its
+//! `lastTransitionTime` while its status does not change, so for an
+//! unchanged world it returns exactly the previous status and the
+//! controller can skip the write (zero API writes in steady state).
+
+use hndsr_crds::conditions::{self, reasons};
+use hndsr_crds::{AutoscalingProvider, HndsrService, HndsrServiceStatus};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+use crate::builders::{Children, InvalidSpec, serving_selector_string};
+use crate::defaults;
+
+/// The children as read from the API server (or a cache).
+#[derive(Debug, Clone, Default)]
+pub struct Observed {
+    /// Deployment `<name>`, if it exists.
+    pub deployment: Option<Deployment>,
+    /// HorizontalPodAutoscaler `<name>`, if it exists.
+    pub hpa: Option<HorizontalPodAutoscaler>,
+    /// The serving pods (selected by the serving selector).
+    pub pods: Vec<Pod>,
+}
+
+/// Container waiting reasons that mean "this will not fix itself soon".
+const FAILING_WAIT_REASONS: &[&str] = &[
+    "CrashLoopBackOff",
+    "ImagePullBackOff",
+    "ErrImagePull",
+    "InvalidImageName",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+];
+
+/// What the pods say, counted once.
+#[derive(Debug, Default)]
+struct PodSummary {
+    /// Unschedulable for lack of the GPU resource.
+    gpu_pending: usize,
+    /// Unschedulable for another reason; first scheduler message.
+    unschedulable: usize,
+    unschedulable_msg: Option<String>,
+    /// Crash-looping or failing to pull; first `pod: reason` seen.
+    failing: usize,
+    failing_msg: Option<String>,
+    /// Scheduled, not failing, not ready: loading or warming up the model.
+    loading: usize,
+}
+
+fn summarize(pods: &[Pod], gpu_resource: &str) -> PodSummary {
+    let mut s = PodSummary::default();
+    let needle = format!("Insufficient {gpu_resource}");
+    for pod in pods.iter().filter(|p| p.metadata.deletion_timestamp.is_none()) {
+        let name = pod.metadata.name.as_deref().unwrap_or("");
+        let Some(status) = pod.status.as_ref() else { continue };
+        let conds = status.conditions.as_deref().unwrap_or_default();
+        let unsched = conds.iter().find(|c| {
+            c.type_ == "PodScheduled"
+                && c.status == "False"
+                && c.reason.as_deref() == Some("Unschedulable")
+        });
+        if let Some(c) = unsched {
+            let msg = c.message.as_deref().unwrap_or("");
+            if msg.contains(&needle) {
+                s.gpu_pending += 1;
+            } else {
+                s.unschedulable += 1;
+                s.unschedulable_msg.get_or_insert_with(|| msg.to_owned());
+            }
+            continue;
+        }
+        let waiting = status
+            .init_container_statuses
+            .iter()
+            .flatten()
+            .chain(status.container_statuses.iter().flatten())
+            .filter_map(|cs| cs.state.as_ref()?.waiting.as_ref()?.reason.as_deref())
+            .find(|r| FAILING_WAIT_REASONS.contains(r));
+        if let Some(reason) = waiting {
+            s.failing += 1;
+            s.failing_msg.get_or_insert_with(|| format!("pod {name}: {reason}"));
+            continue;
+        }
+        let ready = conds.iter().any(|c| c.type_ == "Ready" && c.status == "True");
+        let scheduled = conds.iter().any(|c| c.type_ == "PodScheduled" && c.status == "True");
+        if scheduled && !ready {
+            s.loading += 1;
+        }
+    }
+    s
+}
+
+/// A condition before timestamps are settled.
+struct Cond {
+    type_: &'static str,
+    status: bool,
+    reason: &'static str,
+    message: String,
+}
+
+fn cond(type_: &'static str, status: bool, reason: &'static str, message: impl Into<String>) -> Cond {
+    Cond { type_, status, reason, message: message.into() }
+}
+
+/// Whether the HPA says it wants more than `maxReplicas`.
+fn scaling_limited(hpa: &HorizontalPodAutoscaler) -> bool {
+    let Some(status) = hpa.status.as_ref() else { return false };
+    let max = hpa.spec.max_replicas;
+    let by_condition = status.conditions.iter().flatten().any(|c| {
+        c.type_ == "ScalingLimited" && c.status == "True" && c.reason.as_deref() == Some("TooManyReplicas")
+    });
+    by_condition || status.desired_replicas > max
+}
+
+/// Computes the status of `svc`.
+///
+/// `desired` is the result of [`crate::builders::desired`]; `now` stamps
+/// conditions whose status changed since `svc.status`.
+pub fn compute(
+    svc: &HndsrService,
+    desired: Result<&Children, &InvalidSpec>,
+    observed: &Observed,
+    now: jiff::Timestamp,
+) -> HndsrServiceStatus {
+    let spec = &svc.spec;
+    let prev = svc.status.clone().unwrap_or_default();
+    let name = svc.metadata.name.as_deref().unwrap_or("");
+    let dep_status = observed.deployment.as_ref().and_then(|d| d.status.clone()).unwrap_or_default();
+    let replicas = dep_status.replicas.unwrap_or(0);
+    let ready = dep_status.ready_replicas.unwrap_or(0);
+    let updated = dep_status.updated_replicas.unwrap_or(0);
+
+    let mut status = HndsrServiceStatus {
+        observed_generation: svc.metadata.generation,
+        conditions: Vec::new(),
+        replicas: Some(replicas),
+        ready_replicas: Some(ready),
+        updated_replicas: Some(updated),
+        standby_replicas: Some(0),
+        desired_replicas: prev.desired_replicas,
+        endpoint: prev.endpoint.clone(),
+        selector: Some(serving_selector_string(name)),
+        serving: prev.serving.clone(),
+        autoscaling: prev.autoscaling.clone(),
+    };
+
+    let conds = match desired {
+        Err(invalid) => {
+            let msg = format!("invalid spec, nothing changed until it is fixed: {invalid}");
+            vec![
+                cond(conditions::READY, false, reasons::INVALID_SPEC, msg.clone()),
+                cond(conditions::PROGRESSING, false, reasons::INVALID_SPEC, msg.clone()),
+                cond(conditions::DEGRADED, true, reasons::INVALID_SPEC, msg),
+            ]
+        }
+        Ok(children) => {
+            status.endpoint = Some(children.endpoint.clone());
+            status.serving = Some(defaults::serving(spec));
+            status.autoscaling = defaults::autoscaling(spec);
+            let want = want_replicas(svc, observed);
+            status.desired_replicas = Some(want);
+            let pods = summarize(&observed.pods, defaults::gpu_resource_name(spec));
+            conditions_for(svc, observed, &pods, want, ready, replicas, updated)
+        }
+    };
+
+    status.conditions = conds
+        .into_iter()
+        .map(|c| {
+            let status_str = if c.status { "True" } else { "False" };
+            let last = prev
+                .conditions
+                .iter()
+                .find(|p| p.type_ == c.type_ && p.status == status_str)
+                .map_or_else(|| Time(now), |p| p.last_transition_time.clone());
+            Condition {
+                type_: c.type_.to_owned(),
+                status: status_str.to_owned(),
+                reason: c.reason.to_owned(),
+                message: c.message,
+                observed_generation: svc.metadata.generation,
+                last_transition_time: last,
+            }
+        })
+        .collect();
+    status
+}
+
+/// Serving replicas wanted now: the HPA's decision, else the Deployment's
+/// spec, else the static count.
+fn want_replicas(svc: &HndsrService, observed: &Observed) -> i32 {
+    let spec = &svc.spec;
+    if defaults::autoscaling_enabled(spec) {
+        if let Some(d) = observed.hpa.as_ref().and_then(|h| h.status.as_ref()).map(|s| s.desired_replicas)
+        {
+            return d;
+        }
+        if let Some(r) = observed.deployment.as_ref().and_then(|d| d.spec.replicas) {
+            return r;
+        }
+        return defaults::autoscaling(spec).map_or(defaults::MIN_REPLICAS, |a| a.min_replicas);
+    }
+    defaults::static_replicas(spec)
+}
+
+fn conditions_for(
+    svc: &HndsrService,
+    observed: &Observed,
+    pods: &PodSummary,
+    want: i32,
+    ready: i32,
+    replicas: i32,
+    updated: i32,
+) -> Vec<Cond> {
+    let spec = &svc.spec;
+    let gpu_name = defaults::gpu_resource_name(spec);
+    let dep = observed.deployment.as_ref();
+    let dep_lagging = dep.is_some_and(|d| {
+        let generation = d.metadata.generation.unwrap_or(0);
+        let seen = d.status.as_ref().and_then(|s| s.observed_generation).unwrap_or(0);
+        seen < generation
+    });
+    let deadline_exceeded = dep
+        .and_then(|d| d.status.as_ref()?.conditions.as_ref())
+        .is_some_and(|cs| {
+            cs.iter().any(|c| {
+                c.type_.as_deref() == Some("Progressing")
+                    && c.status.as_deref() == Some("False")
+                    && c.reason.as_deref() == Some("ProgressDeadlineExceeded")
+            })
+        });
+    let rolling = dep_lagging || updated < want || replicas > updated;
+    let converged = dep.is_some() && !rolling && ready >= want && replicas == want;
+    let limited = observed.hpa.as_ref().is_some_and(scaling_limited);
+    let keda = defaults::provider(spec) == Some(AutoscalingProvider::Keda);
+
+    let gpu_msg = || {
+        format!(
+            "{} pod(s) pending: no node has a free {gpu_name}; add GPU nodes or lower resources.gpu",
+            pods.gpu_pending
+        )
+    };
+    let unsched_msg = || {
+        format!(
+            "{} pod(s) cannot be scheduled: {}",
+            pods.unschedulable,
+            pods.unschedulable_msg.as_deref().unwrap_or("")
+        )
+    };
+    let failing_msg = || {
+        format!(
+            "{} pod(s) failing ({}); see the pod's events and logs",
+            pods.failing,
+            pods.failing_msg.as_deref().unwrap_or("")
+        )
+    };
+    let loading_msg = || format!("{} pod(s) loading and warming up the model", pods.loading);
+
+    // Ready: does the Service have somewhere to send requests?
+    let ready_cond = if want == 0 && ready == 0 {
+        cond(conditions::READY, false, reasons::SCALED_TO_ZERO, "scaled to zero serving pods")
+    } else if ready >= want.max(1) {
+        cond(conditions::READY, true, reasons::AVAILABLE, format!("{ready}/{want} serving pods ready"))
+    } else if ready > 0 {
+        cond(
+            conditions::READY,
+            true,
+            reasons::PARTIALLY_AVAILABLE,
+            format!("{ready}/{want} serving pods ready"),
+        )
+    } else if dep.is_none() {
+        cond(conditions::READY, false, reasons::CREATING, "creating the Deployment")
+    } else if pods.gpu_pending > 0 {
+        cond(conditions::READY, false, reasons::WAITING_FOR_GPU_CAPACITY, gpu_msg())
+    } else if pods.unschedulable > 0 {
+        cond(conditions::READY, false, reasons::UNSCHEDULABLE, unsched_msg())
+    } else if pods.failing > 0 {
+        cond(conditions::READY, false, reasons::POD_FAILING, failing_msg())
+    } else if pods.loading > 0 {
+        cond(conditions::READY, false, reasons::LOADING_MODEL, loading_msg())
+    } else {
+        cond(conditions::READY, false, reasons::UNAVAILABLE, format!("0/{want} serving pods ready"))
+    };
+
+    // Progressing: is capacity or a new template on its way?
+    let progressing = if converged {
+        cond(conditions::PROGRESSING, false, reasons::RECONCILED, "observed state matches the spec")
+    } else if dep.is_none() {
+        cond(conditions::PROGRESSING, true, reasons::CREATING, "creating the Deployment")
+    } else if pods.gpu_pending > 0 {
+        cond(conditions::PROGRESSING, true, reasons::WAITING_FOR_GPU_CAPACITY, gpu_msg())
+    } else if rolling {
+        cond(
+            conditions::PROGRESSING,
+            true,
+            reasons::ROLLING_OUT,
+            format!("{updated}/{want} pods updated, {replicas} running"),
+        )
+    } else if pods.loading > 0 {
+        cond(conditions::PROGRESSING, true, reasons::LOADING_MODEL, loading_msg())
+    } else {
+        cond(
+            conditions::PROGRESSING,
+            true,
+            reasons::ROLLING_OUT,
+            format!("scaling to {want} serving pods, {ready} ready"),
+        )
+    };
+
+    // Degraded: does a human need to act?
+    let down = want > 0 && ready == 0;
+    let degraded = if pods.failing > 0 {
+        cond(conditions::DEGRADED, true, reasons::POD_FAILING, failing_msg())
+    } else if down && pods.gpu_pending > 0 {
+        cond(conditions::DEGRADED, true, reasons::WAITING_FOR_GPU_CAPACITY, gpu_msg())
+    } else if down && pods.unschedulable > 0 {
+        cond(conditions::DEGRADED, true, reasons::UNSCHEDULABLE, unsched_msg())
+    } else if deadline_exceeded {
+        cond(
+            conditions::DEGRADED,
+            true,
+            reasons::ROLLING_OUT,
+            "the rollout exceeded its progress deadline; check the new pods",
+        )
+    } else if limited {
+        cond(
+            conditions::DEGRADED,
+            true,
+            reasons::SCALING_LIMITED,
+            "load needs more than autoscaling.maxReplicas pods; raise maxReplicas or expect 503s",
+        )
+    } else if keda {
+        cond(
+            conditions::DEGRADED,
+            true,
+            reasons::AUTOSCALER_NOT_SUPPORTED,
+            "provider keda is not reconciled yet: no autoscaler was created; use provider hpa",
+        )
+    } else {
+        cond(conditions::DEGRADED, false, reasons::HEALTHY, "no problem detected")
+    };
+
+    vec![ready_cond, progressing, degraded]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::builders::{BuildConfig, desired};
+    use hndsr_crds::conditions::{DEGRADED, PROGRESSING, READY};
+    use k8s_openapi::api::apps::v1::{DeploymentSpec, DeploymentStatus};
+    use k8s_openapi::api::autoscaling::v2::{
+        HorizontalPodAutoscalerCondition, HorizontalPodAutoscalerSpec,
+        HorizontalPodAutoscalerStatus,
+    };
+    use k8s_openapi::api::core::v1::{PodCondition, PodStatus};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+    fn svc(extra: &str) -> HndsrService {
+        let y = format!(
+            "apiVersion: hndsr.io/v1alpha1\nkind: HndsrService\nmetadata:\n  name: sr\n  namespace: ml\n  uid: u1\n  generation: 3\nspec:\n  model:\n    image: img\n    backend: bicubic\n{extra}"
+        );
+        serde_yaml::from_str(&y).unwrap()
+    }
+
+    fn t(s: i64) -> jiff::Timestamp {
+        jiff::Timestamp::from_second(s).unwrap()
+    }
+
+    fn deployment(want: i32, replicas: i32, updated: i32, ready: i32) -> Deployment {
+        Deployment {
+            metadata: ObjectMeta { generation: Some(2), ..ObjectMeta::default() },
+            spec: DeploymentSpec { replicas: Some(want), ..DeploymentSpec::default() },
+            status: Some(DeploymentStatus {
+                observed_generation: Some(2),
+                replicas: Some(replicas),
+                updated_replicas: Some(updated),
+                ready_replicas: Some(ready),
+                ..DeploymentStatus::default()
+            }),
+        }
+    }
+
+    fn pod(name: &str, conds: &[(&str, &str, Option<&str>, Option<&str>)]) -> Pod {
+        Pod {
+            metadata: ObjectMeta { name: Some(name.to_owned()), ..ObjectMeta::default() },
+            spec: None,
+            status: Some(PodStatus {
+                conditions: Some(
+                    conds
+                        .iter()
+                        .map(|(ty, st, reason, msg)| PodCondition {
+                            type_: (*ty).to_owned(),
+                            status: (*st).to_owned(),
+                            reason: reason.map(str::to_owned),
+                            message: msg.map(str::to_owned),
+                            ..PodCondition::default()
+                        })
+                        .collect(),
+                ),
+                ..PodStatus::default()
+            }),
+        }
+    }
+
+    fn gpu_pending(name: &str) -> Pod {
+        pod(
+            name,
+            &[(
+                "PodScheduled",
+                "False",
+                Some("Unschedulable"),
+                Some("0/3 nodes are available: 3 Insufficient nvidia.com/gpu."),
+            )],
+        )
+    }
+
+    fn loading(name: &str) -> Pod {
+        pod(name, &[("PodScheduled", "True", None, None), ("Ready", "False", None, None)])
+    }
+
+    fn run(s: &HndsrService, observed: &Observed, now: i64) -> HndsrServiceStatus {
+        let d = desired(s, &BuildConfig::default());
+        compute(s, d.as_ref(), observed, t(now))
+    }
+
+    fn get<'a>(st: &'a HndsrServiceStatus, ty: &str) -> &'a Condition {
+        st.conditions.iter().find(|c| c.type_ == ty).unwrap()
+    }
+
+    fn summary(st: &HndsrServiceStatus) -> Vec<(String, String, String)> {
+        st.conditions
+            .iter()
+            .map(|c| (c.type_.clone(), c.status.clone(), c.reason.clone()))
+            .collect()
+    }
+
+    fn s3(a: &str, b: &str, c: &str) -> (String, String, String) {
+        (a.to_owned(), b.to_owned(), c.to_owned())
+    }
+
+    #[test]
+    fn no_deployment_yet_is_creating() {
+        let s = svc("");
+        let st = run(&s, &Observed::default(), 10);
+        assert_eq!(
+            summary(&st),
+            [
+                s3(READY, "False", reasons::CREATING),
+                s3(PROGRESSING, "True", reasons::CREATING),
+                s3(DEGRADED, "False", reasons::HEALTHY),
+            ]
+        );
+        assert_eq!(st.observed_generation, Some(3));
+        assert_eq!(st.endpoint.as_deref(), Some("http://sr.ml.svc.cluster.local"));
+        assert_eq!(st.selector.as_deref(), Some("hndsr.io/role=serving,hndsr.io/service=sr"));
+        assert_eq!(st.serving.as_ref().unwrap().max_concurrent, 4);
+        assert!(st.conditions.iter().all(|c| c.observed_generation == Some(3)));
+    }
+
+    #[test]
+    fn gpu_shortage_is_reported() {
+        let s = svc("");
+        let obs = Observed {
+            deployment: Some(deployment(1, 1, 1, 0)),
+            pods: vec![gpu_pending("sr-a")],
+            ..Observed::default()
+        };
+        let st = run(&s, &obs, 10);
+        assert_eq!(
+            summary(&st),
+            [
+                s3(READY, "False", reasons::WAITING_FOR_GPU_CAPACITY),
+                s3(PROGRESSING, "True", reasons::WAITING_FOR_GPU_CAPACITY),
+                s3(DEGRADED, "True", reasons::WAITING_FOR_GPU_CAPACITY),
+            ]
+        );
+        assert!(get(&st, READY).message.contains("nvidia.com/gpu"));
+    }
+
+    #[test]
+    fn other_unschedulable_is_not_gpu() {
+        let s = svc("");
+        let p = pod(
+            "sr-a",
+            &[("PodScheduled", "False", Some("Unschedulable"), Some("node(s) didn't match node selector"))],
+        );
+        let obs = Observed {
+            deployment: Some(deployment(1, 1, 1, 0)),
+            pods: vec![p],
+            ..Observed::default()
+        };
+        let st = run(&s, &obs, 10);
+        assert_eq!(get(&st, READY).reason, reasons::UNSCHEDULABLE);
+        assert_eq!(get(&st, DEGRADED).reason, reasons::UNSCHEDULABLE);
+    }
+
+    #[test]
+    fn loading_then_ready_keeps_transition_times_stable() {
+        let mut s = svc("");
+        let obs = Observed {
+            deployment: Some(deployment(1, 1, 1, 0)),
+            pods: vec![loading("sr-a")],
+            ..Observed::default()
+        };
+        let st1 = run(&s, &obs, 10);
+        assert_eq!(get(&st1, READY).reason, reasons::LOADING_MODEL);
+        assert_eq!(get(&st1, PROGRESSING).reason, reasons::LOADING_MODEL);
+        s.status = Some(st1.clone());
+
+        // Same world later: identical status, so no write.
+        let again = run(&s, &obs, 20);
+        assert_eq!(again, st1);
+
+        // Pod becomes ready: Ready flips and gets a new time; Degraded keeps its own.
+        let obs = Observed { deployment: Some(deployment(1, 1, 1, 1)), ..Observed::default() };
+        let st2 = run(&s, &obs, 30);
+        assert_eq!(
+            summary(&st2),
+            [
+                s3(READY, "True", reasons::AVAILABLE),
+                s3(PROGRESSING, "False", reasons::RECONCILED),
+                s3(DEGRADED, "False", reasons::HEALTHY),
+            ]
+        );
+        assert_eq!(get(&st2, READY).last_transition_time, Time(t(30)));
+        assert_eq!(get(&st2, DEGRADED).last_transition_time, Time(t(10)));
+        s.status = Some(st2.clone());
+        assert_eq!(run(&s, &obs, 40), st2);
+    }
+
+    #[test]
+    fn rollout_in_progress() {
+        let s = svc("  replicas: 2\n");
+        let mut dep = deployment(2, 3, 1, 2);
+        dep.metadata.generation = Some(3);
+        let obs = Observed { deployment: Some(dep), ..Observed::default() };
+        let st = run(&s, &obs, 10);
+        assert_eq!(
+            summary(&st),
+            [
+                s3(READY, "True", reasons::AVAILABLE),
+                s3(PROGRESSING, "True", reasons::ROLLING_OUT),
+                s3(DEGRADED, "False", reasons::HEALTHY),
+            ]
+        );
+    }
+
+    #[test]
+    fn partially_available_while_scaling() {
+        let s = svc("  replicas: 3\n");
+        let obs = Observed {
+            deployment: Some(deployment(3, 3, 3, 1)),
+            pods: vec![loading("b"), loading("c")],
+            ..Observed::default()
+        };
+        let st = run(&s, &obs, 10);
+        assert_eq!(get(&st, READY).reason, reasons::PARTIALLY_AVAILABLE);
+        assert_eq!(get(&st, READY).status, "True");
+        assert_eq!(get(&st, PROGRESSING).reason, reasons::LOADING_MODEL);
+    }
+
+    #[test]
+    fn crash_loop_is_degraded() {
+        use k8s_openapi::api::core::v1::{ContainerState, ContainerStateWaiting, ContainerStatus};
+        let s = svc("");
+        let mut p = loading("sr-a");
+        p.status.as_mut().unwrap().container_statuses = Some(vec![ContainerStatus {
+            name: "server".into(),
+            state: Some(ContainerState {
+                waiting: Some(ContainerStateWaiting {
+                    reason: Some("CrashLoopBackOff".into()),
+                    message: None,
+                }),
+                ..ContainerState::default()
+            }),
+            ..ContainerStatus::default()
+        }]);
+        let obs = Observed {
+            deployment: Some(deployment(1, 1, 1, 0)),
+            pods: vec![p],
+            ..Observed::default()
+        };
+        let st = run(&s, &obs, 10);
+        assert_eq!(get(&st, READY).reason, reasons::POD_FAILING);
+        assert_eq!(get(&st, DEGRADED).reason, reasons::POD_FAILING);
+        assert!(get(&st, DEGRADED).message.contains("CrashLoopBackOff"));
+    }
+
+    #[test]
+    fn scaling_limited_from_hpa() {
+        let s = svc("  autoscaling:\n    maxReplicas: 3\n");
+        let hpa = HorizontalPodAutoscaler {
+            spec: HorizontalPodAutoscalerSpec { max_replicas: 3, ..Default::default() },
+            status: Some(HorizontalPodAutoscalerStatus {
+                current_replicas: Some(3),
+                desired_replicas: 3,
+                conditions: Some(vec![HorizontalPodAutoscalerCondition {
+                    type_: "ScalingLimited".into(),
+                    status: "True".into(),
+                    reason: Some("TooManyReplicas".into()),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let obs = Observed {
+            deployment: Some(deployment(3, 3, 3, 3)),
+            hpa: Some(hpa.clone()),
+            ..Observed::default()
+        };
+        let st = run(&s, &obs, 10);
+        assert_eq!(st.desired_replicas, Some(3));
+        assert_eq!(get(&st, READY).reason, reasons::AVAILABLE);
+        assert_eq!(get(&st, DEGRADED).reason, reasons::SCALING_LIMITED);
+
+        // TooFewReplicas (idle at minReplicas) is normal, not degraded.
+        let mut idle = hpa;
+        idle.status.as_mut().unwrap().conditions.as_mut().unwrap()[0].reason =
+            Some("TooFewReplicas".into());
+        let obs = Observed { hpa: Some(idle), ..obs };
+        assert_eq!(get(&run(&s, &obs, 10), DEGRADED).reason, reasons::HEALTHY);
+    }
+
+    #[test]
+    fn invalid_spec_keeps_previous_values() {
+        let mut s = svc("  autoscaling:\n    minReplicas: 5\n    maxReplicas: 3\n");
+        s.status = Some(HndsrServiceStatus {
+            endpoint: Some("http://old".into()),
+            ..HndsrServiceStatus::default()
+        });
+        let st = run(&s, &Observed::default(), 10);
+        assert_eq!(
+            summary(&st),
+            [
+                s3(READY, "False", reasons::INVALID_SPEC),
+                s3(PROGRESSING, "False", reasons::INVALID_SPEC),
+                s3(DEGRADED, "True", reasons::INVALID_SPEC),
+            ]
+        );
+        assert!(get(&st, DEGRADED).message.contains("minReplicas"));
+        assert_eq!(st.endpoint.as_deref(), Some("http://old"));
+    }
+
+    #[test]
+    fn keda_reports_missing_autoscaler_and_zero() {
+        let s = svc("  autoscaling:\n    minReplicas: 0\n    maxReplicas: 3\n    provider: keda\n");
+        let obs = Observed { deployment: Some(deployment(0, 0, 0, 0)), ..Observed::default() };
+        let st = run(&s, &obs, 10);
+        assert_eq!(get(&st, READY).reason, reasons::SCALED_TO_ZERO);
+        assert_eq!(get(&st, DEGRADED).reason, reasons::AUTOSCALER_NOT_SUPPORTED);
+    }
+}

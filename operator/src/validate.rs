@@ -1,0 +1,316 @@
+//! Pure checks of an `HndsrService` beyond what the schema can say.
+//!
+//! The CEL rules in the CRD reject most invalid specs at admission; this
+//! module re-checks those invariants (objects can predate a rule, or come
+//! from an API server without CEL) and adds the ones CEL cannot express
+//! well: name lengths, quantity parsing, targets that could never trigger a
+//! scale-up, precision on CPU. It never touches the network.
+
+use std::fmt;
+
+use hndsr_crds::{HndsrService, Precision};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+
+use crate::defaults;
+
+/// One problem with a spec: the field and what is wrong, in words a user can act on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// JSON path of the offending field, e.g. `spec.autoscaling.minReplicas`.
+    pub field: String,
+    /// What is wrong and how to fix it.
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+/// The spec cannot be reconciled; every problem found, in a stable order.
+///
+/// The controller reports it as `Ready=False, reason InvalidSpec` with
+/// [`InvalidSpec::to_string`] as the message, and waits for a spec change.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct InvalidSpec {
+    /// The problems, at least one.
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for InvalidSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let parts: Vec<String> = self.problems.iter().map(Problem::to_string).collect();
+        f.write_str(&parts.join("; "))
+    }
+}
+
+impl InvalidSpec {
+    /// A single-problem error.
+    pub fn one(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self { problems: vec![Problem { field: field.into(), message: message.into() }] }
+    }
+}
+
+/// Longest name: the Service (a DNS-1035 label) and label values share it.
+const MAX_NAME_LEN: usize = 63;
+
+/// Parses a plain decimal quantity (`3`, `0.5`, `2500m`) into milli-units.
+/// Binary/decimal suffixes other than `m` are not accepted for per-pod targets.
+pub fn parse_milli(q: &Quantity) -> Option<i64> {
+    let s = q.0.trim();
+    let (num, scale) = match s.strip_suffix('m') {
+        Some(n) => (n, 1),
+        None => (s, 1000),
+    };
+    let (int, frac) = num.split_once('.').unwrap_or((num, ""));
+    if int.is_empty() && frac.is_empty() {
+        return None;
+    }
+    if !int.chars().all(|c| c.is_ascii_digit()) || !frac.chars().all(|c| c.is_ascii_digit()) {
+        return None;
+    }
+    let int: i64 = if int.is_empty() { 0 } else { int.parse().ok()? };
+    let mut milli = int.checked_mul(scale)?;
+    if !frac.is_empty() {
+        if scale == 1 {
+            return None;
+        }
+        let digits: String = frac.chars().chain("000".chars()).take(3).collect();
+        if frac.len() > 3 && frac[3..].chars().any(|c| c != '0') {
+            return None;
+        }
+        milli = milli.checked_add(digits.parse::<i64>().ok()?)?;
+    }
+    Some(milli)
+}
+
+/// Checks `svc`; `Ok(())` or every problem found.
+pub fn validate(svc: &HndsrService) -> Result<(), InvalidSpec> {
+    let mut p = Vec::new();
+    let mut add = |field: &str, message: String| {
+        p.push(Problem { field: field.to_owned(), message });
+    };
+    let spec = &svc.spec;
+
+    let name = svc.metadata.name.as_deref().unwrap_or("");
+    if name.len() > MAX_NAME_LEN {
+        add(
+            "metadata.name",
+            format!("must be at most {MAX_NAME_LEN} characters (it names the Service)"),
+        );
+    }
+    if !name.chars().next().is_some_and(|c| c.is_ascii_lowercase()) {
+        add("metadata.name", "must start with a lowercase letter (it names the Service)".into());
+    }
+
+    if spec.model.image.trim().is_empty() {
+        add("spec.model.image", "must name the server image".into());
+    }
+    match &spec.model.weights {
+        None if spec.model.backend == hndsr_crds::Backend::Hndsr => {
+            add("spec.model.weights", "backend hndsr needs weights (pvc, image or uri)".into());
+        }
+        None => {}
+        Some(w) => {
+            let sources =
+                usize::from(w.pvc.is_some()) + usize::from(w.image.is_some()) + usize::from(w.uri.is_some());
+            if sources != 1 {
+                add("spec.model.weights", "set exactly one of pvc, image or uri".into());
+            }
+            if w.sha256.len() != 64
+                || !w.sha256.chars().all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c))
+            {
+                add("spec.model.weights.sha256", "must be 64 lowercase hex characters".into());
+            }
+            if let Some(uri) = &w.uri
+                && !(uri.starts_with("https://") || uri.starts_with("http://"))
+            {
+                add("spec.model.weights.uri", "must be an http(s) URL".into());
+            }
+            if let Some(file) = &w.file
+                && (file.starts_with('/') || file.contains("..") || file.is_empty())
+            {
+                add("spec.model.weights.file", "must be a relative path without '..'".into());
+            }
+        }
+    }
+
+    let gpu = defaults::gpu(spec);
+    if gpu < 0 {
+        add("spec.resources.gpu", "must not be negative".into());
+    }
+    if gpu == 0 && defaults::precision(spec) != Precision::Fp32 {
+        add(
+            "spec.model.precision",
+            format!("{} needs a GPU; use fp32 with resources.gpu 0", defaults::precision(spec).as_str()),
+        );
+    }
+    if gpu > 0 && !defaults::gpu_resource_name(spec).contains('/') {
+        add(
+            "spec.resources.gpuResourceName",
+            "must be a domain-qualified extended resource, e.g. nvidia.com/gpu".into(),
+        );
+    }
+
+    let serving = defaults::serving(spec);
+    if serving.max_concurrent < 1 {
+        add("spec.serving.maxConcurrent", "must be at least 1".into());
+    }
+    if serving.max_queue_depth < serving.max_concurrent {
+        add(
+            "spec.serving.maxQueueDepth",
+            format!(
+                "must be at least maxConcurrent ({}); it counts running plus waiting requests",
+                serving.max_concurrent
+            ),
+        );
+    }
+    for (field, v) in [
+        ("spec.serving.requestTimeoutSeconds", i64::from(serving.request_timeout_seconds)),
+        ("spec.serving.maxImagePixels", serving.max_image_pixels),
+        ("spec.serving.maxPayloadMB", i64::from(serving.max_payload_mb)),
+    ] {
+        if v < 1 {
+            add(field, "must be at least 1".into());
+        }
+    }
+    if serving.rate_limit_per_hour < 0 {
+        add("spec.serving.rateLimitPerHour", "must not be negative (0 disables)".into());
+    }
+    if serving.drain_seconds < 0 {
+        add("spec.serving.drainSeconds", "must not be negative".into());
+    }
+    if spec.replicas.is_some_and(|r| r < 0) {
+        add("spec.replicas", "must not be negative".into());
+    }
+
+    let scale_to_zero = spec
+        .autoscaling
+        .as_ref()
+        .is_some_and(|a| a.enabled.unwrap_or(true) && a.min_replicas == Some(0));
+    if let Some(a) = &spec.autoscaling {
+        let min = a.min_replicas.unwrap_or(defaults::MIN_REPLICAS);
+        if a.max_replicas < 1 {
+            add("spec.autoscaling.maxReplicas", "must be at least 1".into());
+        }
+        if min < 0 {
+            add("spec.autoscaling.minReplicas", "must not be negative".into());
+        }
+        if min > a.max_replicas {
+            add(
+                "spec.autoscaling.minReplicas",
+                format!("must not exceed maxReplicas ({})", a.max_replicas),
+            );
+        }
+        if min == 0 && a.provider != Some(hndsr_crds::AutoscalingProvider::Keda) {
+            add(
+                "spec.autoscaling.minReplicas",
+                "0 (scale to zero) needs provider keda; a HorizontalPodAutoscaler cannot scale to zero"
+                    .into(),
+            );
+        }
+        if let Some(t) = &a.target_per_pod {
+            if let Some(q) = &t.active_requests {
+                match parse_milli(q) {
+                    None => add(
+                        "spec.autoscaling.targetPerPod.activeRequests",
+                        format!("{:?} is not a plain number such as 3, 0.5 or 2500m", q.0),
+                    ),
+                    Some(m) if m <= 0 => add(
+                        "spec.autoscaling.targetPerPod.activeRequests",
+                        "must be greater than 0".into(),
+                    ),
+                    Some(m) if m >= i64::from(serving.max_concurrent) * 1000 => add(
+                        "spec.autoscaling.targetPerPod.activeRequests",
+                        format!(
+                            "must be below serving.maxConcurrent ({}): a pod never runs more, so the target would never be exceeded",
+                            serving.max_concurrent
+                        ),
+                    ),
+                    Some(_) => {}
+                }
+            }
+            if let Some(q) = &t.queue_depth {
+                match parse_milli(q) {
+                    None => add(
+                        "spec.autoscaling.targetPerPod.queueDepth",
+                        format!("{:?} is not a plain number such as 2, 0.5 or 500m", q.0),
+                    ),
+                    Some(m) if m <= 0 => add(
+                        "spec.autoscaling.targetPerPod.queueDepth",
+                        "must be greater than 0".into(),
+                    ),
+                    Some(_) => {}
+                }
+            }
+        }
+        if let Some(b) = &a.behavior {
+            for (field, rules) in [
+                ("spec.autoscaling.behavior.scaleUp", &b.scale_up),
+                ("spec.autoscaling.behavior.scaleDown", &b.scale_down),
+            ] {
+                let Some(rules) = rules else { continue };
+                if let Some(sp) = &rules.select_policy
+                    && !matches!(sp.as_str(), "Max" | "Min" | "Disabled")
+                {
+                    add(field, format!("selectPolicy {sp:?} is not one of Max, Min, Disabled"));
+                }
+                for pol in rules.policies.iter().flatten() {
+                    if !matches!(pol.type_.as_str(), "Pods" | "Percent") {
+                        add(field, format!("policy type {:?} is not Pods or Percent", pol.type_));
+                    }
+                    if pol.value < 1 || !(1..=1800).contains(&pol.period_seconds) {
+                        add(
+                            field,
+                            "policy value must be positive and periodSeconds within 1..=1800".into(),
+                        );
+                    }
+                }
+                if rules.stabilization_window_seconds.is_some_and(|w| !(0..=3600).contains(&w)) {
+                    add(field, "stabilizationWindowSeconds must be within 0..=3600".into());
+                }
+            }
+        }
+    }
+
+    if let Some(pw) = &spec.prewarm {
+        if pw.standby_replicas.is_some() && pw.standby_percent.is_some() {
+            add("spec.prewarm", "set standbyReplicas or standbyPercent, not both".into());
+        }
+        let standby = pw.standby_replicas.unwrap_or(0) > 0 || pw.standby_percent.unwrap_or(0) > 0;
+        if standby && scale_to_zero {
+            add(
+                "spec.prewarm",
+                "standby prewarm and scale to zero (autoscaling.minReplicas 0) are exclusive".into(),
+            );
+        }
+    }
+
+    if let Some(d) = &spec.disruption
+        && d.max_unavailable.is_some()
+        && d.min_available.is_some()
+    {
+        add("spec.disruption", "set maxUnavailable or minAvailable, not both".into());
+    }
+
+    if p.is_empty() { Ok(()) } else { Err(InvalidSpec { problems: p }) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_plain_quantities() {
+        let q = |s: &str| parse_milli(&Quantity(s.to_owned()));
+        assert_eq!(q("3"), Some(3000));
+        assert_eq!(q("0.5"), Some(500));
+        assert_eq!(q("2500m"), Some(2500));
+        assert_eq!(q("1.25"), Some(1250));
+        assert_eq!(q("1Gi"), None);
+        assert_eq!(q("-1"), None);
+        assert_eq!(q("1.5m"), None);
+        assert_eq!(q(""), None);
+    }
+}

@@ -1,0 +1,166 @@
+//! Golden tests of the pure builders.
+//!
+//! Each `tests/fixtures/<case>/input.yaml` is an `HndsrService`. A valid case
+//! has one expected YAML per child (`deployment.yaml`, `service.yaml`,
+//! `hpa.yaml`, `pdb.yaml`; a missing file means the child must be absent);
+//! an invalid case has `error.txt` with the exact `InvalidSpec` message.
+//!
+//! Re-bless after an intended change: `BLESS=1 cargo test -p hndsr-operator --test builders`,
+//! then review the diff.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use hndsr_crds::HndsrService;
+use hndsr_operator::builders::{BuildConfig, desired};
+use pretty_assertions::assert_eq;
+
+const CHILD_FILES: [&str; 4] = ["deployment.yaml", "service.yaml", "hpa.yaml", "pdb.yaml"];
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+fn bless() -> bool {
+    std::env::var_os("BLESS").is_some_and(|v| v != "0")
+}
+
+fn to_yaml<T: serde::Serialize>(v: &T) -> String {
+    serde_yaml::to_string(v).expect("serializable")
+}
+
+/// What a case produces: file name → contents.
+fn outputs(svc: &HndsrService) -> Vec<(&'static str, String)> {
+    match desired(svc, &BuildConfig::default()) {
+        Err(e) => vec![("error.txt", format!("{e}\n"))],
+        Ok(c) => {
+            let mut out = vec![
+                ("deployment.yaml", to_yaml(&c.deployment)),
+                ("service.yaml", to_yaml(&c.service)),
+            ];
+            if let Some(h) = &c.hpa {
+                out.push(("hpa.yaml", to_yaml(h)));
+            }
+            if let Some(p) = &c.pdb {
+                out.push(("pdb.yaml", to_yaml(p)));
+            }
+            out
+        }
+    }
+}
+
+fn check_case(dir: &Path) -> Vec<String> {
+    let input = fs::read_to_string(dir.join("input.yaml")).expect("input.yaml");
+    let svc: HndsrService = serde_yaml::from_str(&input).expect("input.yaml is an HndsrService");
+    let produced = outputs(&svc);
+    let mut failures = Vec::new();
+    for file in CHILD_FILES.iter().copied().chain(["error.txt"]) {
+        let path = dir.join(file);
+        let want = fs::read_to_string(&path).ok();
+        let got = produced.iter().find(|(f, _)| *f == file).map(|(_, s)| s.clone());
+        if bless() {
+            match &got {
+                Some(g) => fs::write(&path, g).expect("write golden"),
+                None if want.is_some() => fs::remove_file(&path).expect("remove stale golden"),
+                None => {}
+            }
+            continue;
+        }
+        if want != got {
+            let case = dir.file_name().unwrap().to_string_lossy();
+            eprintln!("--- {case}/{file}: expected\n{}\n--- got\n{}", want.as_deref().unwrap_or("<absent>"), got.as_deref().unwrap_or("<absent>"));
+            failures.push(format!("{case}/{file}"));
+        }
+    }
+    failures
+}
+
+#[test]
+fn golden_fixtures() {
+    let mut dirs: Vec<PathBuf> = fs::read_dir(fixtures())
+        .expect("fixtures dir")
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.join("input.yaml").is_file())
+        .collect();
+    dirs.sort();
+    assert!(dirs.len() >= 10, "fixtures missing: {dirs:?}");
+    let failures: Vec<String> = dirs.iter().flat_map(|d| check_case(d)).collect();
+    assert_eq!(failures, Vec::<String>::new(), "golden mismatch; BLESS=1 to update after review");
+}
+
+fn load(case: &str) -> HndsrService {
+    let s = fs::read_to_string(fixtures().join(case).join("input.yaml")).unwrap();
+    serde_yaml::from_str(&s).unwrap()
+}
+
+#[test]
+fn replicas_left_out_when_an_autoscaler_owns_them() {
+    let c = desired(&load("gpu"), &BuildConfig::default()).unwrap();
+    assert!(c.hpa.is_some());
+    assert_eq!(c.deployment.spec.replicas, None);
+    let off = desired(&load("autoscaling-off"), &BuildConfig::default()).unwrap();
+    assert!(off.hpa.is_none());
+    assert_eq!(off.deployment.spec.replicas, Some(2));
+}
+
+#[test]
+fn keda_builds_no_hpa_and_leaves_replicas_to_it() {
+    let c = desired(&load("keda"), &BuildConfig::default()).unwrap();
+    assert!(c.hpa.is_none());
+    assert_eq!(c.deployment.spec.replicas, None);
+}
+
+#[test]
+fn children_are_owned_by_the_service() {
+    let svc = load("gpu");
+    let c = desired(&svc, &BuildConfig::default()).unwrap();
+    let metas = [
+        &c.deployment.metadata,
+        &c.service.metadata,
+        &c.hpa.as_ref().unwrap().metadata,
+        &c.pdb.as_ref().unwrap().metadata,
+    ];
+    for m in metas {
+        let owners = m.owner_references.as_ref().unwrap();
+        assert_eq!(owners.len(), 1);
+        assert_eq!(owners[0].uid, svc.metadata.uid.clone().unwrap());
+        assert_eq!(owners[0].controller, Some(true));
+        assert_eq!(owners[0].block_owner_deletion, Some(true));
+        assert_eq!(m.name, svc.metadata.name);
+    }
+}
+
+#[test]
+fn grace_period_covers_the_drain() {
+    let svc = load("gpu");
+    let c = desired(&svc, &BuildConfig::default()).unwrap();
+    let pod = c.deployment.spec.template.spec.unwrap();
+    let drain = svc.spec.serving.unwrap().drain_seconds.unwrap();
+    assert!(pod.termination_grace_period_seconds.unwrap() > i64::from(drain));
+}
+
+#[test]
+fn service_selects_serving_pods_only() {
+    let c = desired(&load("cpu"), &BuildConfig::default()).unwrap();
+    let sel = c.service.spec.unwrap().selector.unwrap();
+    assert_eq!(sel.get(hndsr_crds::labels::ROLE).map(String::as_str), Some(hndsr_crds::labels::ROLE_SERVING));
+}
+
+#[test]
+fn documented_examples_are_valid() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/examples");
+    let mut n = 0;
+    for entry in fs::read_dir(&dir).expect("docs/examples") {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "yaml") {
+            continue;
+        }
+        let mut svc: HndsrService = serde_yaml::from_str(&fs::read_to_string(&path).unwrap())
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        svc.metadata.uid = Some("example".to_owned());
+        desired(&svc, &BuildConfig::default())
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        n += 1;
+    }
+    assert!(n >= 5);
+}
