@@ -46,12 +46,18 @@ check-generated: generate ## fail when regenerating the committed artefacts chan
 	@git diff --exit-code -- crds/hndsrservice.yaml charts/hndsr-operator/crds docs/openapi.json docs/crd-reference.md \
 	  || { echo "error: generated files are out of date; run 'make generate' and commit" >&2; exit 1; }
 
+CARGO_DENY_VERSION := 0.20.2
+
+.PHONY: deny
+deny: ## licences, banned crates and sources (cargo-deny, cached under ~/.cache/hndsr/tools)
+	@deny=$$(bash server/scripts/install-tool.sh cargo-deny $(CARGO_DENY_VERSION)) && $$deny --offline check licenses bans sources
+
 .PHONY: unit
 unit: prereqs ## unit, mocked-API and HTTP tests of every crate
 	$(CARGO) test --workspace --exclude hndsr-e2e --locked
 
 .PHONY: test
-test: lint check-generated unit ## every test: lint, generated-file drift, unit/HTTP/mocked-API tests
+test: lint deny check-generated unit ## every test: lint, generated-file drift, unit/HTTP/mocked-API tests
 	@echo "make test: all green"
 
 .PHONY: bench
