@@ -1,0 +1,121 @@
+//! The crate's error type, and the one place torch errors are classified.
+
+use tch::TchError;
+
+/// Why a libtorch operation in this crate failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TorchError {
+    /// The device string is not `cpu`, `cuda` or `cuda:N`.
+    #[error("invalid device {spec:?}: expected \"cpu\", \"cuda\" or \"cuda:N\"")]
+    InvalidDevice {
+        /// The string as given.
+        spec: String,
+    },
+    /// A CUDA device was asked for but cannot be used.
+    #[error("device {spec:?} requested but CUDA is not usable: {reason}")]
+    CudaUnavailable {
+        /// The device string as given.
+        spec: String,
+        /// What is missing, in words an operator can act on.
+        reason: String,
+    },
+    /// Tiling parameters that cannot work together.
+    #[error("invalid tiling configuration: {0}")]
+    InvalidTiling(String),
+    /// The input tensor or job cannot be processed as asked.
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
+    /// The caller's cancellation flag was raised; work stopped between tile batches.
+    #[error("cancelled")]
+    Cancelled,
+    /// The device (or the host, for CPU tensors) ran out of memory.
+    #[error("out of memory during {op}: {message}")]
+    OutOfMemory {
+        /// The operation that failed.
+        op: &'static str,
+        /// libtorch's message.
+        message: String,
+    },
+    /// Any other libtorch failure.
+    #[error("torch error during {op}: {source}")]
+    Torch {
+        /// The operation that failed.
+        op: &'static str,
+        /// The error as tch reports it.
+        #[source]
+        source: TchError,
+    },
+}
+
+impl TorchError {
+    /// Classifies a tch error raised by `op`: allocation failures become
+    /// [`TorchError::OutOfMemory`] so callers can answer 503 and keep going.
+    pub fn from_tch(op: &'static str, source: TchError) -> Self {
+        let message = source.to_string();
+        if is_out_of_memory(&message) {
+            TorchError::OutOfMemory { op, message }
+        } else {
+            TorchError::Torch { op, source }
+        }
+    }
+}
+
+/// CUDA's caching allocator says "CUDA out of memory"; the CPU allocator says
+/// "can't allocate memory".
+fn is_out_of_memory(message: &str) -> bool {
+    let lower = message.to_ascii_lowercase();
+    lower.contains("out of memory") || lower.contains("can't allocate memory")
+}
+
+/// Extension to attach the failing operation's name to a tch result.
+pub(crate) trait TchResultExt<T> {
+    /// Maps the error with [`TorchError::from_tch`].
+    fn op(self, op: &'static str) -> Result<T, TorchError>;
+}
+
+impl<T> TchResultExt<T> for Result<T, TchError> {
+    fn op(self, op: &'static str) -> Result<T, TorchError> {
+        self.map_err(|e| TorchError::from_tch(op, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cuda_oom_message_is_out_of_memory() {
+        let e = TorchError::from_tch(
+            "upsample",
+            TchError::Torch(
+                "CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.1 GiB total capacity)"
+                    .into(),
+            ),
+        );
+        assert!(
+            matches!(e, TorchError::OutOfMemory { op: "upsample", .. }),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn cpu_allocation_failure_is_out_of_memory() {
+        let e = TorchError::from_tch(
+            "upsample",
+            TchError::Torch(
+                "[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate memory"
+                    .into(),
+            ),
+        );
+        assert!(matches!(e, TorchError::OutOfMemory { .. }), "{e:?}");
+    }
+
+    #[test]
+    fn other_errors_stay_torch_errors() {
+        let e = TorchError::from_tch("upsample", TchError::Torch("shape mismatch".into()));
+        assert!(
+            matches!(e, TorchError::Torch { op: "upsample", .. }),
+            "{e:?}"
+        );
+    }
+}
