@@ -77,7 +77,10 @@ pub struct Encoded {
     pub content_type: &'static str,
 }
 
-fn reader(bytes: &[u8], max_pixels: u64) -> Result<(ImageReader<Cursor<&[u8]>>, Container), Error> {
+/// A format-sniffing reader over a byte slice.
+type Reader<'a> = ImageReader<Cursor<&'a [u8]>>;
+
+fn reader(bytes: &[u8], max_pixels: u64) -> Result<(Reader<'_>, Container), Error> {
     let mut reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| Error::CorruptImage(e.to_string()))?;
@@ -122,9 +125,15 @@ pub fn probe(bytes: &[u8], max_pixels: u64) -> Result<Probe, Error> {
     let (reader, format) = reader(bytes, max_pixels)?;
     let decoder = reader.into_decoder().map_err(map_image_error)?;
     let (width, height) = decoder.dimensions();
-    let probe = Probe { format, width, height };
+    let probe = Probe {
+        format,
+        width,
+        height,
+    };
     if width == 0 || height == 0 {
-        return Err(Error::CorruptImage(format!("the image is {width}x{height}")));
+        return Err(Error::CorruptImage(format!(
+            "the image is {width}x{height}"
+        )));
     }
     if probe.pixels() > max_pixels {
         return Err(Error::ImageTooLarge {
@@ -154,26 +163,54 @@ pub fn decode(bytes: &[u8], max_pixels: u64) -> Result<(Planar, Layout), Error> 
         _ => BitDepth::Sixteen,
     };
     let planar = match image {
-        DynamicImage::ImageLuma8(b) => planes(b.width(), b.height(), 1, b.as_raw(), |v| f32::from(v) / 255.0),
-        DynamicImage::ImageLumaA8(b) => planes(b.width(), b.height(), 2, b.as_raw(), |v| f32::from(v) / 255.0),
-        DynamicImage::ImageRgb8(b) => planes(b.width(), b.height(), 3, b.as_raw(), |v| f32::from(v) / 255.0),
-        DynamicImage::ImageRgba8(b) => planes(b.width(), b.height(), 4, b.as_raw(), |v| f32::from(v) / 255.0),
-        DynamicImage::ImageLuma16(b) => planes(b.width(), b.height(), 1, b.as_raw(), |v| f32::from(v) / 65535.0),
-        DynamicImage::ImageLumaA16(b) => planes(b.width(), b.height(), 2, b.as_raw(), |v| f32::from(v) / 65535.0),
-        DynamicImage::ImageRgb16(b) => planes(b.width(), b.height(), 3, b.as_raw(), |v| f32::from(v) / 65535.0),
-        DynamicImage::ImageRgba16(b) => planes(b.width(), b.height(), 4, b.as_raw(), |v| f32::from(v) / 65535.0),
-        DynamicImage::ImageRgb32F(b) => planes(b.width(), b.height(), 3, b.as_raw(), |v| v.clamp(0.0, 1.0)),
-        DynamicImage::ImageRgba32F(b) => planes(b.width(), b.height(), 4, b.as_raw(), |v| v.clamp(0.0, 1.0)),
+        DynamicImage::ImageLuma8(b) => planes(b.width(), b.height(), 1, b.as_raw(), |v| {
+            f32::from(v) / 255.0
+        }),
+        DynamicImage::ImageLumaA8(b) => planes(b.width(), b.height(), 2, b.as_raw(), |v| {
+            f32::from(v) / 255.0
+        }),
+        DynamicImage::ImageRgb8(b) => planes(b.width(), b.height(), 3, b.as_raw(), |v| {
+            f32::from(v) / 255.0
+        }),
+        DynamicImage::ImageRgba8(b) => planes(b.width(), b.height(), 4, b.as_raw(), |v| {
+            f32::from(v) / 255.0
+        }),
+        DynamicImage::ImageLuma16(b) => planes(b.width(), b.height(), 1, b.as_raw(), |v| {
+            f32::from(v) / 65535.0
+        }),
+        DynamicImage::ImageLumaA16(b) => planes(b.width(), b.height(), 2, b.as_raw(), |v| {
+            f32::from(v) / 65535.0
+        }),
+        DynamicImage::ImageRgb16(b) => planes(b.width(), b.height(), 3, b.as_raw(), |v| {
+            f32::from(v) / 65535.0
+        }),
+        DynamicImage::ImageRgba16(b) => planes(b.width(), b.height(), 4, b.as_raw(), |v| {
+            f32::from(v) / 65535.0
+        }),
+        DynamicImage::ImageRgb32F(b) => {
+            planes(b.width(), b.height(), 3, b.as_raw(), |v| v.clamp(0.0, 1.0))
+        }
+        DynamicImage::ImageRgba32F(b) => {
+            planes(b.width(), b.height(), 4, b.as_raw(), |v| v.clamp(0.0, 1.0))
+        }
         other => {
             let b = other.to_rgba16();
-            planes(b.width(), b.height(), 4, b.as_raw(), |v| f32::from(v) / 65535.0)
+            planes(b.width(), b.height(), 4, b.as_raw(), |v| {
+                f32::from(v) / 65535.0
+            })
         }
     };
     Ok((planar, Layout { format, depth }))
 }
 
 /// Interleaved (HWC) samples → planar (CHW) `f32`.
-fn planes<T: Copy>(width: u32, height: u32, channels: u8, raw: &[T], to_f32: impl Fn(T) -> f32) -> Planar {
+fn planes<T: Copy>(
+    width: u32,
+    height: u32,
+    channels: u8,
+    raw: &[T],
+    to_f32: impl Fn(T) -> f32,
+) -> Planar {
     let c = usize::from(channels);
     let plane = raw.len() / c;
     let mut data = vec![0.0_f32; raw.len()];
@@ -182,7 +219,12 @@ fn planes<T: Copy>(width: u32, height: u32, channels: u8, raw: &[T], to_f32: imp
             data[ch * plane + i] = to_f32(v);
         }
     }
-    Planar { channels, width, height, data }
+    Planar {
+        channels,
+        width,
+        height,
+        data,
+    }
 }
 
 /// Planar (CHW) `f32` → interleaved (HWC) samples, clamped and rounded.
@@ -226,14 +268,30 @@ pub fn encode(p: &Planar, layout: Layout) -> Result<Encoded, Error> {
     let bad = || Error::Internal("output buffer does not match its dimensions".to_owned());
     let (w, h) = (p.width, p.height);
     let image = match (layout.depth, p.channels) {
-        (BitDepth::Eight, 1) => DynamicImage::ImageLuma8(ImageBuffer::from_raw(w, h, interleave(p, to_u8)).ok_or_else(bad)?),
-        (BitDepth::Eight, 2) => DynamicImage::ImageLumaA8(ImageBuffer::from_raw(w, h, interleave(p, to_u8)).ok_or_else(bad)?),
-        (BitDepth::Eight, 3) => DynamicImage::ImageRgb8(ImageBuffer::from_raw(w, h, interleave(p, to_u8)).ok_or_else(bad)?),
-        (BitDepth::Eight, _) => DynamicImage::ImageRgba8(ImageBuffer::from_raw(w, h, interleave(p, to_u8)).ok_or_else(bad)?),
-        (BitDepth::Sixteen, 1) => DynamicImage::ImageLuma16(ImageBuffer::from_raw(w, h, interleave(p, to_u16)).ok_or_else(bad)?),
-        (BitDepth::Sixteen, 2) => DynamicImage::ImageLumaA16(ImageBuffer::from_raw(w, h, interleave(p, to_u16)).ok_or_else(bad)?),
-        (BitDepth::Sixteen, 3) => DynamicImage::ImageRgb16(ImageBuffer::from_raw(w, h, interleave(p, to_u16)).ok_or_else(bad)?),
-        (BitDepth::Sixteen, _) => DynamicImage::ImageRgba16(ImageBuffer::from_raw(w, h, interleave(p, to_u16)).ok_or_else(bad)?),
+        (BitDepth::Eight, 1) => DynamicImage::ImageLuma8(
+            ImageBuffer::from_raw(w, h, interleave(p, to_u8)).ok_or_else(bad)?,
+        ),
+        (BitDepth::Eight, 2) => DynamicImage::ImageLumaA8(
+            ImageBuffer::from_raw(w, h, interleave(p, to_u8)).ok_or_else(bad)?,
+        ),
+        (BitDepth::Eight, 3) => DynamicImage::ImageRgb8(
+            ImageBuffer::from_raw(w, h, interleave(p, to_u8)).ok_or_else(bad)?,
+        ),
+        (BitDepth::Eight, _) => DynamicImage::ImageRgba8(
+            ImageBuffer::from_raw(w, h, interleave(p, to_u8)).ok_or_else(bad)?,
+        ),
+        (BitDepth::Sixteen, 1) => DynamicImage::ImageLuma16(
+            ImageBuffer::from_raw(w, h, interleave(p, to_u16)).ok_or_else(bad)?,
+        ),
+        (BitDepth::Sixteen, 2) => DynamicImage::ImageLumaA16(
+            ImageBuffer::from_raw(w, h, interleave(p, to_u16)).ok_or_else(bad)?,
+        ),
+        (BitDepth::Sixteen, 3) => DynamicImage::ImageRgb16(
+            ImageBuffer::from_raw(w, h, interleave(p, to_u16)).ok_or_else(bad)?,
+        ),
+        (BitDepth::Sixteen, _) => DynamicImage::ImageRgba16(
+            ImageBuffer::from_raw(w, h, interleave(p, to_u16)).ok_or_else(bad)?,
+        ),
     };
     let (format, content_type) = if layout.format == Container::Tiff && p.channels != 2 {
         (ImageFormat::Tiff, "image/tiff")
@@ -244,7 +302,10 @@ pub fn encode(p: &Planar, layout: Layout) -> Result<Encoded, Error> {
     image
         .write_to(&mut bytes, format)
         .map_err(|e| Error::Internal(format!("encoding the output failed: {e}")))?;
-    Ok(Encoded { bytes: bytes.into_inner(), content_type })
+    Ok(Encoded {
+        bytes: bytes.into_inner(),
+        content_type,
+    })
 }
 
 #[cfg(test)]
@@ -277,11 +338,15 @@ mod tests {
     #[test]
     fn gray_alpha8_round_trips_and_tiff_stays_tiff() {
         let src = DynamicImage::ImageLumaA8(ImageBuffer::from_fn(4, 4, |x, y| {
-            image::LumaA([u8::try_from(x * 60).unwrap_or(0), u8::try_from(y * 60).unwrap_or(0)])
+            image::LumaA([
+                u8::try_from(x * 60).unwrap_or(0),
+                u8::try_from(y * 60).unwrap_or(0),
+            ])
         }));
         let (planar, layout) = decode(&png(&src), 100).expect("decode");
         assert_eq!(planar.channels, 2);
-        let back = image::load_from_memory(&encode(&planar, layout).expect("encode").bytes).expect("reload");
+        let back = image::load_from_memory(&encode(&planar, layout).expect("encode").bytes)
+            .expect("reload");
         assert_eq!(back, src);
 
         let rgb = DynamicImage::ImageRgb8(ImageBuffer::from_pixel(2, 2, image::Rgb([1, 2, 3])));
@@ -296,10 +361,19 @@ mod tests {
     #[test]
     fn budget_and_garbage_are_refused_from_the_header() {
         let src = DynamicImage::ImageRgb8(ImageBuffer::new(10, 10));
-        assert!(matches!(probe(&png(&src), 99), Err(Error::ImageTooLarge { pixels: 100, .. })));
-        assert!(matches!(probe(b"hello world, not an image", 99), Err(Error::UnsupportedFormat(_))));
+        assert!(matches!(
+            probe(&png(&src), 99),
+            Err(Error::ImageTooLarge { pixels: 100, .. })
+        ));
+        assert!(matches!(
+            probe(b"hello world, not an image", 99),
+            Err(Error::UnsupportedFormat(_))
+        ));
         let mut truncated = png(&src);
         truncated.truncate(20);
-        assert!(matches!(probe(&truncated, 1000), Err(Error::CorruptImage(_))));
+        assert!(matches!(
+            probe(&truncated, 1000),
+            Err(Error::CorruptImage(_))
+        ));
     }
 }

@@ -248,9 +248,14 @@ impl Args {
         }
         let timeout = positive(env::REQUEST_TIMEOUT_S, self.request_timeout_s.into())?;
         let max_image_pixels = positive(env::MAX_IMAGE_PIXELS, self.max_image_pixels)?;
-        let max_output_pixels = max_image_pixels.checked_mul(OUTPUT_PIXELS_FACTOR).ok_or_else(|| {
-            ConfigError::new(format!("{} ({max_image_pixels}) is too large", env::MAX_IMAGE_PIXELS))
-        })?;
+        let max_output_pixels = max_image_pixels
+            .checked_mul(OUTPUT_PIXELS_FACTOR)
+            .ok_or_else(|| {
+                ConfigError::new(format!(
+                    "{} ({max_image_pixels}) is too large",
+                    env::MAX_IMAGE_PIXELS
+                ))
+            })?;
         let payload_mb = positive(env::MAX_PAYLOAD_MB, self.max_payload_mb.into())?;
         if payload_mb > 1024 {
             return Err(ConfigError::new(format!(
@@ -283,7 +288,9 @@ impl Args {
         let device = self.device.trim().to_ascii_lowercase();
         let device_ok = device == "cpu"
             || device == "cuda"
-            || device.strip_prefix("cuda:").is_some_and(|n| n.parse::<u32>().is_ok());
+            || device
+                .strip_prefix("cuda:")
+                .is_some_and(|n| n.parse::<u32>().is_ok());
         if !device_ok {
             return Err(ConfigError::new(format!(
                 "{} ({:?}) must be cpu, cuda or cuda:N",
@@ -379,7 +386,9 @@ fn parse_origin(s: &str) -> Result<String, ConfigError> {
             "{CORS_ORIGINS_ENV} must list explicit origins; \"*\" is refused"
         )));
     }
-    let rest = s.strip_prefix("https://").or_else(|| s.strip_prefix("http://"));
+    let rest = s
+        .strip_prefix("https://")
+        .or_else(|| s.strip_prefix("http://"));
     let valid = rest.is_some_and(|host| {
         !host.is_empty()
             && !host.contains('/')
@@ -402,7 +411,9 @@ mod tests {
     fn parse(args: &[&str]) -> Result<Config, ConfigError> {
         let mut argv = vec!["hndsr-server"];
         argv.extend_from_slice(args);
-        Args::try_parse_from(argv).expect("clap parse").into_config()
+        Args::try_parse_from(argv)
+            .expect("clap parse")
+            .into_config()
     }
 
     #[test]
@@ -418,21 +429,39 @@ mod tests {
     #[test]
     fn queue_depth_below_concurrency_is_refused() {
         let e = parse(&["--max-concurrent", "4", "--max-queue-depth", "3"]).unwrap_err();
-        assert!(e.to_string().contains("MAX_QUEUE_DEPTH (3) must be >= MAX_CONCURRENT (4)"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("MAX_QUEUE_DEPTH (3) must be >= MAX_CONCURRENT (4)"),
+            "{e}"
+        );
     }
 
     #[test]
     fn zero_concurrency_is_refused() {
         let e = parse(&["--max-concurrent", "0"]).unwrap_err();
-        assert!(e.to_string().contains("MAX_CONCURRENT must be greater than 0"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("MAX_CONCURRENT must be greater than 0"),
+            "{e}"
+        );
     }
 
     #[test]
     fn wildcard_cors_and_bad_cidr_are_refused() {
-        assert!(parse(&["--cors-origins", "*"]).unwrap_err().to_string().contains("refused"));
+        assert!(
+            parse(&["--cors-origins", "*"])
+                .unwrap_err()
+                .to_string()
+                .contains("refused")
+        );
         assert!(parse(&["--trusted-proxies", "10.0.0.0/33"]).is_err());
-        let c = parse(&["--trusted-proxies", "10.0.0.0/8,127.0.0.1", "--cors-origins", "https://a.example"])
-            .expect("valid");
+        let c = parse(&[
+            "--trusted-proxies",
+            "10.0.0.0/8,127.0.0.1",
+            "--cors-origins",
+            "https://a.example",
+        ])
+        .expect("valid");
         assert_eq!(c.http.trusted_proxies.len(), 2);
         assert_eq!(c.http.cors_origins, vec!["https://a.example".to_owned()]);
     }
@@ -440,6 +469,9 @@ mod tests {
     #[test]
     fn hndsr_needs_weights() {
         let e = parse(&["--backend", "hndsr"]).unwrap_err();
-        assert!(e.to_string().contains("HNDSR_WEIGHTS_PATH is required"), "{e}");
+        assert!(
+            e.to_string().contains("HNDSR_WEIGHTS_PATH is required"),
+            "{e}"
+        );
     }
 }

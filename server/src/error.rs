@@ -138,10 +138,9 @@ impl Error {
             Self::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Self::NotFound => StatusCode::NOT_FOUND,
             // 499 is not a registered status; nobody is listening anyway.
-            Self::Cancelled
-            | Self::BackendPanic
-            | Self::Backend(_)
-            | Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::Cancelled | Self::BackendPanic | Self::Backend(_) | Self::Internal(_) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
         }
     }
 
@@ -206,7 +205,9 @@ impl Error {
     pub fn from_backend(err: BackendError) -> Self {
         match err {
             BackendError::Cancelled => Self::Cancelled,
-            BackendError::OutOfMemory(_) => Self::OutOfMemory { retry_after: jittered_retry_after() },
+            BackendError::OutOfMemory(_) => Self::OutOfMemory {
+                retry_after: jittered_retry_after(),
+            },
             BackendError::InvalidInput(m) => Self::Unprocessable(m),
             BackendError::Load(m) | BackendError::Internal(m) => Self::Backend(m),
         }
@@ -242,15 +243,21 @@ pub struct Failure {
 
 impl IntoResponse for Error {
     fn into_response(self) -> Response {
-        let body = ErrorBody { error: self.to_string(), kind: self.reason().to_owned() };
+        let body = ErrorBody {
+            error: self.to_string(),
+            kind: self.reason().to_owned(),
+        };
         let mut res = (self.status(), Json(body)).into_response();
         if let Some(after) = self.retry_after() {
             // Whole seconds, at least 1 (RFC 9110 delay-seconds).
             let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
-            res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+            res.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
         }
-        res.extensions_mut()
-            .insert(Failure { reason: self.reason(), rejection: self.is_rejection() });
+        res.extensions_mut().insert(Failure {
+            reason: self.reason(),
+            rejection: self.is_rejection(),
+        });
         res
     }
 }
@@ -264,7 +271,9 @@ mod tests {
         let samples = [
             Error::PayloadTooLarge { limit: 1 },
             Error::DecodeLimit(String::new()),
-            Error::Timeout { timeout: Duration::from_secs(1) },
+            Error::Timeout {
+                timeout: Duration::from_secs(1),
+            },
             Error::BackendPanic,
             Error::Cancelled,
             Error::Internal(String::new()),
@@ -276,7 +285,10 @@ mod tests {
 
     #[test]
     fn retry_after_is_whole_seconds() {
-        let res = Error::RateLimited { retry_after: Duration::from_millis(1500) }.into_response();
+        let res = Error::RateLimited {
+            retry_after: Duration::from_millis(1500),
+        }
+        .into_response();
         assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(res.headers()[header::RETRY_AFTER], "2");
     }

@@ -16,8 +16,9 @@ use crate::error::ALL_REASONS;
 
 /// Buckets of the queue-wait and inference histograms: finer than the
 /// request buckets at the low end, where queue waits usually are.
-pub const STAGE_BUCKETS: &[f64] =
-    &[0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+pub const STAGE_BUCKETS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
 
 /// Counter: requests answered from another request's computation.
 pub const COALESCED_TOTAL: &str = "hndsr_coalesced_requests_total";
@@ -45,8 +46,14 @@ pub enum Outcome {
 
 impl Outcome {
     /// Every outcome.
-    pub const ALL: [Self; 6] =
-        [Self::Ok, Self::Rejected, Self::Timeout, Self::OutOfMemory, Self::Disconnected, Self::Error];
+    pub const ALL: [Self; 6] = [
+        Self::Ok,
+        Self::Rejected,
+        Self::Timeout,
+        Self::OutOfMemory,
+        Self::Disconnected,
+        Self::Error,
+    ];
 
     /// The label value.
     #[must_use]
@@ -122,12 +129,18 @@ impl Metrics {
                 STAGE_BUCKETS,
             ),
             requests: IntCounterVec::new(
-                Opts::new(names::REQUESTS_TOTAL, "Finished upscale requests by outcome."),
+                Opts::new(
+                    names::REQUESTS_TOTAL,
+                    "Finished upscale requests by outcome.",
+                ),
                 &["outcome"],
             )
             .expect("valid counter"),
             rejections: IntCounterVec::new(
-                Opts::new(names::REJECTIONS_TOTAL, "Rejected upscale requests by reason."),
+                Opts::new(
+                    names::REJECTIONS_TOTAL,
+                    "Rejected upscale requests by reason.",
+                ),
                 &["reason"],
             )
             .expect("valid counter"),
@@ -174,7 +187,12 @@ impl Metrics {
 
     /// Counts one finished upscale request. The single place requests are
     /// counted (called by the HTTP metrics middleware).
-    pub fn record_request(&self, outcome: Outcome, rejection_reason: Option<&'static str>, took: Duration) {
+    pub fn record_request(
+        &self,
+        outcome: Outcome,
+        rejection_reason: Option<&'static str>,
+        took: Duration,
+    ) {
         self.requests.with_label_values(&[outcome.as_str()]).inc();
         if let Some(reason) = rejection_reason {
             self.rejections.with_label_values(&[reason]).inc();

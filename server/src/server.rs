@@ -72,7 +72,12 @@ impl Server {
     /// When the core cannot start (see [`Core::start`]).
     pub fn new(config: Config, backend: Arc<dyn Backend>) -> Result<Self, ServerError> {
         let metrics = Metrics::new();
-        let core = Core::start(backend, config.limits.clone(), config.model.scale, metrics.clone())?;
+        let core = Core::start(
+            backend,
+            config.limits.clone(),
+            config.model.scale,
+            metrics.clone(),
+        )?;
         let limiter = config
             .http
             .rate_limit_per_hour
@@ -96,7 +101,6 @@ impl Server {
     }
 
     /// The router, for serving elsewhere or for in-process tests.
-    #[must_use]
     pub fn router(&self) -> Router {
         http::router(self.state.clone())
     }
@@ -106,7 +110,11 @@ impl Server {
     /// # Errors
     /// When warm-up fails (after a clean shutdown of the listener) or the
     /// listener fails.
-    pub async fn run(self, listener: TcpListener, shutdown: CancellationToken) -> Result<(), ServerError> {
+    pub async fn run(
+        self,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> Result<(), ServerError> {
         let state = self.state;
         let drain = state.core.limits().drain;
 
@@ -161,7 +169,9 @@ impl Server {
 
         let app = http::router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
         tracing::info!(addr = %listener.local_addr()?, "listening");
-        let serve = axum::serve(listener, app).with_graceful_shutdown(drained).into_future();
+        let serve = axum::serve(listener, app)
+            .with_graceful_shutdown(drained)
+            .into_future();
         let deadline = async {
             shutdown.cancelled().await;
             tokio::time::sleep(drain + CLOSE_GRACE).await;

@@ -30,40 +30,82 @@ async fn full_queue_answers_503_with_retry_after_at_once() {
     let mut held = Vec::new();
     for i in 0..20_u8 {
         let (c, url, body) = (s.client.clone(), s.url("/v1/upscale?scale=2"), png(4, 4, i));
-        held.push(tokio::spawn(async move { c.post(url).body(body).send().await.expect("send").status() }));
+        held.push(tokio::spawn(async move {
+            c.post(url).body(body).send().await.expect("send").status()
+        }));
     }
-    eventually("20 requests in flight", || async { s.state.core.in_flight() == 20 }).await;
-    eventually("4 backend calls running", || async { s.backend.running() == 4 }).await;
+    eventually("20 requests in flight", || async {
+        s.state.core.in_flight() == 20
+    })
+    .await;
+    eventually("4 backend calls running", || async {
+        s.backend.running() == 4
+    })
+    .await;
 
     let res = s.upscale(png(4, 4, 200), "scale=2").await;
     assert_eq!(res.status(), 503);
-    let retry: u64 = res.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    let retry: u64 = res.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!((1..=3).contains(&retry), "Retry-After {retry}");
     assert_eq!(error_type(res).await, "overloaded");
-    assert_eq!(s.backend.max_running(), 4, "never more than MAX_CONCURRENT calls");
+    assert_eq!(
+        s.backend.max_running(),
+        4,
+        "never more than MAX_CONCURRENT calls"
+    );
 
     s.backend.set_delay(Duration::ZERO);
     for h in held {
         assert_eq!(h.await.unwrap(), 200);
     }
-    assert!(s.metrics().await.contains(r#"hndsr_rejections_total{reason="overloaded"} 1"#));
+    assert!(
+        s.metrics()
+            .await
+            .contains(r#"hndsr_rejections_total{reason="overloaded"} 1"#)
+    );
     s.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrency_stays_bounded_through_timeouts_and_disconnects() {
-    let s = start(&["--max-concurrent", "2", "--max-queue-depth", "20", "--request-timeout-s", "1"], HOLD).await;
+    let s = start(
+        &[
+            "--max-concurrent",
+            "2",
+            "--max-queue-depth",
+            "20",
+            "--request-timeout-s",
+            "1",
+        ],
+        HOLD,
+    )
+    .await;
     let mut tasks = Vec::new();
     for i in 0..6_u8 {
         // These time out on the server (504) while holding permits.
         let (c, url, body) = (s.client.clone(), s.url("/v1/upscale"), png(4, 4, i));
-        tasks.push(tokio::spawn(async move { c.post(url).body(body).send().await.map(|r| r.status().as_u16()) }));
+        tasks.push(tokio::spawn(async move {
+            c.post(url)
+                .body(body)
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+        }));
     }
     for i in 10..14_u8 {
         // These disconnect early.
         let (c, url, body) = (s.client.clone(), s.url("/v1/upscale"), png(4, 4, i));
         tasks.push(tokio::spawn(async move {
-            c.post(url).body(body).timeout(Duration::from_millis(100)).send().await.map(|r| r.status().as_u16())
+            c.post(url)
+                .body(body)
+                .timeout(Duration::from_millis(100))
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
         }));
     }
     for t in tasks {
@@ -72,18 +114,34 @@ async fn concurrency_stays_bounded_through_timeouts_and_disconnects() {
             Err(e) => assert!(e.is_timeout(), "{e}"),
         }
     }
-    eventually("every backend call stopped", || async { s.backend.running() == 0 }).await;
-    assert!(s.backend.max_running() <= 2, "max running {}", s.backend.max_running());
+    eventually("every backend call stopped", || async {
+        s.backend.running() == 0
+    })
+    .await;
+    assert!(
+        s.backend.max_running() <= 2,
+        "max running {}",
+        s.backend.max_running()
+    );
     assert!(s.backend.cancelled() >= 1, "the backend saw cancellations");
-    eventually("in-flight back to 0", || async { s.state.core.in_flight() == 0 }).await;
+    eventually("in-flight back to 0", || async {
+        s.state.core.in_flight() == 0
+    })
+    .await;
 
     // Capacity is intact afterwards.
     s.backend.set_delay(Duration::ZERO);
     assert_eq!(s.upscale(png(4, 4, 99), "").await.status(), 200);
     assert!(s.backend.max_running() <= 2);
     let text = s.metrics().await;
-    assert!(text.contains(&format!("{} 0", names::ACTIVE_REQUESTS)), "{text}");
-    assert!(text.contains(&format!("{} 0", names::QUEUE_DEPTH)), "{text}");
+    assert!(
+        text.contains(&format!("{} 0", names::ACTIVE_REQUESTS)),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("{} 0", names::QUEUE_DEPTH)),
+        "{text}"
+    );
     s.stop().await;
 }
 
@@ -93,9 +151,19 @@ async fn timeout_answers_504_and_cancels_the_backend() {
     let res = s.upscale(png(4, 4, 1), "scale=2").await;
     assert_eq!(res.status(), 504);
     assert_eq!(error_type(res).await, "timeout");
-    eventually("backend saw the cancel", || async { s.backend.cancelled() == 1 }).await;
-    eventually("backend call returned", || async { s.backend.running() == 0 }).await;
-    assert!(s.metrics().await.contains(r#"hndsr_requests_total{outcome="timeout"} 1"#));
+    eventually("backend saw the cancel", || async {
+        s.backend.cancelled() == 1
+    })
+    .await;
+    eventually("backend call returned", || async {
+        s.backend.running() == 0
+    })
+    .await;
+    assert!(
+        s.metrics()
+            .await
+            .contains(r#"hndsr_requests_total{outcome="timeout"} 1"#)
+    );
     s.stop().await;
 }
 
@@ -111,9 +179,14 @@ async fn client_disconnect_cancels_the_backend() {
         .await
         .expect_err("client gives up");
     assert!(err.is_timeout());
-    eventually("backend saw the cancel", || async { s.backend.cancelled() == 1 }).await;
+    eventually("backend saw the cancel", || async {
+        s.backend.cancelled() == 1
+    })
+    .await;
     eventually("disconnect counted", || async {
-        s.metrics().await.contains(r#"hndsr_requests_total{outcome="disconnected"} 1"#)
+        s.metrics()
+            .await
+            .contains(r#"hndsr_requests_total{outcome="disconnected"} 1"#)
     })
     .await;
     s.stop().await;
@@ -153,15 +226,22 @@ async fn oversized_bodies_get_413() {
 async fn decompression_bomb_header_is_refused_before_decoding() {
     let s = start(&[], Duration::ZERO).await;
     let res = s.upscale(png_bomb_header(100_000, 100_000), "").await;
-    assert!(res.status() == 413 || res.status() == 422, "{}", res.status());
+    assert!(
+        res.status() == 413 || res.status() == 422,
+        "{}",
+        res.status()
+    );
     assert_eq!(error_type(res).await, "image_too_large");
 
-    // Within the input budget but over the output budget at x4.
+    // Within the input budget but over the output budget (16x the input budget) at x8.
     let s2 = start(&["--max-image-pixels", "100"], Duration::ZERO).await;
-    let res = s2.upscale(png(10, 10, 0), "scale=4").await;
+    let res = s2.upscale(png(10, 10, 0), "scale=8").await;
     assert_eq!(res.status(), 413);
     let body: Value = res.json().await.unwrap();
-    assert!(body["error"].as_str().unwrap().starts_with("output"), "{body}");
+    assert!(
+        body["error"].as_str().unwrap().starts_with("output"),
+        "{body}"
+    );
     assert_eq!(s.backend.calls() + s2.backend.calls(), 0);
     s.stop().await;
     s2.stop().await;
@@ -203,11 +283,26 @@ async fn rate_limit_answers_429_with_retry_after() {
     assert_eq!(s.upscale(png(2, 2, 2), "").await.status(), 200);
     let res = s.upscale(png(2, 2, 3), "").await;
     assert_eq!(res.status(), 429);
-    let retry: u64 = res.headers()["retry-after"].to_str().unwrap().parse().unwrap();
-    assert!(retry > 60, "one request per 30 minutes: Retry-After {retry}");
+    let retry: u64 = res.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        retry > 60,
+        "one request per 30 minutes: Retry-After {retry}"
+    );
     assert_eq!(error_type(res).await, "rate_limited");
     // Probes are not rate limited.
-    assert_eq!(s.client.get(s.url(paths::READYZ_PATH)).send().await.unwrap().status(), 200);
+    assert_eq!(
+        s.client
+            .get(s.url(paths::READYZ_PATH))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
     s.stop().await;
 }
 
@@ -225,16 +320,44 @@ async fn post_from(s: &common::TestServer, xff: &str) -> u16 {
 
 #[tokio::test]
 async fn forwarded_for_counts_only_behind_trusted_proxies() {
-    let trusted =
-        start(&["--rate-limit-per-hour", "1", "--trusted-proxies", "127.0.0.0/8"], Duration::ZERO).await;
+    let trusted = start(
+        &[
+            "--rate-limit-per-hour",
+            "1",
+            "--trusted-proxies",
+            "127.0.0.0/8",
+        ],
+        Duration::ZERO,
+    )
+    .await;
     assert_eq!(post_from(&trusted, "203.0.113.1").await, 200);
-    assert_eq!(post_from(&trusted, "203.0.113.2").await, 200, "another client");
-    assert_eq!(post_from(&trusted, "203.0.113.1").await, 429, "same client again");
+    assert_eq!(
+        post_from(&trusted, "203.0.113.2").await,
+        200,
+        "another client"
+    );
+    assert_eq!(
+        post_from(&trusted, "203.0.113.1").await,
+        429,
+        "same client again"
+    );
 
-    let untrusted =
-        start(&["--rate-limit-per-hour", "1", "--trusted-proxies", "10.0.0.0/8"], Duration::ZERO).await;
+    let untrusted = start(
+        &[
+            "--rate-limit-per-hour",
+            "1",
+            "--trusted-proxies",
+            "10.0.0.0/8",
+        ],
+        Duration::ZERO,
+    )
+    .await;
     assert_eq!(post_from(&untrusted, "203.0.113.1").await, 200);
-    assert_eq!(post_from(&untrusted, "203.0.113.2").await, 429, "spoofed header ignored");
+    assert_eq!(
+        post_from(&untrusted, "203.0.113.2").await,
+        429,
+        "spoofed header ignored"
+    );
     trusted.stop().await;
     untrusted.stop().await;
 }
@@ -247,21 +370,45 @@ async fn out_of_memory_answers_503_and_the_server_stays_ready() {
     assert_eq!(res.status(), 503);
     assert!(res.headers().contains_key("retry-after"));
     assert_eq!(error_type(res).await, "out_of_memory");
-    assert_eq!(s.client.get(s.url(paths::READYZ_PATH)).send().await.unwrap().status(), 200);
+    assert_eq!(
+        s.client
+            .get(s.url(paths::READYZ_PATH))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
     assert_eq!(s.upscale(png(4, 4, 1), "").await.status(), 200);
-    assert!(s.metrics().await.contains(r#"hndsr_requests_total{outcome="out_of_memory"} 1"#));
+    assert!(
+        s.metrics()
+            .await
+            .contains(r#"hndsr_requests_total{outcome="out_of_memory"} 1"#)
+    );
     s.stop().await;
 }
 
 #[tokio::test]
 async fn backend_panic_answers_500_and_the_next_request_succeeds() {
-    let s = start(&["--max-concurrent", "1", "--max-queue-depth", "1"], Duration::ZERO).await;
+    let s = start(
+        &["--max-concurrent", "1", "--max-queue-depth", "1"],
+        Duration::ZERO,
+    )
+    .await;
     s.backend.fail_next(Failure::Panic);
     let res = s.upscale(png(4, 4, 1), "").await;
     assert_eq!(res.status(), 500);
     assert_eq!(error_type(res).await, "backend_panic");
     // The single inference thread survived and the single permit came back.
-    assert_eq!(s.client.get(s.url(paths::HEALTHZ_PATH)).send().await.unwrap().status(), 200);
+    assert_eq!(
+        s.client
+            .get(s.url(paths::HEALTHZ_PATH))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
     assert_eq!(s.upscale(png(4, 4, 1), "").await.status(), 200);
 
     s.backend.fail_next(Failure::Internal);
@@ -277,14 +424,20 @@ async fn shutdown_drains_in_flight_requests_and_turns_unready() {
     let mut held = Vec::new();
     for i in 0..2_u8 {
         let (c, url, body) = (s.client.clone(), s.url(paths::UPSCALE_PATH), png(4, 4, i));
-        held.push(tokio::spawn(async move { c.post(url).body(body).send().await.expect("send").status() }));
+        held.push(tokio::spawn(async move {
+            c.post(url).body(body).send().await.expect("send").status()
+        }));
     }
     eventually("both running", || async { s.backend.running() == 2 }).await;
     s.shutdown.cancel();
 
     let readyz = s.url(paths::READYZ_PATH);
     eventually("readyz reports draining", || async {
-        s.client.get(&readyz).send().await.is_ok_and(|r| r.status() == 503)
+        s.client
+            .get(&readyz)
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 503)
     })
     .await;
     let res = s.upscale(png(4, 4, 9), "").await;
@@ -296,7 +449,9 @@ async fn shutdown_drains_in_flight_requests_and_turns_unready() {
     for h in held {
         assert_eq!(h.await.unwrap(), 200, "in-flight requests complete");
     }
-    let result = tokio::time::timeout(common::WAIT, s.handle).await.expect("server exits");
+    let result = tokio::time::timeout(common::WAIT, s.handle)
+        .await
+        .expect("server exits");
     result.unwrap().expect("clean exit");
 }
 
@@ -310,7 +465,15 @@ async fn readyz_waits_for_warm_up() {
     let res = s.client.get(&readyz).send().await.unwrap();
     assert_eq!(res.status(), 503);
     assert_eq!(res.json::<Value>().await.unwrap()["status"], "warming_up");
-    assert_eq!(s.client.get(s.url(paths::HEALTHZ_PATH)).send().await.unwrap().status(), 200);
+    assert_eq!(
+        s.client
+            .get(s.url(paths::HEALTHZ_PATH))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
     assert_eq!(s.upscale(png(2, 2, 0), "").await.status(), 503);
     backend.hold_warm_up(false);
     s.wait_ready().await;
@@ -332,13 +495,19 @@ async fn metrics_expose_contract_names_and_buckets() {
         names::REQUESTS_TOTAL,
         names::REJECTIONS_TOTAL,
     ] {
-        assert!(text.contains(&format!("# TYPE {name} ")), "{name} missing:\n{text}");
+        assert!(
+            text.contains(&format!("# TYPE {name} ")),
+            "{name} missing:\n{text}"
+        );
     }
     for le in names::REQUEST_DURATION_BUCKETS {
         let line = format!("{}_bucket{{le=\"{le}\"}}", names::REQUEST_DURATION_SECONDS);
         assert!(text.contains(&line), "{line} missing");
     }
-    assert!(text.contains(r#"hndsr_requests_total{outcome="ok"} 1"#), "{text}");
+    assert!(
+        text.contains(r#"hndsr_requests_total{outcome="ok"} 1"#),
+        "{text}"
+    );
     assert!(text.contains(&format!("{}_count 1", names::REQUEST_DURATION_SECONDS)));
     s.stop().await;
 }
@@ -349,14 +518,21 @@ async fn identical_concurrent_requests_share_one_backend_call() {
     let body = png(6, 5, 42);
     let mut tasks = Vec::new();
     for _ in 0..10 {
-        let (c, url, body) = (s.client.clone(), s.url("/v1/upscale?scale=2&seed=7"), body.clone());
+        let (c, url, body) = (
+            s.client.clone(),
+            s.url("/v1/upscale?scale=2&seed=7"),
+            body.clone(),
+        );
         tasks.push(tokio::spawn(async move {
             let res = c.post(url).body(body).send().await.expect("send");
             let shared = res.headers().contains_key("x-hndsr-coalesced");
             (res.status(), shared, res.bytes().await.expect("body"))
         }));
     }
-    eventually("all ten admitted", || async { s.state.core.in_flight() == 10 }).await;
+    eventually("all ten admitted", || async {
+        s.state.core.in_flight() == 10
+    })
+    .await;
     // Give followers a moment to join while the single call is held.
     eventually("one backend call", || async { s.backend.calls() == 1 }).await;
     s.backend.set_delay(Duration::ZERO);
@@ -384,7 +560,13 @@ async fn one_waiter_leaving_does_not_cancel_the_others() {
     let body = png(4, 4, 5);
     let quitter = {
         let (c, url, body) = (s.client.clone(), s.url(paths::UPSCALE_PATH), body.clone());
-        tokio::spawn(async move { c.post(url).body(body).timeout(Duration::from_millis(300)).send().await })
+        tokio::spawn(async move {
+            c.post(url)
+                .body(body)
+                .timeout(Duration::from_millis(300))
+                .send()
+                .await
+        })
     };
     let stayer = {
         let (c, url, body) = (s.client.clone(), s.url(paths::UPSCALE_PATH), body.clone());
@@ -414,15 +596,39 @@ async fn json_endpoint_round_trips() {
     assert_eq!(res.status(), 200);
     let body: Value = res.json().await.unwrap();
     assert_eq!(body["format"], "png");
-    assert_eq!((body["width"].as_u64(), body["height"].as_u64(), body["scale"].as_u64()), (Some(10), Some(6), Some(2)));
-    let out = image::load_from_memory(&BASE64.decode(body["image"].as_str().unwrap()).unwrap()).unwrap();
+    assert_eq!(
+        (
+            body["width"].as_u64(),
+            body["height"].as_u64(),
+            body["scale"].as_u64()
+        ),
+        (Some(10), Some(6), Some(2))
+    );
+    let out =
+        image::load_from_memory(&BASE64.decode(body["image"].as_str().unwrap()).unwrap()).unwrap();
     let src = image::load_from_memory(&input).unwrap();
     assert_eq!(out.dimensions(), (10, 6));
-    assert_eq!(out.get_pixel(9, 5), src.get_pixel(4, 2), "nearest-neighbour fake");
+    assert_eq!(
+        out.get_pixel(9, 5),
+        src.get_pixel(4, 2),
+        "nearest-neighbour fake"
+    );
 
-    let res = s.client.post(s.url("/upscale")).json(&serde_json::json!({ "image": "!!" })).send().await.unwrap();
+    let res = s
+        .client
+        .post(s.url("/upscale"))
+        .json(&serde_json::json!({ "image": "!!" }))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), 400);
-    let res = s.client.post(s.url("/upscale")).body("{not json").send().await.unwrap();
+    let res = s
+        .client
+        .post(s.url("/upscale"))
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), 400);
     s.stop().await;
 }
@@ -431,20 +637,41 @@ async fn json_endpoint_round_trips() {
 async fn sixteen_bit_rgba_and_tiff_keep_their_layout() {
     let s = start(&[], Duration::ZERO).await;
     let rgba16 = DynamicImage::ImageRgba16(ImageBuffer::from_fn(3, 2, |x, y| {
-        image::Rgba([u16::try_from(x * 20_000).unwrap(), 65_535, u16::try_from(y * 999).unwrap(), 30_000])
+        image::Rgba([
+            u16::try_from(x * 20_000).unwrap(),
+            65_535,
+            u16::try_from(y * 999).unwrap(),
+            30_000,
+        ])
     }));
-    let res = s.upscale(common::encode(&rgba16, ImageFormat::Png), "scale=2").await;
+    let res = s
+        .upscale(common::encode(&rgba16, ImageFormat::Png), "scale=2")
+        .await;
     assert_eq!(res.status(), 200);
     assert_eq!(res.headers()["content-type"], "image/png");
-    assert!(res.headers()["server-timing"].to_str().unwrap().contains("inference;dur="));
+    assert!(
+        res.headers()["server-timing"]
+            .to_str()
+            .unwrap()
+            .contains("inference;dur=")
+    );
     assert!(res.headers().contains_key("x-request-id"));
     let out = image::load_from_memory(&res.bytes().await.unwrap()).unwrap();
-    let DynamicImage::ImageRgba16(out) = out else { panic!("not RGBA16: {:?}", out.color()) };
+    let DynamicImage::ImageRgba16(out) = out else {
+        panic!("not RGBA16: {:?}", out.color())
+    };
     assert_eq!(out.dimensions(), (6, 4));
-    assert_eq!(out.get_pixel(5, 3), rgba16.as_rgba16().unwrap().get_pixel(2, 1));
+    assert_eq!(
+        out.get_pixel(5, 3),
+        rgba16.as_rgba16().unwrap().get_pixel(2, 1)
+    );
 
-    let gray = DynamicImage::ImageLuma8(ImageBuffer::from_fn(2, 2, |x, _| image::Luma([u8::try_from(x * 100).unwrap()])));
-    let res = s.upscale(common::encode(&gray, ImageFormat::Tiff), "scale=3").await;
+    let gray = DynamicImage::ImageLuma8(ImageBuffer::from_fn(2, 2, |x, _| {
+        image::Luma([u8::try_from(x * 100).unwrap()])
+    }));
+    let res = s
+        .upscale(common::encode(&gray, ImageFormat::Tiff), "scale=3")
+        .await;
     assert_eq!(res.status(), 200);
     assert_eq!(res.headers()["content-type"], "image/tiff");
     let out = image::load_from_memory(&res.bytes().await.unwrap()).unwrap();
@@ -455,9 +682,23 @@ async fn sixteen_bit_rgba_and_tiff_keep_their_layout() {
 
 #[tokio::test]
 async fn info_request_ids_and_unknown_routes() {
-    let s = start(&["--max-concurrent", "3", "--max-queue-depth", "7"], Duration::ZERO).await;
-    let res = s.client.get(s.url(paths::INFO_PATH)).header("x-request-id", "abc-123").send().await.unwrap();
-    assert_eq!(res.headers()["x-request-id"], "abc-123", "a given id is propagated");
+    let s = start(
+        &["--max-concurrent", "3", "--max-queue-depth", "7"],
+        Duration::ZERO,
+    )
+    .await;
+    let res = s
+        .client
+        .get(s.url(paths::INFO_PATH))
+        .header("x-request-id", "abc-123")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        res.headers()["x-request-id"],
+        "abc-123",
+        "a given id is propagated"
+    );
     let info: Value = res.json().await.unwrap();
     assert_eq!(info["backend"], "fake");
     assert_eq!(info["limits"]["max_concurrent"], 3);
@@ -481,7 +722,10 @@ async fn cors_allows_only_configured_origins() {
             .send()
     };
     let ok = ask("https://ok.example").await.unwrap();
-    assert_eq!(ok.headers()["access-control-allow-origin"], "https://ok.example");
+    assert_eq!(
+        ok.headers()["access-control-allow-origin"],
+        "https://ok.example"
+    );
     let other = ask("https://evil.example").await.unwrap();
     assert!(!other.headers().contains_key("access-control-allow-origin"));
     s.stop().await;
@@ -489,12 +733,24 @@ async fn cors_allows_only_configured_origins() {
 
 #[tokio::test]
 async fn openapi_document_matches_the_committed_file() {
-    let committed = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/openapi.json"))
-        .expect("docs/openapi.json exists; run `make generate`");
+    let committed =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/openapi.json"))
+            .expect("docs/openapi.json exists; run `make generate`");
     let generated = hndsr_server::http::openapi::json();
-    assert!(committed == generated, "docs/openapi.json is stale; run `make generate`");
+    assert!(
+        committed == generated,
+        "docs/openapi.json is stale; run `make generate`"
+    );
     let s = start(&[], Duration::ZERO).await;
-    let served = s.client.get(s.url(paths::OPENAPI_PATH)).send().await.unwrap().text().await.unwrap();
+    let served = s
+        .client
+        .get(s.url(paths::OPENAPI_PATH))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert_eq!(served, generated);
     let doc: Value = serde_json::from_str(&served).unwrap();
     assert!(doc["paths"][paths::UPSCALE_PATH]["post"].is_object());
@@ -513,7 +769,10 @@ fn invalid_configuration_fails_at_start_up_with_a_clear_message() {
         .expect("run the binary");
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("MAX_QUEUE_DEPTH (3) must be >= MAX_CONCURRENT (4)"), "{stderr}");
+    assert!(
+        stderr.contains("MAX_QUEUE_DEPTH (3) must be >= MAX_CONCURRENT (4)"),
+        "{stderr}"
+    );
 
     let out = std::process::Command::new(bin)
         .env("MAX_CONCURRENT", "0")
@@ -528,9 +787,15 @@ fn invalid_configuration_fails_at_start_up_with_a_clear_message() {
         .expect("run the binary");
     assert_eq!(out.status.code(), Some(2));
 
-    let out = std::process::Command::new(bin).arg("openapi").output().expect("run the binary");
+    let out = std::process::Command::new(bin)
+        .arg("openapi")
+        .output()
+        .expect("run the binary");
     assert!(out.status.success());
-    assert_eq!(String::from_utf8_lossy(&out.stdout), hndsr_server::http::openapi::json());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        hndsr_server::http::openapi::json()
+    );
 }
 
 #[cfg(not(feature = "torch"))]

@@ -125,7 +125,7 @@ impl Backend for FakeBackend {
             model_digest: "0".repeat(64),
             device: "cpu".to_owned(),
             precision: "fp32".to_owned(),
-            scales: vec![1, 2, 3, 4],
+            scales: vec![1, 2, 3, 4, 8],
         }
     }
 
@@ -145,9 +145,13 @@ impl Backend for FakeBackend {
 
         match self.failures.lock().pop_front() {
             Some(Failure::OutOfMemory) => {
-                return Err(BackendError::OutOfMemory("fake: 1 GiB requested".to_owned()));
+                return Err(BackendError::OutOfMemory(
+                    "fake: 1 GiB requested".to_owned(),
+                ));
             }
-            Some(Failure::Internal) => return Err(BackendError::Internal("fake failure".to_owned())),
+            Some(Failure::Internal) => {
+                return Err(BackendError::Internal("fake failure".to_owned()));
+            }
             Some(Failure::Panic) => panic!("fake backend panic"),
             None => {}
         }
@@ -181,5 +185,10 @@ fn nearest(src: &Planar, scale: u32) -> Planar {
             }
         }
     }
-    Planar { channels: src.channels, width: w, height: h, data }
+    Planar {
+        channels: src.channels,
+        width: w,
+        height: h,
+        data,
+    }
 }

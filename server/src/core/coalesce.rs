@@ -85,12 +85,13 @@ pub(crate) struct Waiter<T> {
 impl<T> Waiter<T> {
     /// Waits for the flight's result.
     pub(crate) async fn wait(mut self) -> Result<Arc<T>, Error> {
-        let result = self
-            .rx
-            .wait_for(Option::is_some)
-            .await
-            .map_err(|_| Error::Internal("the computation ended without a result".to_owned()))?;
-        result.clone().unwrap_or_else(|| Err(Error::Internal("no result".to_owned())))
+        let result =
+            self.rx.wait_for(Option::is_some).await.map_err(|_| {
+                Error::Internal("the computation ended without a result".to_owned())
+            })?;
+        result
+            .clone()
+            .unwrap_or_else(|| Err(Error::Internal("no result".to_owned())))
     }
 }
 
@@ -125,10 +126,15 @@ impl<T> Drop for Leave<T> {
 impl<T> Coalescer<T> {
     /// A registry of at most `capacity` flights.
     pub(crate) fn new(capacity: usize) -> Self {
-        Self { capacity, next_id: AtomicU64::new(0), slots: Mutex::new(HashMap::new()) }
+        Self {
+            capacity,
+            next_id: AtomicU64::new(0),
+            slots: Mutex::new(HashMap::new()),
+        }
     }
 
     /// Flights in progress (registered ones).
+    #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.slots.lock().len()
     }
@@ -154,7 +160,15 @@ impl<T> Coalescer<T> {
         let token = CancellationToken::new();
         let registered = slots.len() < self.capacity;
         if registered {
-            slots.insert(key, Slot { id, waiters: 1, token: token.clone(), rx: rx.clone() });
+            slots.insert(
+                key,
+                Slot {
+                    id,
+                    waiters: 1,
+                    token: token.clone(),
+                    rx: rx.clone(),
+                },
+            );
         }
         drop(slots);
         Joined::Leader {
@@ -168,7 +182,13 @@ impl<T> Coalescer<T> {
                     token: token.clone(),
                 },
             },
-            flight: Flight { coalescer: Arc::clone(self), key, id, tx, token },
+            flight: Flight {
+                coalescer: Arc::clone(self),
+                key,
+                id,
+                tx,
+                token,
+            },
         }
     }
 
@@ -195,9 +215,14 @@ mod tests {
     async fn followers_share_and_one_leaving_does_not_cancel() {
         let c = Arc::new(Coalescer::new(8));
         let (first, flight) = leader(c.join([1; 32]));
-        let Joined::Follower(second) = c.join([1; 32]) else { panic!("expected follower") };
+        let Joined::Follower(second) = c.join([1; 32]) else {
+            panic!("expected follower")
+        };
         drop(first);
-        assert!(!flight.token.is_cancelled(), "one waiter left, another remains");
+        assert!(
+            !flight.token.is_cancelled(),
+            "one waiter left, another remains"
+        );
         flight.publish(Ok(Arc::new(7)));
         assert_eq!(*second.wait().await.expect("result"), 7);
         assert_eq!(c.len(), 0);
@@ -207,7 +232,9 @@ mod tests {
     async fn last_waiter_leaving_cancels_and_unregisters() {
         let c = Arc::new(Coalescer::<u32>::new(8));
         let (first, flight) = leader(c.join([2; 32]));
-        let Joined::Follower(second) = c.join([2; 32]) else { panic!("expected follower") };
+        let Joined::Follower(second) = c.join([2; 32]) else {
+            panic!("expected follower")
+        };
         drop(first);
         drop(second);
         assert!(flight.token.is_cancelled());

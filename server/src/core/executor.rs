@@ -33,7 +33,10 @@ pub(crate) struct Permit {
 impl Permit {
     pub(crate) fn new(permit: OwnedSemaphorePermit, active: IntGauge) -> Self {
         active.inc();
-        Self { _permit: permit, active }
+        Self {
+            _permit: permit,
+            active,
+        }
     }
 }
 
@@ -124,7 +127,8 @@ impl Executor {
         let (reply, rx) = oneshot::channel();
         self.submit(Work::WarmUp(reply))
             .map_err(|e| BackendError::Load(e.to_string()))?;
-        rx.await.map_err(|_| BackendError::Load("the inference thread went away".to_owned()))?
+        rx.await
+            .map_err(|_| BackendError::Load("the inference thread went away".to_owned()))?
     }
 
     /// Queues an upscale; the answer comes on the task's `reply`.
@@ -146,15 +150,32 @@ fn worker(rx: &Receiver<Work>, backend: &dyn Backend, metrics: &Metrics) {
     while let Ok(work) = rx.recv() {
         match work {
             Work::WarmUp(reply) => {
-                let result = catch_unwind(AssertUnwindSafe(|| backend.warm_up())).unwrap_or_else(
-                    |_| Err(BackendError::Load("the backend panicked while warming up".to_owned())),
-                );
+                let result =
+                    catch_unwind(AssertUnwindSafe(|| backend.warm_up())).unwrap_or_else(|_| {
+                        Err(BackendError::Load(
+                            "the backend panicked while warming up".to_owned(),
+                        ))
+                    });
                 let _ = reply.send(result);
             }
             Work::Upscale(task) => {
-                let Task { image, max_pixels, scale, steps, seed, cancel, permit, reply } = *task;
+                let Task {
+                    image,
+                    max_pixels,
+                    scale,
+                    steps,
+                    seed,
+                    cancel,
+                    permit,
+                    reply,
+                } = *task;
                 let result = catch_unwind(AssertUnwindSafe(|| {
-                    let params = Params { max_pixels, scale, steps, seed };
+                    let params = Params {
+                        max_pixels,
+                        scale,
+                        steps,
+                        seed,
+                    };
                     run(backend, metrics, &image, params, &cancel, permit)
                 }))
                 .unwrap_or_else(|_| {
@@ -191,7 +212,12 @@ fn run(
     let started = Instant::now();
     let (planar, layout) = codec::decode(image, params.max_pixels)?;
     let (channels, width, height) = (planar.channels, planar.width, planar.height);
-    let job = Job { image: planar, scale: params.scale, steps: params.steps, seed: params.seed };
+    let job = Job {
+        image: planar,
+        scale: params.scale,
+        steps: params.steps,
+        seed: params.seed,
+    };
     let decode = started.elapsed();
 
     let started = Instant::now();
@@ -221,4 +247,3 @@ fn run(
         encode: started.elapsed(),
     })
 }
-

@@ -205,9 +205,15 @@ impl Core {
         let max = self.inner.limits.max_queue_depth.get();
         self.inner
             .in_flight
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n < max).then_some(n + 1))
-            .map(|_| Ticket { inner: Arc::clone(&self.inner) })
-            .map_err(|_| Error::Overloaded { retry_after: jittered_retry_after() })
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .map(|_| Ticket {
+                inner: Arc::clone(&self.inner),
+            })
+            .map_err(|_| Error::Overloaded {
+                retry_after: jittered_retry_after(),
+            })
     }
 
     /// Upscales one image. Cancel-safe: dropping the future leaves the
@@ -247,7 +253,10 @@ impl Core {
             Joined::Follower(waiter) => {
                 inner.metrics.inc_coalesced();
                 let upscaled = waiter.wait().await?;
-                Ok(Answer { upscaled, coalesced: true })
+                Ok(Answer {
+                    upscaled,
+                    coalesced: true,
+                })
             }
             Joined::Leader { waiter, flight } => {
                 let token = flight.token.clone();
@@ -257,7 +266,10 @@ impl Core {
                     flight.publish(result);
                 });
                 let upscaled = waiter.wait().await?;
-                Ok(Answer { upscaled, coalesced: false })
+                Ok(Answer {
+                    upscaled,
+                    coalesced: false,
+                })
             }
         }
     }

@@ -18,14 +18,22 @@ use crate::metrics::{Metrics, Outcome};
 /// The largest body accepted on `path`.
 pub(super) fn body_limit(state: &AppState, path: &str) -> usize {
     let limits = state.core.limits();
-    if path == paths::UPSCALE_PATH { limits.max_payload_bytes } else { limits.max_json_bytes() }
+    if path == paths::UPSCALE_PATH {
+        limits.max_payload_bytes
+    } else {
+        limits.max_json_bytes()
+    }
 }
 
 /// Counts the request when it ends, however it ends: the single place
 /// `hndsr_requests_total`, `hndsr_rejections_total` and the request
 /// duration are recorded.
 pub(super) async fn track(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let mut pending = Pending { metrics: state.metrics.clone(), started: Instant::now(), done: false };
+    let mut pending = Pending {
+        metrics: state.metrics.clone(),
+        started: Instant::now(),
+        done: false,
+    };
     let res = next.run(req).await;
     pending.done = true;
     let (outcome, rejection) = match res.extensions().get::<Failure>() {
@@ -36,7 +44,9 @@ pub(super) async fn track(State(state): State<AppState>, req: Request, next: Nex
         Some(f) if f.reason == "out_of_memory" => (Outcome::OutOfMemory, None),
         Some(_) => (Outcome::Error, None),
     };
-    state.metrics.record_request(outcome, rejection, pending.started.elapsed());
+    state
+        .metrics
+        .record_request(outcome, rejection, pending.started.elapsed());
     res
 }
 
@@ -50,13 +60,18 @@ struct Pending {
 impl Drop for Pending {
     fn drop(&mut self) {
         if !self.done {
-            self.metrics.record_request(Outcome::Disconnected, None, self.started.elapsed());
+            self.metrics
+                .record_request(Outcome::Disconnected, None, self.started.elapsed());
         }
     }
 }
 
 /// Refuses a declared Content-Length above the limit before reading a byte.
-pub(super) async fn content_length(State(state): State<AppState>, req: Request, next: Next) -> Response {
+pub(super) async fn content_length(
+    State(state): State<AppState>,
+    req: Request,
+    next: Next,
+) -> Response {
     let limit = body_limit(&state, req.uri().path());
     let declared = req
         .headers()
@@ -70,7 +85,11 @@ pub(super) async fn content_length(State(state): State<AppState>, req: Request, 
 }
 
 /// Applies the per-client rate limit.
-pub(super) async fn rate_limit(State(state): State<AppState>, req: Request, next: Next) -> Response {
+pub(super) async fn rate_limit(
+    State(state): State<AppState>,
+    req: Request,
+    next: Next,
+) -> Response {
     if let Some(limiter) = &state.limiter {
         let peer = req
             .extensions()

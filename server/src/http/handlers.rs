@@ -14,7 +14,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use hndsr_contract::http as paths;
 use serde::{Deserialize, Serialize};
-use utoipa::{IntoParams, ToSchema};
+use utoipa::ToSchema;
 
 use super::edge::body_limit;
 use super::{AppState, COALESCED_HEADER, LEGACY_UPSCALE_PATH};
@@ -23,8 +23,7 @@ use crate::error::{Error, ErrorBody, jittered_retry_after};
 use crate::lifecycle::Readiness;
 
 /// Query parameters of `POST /v1/upscale`.
-#[derive(Debug, Clone, Default, Deserialize, IntoParams)]
-#[into_params(parameter_in = Query)]
+#[derive(Debug, Clone, Default, Deserialize)]
 pub struct UpscaleQuery {
     /// Upscaling factor; default: the server's `HNDSR_SCALE`.
     pub scale: Option<u32>,
@@ -126,7 +125,9 @@ pub struct InfoResponse {
 /// Takes an admission ticket unless the server is not (or no longer) ready.
 fn admit(state: &AppState) -> Result<Ticket, Error> {
     if state.lifecycle.readiness() != Readiness::Ready {
-        return Err(Error::Unavailable { retry_after: jittered_retry_after() });
+        return Err(Error::Unavailable {
+            retry_after: jittered_retry_after(),
+        });
     }
     state.core.admit()
 }
@@ -150,7 +151,9 @@ async fn with_deadline<T>(
     work: impl Future<Output = Result<T, Error>>,
 ) -> Result<T, Error> {
     let timeout = state.core.limits().request_timeout;
-    tokio::time::timeout(timeout, work).await.map_err(|_| Error::Timeout { timeout })?
+    tokio::time::timeout(timeout, work)
+        .await
+        .map_err(|_| Error::Timeout { timeout })?
 }
 
 fn ms(d: Duration) -> f64 {
@@ -186,7 +189,11 @@ fn with_answer_headers(mut res: Response, answer: &Answer) -> Response {
     post,
     path = paths::UPSCALE_PATH,
     tag = "upscale",
-    params(UpscaleQuery),
+    params(
+        ("scale" = Option<u32>, Query, description = "Upscaling factor; default: the server's HNDSR_SCALE."),
+        ("steps" = Option<u32>, Query, description = "Diffusion sampling steps (hndsr backend); default: HNDSR_SAMPLING_STEPS."),
+        ("seed" = Option<u64>, Query, description = "Seed of the stochastic parts; default 0."),
+    ),
     request_body(
         description = "The image: PNG, JPEG or TIFF; 8 or 16 bit; gray, gray+alpha, RGB or RGBA.",
         content(("image/png"), ("image/jpeg"), ("image/tiff"), ("application/octet-stream")),
@@ -216,7 +223,12 @@ pub(super) async fn upscale_raw(
     let limit = body_limit(&state, paths::UPSCALE_PATH);
     let answer = with_deadline(&state, async {
         let image = read_body(body, limit).await?;
-        let req = UpscaleRequest { image, scale: q.scale, steps: q.steps, seed: q.seed.unwrap_or(0) };
+        let req = UpscaleRequest {
+            image,
+            scale: q.scale,
+            steps: q.steps,
+            seed: q.seed.unwrap_or(0),
+        };
         state.core.upscale(&ticket, req).await
     })
     .await?;
@@ -243,14 +255,20 @@ pub(super) async fn upscale_raw(
         (status = 504, description = "Deadline exceeded; the work was cancelled", body = ErrorBody),
     )
 )]
-pub(super) async fn upscale_json(State(state): State<AppState>, body: Body) -> Result<Response, Error> {
+pub(super) async fn upscale_json(
+    State(state): State<AppState>,
+    body: Body,
+) -> Result<Response, Error> {
     let ticket = admit(&state)?;
     let limit = body_limit(&state, LEGACY_UPSCALE_PATH);
     let answer = with_deadline(&state, async {
         let raw = read_body(body, limit).await?;
         let req: JsonUpscaleRequest = serde_json::from_slice(&raw)
             .map_err(|e| Error::BadRequest(format!("invalid JSON body: {e}")))?;
-        let b64 = req.image.split_once(";base64,").map_or(req.image.as_str(), |(_, data)| data);
+        let b64 = req
+            .image
+            .split_once(";base64,")
+            .map_or(req.image.as_str(), |(_, data)| data);
         let image = BASE64
             .decode(b64.trim())
             .map_err(|e| Error::BadRequest(format!("`image` is not valid base64: {e}")))?;
@@ -266,7 +284,12 @@ pub(super) async fn upscale_json(State(state): State<AppState>, body: Body) -> R
     let up = &answer.upscaled;
     let body = JsonUpscaleResponse {
         image: BASE64.encode(&up.image),
-        format: if up.content_type == "image/tiff" { "tiff" } else { "png" }.to_owned(),
+        format: if up.content_type == "image/tiff" {
+            "tiff"
+        } else {
+            "png"
+        }
+        .to_owned(),
         width: up.width,
         height: up.height,
         scale: up.scale,
@@ -281,7 +304,11 @@ pub(super) async fn upscale_json(State(state): State<AppState>, body: Body) -> R
 #[utoipa::path(get, path = paths::HEALTHZ_PATH, tag = "probes",
     responses((status = 200, description = "Alive"), (status = 503, description = "An inference thread died")))]
 pub(super) async fn healthz(State(state): State<AppState>) -> StatusCode {
-    if state.core.healthy() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }
+    if state.core.healthy() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    }
 }
 
 /// Readiness: warmed up and not draining.
@@ -295,15 +322,30 @@ pub(super) async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<R
         Readiness::WarmingUp => "warming_up",
         Readiness::Draining => "draining",
     };
-    let code = if r == Readiness::Ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (code, Json(ReadyResponse { status: status.to_owned() }))
+    let code = if r == Readiness::Ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        code,
+        Json(ReadyResponse {
+            status: status.to_owned(),
+        }),
+    )
 }
 
 /// Prometheus metrics, text exposition format.
 #[utoipa::path(get, path = paths::METRICS_PATH, tag = "probes",
     responses((status = 200, description = "Prometheus text format", body = String, content_type = "text/plain")))]
 pub(super) async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], state.metrics.render())
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
 }
 
 /// Model, backend, device, limits and version.
@@ -338,7 +380,10 @@ pub(super) async fn info(State(state): State<AppState>) -> Json<InfoResponse> {
 #[utoipa::path(get, path = paths::OPENAPI_PATH, tag = "info",
     responses((status = 200, description = "The OpenAPI document")))]
 pub(super) async fn openapi() -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "application/json")], super::openapi::json())
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        super::openapi::json(),
+    )
 }
 
 /// Unknown routes get the JSON error shape too.

@@ -75,12 +75,18 @@ impl RateLimiter {
         limiter.shrink_to_fit();
         let mut len = limiter.len();
         if len > self.max_clients {
-            tracing::warn!(clients = len, cap = self.max_clients, "rate limiter table full; resetting it");
+            tracing::warn!(
+                clients = len,
+                cap = self.max_clients,
+                "rate limiter table full; resetting it"
+            );
             *self.limiter.write() = Arc::new(Governor::keyed(self.quota));
             self.metrics.rate_limiter_resets.inc();
             len = 0;
         }
-        self.metrics.rate_limiter_clients.set(i64::try_from(len).unwrap_or(i64::MAX));
+        self.metrics
+            .rate_limiter_clients
+            .set(i64::try_from(len).unwrap_or(i64::MAX));
     }
 
     /// Clients currently tracked.

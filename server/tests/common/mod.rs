@@ -35,9 +35,15 @@ pub struct TestServer {
 
 /// Parses `args` as the binary would (rate limiting off unless asked).
 pub fn config(args: &[&str]) -> Config {
-    let mut argv = vec!["hndsr-server", "--listen", "127.0.0.1:0", "--rate-limit-per-hour", "0"];
+    let mut argv = vec!["hndsr-server", "--listen", "127.0.0.1:0"];
+    if !args.contains(&"--rate-limit-per-hour") {
+        argv.extend_from_slice(&["--rate-limit-per-hour", "0"]);
+    }
     argv.extend_from_slice(args);
-    Args::try_parse_from(argv).expect("args parse").into_config().expect("valid config")
+    Args::try_parse_from(argv)
+        .expect("args parse")
+        .into_config()
+        .expect("valid config")
 }
 
 /// Starts a server with the fake backend; returns once `/readyz` is 200.
@@ -52,12 +58,24 @@ pub async fn start(args: &[&str], delay: Duration) -> TestServer {
 pub async fn start_unready(args: &[&str], backend: Arc<FakeBackend>) -> TestServer {
     let server = Server::new(config(args), backend.clone()).expect("server");
     let state = server.state().clone();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let addr = listener.local_addr().expect("addr");
     let shutdown = CancellationToken::new();
     let handle = tokio::spawn(server.run(listener, shutdown.clone()));
-    let client = reqwest::Client::builder().no_proxy().build().expect("client");
-    TestServer { addr, backend, state, shutdown, handle, client }
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .expect("client");
+    TestServer {
+        addr,
+        backend,
+        state,
+        shutdown,
+        handle,
+        client,
+    }
 }
 
 impl TestServer {
@@ -100,7 +118,9 @@ impl TestServer {
     pub async fn stop(self) {
         self.backend.set_delay(Duration::ZERO);
         self.shutdown.cancel();
-        let result = tokio::time::timeout(WAIT, self.handle).await.expect("server stopped in time");
+        let result = tokio::time::timeout(WAIT, self.handle)
+            .await
+            .expect("server stopped in time");
         result.expect("join").expect("clean exit");
     }
 }
@@ -113,7 +133,10 @@ where
 {
     let deadline = tokio::time::Instant::now() + WAIT;
     while !check().await {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
@@ -161,7 +184,11 @@ fn crc32(bytes: &[u8]) -> u32 {
     for &b in bytes {
         crc ^= u32::from(b);
         for _ in 0..8 {
-            crc = if crc & 1 == 1 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
         }
     }
     !crc
