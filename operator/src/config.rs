@@ -1,0 +1,244 @@
+//! Command-line and environment configuration of the operator binary: one
+//! clap [`Args`] struct (every flag also reads an env var), turned into the
+//! typed [`Config`] the rest of the crate uses.
+
+use std::{net::SocketAddr, time::Duration};
+
+use clap::Parser;
+
+/// Flags of `hndsr-operator`. Every flag can also be set by the env var
+/// named next to it.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "hndsr-operator",
+    version,
+    about = "Reconciles HndsrService resources."
+)]
+pub struct Args {
+    /// Only watch and reconcile this namespace (children and pods too).
+    /// Unset: every namespace (needs the ClusterRole).
+    #[arg(long, env = "HNDSR_WATCH_NAMESPACE")]
+    pub watch_namespace: Option<String>,
+
+    /// Address of the HTTP server for /metrics, /healthz and /readyz.
+    #[arg(long, env = "HNDSR_METRICS_ADDR", default_value = "0.0.0.0:8081")]
+    pub metrics_addr: SocketAddr,
+
+    /// Run leader election on a Lease so several replicas can run; only the
+    /// leader reconciles.
+    #[arg(
+        long,
+        env = "HNDSR_LEADER_ELECTION",
+        default_value_t = true,
+        action = clap::ArgAction::Set
+    )]
+    pub leader_election: bool,
+
+    /// Name of the leader-election Lease.
+    #[arg(
+        long,
+        env = "HNDSR_LEASE_NAME",
+        default_value = "hndsr-operator-leader"
+    )]
+    pub lease_name: String,
+
+    /// Namespace of the Lease; defaults to the pod's namespace (`POD_NAMESPACE`).
+    #[arg(long, env = "HNDSR_LEASE_NAMESPACE")]
+    pub lease_namespace: Option<String>,
+
+    /// How long a lease is valid without renewal; failover happens within it.
+    #[arg(long, env = "HNDSR_LEASE_DURATION_SECONDS", default_value_t = 15)]
+    pub lease_duration_seconds: u64,
+
+    /// The leader gives up (and exits) when it could not renew for this long.
+    /// Must be shorter than the lease duration.
+    #[arg(long, env = "HNDSR_RENEW_DEADLINE_SECONDS", default_value_t = 10)]
+    pub renew_deadline_seconds: u64,
+
+    /// Interval between acquire/renew attempts.
+    #[arg(long, env = "HNDSR_RETRY_PERIOD_SECONDS", default_value_t = 2)]
+    pub retry_period_seconds: u64,
+
+    /// Identity written into the Lease; defaults to `POD_NAME`, then the host name.
+    #[arg(long, env = "HNDSR_IDENTITY")]
+    pub identity: Option<String>,
+
+    /// Emit JSON logs.
+    #[arg(long, env = "HNDSR_LOG_JSON", default_value_t = false, action = clap::ArgAction::Set)]
+    pub log_json: bool,
+}
+
+/// Leader-election settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaderConfig {
+    /// Lease name.
+    pub lease_name: String,
+    /// Lease namespace.
+    pub lease_namespace: String,
+    /// Holder identity of this replica.
+    pub identity: String,
+    /// Lease validity without renewal.
+    pub lease_duration: Duration,
+    /// Give up leadership when not renewed for this long.
+    pub renew_deadline: Duration,
+    /// Interval between attempts.
+    pub retry_period: Duration,
+}
+
+/// Typed configuration of the operator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// `None`: all namespaces.
+    pub watch_namespace: Option<String>,
+    /// Bind address of the metrics/probe server.
+    pub metrics_addr: SocketAddr,
+    /// `None`: leader election disabled (single replica).
+    pub leader: Option<LeaderConfig>,
+    /// Identity used as the event reporter instance.
+    pub identity: String,
+    /// JSON logs.
+    pub log_json: bool,
+}
+
+/// Invalid combinations of flags, reported at start-up.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// The renew deadline must leave room before the lease expires.
+    #[error(
+        "--renew-deadline-seconds ({renew}) must be shorter than --lease-duration-seconds ({duration})"
+    )]
+    RenewDeadline {
+        /// Renew deadline.
+        renew: u64,
+        /// Lease duration.
+        duration: u64,
+    },
+    /// The retry period must be shorter than the renew deadline.
+    #[error(
+        "--retry-period-seconds ({retry}) must be shorter than --renew-deadline-seconds ({renew})"
+    )]
+    RetryPeriod {
+        /// Retry period.
+        retry: u64,
+        /// Renew deadline.
+        renew: u64,
+    },
+    /// Leader election needs a namespace for its Lease.
+    #[error(
+        "leader election needs the Lease namespace: set --lease-namespace or POD_NAMESPACE (downward API)"
+    )]
+    NoLeaseNamespace,
+    /// Durations of zero make no sense.
+    #[error("lease durations must be positive")]
+    ZeroDuration,
+}
+
+impl Args {
+    /// Turns the flags into [`Config`]; `env` looks up `POD_NAMESPACE`,
+    /// `POD_NAME` and `HOSTNAME` (a parameter so tests need no process env).
+    ///
+    /// # Errors
+    /// [`ConfigError`] for inconsistent lease timings or a missing Lease namespace.
+    pub fn into_config(self, env: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let identity = self
+            .identity
+            .or_else(|| env("POD_NAME"))
+            .or_else(|| env("HOSTNAME"))
+            .unwrap_or_else(|| format!("hndsr-operator-{}", std::process::id()));
+        let leader = if self.leader_election {
+            if self.lease_duration_seconds == 0
+                || self.renew_deadline_seconds == 0
+                || self.retry_period_seconds == 0
+            {
+                return Err(ConfigError::ZeroDuration);
+            }
+            if self.renew_deadline_seconds >= self.lease_duration_seconds {
+                return Err(ConfigError::RenewDeadline {
+                    renew: self.renew_deadline_seconds,
+                    duration: self.lease_duration_seconds,
+                });
+            }
+            if self.retry_period_seconds >= self.renew_deadline_seconds {
+                return Err(ConfigError::RetryPeriod {
+                    retry: self.retry_period_seconds,
+                    renew: self.renew_deadline_seconds,
+                });
+            }
+            let lease_namespace = self
+                .lease_namespace
+                .or_else(|| env("POD_NAMESPACE"))
+                .ok_or(ConfigError::NoLeaseNamespace)?;
+            Some(LeaderConfig {
+                lease_name: self.lease_name,
+                lease_namespace,
+                identity: identity.clone(),
+                lease_duration: Duration::from_secs(self.lease_duration_seconds),
+                renew_deadline: Duration::from_secs(self.renew_deadline_seconds),
+                retry_period: Duration::from_secs(self.retry_period_seconds),
+            })
+        } else {
+            None
+        };
+        Ok(Config {
+            watch_namespace: self.watch_namespace.filter(|ns| !ns.is_empty()),
+            metrics_addr: self.metrics_addr,
+            leader,
+            identity,
+            log_json: self.log_json,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Args {
+        Args::try_parse_from(std::iter::once("hndsr-operator").chain(args.iter().copied()))
+            .expect("valid flags")
+    }
+
+    fn env(key: &str) -> Option<String> {
+        match key {
+            "POD_NAMESPACE" => Some("hndsr-system".into()),
+            "POD_NAME" => Some("hndsr-operator-abc".into()),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn defaults_come_from_the_downward_api() {
+        let cfg = parse(&[]).into_config(env).unwrap();
+        let leader = cfg.leader.unwrap();
+        assert_eq!(leader.lease_namespace, "hndsr-system");
+        assert_eq!(leader.identity, "hndsr-operator-abc");
+        assert_eq!(leader.lease_duration, Duration::from_secs(15));
+        assert_eq!(cfg.metrics_addr, "0.0.0.0:8081".parse().unwrap());
+        assert_eq!(cfg.watch_namespace, None);
+    }
+
+    #[test]
+    fn leader_election_can_be_disabled() {
+        let cfg = parse(&["--leader-election", "false", "--watch-namespace", "team-a"])
+            .into_config(|_| None)
+            .unwrap();
+        assert_eq!(cfg.leader, None);
+        assert_eq!(cfg.watch_namespace.as_deref(), Some("team-a"));
+    }
+
+    #[test]
+    fn inconsistent_timings_are_rejected() {
+        let err = parse(&["--renew-deadline-seconds", "20"])
+            .into_config(env)
+            .unwrap_err();
+        assert_eq!(
+            err,
+            ConfigError::RenewDeadline {
+                renew: 20,
+                duration: 15
+            }
+        );
+        let err = parse(&[]).into_config(|_| None).unwrap_err();
+        assert_eq!(err, ConfigError::NoLeaseNamespace);
+    }
+}

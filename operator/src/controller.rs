@@ -1,0 +1,483 @@
+//! The reconciler: `HndsrService` → Deployment, Service, HPA, PDB and status.
+//!
+//! Phases of one pass ([`reconcile`]):
+//! 1. **read** the observed children and pods from the watch caches;
+//! 2. **validate and build** the desired children (pure, [`crate::builders`]);
+//! 3. **apply** each child with server-side apply, skipped when the live
+//!    child already matches ([`crate::ssa`]); delete optional children the
+//!    spec no longer asks for;
+//! 4. **status**: compute it (pure, [`crate::status`]) and patch `/status`
+//!    only when it changed;
+//! 5. **events** for every write and every condition transition.
+//!
+//! An invalid spec sets `Ready=False/InvalidSpec` plus a Warning event and
+//! waits for a change (no requeue loop); transient errors go to
+//! [`error_policy`], which requeues with per-object exponential backoff.
+
+use std::{sync::Arc, time::Duration};
+
+use hndsr_crds::{HndsrService, HndsrServiceStatus, conditions, labels};
+use k8s_openapi::{
+    NamespaceResourceScope,
+    api::core::v1::{ObjectReference, Pod},
+    apimachinery::pkg::apis::meta::v1::Condition,
+    jiff::Timestamp,
+};
+use kube::{
+    Resource, ResourceExt,
+    api::{Api, DeleteParams, Patch, PatchParams},
+    runtime::{
+        controller::Action,
+        events::{Event, EventType},
+        reflector::{ObjectRef, Store},
+    },
+};
+use serde::{Serialize, de::DeserializeOwned};
+use serde_json::Value;
+
+use crate::{
+    builders::{self, Children},
+    context::Context,
+    error::{Error, Result},
+    ssa::{self, EnsureError, Outcome},
+    status::{self, Observed},
+};
+
+/// Periodic resync of a healthy object: cheap, because a pass that finds
+/// nothing to do makes no API calls.
+pub const RESYNC: Duration = Duration::from_secs(300);
+
+/// Reconciles one `HndsrService`. See the module docs for the phases.
+///
+/// # Errors
+/// Transient API failures; [`error_policy`] decides the retry.
+pub async fn reconcile(svc: Arc<HndsrService>, ctx: Arc<Context>) -> Result<Action> {
+    let started = std::time::Instant::now();
+    let result = reconcile_inner(&svc, &ctx).await;
+    ctx.metrics
+        .observe_reconcile(started.elapsed(), result.as_ref().err().map(Error::reason));
+    match &result {
+        Ok(_) => ctx.backoff.reset(&ObjectRef::from_obj(&*svc)),
+        Err(err) => {
+            tracing::warn!(name = %svc.name_any(), namespace = ?svc.namespace(), error = %err, "reconcile failed");
+            let note = truncate(&err.to_string(), 1000);
+            publish(
+                &ctx,
+                &svc,
+                EventType::Warning,
+                "ReconcileFailed",
+                "Reconcile",
+                note,
+            )
+            .await;
+        }
+    }
+    result
+}
+
+/// Requeue after a failed pass: per-object exponential backoff (1 s doubling
+/// to 5 minutes, with jitter), reset by the next success.
+pub fn error_policy(svc: Arc<HndsrService>, _err: &Error, ctx: Arc<Context>) -> Action {
+    Action::requeue(ctx.backoff.next(&ObjectRef::from_obj(&*svc)))
+}
+
+async fn reconcile_inner(svc: &HndsrService, ctx: &Context) -> Result<Action> {
+    let name = svc.name_any();
+    let ns = svc
+        .namespace()
+        .ok_or_else(|| Error::MissingNamespace { name: name.clone() })?;
+
+    // 1. read
+    let observed = observe(&ctx.stores, &ns, &name);
+
+    // 2. validate + build (pure)
+    let desired = builders::desired(svc, &ctx.build);
+    let now = Timestamp::now();
+    let children = match desired {
+        Ok(children) => children,
+        Err(invalid) => {
+            let new = status::compute(svc, Err(&invalid), &observed, now);
+            patch_status_if_changed(svc, ctx, &ns, &new).await?;
+            if condition_changed(svc.status.as_ref(), &new, conditions::READY) {
+                let note = truncate(&format!("the spec is invalid: {invalid}"), 1000);
+                publish(
+                    ctx,
+                    svc,
+                    EventType::Warning,
+                    conditions::reasons::INVALID_SPEC,
+                    "Validate",
+                    note,
+                )
+                .await;
+            }
+            // Nothing will fix itself: wait for the next spec change.
+            return Ok(Action::await_change());
+        }
+    };
+
+    // 3. apply
+    apply_children(svc, ctx, &ns, children.clone()).await?;
+
+    // 4. status
+    let new = status::compute(svc, Ok(&children), &observed, now);
+    patch_status_if_changed(svc, ctx, &ns, &new).await?;
+
+    // 5. events on condition transitions
+    for ty in [conditions::READY, conditions::DEGRADED] {
+        if condition_changed(svc.status.as_ref(), &new, ty)
+            && let Some(c) = find(&new, ty)
+        {
+            let warning = (ty == conditions::READY && c.status != "True")
+                || (ty == conditions::DEGRADED && c.status == "True");
+            if ty == conditions::DEGRADED && !warning && svc.status.is_none() {
+                continue; // "not degraded" on creation is no news
+            }
+            let kind = if warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            };
+            let note = truncate(&format!("{ty}={}: {}", c.status, c.message), 1000);
+            publish(ctx, svc, kind, &c.reason, "Status", note).await;
+        }
+    }
+    Ok(Action::requeue(RESYNC))
+}
+
+/// The observed children and serving pods of `ns/name`, from the caches.
+#[must_use]
+pub fn observe(stores: &crate::context::Stores, ns: &str, name: &str) -> Observed {
+    let deployment = get_cached(&stores.deployments, ns, name);
+    let hpa = get_cached(&stores.hpas, ns, name);
+    let pods = stores
+        .pods
+        .state()
+        .into_iter()
+        .filter(|p| p.metadata.namespace.as_deref() == Some(ns) && is_serving_pod_of(p, name))
+        .map(|p| (*p).clone())
+        .collect();
+    Observed {
+        deployment,
+        hpa,
+        pods,
+    }
+}
+
+fn is_serving_pod_of(pod: &Pod, name: &str) -> bool {
+    let l = pod.labels();
+    l.get(labels::SERVICE).map(String::as_str) == Some(name)
+        && l.get(labels::ROLE).map(String::as_str) == Some(labels::ROLE_SERVING)
+}
+
+fn get_cached<K>(store: &Store<K>, ns: &str, name: &str) -> Option<K>
+where
+    K: Resource<DynamicType = ()> + Clone + 'static,
+{
+    store
+        .get(&ObjectRef::new(name).within(ns))
+        .map(|k| (*k).clone())
+}
+
+async fn apply_children(
+    svc: &HndsrService,
+    ctx: &Context,
+    ns: &str,
+    children: Children,
+) -> Result<()> {
+    let Children {
+        deployment,
+        service,
+        hpa,
+        pdb,
+        ..
+    } = children;
+    let name = svc.name_any();
+    let stores = &ctx.stores;
+    apply_one(
+        svc,
+        ctx,
+        ns,
+        deployment,
+        get_cached(&stores.deployments, ns, &name),
+    )
+    .await?;
+    apply_one(
+        svc,
+        ctx,
+        ns,
+        service,
+        get_cached(&stores.services, ns, &name),
+    )
+    .await?;
+    match hpa {
+        Some(hpa) => {
+            apply_one(svc, ctx, ns, hpa, get_cached(&stores.hpas, ns, &name)).await?;
+        }
+        None => delete_if_owned(svc, ctx, ns, get_cached(&stores.hpas, ns, &name)).await?,
+    }
+    match pdb {
+        Some(pdb) => {
+            apply_one(svc, ctx, ns, pdb, get_cached(&stores.pdbs, ns, &name)).await?;
+        }
+        None => delete_if_owned(svc, ctx, ns, get_cached(&stores.pdbs, ns, &name)).await?,
+    }
+    Ok(())
+}
+
+async fn apply_one<K>(
+    svc: &HndsrService,
+    ctx: &Context,
+    ns: &str,
+    desired: K,
+    live: Option<K>,
+) -> Result<Outcome>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+        + Serialize
+        + DeserializeOwned
+        + Clone
+        + std::fmt::Debug,
+{
+    let kind = static_kind::<K>();
+    let name = desired.name_any();
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), ns);
+    let outcome = ssa::ensure(&api, desired, live.as_ref())
+        .await
+        .map_err(|e| match e {
+            EnsureError::Serialize(source) => Error::Serialize { kind, source },
+            EnsureError::Api(source) => Error::Apply {
+                kind,
+                namespace: ns.to_owned(),
+                name: name.clone(),
+                source,
+            },
+        })?;
+    if outcome.wrote() {
+        ctx.metrics.applies.with_label_values(&[kind]).inc();
+        let (reason, note) = match outcome {
+            Outcome::Created => ("Created", format!("created {kind} {name}")),
+            Outcome::Updated => ("Updated", format!("applied the new spec to {kind} {name}")),
+            _ => (
+                "DriftReverted",
+                format!("{kind} {name} was changed by someone else; restored it"),
+            ),
+        };
+        tracing::info!(%kind, %name, namespace = %ns, reason, "applied child");
+        publish(ctx, svc, EventType::Normal, reason, "Apply", note).await;
+    }
+    Ok(outcome)
+}
+
+async fn delete_if_owned<K>(
+    svc: &HndsrService,
+    ctx: &Context,
+    ns: &str,
+    live: Option<K>,
+) -> Result<()>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+        + DeserializeOwned
+        + Clone
+        + std::fmt::Debug,
+{
+    let Some(live) = live else { return Ok(()) };
+    let ours = live
+        .owner_references()
+        .iter()
+        .any(|o| o.controller == Some(true) && Some(&o.uid) == svc.metadata.uid.as_ref());
+    if !ours {
+        return Ok(());
+    }
+    let kind = static_kind::<K>();
+    let name = live.name_any();
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), ns);
+    match api.delete(&name, &DeleteParams::background()).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(s)) if s.code == 404 => return Ok(()),
+        Err(source) => {
+            return Err(Error::Delete {
+                kind,
+                namespace: ns.to_owned(),
+                name,
+                source,
+            });
+        }
+    }
+    let note = format!("deleted {kind} {name}: the spec no longer asks for it");
+    publish(ctx, svc, EventType::Normal, "Deleted", "Delete", note).await;
+    Ok(())
+}
+
+/// A `'static` kind name for metric labels and errors.
+fn static_kind<K: Resource<DynamicType = ()>>() -> &'static str {
+    match K::kind(&()).as_ref() {
+        "Deployment" => "Deployment",
+        "Service" => "Service",
+        "HorizontalPodAutoscaler" => "HorizontalPodAutoscaler",
+        "PodDisruptionBudget" => "PodDisruptionBudget",
+        _ => "Other",
+    }
+}
+
+/// Merge-patches `/status` when `new` differs from what the object has.
+/// Top-level fields that disappeared are sent as `null` so the merge patch
+/// removes them.
+async fn patch_status_if_changed(
+    svc: &HndsrService,
+    ctx: &Context,
+    ns: &str,
+    new: &HndsrServiceStatus,
+) -> Result<()> {
+    if svc.status.as_ref() == Some(new) {
+        return Ok(());
+    }
+    let patch =
+        status_merge_patch(svc.status.as_ref(), new).map_err(|source| Error::Serialize {
+            kind: "HndsrServiceStatus",
+            source,
+        })?;
+    let api: Api<HndsrService> = Api::namespaced(ctx.client.clone(), ns);
+    api.patch_status(
+        &svc.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
+    .await
+    .map_err(|source| Error::PatchStatus {
+        namespace: ns.to_owned(),
+        name: svc.name_any(),
+        source,
+    })?;
+    ctx.metrics.status_patches.inc();
+    Ok(())
+}
+
+/// `{"status": new}` with explicit nulls for fields only `old` has.
+///
+/// # Errors
+/// Serialisation failed.
+pub fn status_merge_patch(
+    old: Option<&HndsrServiceStatus>,
+    new: &HndsrServiceStatus,
+) -> serde_json::Result<Value> {
+    let mut new_json = serde_json::to_value(new)?;
+    if let (Some(old), Some(obj)) = (old, new_json.as_object_mut())
+        && let Value::Object(old_json) = serde_json::to_value(old)?
+    {
+        for key in old_json.keys() {
+            obj.entry(key.clone()).or_insert(Value::Null);
+        }
+    }
+    Ok(serde_json::json!({ "status": new_json }))
+}
+
+fn find<'a>(status: &'a HndsrServiceStatus, ty: &str) -> Option<&'a Condition> {
+    status.conditions.iter().find(|c| c.type_ == ty)
+}
+
+/// Whether condition `ty` changed status or reason between `old` and `new`.
+#[must_use]
+pub fn condition_changed(
+    old: Option<&HndsrServiceStatus>,
+    new: &HndsrServiceStatus,
+    ty: &str,
+) -> bool {
+    let before = old.and_then(|o| find(o, ty));
+    let after = find(new, ty);
+    match (before, after) {
+        (Some(b), Some(a)) => b.status != a.status || b.reason != a.reason,
+        (None, None) => false,
+        _ => true,
+    }
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+/// Publishes an event about `svc`; failures are logged, never fatal (an
+/// event is information, not state).
+async fn publish(
+    ctx: &Context,
+    svc: &HndsrService,
+    type_: EventType,
+    reason: &str,
+    action: &str,
+    note: String,
+) {
+    let reference: ObjectReference = svc.object_ref(&());
+    let event = Event {
+        type_,
+        reason: reason.to_owned(),
+        note: Some(note),
+        action: action.to_owned(),
+        secondary: None,
+    };
+    if let Err(error) = ctx.recorder.publish(&event, &reference).await {
+        tracing::warn!(%error, reason, "publishing an event failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+    fn cond(ty: &str, status: &str, reason: &str) -> Condition {
+        Condition {
+            type_: ty.into(),
+            status: status.into(),
+            reason: reason.into(),
+            message: String::new(),
+            observed_generation: None,
+            last_transition_time: Time(Timestamp::UNIX_EPOCH),
+        }
+    }
+
+    #[test]
+    fn removed_status_fields_are_nulled() {
+        let old = HndsrServiceStatus {
+            endpoint: Some("http://x".into()),
+            replicas: Some(1),
+            ..HndsrServiceStatus::default()
+        };
+        let new = HndsrServiceStatus {
+            replicas: Some(2),
+            ..HndsrServiceStatus::default()
+        };
+        let patch = status_merge_patch(Some(&old), &new).unwrap();
+        assert_eq!(
+            patch,
+            serde_json::json!({"status": {"replicas": 2, "endpoint": null}})
+        );
+    }
+
+    #[test]
+    fn condition_transitions() {
+        let a = HndsrServiceStatus {
+            conditions: vec![cond("Ready", "False", "LoadingModel")],
+            ..HndsrServiceStatus::default()
+        };
+        let b = HndsrServiceStatus {
+            conditions: vec![cond("Ready", "True", "Available")],
+            ..HndsrServiceStatus::default()
+        };
+        assert!(condition_changed(Some(&a), &b, "Ready"));
+        assert!(!condition_changed(Some(&b), &b, "Ready"));
+        assert!(condition_changed(None, &b, "Ready"));
+        assert!(!condition_changed(Some(&b), &b, "Degraded"));
+    }
+
+    #[test]
+    fn truncates_on_char_boundaries() {
+        assert_eq!(truncate("abc", 5), "abc");
+        assert_eq!(truncate("ééé", 3), "é…");
+    }
+}

@@ -1,0 +1,17 @@
+//! The HNDSR operator: reconciles `HndsrService` into a Deployment, a
+//! Service, a HorizontalPodAutoscaler and a PodDisruptionBudget.
+
+pub mod builders;
+pub mod defaults;
+pub mod status;
+pub mod validate;
+
+pub mod config;
+pub mod context;
+pub mod controller;
+pub mod error;
+pub mod http;
+pub mod leader;
+pub mod metrics;
+pub mod ssa;
+pub mod watches;

@@ -1,0 +1,186 @@
+//! `hndsr-operator`: start-up checks, watch caches, leader election, the
+//! controller, the metrics/probe server and graceful shutdown.
+
+use std::sync::{Arc, atomic::Ordering};
+
+use anyhow::{Context as _, bail};
+use clap::Parser;
+use futures::StreamExt;
+use hndsr_crds::HndsrService;
+use hndsr_operator::{
+    builders::BuildConfig,
+    config::{Args, Config},
+    context::Context,
+    controller::{error_policy, reconcile},
+    http::{self, HttpState},
+    leader::LeaderElector,
+    watches::{self, Triggers},
+};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::{
+    Api, Client, CustomResourceExt,
+    runtime::{Controller, controller, watcher},
+};
+use tokio_util::sync::CancellationToken;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = Args::parse().into_config(|k| std::env::var(k).ok())?;
+    init_tracing(config.log_json);
+    let result = run(config).await;
+    if let Err(error) = &result {
+        tracing::error!(error = format!("{error:#}"), "hndsr-operator failed");
+    }
+    result
+}
+
+fn init_tracing(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// Fails with an actionable message when the CRD is missing.
+async fn check_crd(client: Client) -> anyhow::Result<()> {
+    let name = HndsrService::crd_name();
+    let crds: Api<CustomResourceDefinition> = Api::all(client);
+    match crds.get_opt(name).await {
+        Ok(Some(_)) => Ok(()),
+        Ok(None) => bail!(
+            "the HndsrService CRD is not installed: kubectl apply -f crds/hndsrservice.yaml (or install the Helm chart)"
+        ),
+        Err(e) => Err(e).with_context(|| format!("reading CustomResourceDefinition {name}")),
+    }
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    let client = Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API (in-cluster config or KUBECONFIG)")?;
+    check_crd(client.clone()).await?;
+
+    let shutdown = CancellationToken::new();
+    tokio::spawn(signal_shutdown(shutdown.clone()));
+
+    let state = HttpState::default();
+    let metrics = state.metrics.clone();
+    let http_task = tokio::spawn(http::serve(config.metrics_addr, state.clone(), {
+        let s = shutdown.clone();
+        async move { s.cancelled().await }
+    }));
+
+    // Caches run in every replica; triggers flow only while leading.
+    let (tx, rx) = futures::channel::mpsc::unbounded();
+    let triggers = Triggers {
+        leading: Arc::default(),
+        tx,
+    };
+    let ns = config.watch_namespace.as_deref();
+    let w = watches::watches(&client, ns, &triggers);
+    for driver in w.drivers {
+        tokio::spawn(driver);
+    }
+    let stores = w.stores;
+    {
+        let (stores, ready) = (stores.clone(), state.ready.clone());
+        tokio::spawn(async move {
+            watches::wait_synced(&stores).await;
+            ready.store(true, Ordering::Release);
+            tracing::info!("watch caches synced");
+        });
+    }
+
+    // Leadership.
+    let elector = config
+        .leader
+        .clone()
+        .map(|cfg| LeaderElector::new(client.clone(), cfg));
+    if let Some(elector) = &elector {
+        let (leading_tx, mut leading_rx) = tokio::sync::watch::channel(false);
+        let (elector2, metrics2, stop) = (elector.clone(), metrics.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            let lost = elector2.run(leading_tx, metrics2).await;
+            if stop.is_cancelled() {
+                return;
+            }
+            // See leader.rs: restarting is the simplest way to be sure no
+            // reconcile of the old term writes after another replica took over.
+            tracing::error!(error = %lost, "leadership lost; exiting so the kubelet restarts this replica");
+            std::process::exit(1);
+        });
+        tracing::info!("waiting for leadership");
+        tokio::select! {
+            _ = leading_rx.wait_for(|l| *l) => {}
+            () = shutdown.cancelled() => {
+                http_task.await.ok();
+                return Ok(());
+            }
+        }
+    } else {
+        metrics.leader.set(1);
+    }
+    triggers.leading.store(true, Ordering::Release);
+
+    let ctx = Context::new(
+        client.clone(),
+        &config.identity,
+        metrics,
+        stores,
+        BuildConfig {
+            log_json: config.log_json,
+            ..BuildConfig::default()
+        },
+    );
+    let hsvc: Api<HndsrService> = watches::scoped_api(client.clone(), ns);
+    tracing::info!(namespace = ns.unwrap_or("<all>"), "starting the controller");
+    Controller::new(hsvc, watcher::Config::default().any_semantic())
+        .with_config(controller::Config::default().concurrency(16))
+        .reconcile_on(rx)
+        .graceful_shutdown_on({
+            let s = shutdown.clone();
+            async move { s.cancelled_owned().await }
+        })
+        .run(reconcile, error_policy, ctx)
+        .for_each(|res| async move {
+            match res {
+                Ok((obj, _)) => {
+                    tracing::debug!(name = %obj.name, namespace = ?obj.namespace, "reconciled")
+                }
+                Err(controller::Error::ReconcilerFailed(..)) => {} // logged by reconcile
+                Err(error) => tracing::warn!(%error, "controller"),
+            }
+        })
+        .await;
+
+    tracing::info!("controller stopped; releasing the lease");
+    if let Some(elector) = &elector
+        && let Err(error) = elector.release().await
+    {
+        tracing::warn!(%error, "releasing the lease failed; the other replica takes over at expiry");
+    }
+    http_task.await.ok();
+    Ok(())
+}
+
+/// Cancels `token` on SIGTERM or Ctrl-C.
+async fn signal_shutdown(token: CancellationToken) {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
+    }
+    tracing::info!("shutdown requested: finishing in-flight reconciles");
+    token.cancel();
+}

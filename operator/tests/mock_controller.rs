@@ -1,0 +1,604 @@
+//! The reconciler against a mocked API server (tower-test): exact call
+//! sequences for create, update, steady state, drift, a deleted child, an
+//! invalid spec and a transient error.
+//!
+//! The observed children come from in-memory watch caches the test fills,
+//! so the mocked API server only sees what the reconciler *writes*.
+
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use hndsr_crds::{FIELD_MANAGER, HndsrService};
+use hndsr_operator::{
+    builders::{self, BuildConfig, Children},
+    context::{Context, Stores},
+    controller::{error_policy, reconcile},
+    error::Error,
+    metrics::Metrics,
+    ssa::{self, SPEC_HASH},
+    status::{self, Observed},
+};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use k8s_openapi::{
+    api::{
+        apps::v1::{Deployment, DeploymentStatus},
+        autoscaling::v2::HorizontalPodAutoscaler,
+        core::v1::{Pod, Service},
+        policy::v1::PodDisruptionBudget,
+    },
+    apimachinery::pkg::apis::meta::v1::{FieldsV1, ManagedFieldsEntry},
+    jiff::Timestamp,
+};
+use kube::{
+    Client, Resource, ResourceExt,
+    client::Body,
+    runtime::{
+        controller::Action,
+        reflector::{self, store::Writer},
+        watcher,
+    },
+};
+use serde::Serialize;
+use serde_json::{Value, json};
+
+const TIMEOUT: Duration = Duration::from_secs(10);
+type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+
+/// One request the reconciler made.
+#[derive(Debug, Clone)]
+struct Call {
+    method: Method,
+    path: String,
+    query: String,
+    content_type: String,
+    body: Value,
+}
+
+impl Call {
+    fn is_event(&self) -> bool {
+        self.path.starts_with("/apis/events.k8s.io/")
+    }
+    /// `PATCH deployments` etc.: method and resource plural (and subresource).
+    fn short(&self) -> String {
+        let parts: Vec<&str> = self.path.split('/').collect();
+        // /apis/<group>/<version>/namespaces/<ns>/<plural>/<name>[/<sub>]
+        // /api/<version>/namespaces/<ns>/<plural>/<name>
+        let ns_at = parts.iter().position(|p| *p == "namespaces").unwrap_or(0);
+        let plural = parts.get(ns_at + 2).copied().unwrap_or("");
+        let sub = parts
+            .get(ns_at + 4)
+            .map(|s| format!("/{s}"))
+            .unwrap_or_default();
+        format!("{} {plural}{sub}", self.method)
+    }
+}
+
+/// How the mocked API server answers, per test.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scenario {
+    /// Every write succeeds and echoes its body.
+    Accept,
+    /// Applies of Deployments fail with 500; everything else succeeds.
+    DeploymentApplyFails,
+}
+
+impl Scenario {
+    fn respond(self, call: &Call, svc_json: &Value) -> (StatusCode, Value) {
+        if self == Self::DeploymentApplyFails
+            && call.method == Method::PATCH
+            && call.path.contains("/deployments/")
+        {
+            return (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                       "message": "etcdserver: request timed out", "reason": "InternalError", "code": 500}),
+            );
+        }
+        if call.path.ends_with("/status") {
+            // The reconciler ignores the body; answer with the object.
+            return (StatusCode::OK, svc_json.clone());
+        }
+        (StatusCode::OK, call.body.clone())
+    }
+}
+
+/// Serves requests, recording each call, until the test aborts it.
+async fn api_server(
+    mut handle: Handle,
+    scenario: Scenario,
+    svc_json: Value,
+    calls: Arc<Mutex<Vec<Call>>>,
+) {
+    while let Some((req, send)) = handle.next_request().await {
+        let (parts, body) = req.into_parts();
+        let bytes = body.collect().await.unwrap().to_bytes();
+        let call = Call {
+            method: parts.method.clone(),
+            path: parts.uri.path().to_owned(),
+            query: parts.uri.query().unwrap_or_default().to_owned(),
+            content_type: parts
+                .headers
+                .get(http::header::CONTENT_TYPE)
+                .map(|v| v.to_str().unwrap().to_owned())
+                .unwrap_or_default(),
+            body: if bytes.is_empty() {
+                Value::Null
+            } else {
+                serde_json::from_slice(&bytes).unwrap()
+            },
+        };
+        let (code, body) = scenario.respond(&call, &svc_json);
+        calls.lock().unwrap().push(call);
+        send.send_response(
+            Response::builder()
+                .status(code)
+                .header("content-type", "application/json")
+                .body(Body::from(serde_json::to_vec(&body).unwrap()))
+                .unwrap(),
+        );
+    }
+}
+
+/// The writer halves of the caches, to fill them like a watch would.
+struct Caches {
+    deployments: Writer<Deployment>,
+    services: Writer<Service>,
+    hpas: Writer<HorizontalPodAutoscaler>,
+    pdbs: Writer<PodDisruptionBudget>,
+    _pods: Writer<Pod>,
+}
+
+fn put<K>(w: &mut Writer<K>, obj: K)
+where
+    K: Resource<DynamicType = ()> + Clone + 'static,
+{
+    w.apply_watcher_event(&watcher::Event::Apply(obj));
+}
+
+struct Harness {
+    ctx: Arc<Context>,
+    caches: Caches,
+    handle: Option<Handle>,
+}
+
+fn harness() -> Harness {
+    let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(svc, "default");
+    let (deployments, dw) = reflector::store();
+    let (services, sw) = reflector::store();
+    let (hpas, hw) = reflector::store();
+    let (pdbs, pw) = reflector::store();
+    let (pods, podw) = reflector::store();
+    let stores = Stores {
+        deployments,
+        services,
+        hpas,
+        pdbs,
+        pods,
+    };
+    let ctx = Context::new(
+        client,
+        "test-0",
+        Metrics::new(),
+        stores,
+        BuildConfig::default(),
+    );
+    Harness {
+        ctx,
+        caches: Caches {
+            deployments: dw,
+            services: sw,
+            hpas: hw,
+            pdbs: pw,
+            _pods: podw,
+        },
+        handle: Some(handle),
+    }
+}
+
+impl Harness {
+    /// Runs one reconcile against the mocked API server; returns its result
+    /// and every call it made.
+    async fn reconcile(
+        &mut self,
+        svc: &HndsrService,
+        scenario: Scenario,
+    ) -> (Result<Action, Error>, Vec<Call>) {
+        let svc_json = serde_json::to_value(svc).unwrap();
+        let handle = self.handle.take().expect("one reconcile per harness");
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let server = tokio::spawn(api_server(handle, scenario, svc_json, calls.clone()));
+        let result =
+            tokio::time::timeout(TIMEOUT, reconcile(Arc::new(svc.clone()), self.ctx.clone()))
+                .await
+                .expect("reconcile against the mock timed out");
+        // Every request has been answered once reconcile returned.
+        server.abort();
+        let _ = tokio::time::timeout(TIMEOUT, server)
+            .await
+            .expect("mock API server did not stop");
+        let calls = calls.lock().unwrap().clone();
+        (result, calls)
+    }
+}
+
+fn service(image: &str, generation: i64) -> HndsrService {
+    serde_json::from_value(json!({
+        "apiVersion": "hndsr.io/v1alpha1",
+        "kind": "HndsrService",
+        "metadata": {"name": "sr", "namespace": "team-a", "uid": "uid-sr", "generation": generation},
+        "spec": {
+            "model": {"image": image, "backend": "bicubic"},
+            "resources": {"gpu": 0},
+            "autoscaling": {"maxReplicas": 3}
+        }
+    }))
+    .unwrap()
+}
+
+fn invalid_service() -> HndsrService {
+    let mut svc = service("img:1", 2);
+    svc.spec.autoscaling.as_mut().unwrap().min_replicas = Some(5); // > maxReplicas 3
+    svc
+}
+
+/// A managedFields tree in which `FIELD_MANAGER` owns every field of `v`
+/// (list items keyed by `name`, else by index), as the API server records
+/// after our apply.
+fn owned_fields(v: &Value) -> Value {
+    match v {
+        Value::Object(m) => Value::Object(
+            m.iter()
+                .map(|(k, v)| (format!("f:{k}"), owned_fields(v)))
+                .collect(),
+        ),
+        Value::Array(items) => Value::Object(
+            items
+                .iter()
+                .enumerate()
+                .map(|(i, item)| {
+                    let key = match item.get("name") {
+                        Some(n) => format!("k:{}", json!({"name": n})),
+                        None => format!("i:{i}"),
+                    };
+                    (key, owned_fields(item))
+                })
+                .collect(),
+        ),
+        _ => json!({}),
+    }
+}
+
+/// What the API server holds after our apply of `desired`.
+fn live<K>(mut desired: K) -> K
+where
+    K: Resource<DynamicType = ()> + Serialize + Clone,
+{
+    let hash = ssa::spec_hash(&desired).unwrap();
+    desired.annotations_mut().insert(SPEC_HASH.to_owned(), hash);
+    let mut fields = owned_fields(&serde_json::to_value(&desired).unwrap());
+    // Identity fields are not recorded as owned.
+    let top = fields.as_object_mut().unwrap();
+    top.remove("f:apiVersion");
+    top.remove("f:kind");
+    let meta = top["f:metadata"].as_object_mut().unwrap();
+    meta.remove("f:name");
+    meta.remove("f:namespace");
+    desired.meta_mut().managed_fields = Some(vec![ManagedFieldsEntry {
+        manager: Some(FIELD_MANAGER.to_owned()),
+        operation: Some("Apply".to_owned()),
+        fields_type: Some("FieldsV1".to_owned()),
+        fields_v1: Some(FieldsV1(fields)),
+        api_version: Some(K::api_version(&()).into_owned()),
+        ..ManagedFieldsEntry::default()
+    }]);
+    desired.meta_mut().resource_version = Some("7".to_owned());
+    desired
+}
+
+fn children(svc: &HndsrService) -> Children {
+    builders::desired(svc, &BuildConfig::default()).expect("valid fixture")
+}
+
+/// Fills the caches with the live children of `svc` (a ready Deployment)
+/// and sets `svc.status` to what the reconciler computes for them.
+fn converge(h: &mut Harness, svc: &mut HndsrService) {
+    let c = children(svc);
+    let mut dep = live(c.deployment.clone());
+    dep.metadata.generation = Some(1);
+    dep.status = Some(DeploymentStatus {
+        observed_generation: Some(1),
+        replicas: Some(1),
+        ready_replicas: Some(1),
+        available_replicas: Some(1),
+        updated_replicas: Some(1),
+        ..DeploymentStatus::default()
+    });
+    put(&mut h.caches.deployments, dep.clone());
+    put(&mut h.caches.services, live(c.service.clone()));
+    put(
+        &mut h.caches.hpas,
+        live(c.hpa.clone().expect("autoscaling fixture has an HPA")),
+    );
+    put(
+        &mut h.caches.pdbs,
+        live(c.pdb.clone().expect("PDB is on by default")),
+    );
+    let observed = Observed {
+        deployment: Some(dep),
+        hpa: None,
+        pods: vec![],
+    };
+    svc.status = Some(status::compute(svc, Ok(&c), &observed, Timestamp::now()));
+}
+
+fn writes(calls: &[Call]) -> Vec<String> {
+    calls
+        .iter()
+        .filter(|c| !c.is_event())
+        .map(Call::short)
+        .collect()
+}
+
+fn event_reasons(calls: &[Call]) -> Vec<String> {
+    calls
+        .iter()
+        .filter(|c| c.is_event())
+        .map(|c| c.body["reason"].as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn create_applies_every_child_then_status() {
+    let mut h = harness();
+    let svc = service("img:1", 1);
+    let (result, calls) = h.reconcile(&svc, Scenario::Accept).await;
+    result.expect("reconcile succeeds");
+    assert_eq!(
+        writes(&calls),
+        [
+            "PATCH deployments",
+            "PATCH services",
+            "PATCH horizontalpodautoscalers",
+            "PATCH poddisruptionbudgets",
+            "PATCH hndsrservices/status",
+        ]
+    );
+    for call in calls.iter().filter(|c| !c.is_event()).take(4) {
+        assert_eq!(
+            call.content_type, "application/apply-patch+yaml",
+            "{}",
+            call.path
+        );
+        assert!(
+            call.query.contains("fieldManager=hndsr-operator"),
+            "{}",
+            call.query
+        );
+        assert!(call.query.contains("force=true"), "{}", call.query);
+        assert!(call.body["metadata"]["annotations"][SPEC_HASH].is_string());
+        assert_eq!(call.body["metadata"]["ownerReferences"][0]["uid"], "uid-sr");
+    }
+    let status_patch = calls.iter().find(|c| c.path.ends_with("/status")).unwrap();
+    assert_eq!(status_patch.content_type, "application/merge-patch+json");
+    assert_eq!(status_patch.body["status"]["observedGeneration"], 1);
+    let reasons = event_reasons(&calls);
+    assert_eq!(
+        reasons.iter().filter(|r| *r == "Created").count(),
+        4,
+        "{reasons:?}"
+    );
+}
+
+#[tokio::test]
+async fn steady_state_makes_no_api_calls() {
+    let mut h = harness();
+    let mut svc = service("img:1", 1);
+    converge(&mut h, &mut svc);
+    let (result, calls) = h.reconcile(&svc, Scenario::Accept).await;
+    assert_eq!(
+        result.unwrap(),
+        Action::requeue(hndsr_operator::controller::RESYNC)
+    );
+    assert!(
+        calls.is_empty(),
+        "steady state must not call the API: {:?}",
+        writes(&calls)
+    );
+}
+
+#[tokio::test]
+async fn spec_change_applies_only_the_changed_children() {
+    let mut h = harness();
+    let mut svc = service("img:1", 1);
+    converge(&mut h, &mut svc);
+    let mut changed = service("img:2", 2);
+    changed.status = svc.status.clone();
+    let (result, calls) = h.reconcile(&changed, Scenario::Accept).await;
+    result.unwrap();
+    assert_eq!(
+        writes(&calls),
+        ["PATCH deployments", "PATCH hndsrservices/status"]
+    );
+    let apply = &calls
+        .iter()
+        .find(|c| c.path.contains("/deployments/"))
+        .unwrap()
+        .body;
+    assert_eq!(
+        apply["spec"]["template"]["spec"]["containers"][0]["image"],
+        "img:2"
+    );
+    assert!(event_reasons(&calls).contains(&"Updated".to_owned()));
+}
+
+#[tokio::test]
+async fn manual_edit_of_the_deployment_is_reverted() {
+    let mut h = harness();
+    let mut svc = service("img:1", 1);
+    converge(&mut h, &mut svc);
+    // `kubectl edit` changed the image: the API server moved ownership of
+    // that field from us to kubectl-edit. The hash annotation is unchanged.
+    let mut dep = (*h.ctx.stores.deployments.state()[0]).clone();
+    dep.spec.template.spec.as_mut().unwrap().containers[0].image = Some("evil:latest".into());
+    let managed = dep.metadata.managed_fields.as_mut().unwrap();
+    let ours = managed[0].fields_v1.as_mut().unwrap();
+    let container = ours.0["f:spec"]["f:template"]["f:spec"]["f:containers"]
+        .as_object_mut()
+        .unwrap()
+        .values_mut()
+        .next()
+        .unwrap();
+    assert!(
+        container
+            .as_object_mut()
+            .unwrap()
+            .remove("f:image")
+            .is_some()
+    );
+    managed.push(ManagedFieldsEntry {
+        manager: Some("kubectl-edit".into()),
+        operation: Some("Update".into()),
+        fields_type: Some("FieldsV1".into()),
+        fields_v1: Some(FieldsV1(
+            json!({"f:spec": {"f:template": {"f:spec": {"f:containers": {
+            "k:{\"name\":\"server\"}": {"f:image": {}}}}}}}),
+        )),
+        ..ManagedFieldsEntry::default()
+    });
+    put(&mut h.caches.deployments, dep);
+    let (result, calls) = h.reconcile(&svc, Scenario::Accept).await;
+    result.unwrap();
+    assert_eq!(writes(&calls), ["PATCH deployments"]);
+    assert_eq!(event_reasons(&calls), ["DriftReverted"]);
+}
+
+#[tokio::test]
+async fn deleted_child_is_recreated() {
+    let mut h = harness();
+    let mut svc = service("img:1", 1);
+    converge(&mut h, &mut svc);
+    let gone = (*h.ctx.stores.services.state()[0]).clone();
+    h.caches
+        .services
+        .apply_watcher_event(&watcher::Event::Delete(gone));
+    let (result, calls) = h.reconcile(&svc, Scenario::Accept).await;
+    result.unwrap();
+    assert_eq!(writes(&calls), ["PATCH services"]);
+    assert_eq!(event_reasons(&calls), ["Created"]);
+}
+
+#[tokio::test]
+async fn invalid_spec_sets_a_condition_and_waits_for_a_change() {
+    let mut h = harness();
+    let svc = invalid_service();
+    let (result, calls) = h.reconcile(&svc, Scenario::Accept).await;
+    assert_eq!(result.unwrap(), Action::await_change());
+    assert_eq!(
+        writes(&calls),
+        ["PATCH hndsrservices/status"],
+        "no child is applied"
+    );
+    let status = &calls
+        .iter()
+        .find(|c| c.path.ends_with("/status"))
+        .unwrap()
+        .body["status"];
+    let ready = status["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Ready")
+        .unwrap();
+    assert_eq!(ready["status"], "False");
+    assert_eq!(ready["reason"], "InvalidSpec");
+    assert!(
+        ready["message"].as_str().unwrap().contains("minReplicas"),
+        "{ready}"
+    );
+    let events: Vec<&Call> = calls.iter().filter(|c| c.is_event()).collect();
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].body["type"], "Warning");
+    assert_eq!(events[0].body["reason"], "InvalidSpec");
+}
+
+#[tokio::test]
+async fn invalid_spec_already_reported_makes_no_calls() {
+    let mut h = harness();
+    let mut svc = invalid_service();
+    let invalid = builders::desired(&svc, &BuildConfig::default()).unwrap_err();
+    svc.status = Some(status::compute(
+        &svc,
+        Err(&invalid),
+        &Observed::default(),
+        Timestamp::now(),
+    ));
+    let (result, calls) = h.reconcile(&svc, Scenario::Accept).await;
+    assert_eq!(result.unwrap(), Action::await_change());
+    assert!(calls.is_empty(), "{:?}", writes(&calls));
+}
+
+/// The requeue delay of an `Action`, read from its Debug form (kube keeps
+/// the field private).
+fn requeue_after(a: &Action) -> Duration {
+    let s = format!("{a:?}");
+    let inner = s
+        .split("Some(")
+        .nth(1)
+        .and_then(|r| r.split(')').next())
+        .expect(&s);
+    let (num, unit) = inner.split_at(inner.find(|c: char| c.is_alphabetic() || c == 'µ').unwrap());
+    let n: f64 = num.parse().unwrap();
+    match unit {
+        "s" => Duration::from_secs_f64(n),
+        "ms" => Duration::from_secs_f64(n / 1e3),
+        "µs" => Duration::from_secs_f64(n / 1e6),
+        "ns" => Duration::from_secs_f64(n / 1e9),
+        other => panic!("unit {other}"),
+    }
+}
+
+#[tokio::test]
+async fn transient_error_is_returned_and_backs_off_exponentially() {
+    let mut h = harness();
+    let svc = service("img:1", 1);
+    let (result, calls) = h.reconcile(&svc, Scenario::DeploymentApplyFails).await;
+    let err = result.expect_err("a 500 is an error");
+    assert!(
+        matches!(
+            err,
+            Error::Apply {
+                kind: "Deployment",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(err.reason(), "apply");
+    assert_eq!(
+        writes(&calls),
+        ["PATCH deployments"],
+        "nothing after the failure"
+    );
+    assert_eq!(event_reasons(&calls), ["ReconcileFailed"]);
+
+    let obj = Arc::new(svc.clone());
+    let delays: Vec<Duration> = (0..5)
+        .map(|_| requeue_after(&error_policy(obj.clone(), &err, h.ctx.clone())))
+        .collect();
+    assert!(delays[0] <= Duration::from_secs(1), "{delays:?}");
+    assert!(
+        delays.windows(2).all(|w| w[1] > w[0]),
+        "growing: {delays:?}"
+    );
+    assert!(delays[4] >= Duration::from_secs(14), "{delays:?}");
+
+    // Another object has its own backoff.
+    let mut other = service("img:1", 1);
+    other.metadata.name = Some("other".into());
+    let first_other = requeue_after(&error_policy(Arc::new(other), &err, h.ctx.clone()));
+    assert!(first_other <= Duration::from_secs(1));
+}
