@@ -167,3 +167,30 @@ fn leaf(
 fn write(path: &Path, pem: &str) -> Result<()> {
     std::fs::write(path, pem).map_err(Error::io("writing", path))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_every_pem_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::generate(dir.path()).unwrap();
+        for (path, tag) in [
+            (&pki.ca_cert, "CERTIFICATE"),
+            (&pki.apiserver_cert, "CERTIFICATE"),
+            (&pki.admin_cert, "CERTIFICATE"),
+            (&pki.front_proxy_ca_cert, "CERTIFICATE"),
+            (&pki.front_proxy_client_cert, "CERTIFICATE"),
+            (&pki.ca_key, "PRIVATE KEY"),
+            (&pki.apiserver_key, "PRIVATE KEY"),
+            (&pki.admin_key, "PRIVATE KEY"),
+            (&pki.front_proxy_client_key, "PRIVATE KEY"),
+            (&pki.service_account_key, "PRIVATE KEY"),
+            (&pki.service_account_pub, "PUBLIC KEY"),
+        ] {
+            let text = std::fs::read_to_string(path).unwrap();
+            assert!(text.starts_with(&format!("-----BEGIN {tag}-----")), "{}", path.display());
+        }
+    }
+}
