@@ -99,7 +99,10 @@ fn section(out: &mut String, path: &str, schema: &Value) {
     let mut children = Vec::new();
     for (name, prop) in props {
         let child = format!("{path}.{name}");
-        let upstream = NOT_EXPANDED.iter().find(|(p, _)| *p == child).map(|(_, t)| *t);
+        let upstream = NOT_EXPANDED
+            .iter()
+            .find(|(p, _)| *p == child)
+            .map(|(_, t)| *t);
         let ty = match upstream {
             Some(t) if prop.get("type").and_then(Value::as_str) == Some("array") => {
                 format!("[]{t}")
@@ -107,7 +110,10 @@ fn section(out: &mut String, path: &str, schema: &Value) {
             Some(t) => t.to_owned(),
             None => type_name(prop),
         };
-        let desc = prop.get("description").and_then(Value::as_str).unwrap_or("");
+        let desc = prop
+            .get("description")
+            .and_then(Value::as_str)
+            .unwrap_or("");
         let mut desc = one_line(desc);
         let constraints = constraints(prop);
         if !constraints.is_empty() {
@@ -116,7 +122,11 @@ fn section(out: &mut String, path: &str, schema: &Value) {
             }
             let _ = write!(desc, "({})", constraints.join("; "));
         }
-        let req = if required.contains(&name.as_str()) { "yes" } else { "" };
+        let req = if required.contains(&name.as_str()) {
+            "yes"
+        } else {
+            ""
+        };
         let _ = writeln!(out, "| `{name}` | {ty} | {req} | {} |", escape(&desc));
         if upstream.is_none() {
             let obj = if prop.get("type").and_then(Value::as_str) == Some("array") {
@@ -137,7 +147,10 @@ fn section(out: &mut String, path: &str, schema: &Value) {
 
 /// Lists the CEL rules on an object.
 fn write_rules(out: &mut String, schema: &Value) {
-    let Some(rules) = schema.get("x-kubernetes-validations").and_then(Value::as_array) else {
+    let Some(rules) = schema
+        .get("x-kubernetes-validations")
+        .and_then(Value::as_array)
+    else {
         return;
     };
     out.push_str("Rules (CEL, enforced by the API server):\n\n");
@@ -156,7 +169,11 @@ fn type_name(prop: &Value) -> String {
     }
     let ty = prop.get("type").and_then(Value::as_str).unwrap_or("any");
     match ty {
-        "array" => format!("[]{}", prop.get("items").map_or_else(|| "any".to_owned(), type_name)),
+        "array" => format!(
+            "[]{}",
+            prop.get("items")
+                .map_or_else(|| "any".to_owned(), type_name)
+        ),
         "object" if prop.get("properties").is_none() => match prop.get("additionalProperties") {
             Some(v) if v.is_object() => format!("map[string]{}", type_name(v)),
             _ => "object".to_owned(),
@@ -173,34 +190,50 @@ fn type_name(prop: &Value) -> String {
 fn constraints(prop: &Value) -> Vec<String> {
     let mut c = Vec::new();
     if let Some(e) = prop.get("enum").and_then(Value::as_array) {
-        let vals: Vec<String> = e.iter().filter_map(Value::as_str).map(|s| format!("`{s}`")).collect();
+        let vals: Vec<String> = e
+            .iter()
+            .filter_map(Value::as_str)
+            .map(|s| format!("`{s}`"))
+            .collect();
         c.push(format!("one of {}", vals.join(", ")));
     }
     if let Some(m) = prop.get("minimum") {
-        c.push(format!("min {m}"));
+        c.push(format!("min {}", number(m)));
     }
     if let Some(m) = prop.get("maximum") {
-        c.push(format!("max {m}"));
+        c.push(format!("max {}", number(m)));
     }
     if let Some(m) = prop.get("minLength") {
-        c.push(format!("min length {m}"));
+        c.push(format!("min length {}", number(m)));
     }
     if let Some(m) = prop.get("maxLength") {
-        c.push(format!("max length {m}"));
+        c.push(format!("max length {}", number(m)));
     }
     if let Some(p) = prop.get("pattern").and_then(Value::as_str) {
         c.push(format!("pattern `{p}`"));
     }
-    if let Some(rules) = prop.get("x-kubernetes-validations").and_then(Value::as_array) {
-        if prop.get("properties").is_none() {
-            for r in rules {
-                if let Some(m) = r.get("message").and_then(Value::as_str) {
-                    c.push(m.to_owned());
-                }
-            }
-        }
+    // Rules of objects are listed in the object's own section.
+    if let Some(rules) = prop
+        .get("x-kubernetes-validations")
+        .and_then(Value::as_array)
+        && prop.get("properties").is_none()
+    {
+        c.extend(
+            rules
+                .iter()
+                .filter_map(|r| r.get("message").and_then(Value::as_str))
+                .map(str::to_owned),
+        );
     }
     c
+}
+
+/// A schema number without a spurious `.0` (schemars writes bounds as floats).
+fn number(v: &Value) -> String {
+    match v.as_f64() {
+        Some(f) if f.fract() == 0.0 && f.abs() < 1e15 => format!("{}", f as i64),
+        _ => v.to_string(),
+    }
 }
 
 fn one_line(s: &str) -> String {

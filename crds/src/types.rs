@@ -21,6 +21,8 @@ use hndsr_contract::defaults;
 /// Desired state of an HNDSR super-resolution service: the model to serve,
 /// the server's admission limits, GPU resources and scheduling, autoscaling,
 /// prewarmed standby capacity and disruption budget.
+// Printer columns repeat `type_ = ...`, which the lint mistakes for duplicates.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "hndsr.io",
@@ -63,7 +65,11 @@ use hndsr_contract::defaults;
         json_path = ".spec.model.backend",
         description = "Model backend"
     ),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[x_kube(validation = Rule::new(
     "!has(self.autoscaling) || !has(self.autoscaling.minReplicas) || self.autoscaling.minReplicas > 0 \
@@ -592,6 +598,9 @@ impl HndsrService {
 
     /// Whether an autoscaler owns the replica count.
     pub fn autoscaling_enabled(&self) -> bool {
-        self.spec.autoscaling.as_ref().is_some_and(|a| a.enabled.unwrap_or(true))
+        self.spec
+            .autoscaling
+            .as_ref()
+            .is_some_and(|a| a.enabled.unwrap_or(true))
     }
 }

@@ -8,7 +8,9 @@ use serde_json::Value;
 
 fn schema() -> Value {
     let crd = serde_json::to_value(HndsrService::crd()).unwrap();
-    crd.pointer("/spec/versions/0/schema/openAPIV3Schema").unwrap().clone()
+    crd.pointer("/spec/versions/0/schema/openAPIV3Schema")
+        .unwrap()
+        .clone()
 }
 
 fn rules(v: &Value, out: &mut Vec<String>) {
@@ -37,9 +39,17 @@ fn crd_names_and_subresources() {
     assert_eq!(v.name, hndsr_crds::VERSION);
     let sub = v.subresources.as_ref().unwrap();
     assert!(sub.status.is_some());
-    assert_eq!(sub.scale.as_ref().unwrap().label_selector_path.as_deref(), Some(".status.selector"));
-    let cols: Vec<&str> =
-        v.additional_printer_columns.as_ref().unwrap().iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(
+        sub.scale.as_ref().unwrap().label_selector_path.as_deref(),
+        Some(".status.selector")
+    );
+    let cols: Vec<&str> = v
+        .additional_printer_columns
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|c| c.name.as_str())
+        .collect();
     assert_eq!(cols, ["Ready", "Replicas", "Standby", "Model", "Age"]);
 }
 
@@ -58,13 +68,25 @@ fn schema_has_the_cel_rules() {
         "!(has(self.standbyReplicas) && has(self.standbyPercent))",
     ];
     for e in expect {
-        assert!(all.iter().any(|r| r.contains(e)), "missing rule {e:?} in {all:#?}");
+        assert!(
+            all.iter().any(|r| r.contains(e)),
+            "missing rule {e:?} in {all:#?}"
+        );
     }
     // The rules sit where they belong.
     let s = schema();
-    assert!(s.pointer("/properties/spec/properties/autoscaling/x-kubernetes-validations").is_some());
-    assert!(s.pointer("/properties/spec/properties/serving/x-kubernetes-validations").is_some());
-    assert!(s.pointer("/properties/spec/x-kubernetes-validations").is_some());
+    assert!(
+        s.pointer("/properties/spec/properties/autoscaling/x-kubernetes-validations")
+            .is_some()
+    );
+    assert!(
+        s.pointer("/properties/spec/properties/serving/x-kubernetes-validations")
+            .is_some()
+    );
+    assert!(
+        s.pointer("/properties/spec/x-kubernetes-validations")
+            .is_some()
+    );
 }
 
 fn find_key(v: &Value, key: &str, path: &str, out: &mut Vec<String>) {
@@ -77,7 +99,10 @@ fn find_key(v: &Value, key: &str, path: &str, out: &mut Vec<String>) {
                 find_key(v, key, &format!("{path}/{k}"), out);
             }
         }
-        Value::Array(a) => a.iter().enumerate().for_each(|(i, v)| find_key(v, key, &format!("{path}/{i}"), out)),
+        Value::Array(a) => a
+            .iter()
+            .enumerate()
+            .for_each(|(i, v)| find_key(v, key, &format!("{path}/{i}"), out)),
         _ => {}
     }
 }
@@ -109,10 +134,15 @@ fn schema_is_structural() {
 }
 
 fn undocumented(v: &Value, path: &str, out: &mut Vec<String>) {
-    let Some(props) = v.get("properties").and_then(Value::as_object) else { return };
+    let Some(props) = v.get("properties").and_then(Value::as_object) else {
+        return;
+    };
     for (k, p) in props {
         let here = format!("{path}.{k}");
-        if p.get("description").and_then(Value::as_str).is_none_or(str::is_empty) {
+        if p.get("description")
+            .and_then(Value::as_str)
+            .is_none_or(str::is_empty)
+        {
             out.push(here.clone());
         }
         undocumented(p, &here, out);

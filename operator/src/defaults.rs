@@ -61,11 +61,15 @@ pub fn serving(spec: &HndsrServiceSpec) -> EffectiveServing {
     let s = spec.serving.clone().unwrap_or_default();
     EffectiveServing {
         max_concurrent: s.max_concurrent.unwrap_or(to_i32(contract::MAX_CONCURRENT)),
-        max_queue_depth: s.max_queue_depth.unwrap_or(to_i32(contract::MAX_QUEUE_DEPTH)),
+        max_queue_depth: s
+            .max_queue_depth
+            .unwrap_or(to_i32(contract::MAX_QUEUE_DEPTH)),
         request_timeout_seconds: s
             .request_timeout_seconds
             .unwrap_or(to_i32(contract::REQUEST_TIMEOUT_SECONDS)),
-        rate_limit_per_hour: s.rate_limit_per_hour.unwrap_or(to_i32(contract::RATE_LIMIT_PER_HOUR)),
+        rate_limit_per_hour: s
+            .rate_limit_per_hour
+            .unwrap_or(to_i32(contract::RATE_LIMIT_PER_HOUR)),
         max_image_pixels: s
             .max_image_pixels
             .unwrap_or(i64::try_from(contract::MAX_IMAGE_PIXELS).unwrap_or(i64::MAX)),
@@ -123,7 +127,9 @@ pub fn weights_file(spec: &HndsrServiceSpec) -> &str {
 
 /// Whether an autoscaler (of either provider) owns the replica count.
 pub fn autoscaling_enabled(spec: &HndsrServiceSpec) -> bool {
-    spec.autoscaling.as_ref().is_some_and(|a| a.enabled.unwrap_or(true))
+    spec.autoscaling
+        .as_ref()
+        .is_some_and(|a| a.enabled.unwrap_or(true))
 }
 
 /// The autoscaling provider, when autoscaling is on.
@@ -131,7 +137,12 @@ pub fn provider(spec: &HndsrServiceSpec) -> Option<AutoscalingProvider> {
     if !autoscaling_enabled(spec) {
         return None;
     }
-    Some(spec.autoscaling.as_ref()?.provider.unwrap_or(AutoscalingProvider::Hpa))
+    Some(
+        spec.autoscaling
+            .as_ref()?
+            .provider
+            .unwrap_or(AutoscalingProvider::Hpa),
+    )
 }
 
 /// The autoscaling metric(s).
@@ -175,16 +186,25 @@ pub fn autoscaling(spec: &HndsrServiceSpec) -> Option<EffectiveAutoscaling> {
     let serving = serving(spec);
     let targets = a.target_per_pod.clone().unwrap_or_default();
     let m = metric(spec);
-    let uses_active = matches!(m, AutoscalingMetric::ActiveRequests | AutoscalingMetric::Both);
+    let uses_active = matches!(
+        m,
+        AutoscalingMetric::ActiveRequests | AutoscalingMetric::Both
+    );
     let uses_queue = matches!(m, AutoscalingMetric::QueueDepth | AutoscalingMetric::Both);
     Some(EffectiveAutoscaling {
         provider,
         min_replicas: a.min_replicas.unwrap_or(MIN_REPLICAS),
         max_replicas: a.max_replicas,
-        target_active_requests: uses_active
-            .then(|| targets.active_requests.unwrap_or_else(|| default_active_target(&serving))),
-        target_queue_depth: uses_queue
-            .then(|| targets.queue_depth.unwrap_or_else(|| default_queue_target(&serving))),
+        target_active_requests: uses_active.then(|| {
+            targets
+                .active_requests
+                .unwrap_or_else(|| default_active_target(&serving))
+        }),
+        target_queue_depth: uses_queue.then(|| {
+            targets
+                .queue_depth
+                .unwrap_or_else(|| default_queue_target(&serving))
+        }),
     })
 }
 
@@ -195,8 +215,16 @@ pub fn default_scale_up() -> HPAScalingRules {
         stabilization_window_seconds: Some(0),
         select_policy: Some("Max".to_owned()),
         policies: Some(vec![
-            HPAScalingPolicy { type_: "Percent".to_owned(), value: 100, period_seconds: 15 },
-            HPAScalingPolicy { type_: "Pods".to_owned(), value: 4, period_seconds: 15 },
+            HPAScalingPolicy {
+                type_: "Percent".to_owned(),
+                value: 100,
+                period_seconds: 15,
+            },
+            HPAScalingPolicy {
+                type_: "Pods".to_owned(),
+                value: 4,
+                period_seconds: 15,
+            },
         ]),
         tolerance: None,
     }
@@ -234,14 +262,23 @@ fn overlay(default: HPAScalingRules, user: Option<&HPAScalingRules>) -> HPAScali
 pub fn behavior(spec: &HndsrServiceSpec) -> HorizontalPodAutoscalerBehavior {
     let b = spec.autoscaling.as_ref().and_then(|a| a.behavior.as_ref());
     HorizontalPodAutoscalerBehavior {
-        scale_up: Some(overlay(default_scale_up(), b.and_then(|b| b.scale_up.as_ref()))),
-        scale_down: Some(overlay(default_scale_down(), b.and_then(|b| b.scale_down.as_ref()))),
+        scale_up: Some(overlay(
+            default_scale_up(),
+            b.and_then(|b| b.scale_up.as_ref()),
+        )),
+        scale_down: Some(overlay(
+            default_scale_down(),
+            b.and_then(|b| b.scale_down.as_ref()),
+        )),
     }
 }
 
 /// Whether a PodDisruptionBudget is built.
 pub fn pdb_enabled(spec: &HndsrServiceSpec) -> bool {
-    spec.disruption.as_ref().and_then(|d| d.enabled).unwrap_or(true)
+    spec.disruption
+        .as_ref()
+        .and_then(|d| d.enabled)
+        .unwrap_or(true)
 }
 
 /// PDB `(minAvailable, maxUnavailable)`: exactly one is `Some`.
@@ -263,9 +300,12 @@ pub fn termination_grace_seconds(serving: &EffectiveServing) -> i64 {
 /// Standby replicas requested by `prewarm` for `desired` serving replicas
 /// (reported only; standby pods are reconciled in a later release).
 pub fn standby_replicas(spec: &HndsrServiceSpec, desired: i32) -> i32 {
-    let Some(p) = spec.prewarm.as_ref() else { return 0 };
+    let Some(p) = spec.prewarm.as_ref() else {
+        return 0;
+    };
     if let Some(n) = p.standby_replicas {
         return n;
     }
-    p.standby_percent.map_or(0, |pct| (desired.max(0) * pct + 99) / 100)
+    p.standby_percent
+        .map_or(0, |pct| (desired.max(0) * pct + 99) / 100)
 }

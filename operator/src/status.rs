@@ -56,9 +56,14 @@ struct PodSummary {
 fn summarize(pods: &[Pod], gpu_resource: &str) -> PodSummary {
     let mut s = PodSummary::default();
     let needle = format!("Insufficient {gpu_resource}");
-    for pod in pods.iter().filter(|p| p.metadata.deletion_timestamp.is_none()) {
+    for pod in pods
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+    {
         let name = pod.metadata.name.as_deref().unwrap_or("");
-        let Some(status) = pod.status.as_ref() else { continue };
+        let Some(status) = pod.status.as_ref() else {
+            continue;
+        };
         let conds = status.conditions.as_deref().unwrap_or_default();
         let unsched = conds.iter().find(|c| {
             c.type_ == "PodScheduled"
@@ -84,11 +89,16 @@ fn summarize(pods: &[Pod], gpu_resource: &str) -> PodSummary {
             .find(|r| FAILING_WAIT_REASONS.contains(r));
         if let Some(reason) = waiting {
             s.failing += 1;
-            s.failing_msg.get_or_insert_with(|| format!("pod {name}: {reason}"));
+            s.failing_msg
+                .get_or_insert_with(|| format!("pod {name}: {reason}"));
             continue;
         }
-        let ready = conds.iter().any(|c| c.type_ == "Ready" && c.status == "True");
-        let scheduled = conds.iter().any(|c| c.type_ == "PodScheduled" && c.status == "True");
+        let ready = conds
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True");
+        let scheduled = conds
+            .iter()
+            .any(|c| c.type_ == "PodScheduled" && c.status == "True");
         if scheduled && !ready {
             s.loading += 1;
         }
@@ -104,16 +114,30 @@ struct Cond {
     message: String,
 }
 
-fn cond(type_: &'static str, status: bool, reason: &'static str, message: impl Into<String>) -> Cond {
-    Cond { type_, status, reason, message: message.into() }
+fn cond(
+    type_: &'static str,
+    status: bool,
+    reason: &'static str,
+    message: impl Into<String>,
+) -> Cond {
+    Cond {
+        type_,
+        status,
+        reason,
+        message: message.into(),
+    }
 }
 
 /// Whether the HPA says it wants more than `maxReplicas`.
 fn scaling_limited(hpa: &HorizontalPodAutoscaler) -> bool {
-    let Some(status) = hpa.status.as_ref() else { return false };
+    let Some(status) = hpa.status.as_ref() else {
+        return false;
+    };
     let max = hpa.spec.max_replicas;
     let by_condition = status.conditions.iter().flatten().any(|c| {
-        c.type_ == "ScalingLimited" && c.status == "True" && c.reason.as_deref() == Some("TooManyReplicas")
+        c.type_ == "ScalingLimited"
+            && c.status == "True"
+            && c.reason.as_deref() == Some("TooManyReplicas")
     });
     by_condition || status.desired_replicas > max
 }
@@ -131,7 +155,11 @@ pub fn compute(
     let spec = &svc.spec;
     let prev = svc.status.clone().unwrap_or_default();
     let name = svc.metadata.name.as_deref().unwrap_or("");
-    let dep_status = observed.deployment.as_ref().and_then(|d| d.status.clone()).unwrap_or_default();
+    let dep_status = observed
+        .deployment
+        .as_ref()
+        .and_then(|d| d.status.clone())
+        .unwrap_or_default();
     let replicas = dep_status.replicas.unwrap_or(0);
     let ready = dep_status.ready_replicas.unwrap_or(0);
     let updated = dep_status.updated_replicas.unwrap_or(0);
@@ -155,7 +183,12 @@ pub fn compute(
             let msg = format!("invalid spec, nothing changed until it is fixed: {invalid}");
             vec![
                 cond(conditions::READY, false, reasons::INVALID_SPEC, msg.clone()),
-                cond(conditions::PROGRESSING, false, reasons::INVALID_SPEC, msg.clone()),
+                cond(
+                    conditions::PROGRESSING,
+                    false,
+                    reasons::INVALID_SPEC,
+                    msg.clone(),
+                ),
                 cond(conditions::DEGRADED, true, reasons::INVALID_SPEC, msg),
             ]
         }
@@ -197,7 +230,11 @@ pub fn compute(
 fn want_replicas(svc: &HndsrService, observed: &Observed) -> i32 {
     let spec = &svc.spec;
     if defaults::autoscaling_enabled(spec) {
-        if let Some(d) = observed.hpa.as_ref().and_then(|h| h.status.as_ref()).map(|s| s.desired_replicas)
+        if let Some(d) = observed
+            .hpa
+            .as_ref()
+            .and_then(|h| h.status.as_ref())
+            .map(|s| s.desired_replicas)
         {
             return d;
         }
@@ -223,7 +260,11 @@ fn conditions_for(
     let dep = observed.deployment.as_ref();
     let dep_lagging = dep.is_some_and(|d| {
         let generation = d.metadata.generation.unwrap_or(0);
-        let seen = d.status.as_ref().and_then(|s| s.observed_generation).unwrap_or(0);
+        let seen = d
+            .status
+            .as_ref()
+            .and_then(|s| s.observed_generation)
+            .unwrap_or(0);
         seen < generation
     });
     let deadline_exceeded = dep
@@ -264,9 +305,19 @@ fn conditions_for(
 
     // Ready: does the Service have somewhere to send requests?
     let ready_cond = if want == 0 && ready == 0 {
-        cond(conditions::READY, false, reasons::SCALED_TO_ZERO, "scaled to zero serving pods")
+        cond(
+            conditions::READY,
+            false,
+            reasons::SCALED_TO_ZERO,
+            "scaled to zero serving pods",
+        )
     } else if ready >= want.max(1) {
-        cond(conditions::READY, true, reasons::AVAILABLE, format!("{ready}/{want} serving pods ready"))
+        cond(
+            conditions::READY,
+            true,
+            reasons::AVAILABLE,
+            format!("{ready}/{want} serving pods ready"),
+        )
     } else if ready > 0 {
         cond(
             conditions::READY,
@@ -275,26 +326,71 @@ fn conditions_for(
             format!("{ready}/{want} serving pods ready"),
         )
     } else if dep.is_none() {
-        cond(conditions::READY, false, reasons::CREATING, "creating the Deployment")
+        cond(
+            conditions::READY,
+            false,
+            reasons::CREATING,
+            "creating the Deployment",
+        )
     } else if pods.gpu_pending > 0 {
-        cond(conditions::READY, false, reasons::WAITING_FOR_GPU_CAPACITY, gpu_msg())
+        cond(
+            conditions::READY,
+            false,
+            reasons::WAITING_FOR_GPU_CAPACITY,
+            gpu_msg(),
+        )
     } else if pods.unschedulable > 0 {
-        cond(conditions::READY, false, reasons::UNSCHEDULABLE, unsched_msg())
+        cond(
+            conditions::READY,
+            false,
+            reasons::UNSCHEDULABLE,
+            unsched_msg(),
+        )
     } else if pods.failing > 0 {
-        cond(conditions::READY, false, reasons::POD_FAILING, failing_msg())
+        cond(
+            conditions::READY,
+            false,
+            reasons::POD_FAILING,
+            failing_msg(),
+        )
     } else if pods.loading > 0 {
-        cond(conditions::READY, false, reasons::LOADING_MODEL, loading_msg())
+        cond(
+            conditions::READY,
+            false,
+            reasons::LOADING_MODEL,
+            loading_msg(),
+        )
     } else {
-        cond(conditions::READY, false, reasons::UNAVAILABLE, format!("0/{want} serving pods ready"))
+        cond(
+            conditions::READY,
+            false,
+            reasons::UNAVAILABLE,
+            format!("0/{want} serving pods ready"),
+        )
     };
 
     // Progressing: is capacity or a new template on its way?
     let progressing = if converged {
-        cond(conditions::PROGRESSING, false, reasons::RECONCILED, "observed state matches the spec")
+        cond(
+            conditions::PROGRESSING,
+            false,
+            reasons::RECONCILED,
+            "observed state matches the spec",
+        )
     } else if dep.is_none() {
-        cond(conditions::PROGRESSING, true, reasons::CREATING, "creating the Deployment")
+        cond(
+            conditions::PROGRESSING,
+            true,
+            reasons::CREATING,
+            "creating the Deployment",
+        )
     } else if pods.gpu_pending > 0 {
-        cond(conditions::PROGRESSING, true, reasons::WAITING_FOR_GPU_CAPACITY, gpu_msg())
+        cond(
+            conditions::PROGRESSING,
+            true,
+            reasons::WAITING_FOR_GPU_CAPACITY,
+            gpu_msg(),
+        )
     } else if rolling {
         cond(
             conditions::PROGRESSING,
@@ -303,7 +399,12 @@ fn conditions_for(
             format!("{updated}/{want} pods updated, {replicas} running"),
         )
     } else if pods.loading > 0 {
-        cond(conditions::PROGRESSING, true, reasons::LOADING_MODEL, loading_msg())
+        cond(
+            conditions::PROGRESSING,
+            true,
+            reasons::LOADING_MODEL,
+            loading_msg(),
+        )
     } else {
         cond(
             conditions::PROGRESSING,
@@ -316,11 +417,26 @@ fn conditions_for(
     // Degraded: does a human need to act?
     let down = want > 0 && ready == 0;
     let degraded = if pods.failing > 0 {
-        cond(conditions::DEGRADED, true, reasons::POD_FAILING, failing_msg())
+        cond(
+            conditions::DEGRADED,
+            true,
+            reasons::POD_FAILING,
+            failing_msg(),
+        )
     } else if down && pods.gpu_pending > 0 {
-        cond(conditions::DEGRADED, true, reasons::WAITING_FOR_GPU_CAPACITY, gpu_msg())
+        cond(
+            conditions::DEGRADED,
+            true,
+            reasons::WAITING_FOR_GPU_CAPACITY,
+            gpu_msg(),
+        )
     } else if down && pods.unschedulable > 0 {
-        cond(conditions::DEGRADED, true, reasons::UNSCHEDULABLE, unsched_msg())
+        cond(
+            conditions::DEGRADED,
+            true,
+            reasons::UNSCHEDULABLE,
+            unsched_msg(),
+        )
     } else if deadline_exceeded {
         cond(
             conditions::DEGRADED,
@@ -343,7 +459,12 @@ fn conditions_for(
             "provider keda is not reconciled yet: no autoscaler was created; use provider hpa",
         )
     } else {
-        cond(conditions::DEGRADED, false, reasons::HEALTHY, "no problem detected")
+        cond(
+            conditions::DEGRADED,
+            false,
+            reasons::HEALTHY,
+            "no problem detected",
+        )
     };
 
     vec![ready_cond, progressing, degraded]
@@ -375,8 +496,14 @@ mod tests {
 
     fn deployment(want: i32, replicas: i32, updated: i32, ready: i32) -> Deployment {
         Deployment {
-            metadata: ObjectMeta { generation: Some(2), ..ObjectMeta::default() },
-            spec: DeploymentSpec { replicas: Some(want), ..DeploymentSpec::default() },
+            metadata: ObjectMeta {
+                generation: Some(2),
+                ..ObjectMeta::default()
+            },
+            spec: DeploymentSpec {
+                replicas: Some(want),
+                ..DeploymentSpec::default()
+            },
             status: Some(DeploymentStatus {
                 observed_generation: Some(2),
                 replicas: Some(replicas),
@@ -389,7 +516,10 @@ mod tests {
 
     fn pod(name: &str, conds: &[(&str, &str, Option<&str>, Option<&str>)]) -> Pod {
         Pod {
-            metadata: ObjectMeta { name: Some(name.to_owned()), ..ObjectMeta::default() },
+            metadata: ObjectMeta {
+                name: Some(name.to_owned()),
+                ..ObjectMeta::default()
+            },
             spec: None,
             status: Some(PodStatus {
                 conditions: Some(
@@ -422,7 +552,13 @@ mod tests {
     }
 
     fn loading(name: &str) -> Pod {
-        pod(name, &[("PodScheduled", "True", None, None), ("Ready", "False", None, None)])
+        pod(
+            name,
+            &[
+                ("PodScheduled", "True", None, None),
+                ("Ready", "False", None, None),
+            ],
+        )
     }
 
     fn run(s: &HndsrService, observed: &Observed, now: i64) -> HndsrServiceStatus {
@@ -458,10 +594,20 @@ mod tests {
             ]
         );
         assert_eq!(st.observed_generation, Some(3));
-        assert_eq!(st.endpoint.as_deref(), Some("http://sr.ml.svc.cluster.local"));
-        assert_eq!(st.selector.as_deref(), Some("hndsr.io/role=serving,hndsr.io/service=sr"));
+        assert_eq!(
+            st.endpoint.as_deref(),
+            Some("http://sr.ml.svc.cluster.local")
+        );
+        assert_eq!(
+            st.selector.as_deref(),
+            Some("hndsr.io/role=serving,hndsr.io/service=sr")
+        );
         assert_eq!(st.serving.as_ref().unwrap().max_concurrent, 4);
-        assert!(st.conditions.iter().all(|c| c.observed_generation == Some(3)));
+        assert!(
+            st.conditions
+                .iter()
+                .all(|c| c.observed_generation == Some(3))
+        );
     }
 
     #[test]
@@ -489,7 +635,12 @@ mod tests {
         let s = svc("");
         let p = pod(
             "sr-a",
-            &[("PodScheduled", "False", Some("Unschedulable"), Some("node(s) didn't match node selector"))],
+            &[(
+                "PodScheduled",
+                "False",
+                Some("Unschedulable"),
+                Some("node(s) didn't match node selector"),
+            )],
         );
         let obs = Observed {
             deployment: Some(deployment(1, 1, 1, 0)),
@@ -519,7 +670,10 @@ mod tests {
         assert_eq!(again, st1);
 
         // Pod becomes ready: Ready flips and gets a new time; Degraded keeps its own.
-        let obs = Observed { deployment: Some(deployment(1, 1, 1, 1)), ..Observed::default() };
+        let obs = Observed {
+            deployment: Some(deployment(1, 1, 1, 1)),
+            ..Observed::default()
+        };
         let st2 = run(&s, &obs, 30);
         assert_eq!(
             summary(&st2),
@@ -540,7 +694,10 @@ mod tests {
         let s = svc("  replicas: 2\n");
         let mut dep = deployment(2, 3, 1, 2);
         dep.metadata.generation = Some(3);
-        let obs = Observed { deployment: Some(dep), ..Observed::default() };
+        let obs = Observed {
+            deployment: Some(dep),
+            ..Observed::default()
+        };
         let st = run(&s, &obs, 10);
         assert_eq!(
             summary(&st),
@@ -597,7 +754,10 @@ mod tests {
     fn scaling_limited_from_hpa() {
         let s = svc("  autoscaling:\n    maxReplicas: 3\n");
         let hpa = HorizontalPodAutoscaler {
-            spec: HorizontalPodAutoscalerSpec { max_replicas: 3, ..Default::default() },
+            spec: HorizontalPodAutoscalerSpec {
+                max_replicas: 3,
+                ..Default::default()
+            },
             status: Some(HorizontalPodAutoscalerStatus {
                 current_replicas: Some(3),
                 desired_replicas: 3,
@@ -625,7 +785,10 @@ mod tests {
         let mut idle = hpa;
         idle.status.as_mut().unwrap().conditions.as_mut().unwrap()[0].reason =
             Some("TooFewReplicas".into());
-        let obs = Observed { hpa: Some(idle), ..obs };
+        let obs = Observed {
+            hpa: Some(idle),
+            ..obs
+        };
         assert_eq!(get(&run(&s, &obs, 10), DEGRADED).reason, reasons::HEALTHY);
     }
 
@@ -652,7 +815,10 @@ mod tests {
     #[test]
     fn keda_reports_missing_autoscaler_and_zero() {
         let s = svc("  autoscaling:\n    minReplicas: 0\n    maxReplicas: 3\n    provider: keda\n");
-        let obs = Observed { deployment: Some(deployment(0, 0, 0, 0)), ..Observed::default() };
+        let obs = Observed {
+            deployment: Some(deployment(0, 0, 0, 0)),
+            ..Observed::default()
+        };
         let st = run(&s, &obs, 10);
         assert_eq!(get(&st, READY).reason, reasons::SCALED_TO_ZERO);
         assert_eq!(get(&st, DEGRADED).reason, reasons::AUTOSCALER_NOT_SUPPORTED);

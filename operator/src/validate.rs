@@ -48,7 +48,12 @@ impl fmt::Display for InvalidSpec {
 impl InvalidSpec {
     /// A single-problem error.
     pub fn one(field: impl Into<String>, message: impl Into<String>) -> Self {
-        Self { problems: vec![Problem { field: field.into(), message: message.into() }] }
+        Self {
+            problems: vec![Problem {
+                field: field.into(),
+                message: message.into(),
+            }],
+        }
     }
 }
 
@@ -89,7 +94,10 @@ pub fn parse_milli(q: &Quantity) -> Option<i64> {
 pub fn validate(svc: &HndsrService) -> Result<(), InvalidSpec> {
     let mut p = Vec::new();
     let mut add = |field: &str, message: String| {
-        p.push(Problem { field: field.to_owned(), message });
+        p.push(Problem {
+            field: field.to_owned(),
+            message,
+        });
     };
     let spec = &svc.spec;
 
@@ -101,7 +109,10 @@ pub fn validate(svc: &HndsrService) -> Result<(), InvalidSpec> {
         );
     }
     if !name.chars().next().is_some_and(|c| c.is_ascii_lowercase()) {
-        add("metadata.name", "must start with a lowercase letter (it names the Service)".into());
+        add(
+            "metadata.name",
+            "must start with a lowercase letter (it names the Service)".into(),
+        );
     }
 
     if spec.model.image.trim().is_empty() {
@@ -109,19 +120,32 @@ pub fn validate(svc: &HndsrService) -> Result<(), InvalidSpec> {
     }
     match &spec.model.weights {
         None if spec.model.backend == hndsr_crds::Backend::Hndsr => {
-            add("spec.model.weights", "backend hndsr needs weights (pvc, image or uri)".into());
+            add(
+                "spec.model.weights",
+                "backend hndsr needs weights (pvc, image or uri)".into(),
+            );
         }
         None => {}
         Some(w) => {
-            let sources =
-                usize::from(w.pvc.is_some()) + usize::from(w.image.is_some()) + usize::from(w.uri.is_some());
+            let sources = usize::from(w.pvc.is_some())
+                + usize::from(w.image.is_some())
+                + usize::from(w.uri.is_some());
             if sources != 1 {
-                add("spec.model.weights", "set exactly one of pvc, image or uri".into());
+                add(
+                    "spec.model.weights",
+                    "set exactly one of pvc, image or uri".into(),
+                );
             }
             if w.sha256.len() != 64
-                || !w.sha256.chars().all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c))
+                || !w
+                    .sha256
+                    .chars()
+                    .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c))
             {
-                add("spec.model.weights.sha256", "must be 64 lowercase hex characters".into());
+                add(
+                    "spec.model.weights.sha256",
+                    "must be 64 lowercase hex characters".into(),
+                );
             }
             if let Some(uri) = &w.uri
                 && !(uri.starts_with("https://") || uri.starts_with("http://"))
@@ -131,7 +155,10 @@ pub fn validate(svc: &HndsrService) -> Result<(), InvalidSpec> {
             if let Some(file) = &w.file
                 && (file.starts_with('/') || file.contains("..") || file.is_empty())
             {
-                add("spec.model.weights.file", "must be a relative path without '..'".into());
+                add(
+                    "spec.model.weights.file",
+                    "must be a relative path without '..'".into(),
+                );
             }
         }
     }
@@ -143,7 +170,10 @@ pub fn validate(svc: &HndsrService) -> Result<(), InvalidSpec> {
     if gpu == 0 && defaults::precision(spec) != Precision::Fp32 {
         add(
             "spec.model.precision",
-            format!("{} needs a GPU; use fp32 with resources.gpu 0", defaults::precision(spec).as_str()),
+            format!(
+                "{} needs a GPU; use fp32 with resources.gpu 0",
+                defaults::precision(spec).as_str()
+            ),
         );
     }
     if gpu > 0 && !defaults::gpu_resource_name(spec).contains('/') {
@@ -167,16 +197,25 @@ pub fn validate(svc: &HndsrService) -> Result<(), InvalidSpec> {
         );
     }
     for (field, v) in [
-        ("spec.serving.requestTimeoutSeconds", i64::from(serving.request_timeout_seconds)),
+        (
+            "spec.serving.requestTimeoutSeconds",
+            i64::from(serving.request_timeout_seconds),
+        ),
         ("spec.serving.maxImagePixels", serving.max_image_pixels),
-        ("spec.serving.maxPayloadMB", i64::from(serving.max_payload_mb)),
+        (
+            "spec.serving.maxPayloadMB",
+            i64::from(serving.max_payload_mb),
+        ),
     ] {
         if v < 1 {
             add(field, "must be at least 1".into());
         }
     }
     if serving.rate_limit_per_hour < 0 {
-        add("spec.serving.rateLimitPerHour", "must not be negative (0 disables)".into());
+        add(
+            "spec.serving.rateLimitPerHour",
+            "must not be negative (0 disables)".into(),
+        );
     }
     if serving.drain_seconds < 0 {
         add("spec.serving.drainSeconds", "must not be negative".into());
@@ -195,7 +234,10 @@ pub fn validate(svc: &HndsrService) -> Result<(), InvalidSpec> {
             add("spec.autoscaling.maxReplicas", "must be at least 1".into());
         }
         if min < 0 {
-            add("spec.autoscaling.minReplicas", "must not be negative".into());
+            add(
+                "spec.autoscaling.minReplicas",
+                "must not be negative".into(),
+            );
         }
         if min > a.max_replicas {
             add(
@@ -254,21 +296,34 @@ pub fn validate(svc: &HndsrService) -> Result<(), InvalidSpec> {
                 if let Some(sp) = &rules.select_policy
                     && !matches!(sp.as_str(), "Max" | "Min" | "Disabled")
                 {
-                    add(field, format!("selectPolicy {sp:?} is not one of Max, Min, Disabled"));
+                    add(
+                        field,
+                        format!("selectPolicy {sp:?} is not one of Max, Min, Disabled"),
+                    );
                 }
                 for pol in rules.policies.iter().flatten() {
                     if !matches!(pol.type_.as_str(), "Pods" | "Percent") {
-                        add(field, format!("policy type {:?} is not Pods or Percent", pol.type_));
+                        add(
+                            field,
+                            format!("policy type {:?} is not Pods or Percent", pol.type_),
+                        );
                     }
                     if pol.value < 1 || !(1..=1800).contains(&pol.period_seconds) {
                         add(
                             field,
-                            "policy value must be positive and periodSeconds within 1..=1800".into(),
+                            "policy value must be positive and periodSeconds within 1..=1800"
+                                .into(),
                         );
                     }
                 }
-                if rules.stabilization_window_seconds.is_some_and(|w| !(0..=3600).contains(&w)) {
-                    add(field, "stabilizationWindowSeconds must be within 0..=3600".into());
+                if rules
+                    .stabilization_window_seconds
+                    .is_some_and(|w| !(0..=3600).contains(&w))
+                {
+                    add(
+                        field,
+                        "stabilizationWindowSeconds must be within 0..=3600".into(),
+                    );
                 }
             }
         }
@@ -276,13 +331,17 @@ pub fn validate(svc: &HndsrService) -> Result<(), InvalidSpec> {
 
     if let Some(pw) = &spec.prewarm {
         if pw.standby_replicas.is_some() && pw.standby_percent.is_some() {
-            add("spec.prewarm", "set standbyReplicas or standbyPercent, not both".into());
+            add(
+                "spec.prewarm",
+                "set standbyReplicas or standbyPercent, not both".into(),
+            );
         }
         let standby = pw.standby_replicas.unwrap_or(0) > 0 || pw.standby_percent.unwrap_or(0) > 0;
         if standby && scale_to_zero {
             add(
                 "spec.prewarm",
-                "standby prewarm and scale to zero (autoscaling.minReplicas 0) are exclusive".into(),
+                "standby prewarm and scale to zero (autoscaling.minReplicas 0) are exclusive"
+                    .into(),
             );
         }
     }
@@ -291,10 +350,17 @@ pub fn validate(svc: &HndsrService) -> Result<(), InvalidSpec> {
         && d.max_unavailable.is_some()
         && d.min_available.is_some()
     {
-        add("spec.disruption", "set maxUnavailable or minAvailable, not both".into());
+        add(
+            "spec.disruption",
+            "set maxUnavailable or minAvailable, not both".into(),
+        );
     }
 
-    if p.is_empty() { Ok(()) } else { Err(InvalidSpec { problems: p }) }
+    if p.is_empty() {
+        Ok(())
+    } else {
+        Err(InvalidSpec { problems: p })
+    }
 }
 
 #[cfg(test)]

@@ -57,7 +57,10 @@ fn check_case(dir: &Path) -> Vec<String> {
     for file in CHILD_FILES.iter().copied().chain(["error.txt"]) {
         let path = dir.join(file);
         let want = fs::read_to_string(&path).ok();
-        let got = produced.iter().find(|(f, _)| *f == file).map(|(_, s)| s.clone());
+        let got = produced
+            .iter()
+            .find(|(f, _)| *f == file)
+            .map(|(_, s)| s.clone());
         if bless() {
             match &got {
                 Some(g) => fs::write(&path, g).expect("write golden"),
@@ -68,7 +71,11 @@ fn check_case(dir: &Path) -> Vec<String> {
         }
         if want != got {
             let case = dir.file_name().unwrap().to_string_lossy();
-            eprintln!("--- {case}/{file}: expected\n{}\n--- got\n{}", want.as_deref().unwrap_or("<absent>"), got.as_deref().unwrap_or("<absent>"));
+            eprintln!(
+                "--- {case}/{file}: expected\n{}\n--- got\n{}",
+                want.as_deref().unwrap_or("<absent>"),
+                got.as_deref().unwrap_or("<absent>")
+            );
             failures.push(format!("{case}/{file}"));
         }
     }
@@ -85,7 +92,11 @@ fn golden_fixtures() {
     dirs.sort();
     assert!(dirs.len() >= 10, "fixtures missing: {dirs:?}");
     let failures: Vec<String> = dirs.iter().flat_map(|d| check_case(d)).collect();
-    assert_eq!(failures, Vec::<String>::new(), "golden mismatch; BLESS=1 to update after review");
+    assert_eq!(
+        failures,
+        Vec::<String>::new(),
+        "golden mismatch; BLESS=1 to update after review"
+    );
 }
 
 fn load(case: &str) -> HndsrService {
@@ -143,7 +154,10 @@ fn grace_period_covers_the_drain() {
 fn service_selects_serving_pods_only() {
     let c = desired(&load("cpu"), &BuildConfig::default()).unwrap();
     let sel = c.service.spec.unwrap().selector.unwrap();
-    assert_eq!(sel.get(hndsr_crds::labels::ROLE).map(String::as_str), Some(hndsr_crds::labels::ROLE_SERVING));
+    assert_eq!(
+        sel.get(hndsr_crds::labels::ROLE).map(String::as_str),
+        Some(hndsr_crds::labels::ROLE_SERVING)
+    );
 }
 
 #[test]

@@ -9,7 +9,7 @@ use k8s_openapi::api::apps::v1::{
 };
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, HTTPGetAction,
-    ImageVolumeSource, LifecycleHandler, Lifecycle, LocalObjectReference,
+    ImageVolumeSource, Lifecycle, LifecycleHandler, LocalObjectReference,
     PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
     ResourceRequirements, SeccompProfile, SecurityContext, SleepAction, Volume, VolumeMount,
 };
@@ -104,8 +104,14 @@ pub(super) fn build(ctx: &Ctx<'_>, cfg: &BuildConfig) -> Deployment {
                     labels: Some(pod_labels),
                     annotations: Some(BTreeMap::from([
                         (annotations::PROMETHEUS_SCRAPE.to_owned(), "true".to_owned()),
-                        (annotations::PROMETHEUS_PORT.to_owned(), http::PORT.to_string()),
-                        (annotations::PROMETHEUS_PATH.to_owned(), http::METRICS_PATH.to_owned()),
+                        (
+                            annotations::PROMETHEUS_PORT.to_owned(),
+                            http::PORT.to_string(),
+                        ),
+                        (
+                            annotations::PROMETHEUS_PATH.to_owned(),
+                            http::METRICS_PATH.to_owned(),
+                        ),
                     ])),
                     ..ObjectMeta::default()
                 }),
@@ -118,7 +124,10 @@ pub(super) fn build(ctx: &Ctx<'_>, cfg: &BuildConfig) -> Deployment {
 }
 
 fn runtime_default() -> SeccompProfile {
-    SeccompProfile { type_: "RuntimeDefault".to_owned(), localhost_profile: None }
+    SeccompProfile {
+        type_: "RuntimeDefault".to_owned(),
+        localhost_profile: None,
+    }
 }
 
 fn restricted_security_context() -> SecurityContext {
@@ -126,14 +135,21 @@ fn restricted_security_context() -> SecurityContext {
         allow_privilege_escalation: Some(false),
         read_only_root_filesystem: Some(true),
         run_as_non_root: Some(true),
-        capabilities: Some(Capabilities { drop: Some(vec!["ALL".to_owned()]), add: None }),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".to_owned()]),
+            add: None,
+        }),
         seccomp_profile: Some(runtime_default()),
         ..SecurityContext::default()
     }
 }
 
 fn env_var(name: &str, value: impl Into<String>) -> EnvVar {
-    EnvVar { name: name.to_owned(), value: Some(value.into()), value_from: None }
+    EnvVar {
+        name: name.to_owned(),
+        value: Some(value.into()),
+        value_from: None,
+    }
 }
 
 fn http_probe(path: &str, period: i32, failures: i32, timeout: i32) -> Probe {
@@ -153,7 +169,11 @@ fn http_probe(path: &str, period: i32, failures: i32, timeout: i32) -> Probe {
 /// Path of the weights file inside the container.
 fn weights_path(ctx: &Ctx<'_>) -> Option<String> {
     let w = ctx.svc.spec.model.weights.as_ref()?;
-    let file = if w.uri.is_some() { defaults::WEIGHTS_FILE } else { defaults::weights_file(&ctx.svc.spec) };
+    let file = if w.uri.is_some() {
+        defaults::WEIGHTS_FILE
+    } else {
+        defaults::weights_file(&ctx.svc.spec)
+    };
     Some(format!("{WEIGHTS_DIR}/{file}"))
 }
 
@@ -176,8 +196,14 @@ fn server_container(ctx: &Ctx<'_>, cfg: &BuildConfig, serving: &EffectiveServing
     envs.extend([
         env_var(env::MAX_CONCURRENT, serving.max_concurrent.to_string()),
         env_var(env::MAX_QUEUE_DEPTH, serving.max_queue_depth.to_string()),
-        env_var(env::REQUEST_TIMEOUT_S, serving.request_timeout_seconds.to_string()),
-        env_var(env::RATE_LIMIT_PER_HOUR, serving.rate_limit_per_hour.to_string()),
+        env_var(
+            env::REQUEST_TIMEOUT_S,
+            serving.request_timeout_seconds.to_string(),
+        ),
+        env_var(
+            env::RATE_LIMIT_PER_HOUR,
+            serving.rate_limit_per_hour.to_string(),
+        ),
         env_var(env::MAX_IMAGE_PIXELS, serving.max_image_pixels.to_string()),
         env_var(env::MAX_PAYLOAD_MB, serving.max_payload_mb.to_string()),
         env_var(env::DRAIN_SECONDS, serving.drain_seconds.to_string()),
@@ -224,7 +250,9 @@ fn server_container(ctx: &Ctx<'_>, cfg: &BuildConfig, serving: &EffectiveServing
         // the server then drains on SIGTERM for drainSeconds.
         lifecycle: Some(Lifecycle {
             pre_stop: Some(LifecycleHandler {
-                sleep: Some(SleepAction { seconds: i64::from(defaults::PRE_STOP_SLEEP_SECONDS) }),
+                sleep: Some(SleepAction {
+                    seconds: i64::from(defaults::PRE_STOP_SLEEP_SECONDS),
+                }),
                 ..LifecycleHandler::default()
             }),
             ..Lifecycle::default()
@@ -266,14 +294,21 @@ fn resources(ctx: &Ctx<'_>) -> ResourceRequirements {
     if let Some(l) = cpu.limit {
         limits.insert("cpu".to_owned(), l);
     }
-    requests.insert("memory".to_owned(), mem.request.unwrap_or_else(|| q(mem_req)));
+    requests.insert(
+        "memory".to_owned(),
+        mem.request.unwrap_or_else(|| q(mem_req)),
+    );
     limits.insert("memory".to_owned(), mem.limit.unwrap_or_else(|| q(mem_lim)));
     if gpu > 0 {
         let name = defaults::gpu_resource_name(spec).to_owned();
         requests.insert(name.clone(), Quantity(gpu.to_string()));
         limits.insert(name, Quantity(gpu.to_string()));
     }
-    ResourceRequirements { requests: Some(requests), limits: Some(limits), ..ResourceRequirements::default() }
+    ResourceRequirements {
+        requests: Some(requests),
+        limits: Some(limits),
+        ..ResourceRequirements::default()
+    }
 }
 
 /// The /tmp and weights volumes, and the init container for `weights.uri`.
@@ -287,8 +322,13 @@ fn weights_volumes(ctx: &Ctx<'_>, cfg: &BuildConfig) -> (Vec<Volume>, Vec<Contai
         ..Volume::default()
     }];
     let mut init = Vec::new();
-    let Some(w) = ctx.svc.spec.model.weights.as_ref() else { return (volumes, init) };
-    let mut vol = Volume { name: WEIGHTS_VOLUME.to_owned(), ..Volume::default() };
+    let Some(w) = ctx.svc.spec.model.weights.as_ref() else {
+        return (volumes, init);
+    };
+    let mut vol = Volume {
+        name: WEIGHTS_VOLUME.to_owned(),
+        ..Volume::default()
+    };
     if let Some(pvc) = &w.pvc {
         vol.persistent_volume_claim = Some(PersistentVolumeClaimVolumeSource {
             claim_name: pvc.claim_name.clone(),
@@ -322,7 +362,10 @@ fn weights_volumes(ctx: &Ctx<'_>, cfg: &BuildConfig) -> (Vec<Volume>, Vec<Contai
                     ("cpu".to_owned(), Quantity("100m".to_owned())),
                     ("memory".to_owned(), Quantity("64Mi".to_owned())),
                 ])),
-                limits: Some(BTreeMap::from([("memory".to_owned(), Quantity("256Mi".to_owned()))])),
+                limits: Some(BTreeMap::from([(
+                    "memory".to_owned(),
+                    Quantity("256Mi".to_owned()),
+                )])),
                 ..ResourceRequirements::default()
             }),
             security_context: Some(restricted_security_context()),

@@ -15,7 +15,10 @@ fn pods_metric(name: &str, target: Quantity) -> MetricSpec {
     MetricSpec {
         type_: "Pods".to_owned(),
         pods: Some(PodsMetricSource {
-            metric: MetricIdentifier { name: name.to_owned(), selector: None },
+            metric: MetricIdentifier {
+                name: name.to_owned(),
+                selector: None,
+            },
             target: MetricTarget {
                 type_: "AverageValue".to_owned(),
                 average_value: Some(target),
@@ -31,7 +34,12 @@ pub(super) fn build(ctx: &Ctx<'_>) -> HorizontalPodAutoscaler {
     let spec = &ctx.svc.spec;
     let eff = defaults::autoscaling(spec);
     let (min, max, active, queue) = match eff {
-        Some(e) => (e.min_replicas, e.max_replicas, e.target_active_requests, e.target_queue_depth),
+        Some(e) => (
+            e.min_replicas,
+            e.max_replicas,
+            e.target_active_requests,
+            e.target_queue_depth,
+        ),
         None => (defaults::MIN_REPLICAS, defaults::MIN_REPLICAS, None, None),
     };
     let mut metric_specs = Vec::new();

@@ -78,7 +78,13 @@ pub fn desired(svc: &HndsrService, cfg: &BuildConfig) -> Result<Children, Invali
     };
     let pdb = defaults::pdb_enabled(&svc.spec).then(|| pdb::build(&ctx));
     let endpoint = endpoint(&ctx.name, &ctx.namespace, cfg);
-    Ok(Children { deployment, service, hpa, pdb, endpoint })
+    Ok(Children {
+        deployment,
+        service,
+        hpa,
+        pdb,
+        endpoint,
+    })
 }
 
 /// Labels every child carries.
@@ -86,8 +92,14 @@ pub fn common_labels(name: &str) -> BTreeMap<String, String> {
     BTreeMap::from([
         (labels::NAME.to_owned(), labels::APP_NAME.to_owned()),
         (labels::INSTANCE.to_owned(), name.to_owned()),
-        (labels::COMPONENT.to_owned(), labels::COMPONENT_SERVER.to_owned()),
-        (labels::MANAGED_BY.to_owned(), hndsr_crds::FIELD_MANAGER.to_owned()),
+        (
+            labels::COMPONENT.to_owned(),
+            labels::COMPONENT_SERVER.to_owned(),
+        ),
+        (
+            labels::MANAGED_BY.to_owned(),
+            hndsr_crds::FIELD_MANAGER.to_owned(),
+        ),
         (labels::PART_OF.to_owned(), labels::APP_NAME.to_owned()),
         (labels::SERVICE.to_owned(), name.to_owned()),
     ])
@@ -136,7 +148,10 @@ impl<'a> Ctx<'a> {
             .clone()
             .ok_or_else(|| InvalidSpec::one("metadata.namespace", "is missing"))?;
         let uid = svc.metadata.uid.clone().ok_or_else(|| {
-            InvalidSpec::one("metadata.uid", "is missing (the object was not read from the API server)")
+            InvalidSpec::one(
+                "metadata.uid",
+                "is missing (the object was not read from the API server)",
+            )
         })?;
         let owner = OwnerReference {
             api_version: HndsrService::api_version(&()).into_owned(),
@@ -146,7 +161,12 @@ impl<'a> Ctx<'a> {
             controller: Some(true),
             block_owner_deletion: Some(true),
         };
-        Ok(Self { svc, name, namespace, owner })
+        Ok(Self {
+            svc,
+            name,
+            namespace,
+            owner,
+        })
     }
 
     /// Metadata of a child named after the service.
