@@ -190,7 +190,11 @@ mod tests {
             (&pki.service_account_pub, "PUBLIC KEY"),
         ] {
             let text = std::fs::read_to_string(path).unwrap();
-            assert!(text.starts_with(&format!("-----BEGIN {tag}-----")), "{}", path.display());
+            assert!(
+                text.starts_with(&format!("-----BEGIN {tag}-----")),
+                "{}",
+                path.display()
+            );
         }
     }
 }

@@ -367,3 +367,79 @@ async fn more_gpus_than_a_node_has_is_reported_as_waiting_for_gpu_capacity() -> 
     );
     Ok(())
 }
+
+/// Name of the operator's leader-election Lease (its `--lease-name` default).
+const LEASE_NAME: &str = "hndsr-operator-leader";
+
+async fn wait_lease_holder(
+    client: &Client,
+    ns: &str,
+    holder: &str,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(client.clone(), ns);
+    wait::until(
+        format!("Lease {ns}/{LEASE_NAME} held by {holder}"),
+        timeout,
+        || async {
+            let lease = leases.get_opt(LEASE_NAME).await?;
+            let current = lease.and_then(|l| l.spec).and_then(|s| s.holder_identity);
+            Ok::<_, kube::Error>((current.as_deref() == Some(holder)).then_some(()))
+        },
+    )
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_standby_replica_takes_over_when_the_leader_dies() -> anyhow::Result<()> {
+    let ns = shared::namespace("e2e-op-leader").await?;
+    fixtures::install_crd(&ns.client).await?;
+    let logs = ns.shared.dir.join("logs");
+    let replica = |identity: &str| OperatorOptions {
+        lease_namespace: Some(ns.name.clone()),
+        identity: format!("{}-{identity}", ns.name),
+        wait_ready: false,
+        ..OperatorOptions::for_namespace(&ns.name)
+    };
+    let a = replica("a");
+    let b = replica("b");
+
+    let leader = Operator::start(&ns.shared.kubeconfig, &logs, &a).await?;
+    wait_lease_holder(&ns.client, &ns.name, &a.identity, TIMEOUT).await?;
+    let mut standby = Operator::start(&ns.shared.kubeconfig, &logs, &b).await?;
+
+    let mut env = Env {
+        ns: ns.clone(),
+        operator: leader,
+    };
+    env.create("sr", bicubic(1, 1)).await?;
+    env.wait_status("sr", "Ready under the first leader", is_ready)
+        .await?;
+    standby.check_running()?;
+
+    // The leader crashes (no lease release): the standby takes over once the
+    // lease expires (15 s by default) and reconciles a change.
+    env.operator.kill();
+    wait_lease_holder(&ns.client, &ns.name, &b.identity, Duration::from_secs(60)).await?;
+    let crashed = std::mem::replace(&mut env.operator, standby);
+    drop(crashed);
+    env.services()
+        .patch(
+            "sr",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({ "spec": { "replicas": 2 } })),
+        )
+        .await?;
+    let svc = env
+        .wait_status("sr", "2 ready replicas under the new leader", |s| {
+            is_ready(s) && s.status.as_ref().and_then(|st| st.ready_replicas) == Some(2)
+        })
+        .await?;
+    assert_eq!(
+        svc.status.as_ref().and_then(|s| s.observed_generation),
+        Some(2)
+    );
+    Ok(())
+}
