@@ -1,0 +1,491 @@
+//! An HTTP load generator for the HNDSR server, for 127.0.0.1 only.
+//!
+//! A fixed number of workers (the concurrency) each send one request at a
+//! time, until the request count or the duration is reached — whichever
+//! comes first — and never longer than a hard time cap, so a run always ends
+//! by itself. Latency is measured from sending the request to the last byte
+//! of the response body. Optionally each request carries an
+//! `X-Forwarded-For` with its own synthetic client address (for the rate
+//! limiter's memory under many distinct clients).
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::header::{HeaderName, HeaderValue};
+use hyper::{Method, Request, Uri};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde::Serialize;
+
+/// Everything one run needs.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// Target URL; must be `http://` on a loopback address.
+    pub url: Uri,
+    /// HTTP method.
+    pub method: Method,
+    /// Request body (empty for none).
+    pub body: Bytes,
+    /// Extra request headers.
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// Requests in flight at once.
+    pub concurrency: usize,
+    /// Stop after this many requests.
+    pub requests: Option<u64>,
+    /// Stop after this long.
+    pub duration: Option<Duration>,
+    /// Never run longer than this, whatever else is set.
+    pub max_duration: Duration,
+    /// Per-request deadline (sending to last body byte).
+    pub timeout: Duration,
+    /// Send `X-Forwarded-For` with a distinct address per request.
+    pub distinct_clients: bool,
+}
+
+/// Latency summary, in milliseconds.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Latency {
+    /// Number of samples.
+    pub count: u64,
+    /// Median.
+    pub p50_ms: f64,
+    /// 90th percentile.
+    pub p90_ms: f64,
+    /// 99th percentile.
+    pub p99_ms: f64,
+    /// Slowest.
+    pub max_ms: f64,
+    /// Mean.
+    pub mean_ms: f64,
+}
+
+impl Latency {
+    /// Summarises `samples` (nearest-rank percentiles); `None` if empty.
+    pub fn from_samples(samples: &mut [Duration]) -> Option<Self> {
+        if samples.is_empty() {
+            return None;
+        }
+        samples.sort_unstable();
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        let n = samples.len();
+        let rank = |p: f64| samples[((p * n as f64).ceil() as usize).clamp(1, n) - 1];
+        let total: Duration = samples.iter().sum();
+        Some(Self {
+            count: n as u64,
+            p50_ms: ms(rank(0.50)),
+            p90_ms: ms(rank(0.90)),
+            p99_ms: ms(rank(0.99)),
+            max_ms: ms(samples[n - 1]),
+            mean_ms: ms(total) / n as f64,
+        })
+    }
+}
+
+/// What a run measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// Requests sent (answered or not).
+    pub requests: u64,
+    /// Wall time of the run, in seconds.
+    pub elapsed_s: f64,
+    /// Completed requests (any status) per second.
+    pub throughput_rps: f64,
+    /// Concurrency used.
+    pub concurrency: usize,
+    /// Responses per status code; `"error"` counts requests without a
+    /// response (connection failure or per-request timeout).
+    pub status_counts: BTreeMap<String, u64>,
+    /// Latency over every request that got a response.
+    pub latency: Option<Latency>,
+    /// Latency per status code.
+    pub latency_by_status: BTreeMap<String, Latency>,
+    /// First few distinct transport errors, for diagnosis.
+    pub error_samples: Vec<String>,
+}
+
+impl Report {
+    /// Share of responses with `status`, in [0, 1].
+    pub fn share(&self, status: &str) -> f64 {
+        let n = self.status_counts.get(status).copied().unwrap_or(0);
+        if self.requests == 0 {
+            0.0
+        } else {
+            n as f64 / self.requests as f64
+        }
+    }
+
+    /// A human-readable summary.
+    pub fn to_text(&self) -> String {
+        let mut s = format!(
+            "{} requests in {:.2} s at concurrency {}: {:.1} req/s\n",
+            self.requests, self.elapsed_s, self.concurrency, self.throughput_rps
+        );
+        let line = |label: &str, l: &Latency| {
+            format!(
+                "  {label:<7} n={:<7} p50 {:>9.2} ms  p90 {:>9.2} ms  p99 {:>9.2} ms  max {:>9.2} ms\n",
+                l.count, l.p50_ms, l.p90_ms, l.p99_ms, l.max_ms
+            )
+        };
+        if let Some(l) = &self.latency {
+            s += &line("all", l);
+        }
+        for (status, l) in &self.latency_by_status {
+            s += &line(status, l);
+        }
+        for (status, n) in &self.status_counts {
+            s += &format!(
+                "  status {status}: {n} ({:.1}%)\n",
+                100.0 * self.share(status)
+            );
+        }
+        for e in &self.error_samples {
+            s += &format!("  error: {e}\n");
+        }
+        s
+    }
+}
+
+/// Refuses anything but plain HTTP to a loopback address: this tool is for
+/// benchmarking a local server, not for loading someone else's.
+pub fn check_target(url: &Uri) -> anyhow::Result<()> {
+    if url.scheme_str() != Some("http") {
+        bail!("only http:// targets are supported, got {url}");
+    }
+    let host = url.host().context("the URL has no host")?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let loopback = host.eq_ignore_ascii_case("localhost")
+        || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback());
+    if !loopback {
+        bail!("refusing non-loopback target {host:?}: hndsr-loadgen only loads 127.0.0.1");
+    }
+    Ok(())
+}
+
+/// The synthetic client address of request `i`: distinct for the first
+/// 2^24 requests, inside 10.0.0.0/8.
+pub fn client_addr(i: u64) -> Ipv4Addr {
+    let n = (i % (1 << 24)) as u32;
+    Ipv4Addr::from(0x0a00_0000 | n)
+}
+
+/// One worker's observations.
+#[derive(Default)]
+struct Tally {
+    sent: u64,
+    by_status: BTreeMap<String, Vec<Duration>>,
+    errors: Vec<String>,
+}
+
+/// Runs `plan` to completion and reports.
+///
+/// # Errors
+/// A target that is not loopback, or a plan with no stopping rule.
+pub async fn run(plan: Plan) -> anyhow::Result<Report> {
+    check_target(&plan.url)?;
+    if plan.requests.is_none() && plan.duration.is_none() {
+        bail!("give a request count, a duration, or both");
+    }
+    if plan.concurrency == 0 {
+        bail!("concurrency must be at least 1");
+    }
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(plan.concurrency)
+        .build(connector);
+
+    let start = Instant::now();
+    // No request starts after `deadline`; requests in flight then may finish
+    // (so a timed run does not count its last requests as failures), but
+    // nothing runs past `hard_stop`.
+    let hard_stop = start + plan.max_duration;
+    let deadline = plan
+        .duration
+        .map_or(hard_stop, |d| (start + d).min(hard_stop));
+    let next = Arc::new(AtomicU64::new(0));
+    let plan = Arc::new(plan);
+
+    let workers: Vec<_> = (0..plan.concurrency)
+        .map(|_| {
+            let (client, next, plan) = (client.clone(), Arc::clone(&next), Arc::clone(&plan));
+            tokio::spawn(async move {
+                let mut tally = Tally::default();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if plan.requests.is_some_and(|n| i >= n) || Instant::now() >= deadline {
+                        break;
+                    }
+                    tally.sent += 1;
+                    let began = Instant::now();
+                    let remaining = hard_stop.saturating_duration_since(began);
+                    let outcome =
+                        tokio::time::timeout(plan.timeout.min(remaining), send(&client, &plan, i))
+                            .await;
+                    let took = began.elapsed();
+                    match outcome {
+                        Ok(Ok(status)) => tally
+                            .by_status
+                            .entry(status.to_string())
+                            .or_default()
+                            .push(took),
+                        Ok(Err(e)) => record_error(&mut tally, e.to_string(), took),
+                        Err(_) => record_error(&mut tally, "timed out".to_owned(), took),
+                    }
+                }
+                tally
+            })
+        })
+        .collect();
+
+    let mut total = Tally::default();
+    for w in workers {
+        let t = w.await.context("a worker panicked")?;
+        total.sent += t.sent;
+        for (status, mut v) in t.by_status {
+            total.by_status.entry(status).or_default().append(&mut v);
+        }
+        for e in t.errors {
+            if total.errors.len() < 5 && !total.errors.contains(&e) {
+                total.errors.push(e);
+            }
+        }
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+
+    let mut all: Vec<Duration> = total
+        .by_status
+        .iter()
+        .filter(|(s, _)| s.as_str() != "error")
+        .flat_map(|(_, v)| v.iter().copied())
+        .collect();
+    let status_counts = total
+        .by_status
+        .iter()
+        .map(|(s, v)| (s.clone(), v.len() as u64))
+        .collect();
+    let latency_by_status = total
+        .by_status
+        .iter_mut()
+        .filter_map(|(s, v)| Latency::from_samples(v).map(|l| (s.clone(), l)))
+        .collect();
+    Ok(Report {
+        requests: total.sent,
+        elapsed_s: elapsed,
+        throughput_rps: if elapsed > 0.0 {
+            total.sent as f64 / elapsed
+        } else {
+            0.0
+        },
+        concurrency: plan.concurrency,
+        status_counts,
+        latency: Latency::from_samples(&mut all),
+        latency_by_status,
+        error_samples: total.errors,
+    })
+}
+
+fn record_error(tally: &mut Tally, message: String, took: Duration) {
+    tally
+        .by_status
+        .entry("error".to_owned())
+        .or_default()
+        .push(took);
+    if tally.errors.len() < 5 && !tally.errors.contains(&message) {
+        tally.errors.push(message);
+    }
+}
+
+/// Sends request `i` and reads the whole response body.
+async fn send(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    plan: &Plan,
+    i: u64,
+) -> anyhow::Result<u16> {
+    let mut req = Request::builder()
+        .method(plan.method.clone())
+        .uri(plan.url.clone());
+    for (name, value) in &plan.headers {
+        req = req.header(name, value);
+    }
+    if plan.distinct_clients {
+        req = req.header("x-forwarded-for", client_addr(i).to_string());
+    }
+    let req = req.body(Full::new(plan.body.clone()))?;
+    let resp = client
+        .request(req)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let status = resp.status().as_u16();
+    resp.into_body()
+        .collect()
+        .await
+        .context("reading the response body")?;
+    Ok(status)
+}
+
+/// A deterministic synthetic aerial-like RGB image (fields, roads, a river)
+/// encoded as PNG, for benchmark bodies and the committed sample.
+pub fn synthetic_png(width: u32, height: u32) -> anyhow::Result<Vec<u8>> {
+    let mut img = image::RgbImage::new(width, height);
+    for (x, y, px) in img.enumerate_pixels_mut() {
+        let (fx, fy) = (x as f32, y as f32);
+        // Fields: a patchwork of 16-pixel parcels with per-parcel crop colour.
+        let parcel = (x / 16).wrapping_mul(73_856_093) ^ (y / 16).wrapping_mul(19_349_663);
+        let crop = [
+            [96, 128, 64],
+            [150, 140, 90],
+            [70, 100, 50],
+            [180, 160, 110],
+        ][(parcel % 4) as usize];
+        // Furrows give each parcel a fine texture.
+        let furrow = if (x + y * (parcel % 3)) % 4 == 0 {
+            12
+        } else {
+            0
+        };
+        let mut rgb = crop.map(|c: u8| c.saturating_sub(furrow));
+        // A river meandering down the image.
+        let river_x = width as f32 * 0.6 + (fy * 0.15).sin() * width as f32 * 0.08;
+        if (fx - river_x).abs() < 2.5 {
+            rgb = [40, 70, 120];
+        }
+        // A straight road.
+        if (fy - fx * 0.4 - height as f32 * 0.2).abs() < 1.0 {
+            rgb = [200, 200, 200];
+        }
+        *px = image::Rgb(rgb);
+    }
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png)
+        .context("encoding the PNG")?;
+    Ok(out.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_loopback_targets_are_accepted() {
+        for ok in [
+            "http://127.0.0.1:8080/v1/upscale",
+            "http://127.0.0.5/",
+            "http://[::1]:1/",
+            "http://localhost:9/",
+        ] {
+            check_target(&ok.parse().unwrap()).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        for bad in [
+            "http://10.0.0.1/",
+            "http://example.org/",
+            "https://127.0.0.1/",
+            "http://0.0.0.0:80/",
+        ] {
+            assert!(check_target(&bad.parse().unwrap()).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn client_addresses_are_distinct_and_private() {
+        let a: std::collections::HashSet<_> = (0..100_000).map(client_addr).collect();
+        assert_eq!(a.len(), 100_000);
+        assert!(a.iter().all(|ip| ip.octets()[0] == 10));
+    }
+
+    #[test]
+    fn percentiles_are_nearest_rank() {
+        let mut v: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
+        let l = Latency::from_samples(&mut v).unwrap();
+        assert_eq!(
+            (l.p50_ms, l.p90_ms, l.p99_ms, l.max_ms),
+            (50.0, 90.0, 99.0, 100.0)
+        );
+        assert!(Latency::from_samples(&mut []).is_none());
+    }
+
+    #[test]
+    fn synthetic_png_decodes() {
+        let png = synthetic_png(32, 24).unwrap();
+        let img = image::load_from_memory(&png).unwrap();
+        assert_eq!((img.width(), img.height()), (32, 24));
+    }
+
+    #[tokio::test]
+    async fn counts_statuses_against_a_local_server() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        // A minimal HTTP/1.1 server: every request gets 503 with an empty body.
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut sock, _)) = listener.accept().await else {
+                    return;
+                };
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    while let Ok(n) = sock.read(&mut buf).await {
+                        if n == 0 {
+                            return;
+                        }
+                        let resp = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n";
+                        if sock.write_all(resp).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        let plan = Plan {
+            url: format!("http://{addr}/").parse().unwrap(),
+            method: Method::GET,
+            body: Bytes::new(),
+            headers: Vec::new(),
+            concurrency: 4,
+            requests: Some(40),
+            duration: None,
+            max_duration: Duration::from_secs(20),
+            timeout: Duration::from_secs(5),
+            distinct_clients: true,
+        };
+        let report = run(plan).await.unwrap();
+        assert_eq!(report.requests, 40);
+        assert_eq!(report.status_counts.get("503"), Some(&40), "{report:?}");
+        assert_eq!(report.latency.unwrap().count, 40);
+    }
+
+    #[tokio::test]
+    async fn stops_by_itself_on_time() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        // Accepts and never answers: only the clock can stop the run.
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((sock, _)) = listener.accept().await {
+                held.push(sock);
+            }
+        });
+        let plan = Plan {
+            url: format!("http://{addr}/").parse().unwrap(),
+            method: Method::GET,
+            body: Bytes::new(),
+            headers: Vec::new(),
+            concurrency: 2,
+            requests: None,
+            duration: Some(Duration::from_millis(300)),
+            max_duration: Duration::from_secs(1),
+            timeout: Duration::from_secs(60),
+            distinct_clients: false,
+        };
+        let began = Instant::now();
+        let report = run(plan).await.unwrap();
+        assert!(began.elapsed() < Duration::from_secs(3));
+        assert_eq!(report.status_counts.get("error"), Some(&2));
+    }
+}

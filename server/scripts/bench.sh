@@ -1,0 +1,158 @@
+#!/usr/bin/env bash
+# Load-tests the release server on 127.0.0.1 with the bicubic backend and
+# prints a markdown report (called by `make bench`; figures go to
+# docs/benchmarks.md). Needs target/release/hndsr-server and
+# target/release/hndsr-loadgen (both built by `make bench`), python3 and curl.
+#
+#   1. 256x256 PNG, scale 4, concurrency 1, 4, 16, 64 (rate limit off);
+#   2. overload: concurrency 10 x MAX_QUEUE_DEPTH: share of 503s, p99 of the
+#      503s and of the admitted requests;
+#   3. 100k requests from 100k distinct client addresses via a trusted
+#      X-Forwarded-For, rate limit on: server RSS before and after.
+#
+# Knobs (env): BENCH_SECONDS (per level, default 15), BENCH_CLIENTS (default
+# 100000), MAX_CONCURRENT (4), MAX_QUEUE_DEPTH (20), TARGET_DIR (target).
+set -euo pipefail
+
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+TARGET_DIR="${TARGET_DIR:-$REPO_ROOT/target}"
+SERVER="$TARGET_DIR/release/hndsr-server"
+LOADGEN="$TARGET_DIR/release/hndsr-loadgen"
+SECONDS_PER_LEVEL="${BENCH_SECONDS:-15}"
+CLIENTS="${BENCH_CLIENTS:-100000}"
+MAX_CONCURRENT="${MAX_CONCURRENT:-4}"
+MAX_QUEUE_DEPTH="${MAX_QUEUE_DEPTH:-20}"
+LEVELS=(1 4 16 64)
+
+for bin in "$SERVER" "$LOADGEN"; do
+  [[ -x "$bin" ]] || { echo "bench: $bin not found; run 'make bench'" >&2; exit 1; }
+done
+command -v python3 >/dev/null || { echo "bench: python3 is required" >&2; exit 1; }
+command -v curl >/dev/null || { echo "bench: curl is required" >&2; exit 1; }
+
+WORK="$(mktemp -d)"
+SERVER_PID=""
+stop_server() {
+  if [[ -n "$SERVER_PID" ]] && kill -0 "$SERVER_PID" 2>/dev/null; then
+    kill "$SERVER_PID" 2>/dev/null || true
+    # The server drains on SIGTERM; do not wait for the full drain period.
+    for _ in $(seq 50); do kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$SERVER_PID" 2>/dev/null || true
+    wait "$SERVER_PID" 2>/dev/null || true
+  fi
+  SERVER_PID=""
+}
+cleanup() { stop_server; rm -rf "$WORK"; }
+trap cleanup EXIT INT TERM
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
+}
+
+# start_server LOG ARGS... : starts the server on a free port, waits for /readyz.
+start_server() {
+  local log="$1"; shift
+  PORT="$(free_port)"
+  MAX_CONCURRENT="$MAX_CONCURRENT" MAX_QUEUE_DEPTH="$MAX_QUEUE_DEPTH" \
+    "$SERVER" --listen "127.0.0.1:$PORT" --backend bicubic --device cpu --scale 4 "$@" >"$log" 2>&1 &
+  SERVER_PID=$!
+  for _ in $(seq 300); do
+    if curl -fsS -o /dev/null "http://127.0.0.1:$PORT/readyz" 2>/dev/null; then return 0; fi
+    kill -0 "$SERVER_PID" 2>/dev/null || { echo "bench: server exited:" >&2; tail -20 "$log" >&2; exit 1; }
+    sleep 0.1
+  done
+  echo "bench: server not ready after 30 s:" >&2; tail -20 "$log" >&2; exit 1
+}
+
+rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$SERVER_PID/status"; }
+
+# Formats one loadgen JSON report as a markdown table row.
+row() {
+  python3 - "$1" "$2" <<'PY'
+import json, sys
+label, path = sys.argv[1], sys.argv[2]
+r = json.load(open(path))
+counts = r["status_counts"]
+n = r["requests"] or 1
+ok = counts.get("200", 0)
+lat = r.get("latency") or {}
+ok_lat = r["latency_by_status"].get("200") or {}
+others = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()) if k != "200") or "-"
+def ms(d, k): return f'{d[k]:.1f}' if k in d else "-"
+print(f'| {label} | {r["requests"]} | {r["elapsed_s"]:.1f} | {ok / r["elapsed_s"]:.1f} | '
+      f'{ms(ok_lat, "p50_ms")} | {ms(ok_lat, "p90_ms")} | {ms(ok_lat, "p99_ms")} | {100.0 * ok / n:.1f} | {others} |')
+PY
+}
+
+# --- 1 and 2: throughput and latency, then overload -------------------------
+"$LOADGEN" png --size 256 --out "$WORK/in-256.png"
+start_server "$WORK/server-a.log" --rate-limit-per-hour 0 --request-timeout-s 30
+URL="http://127.0.0.1:$PORT/v1/upscale?scale=4"
+# Warm the process (allocator, PNG paths) outside the measurements.
+"$LOADGEN" run --url "$URL" --body "$WORK/in-256.png" --content-type image/png -c 2 -n 10 >/dev/null
+
+echo "## Throughput and latency: 256x256 PNG, scale 4, bicubic, CPU"
+echo
+echo "MAX_CONCURRENT=$MAX_CONCURRENT, MAX_QUEUE_DEPTH=$MAX_QUEUE_DEPTH, rate limit off, ${SECONDS_PER_LEVEL} s per level."
+echo
+echo "| concurrency | requests | seconds | 200/s | p50 ms (200) | p90 ms (200) | p99 ms (200) | % 200 | other statuses |"
+echo "|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+for c in "${LEVELS[@]}"; do
+  "$LOADGEN" run --url "$URL" --body "$WORK/in-256.png" --content-type image/png \
+    -c "$c" -d "$SECONDS_PER_LEVEL" --json >"$WORK/c$c.json"
+  row "$c" "$WORK/c$c.json"
+done
+
+OVER=$((10 * MAX_QUEUE_DEPTH))
+"$LOADGEN" run --url "$URL" --body "$WORK/in-256.png" --content-type image/png \
+  -c "$OVER" -d "$SECONDS_PER_LEVEL" --json >"$WORK/over.json"
+echo
+echo "## Overload: concurrency $OVER (10 x MAX_QUEUE_DEPTH)"
+echo
+python3 - "$WORK/over.json" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+c, n = r["status_counts"], r["requests"] or 1
+by = r["latency_by_status"]
+def p99(k): return f'{by[k]["p99_ms"]:.1f} ms' if k in by else "-"
+def p50(k): return f'{by[k]["p50_ms"]:.1f} ms' if k in by else "-"
+print("| metric | value |")
+print("|---|---:|")
+print(f'| requests in {r["elapsed_s"]:.1f} s | {r["requests"]} |')
+print(f'| share of 503 | {100.0 * c.get("503", 0) / n:.1f} % |')
+print(f'| p50 / p99 of 503 | {p50("503")} / {p99("503")} |')
+print(f'| admitted (200) per second | {c.get("200", 0) / r["elapsed_s"]:.1f} |')
+print(f'| p50 / p99 of admitted (200) | {p50("200")} / {p99("200")} |')
+print(f'| status counts | {", ".join(f"{k}: {v}" for k, v in sorted(c.items()))} |')
+PY
+stop_server
+
+# --- 3: rate-limiter memory under many distinct clients ---------------------
+# A tiny body that is not an image: the limiter records the client before the
+# image is looked at, so each request adds limiter state without model work.
+printf 'not an image' >"$WORK/garbage.bin"
+start_server "$WORK/server-b.log" --rate-limit-per-hour 100 --trusted-proxies 127.0.0.1/32
+URL="http://127.0.0.1:$PORT/v1/upscale?scale=4"
+"$LOADGEN" run --url "$URL" --body "$WORK/garbage.bin" --content-type image/png -c 4 -n 100 >/dev/null
+sleep 1
+RSS_BEFORE="$(rss_kib)"
+"$LOADGEN" run --url "$URL" --body "$WORK/garbage.bin" --content-type image/png \
+  -c 32 -n "$CLIENTS" --distinct-clients --max-duration 600 --json >"$WORK/clients.json"
+sleep 1
+RSS_AFTER="$(rss_kib)"
+echo
+echo "## Rate limiter: $CLIENTS distinct clients via trusted X-Forwarded-For"
+echo
+python3 - "$WORK/clients.json" "$RSS_BEFORE" "$RSS_AFTER" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+before, after = int(sys.argv[2]), int(sys.argv[3])
+print("| metric | value |")
+print("|---|---:|")
+print(f'| requests in {r["elapsed_s"]:.1f} s | {r["requests"]} ({r["throughput_rps"]:.0f}/s) |')
+print(f'| status counts | {", ".join(f"{k}: {v}" for k, v in sorted(r["status_counts"].items()))} |')
+print(f'| server VmRSS before | {before / 1024:.1f} MiB |')
+print(f'| server VmRSS after | {after / 1024:.1f} MiB |')
+print(f'| growth | {(after - before) / 1024:.1f} MiB ({(after - before) * 1024 / max(r["requests"], 1):.0f} bytes per client) |')
+PY
+stop_server
