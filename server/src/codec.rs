@@ -359,6 +359,21 @@ mod tests {
     }
 
     #[test]
+    fn jpeg_comes_back_as_png() {
+        let rgb =
+            DynamicImage::ImageRgb8(ImageBuffer::from_pixel(8, 8, image::Rgb([200, 100, 50])));
+        let mut jpeg = Cursor::new(Vec::new());
+        rgb.write_to(&mut jpeg, ImageFormat::Jpeg).expect("jpeg");
+        let (planar, layout) = decode(jpeg.get_ref(), 100).expect("decode jpeg");
+        assert_eq!(
+            (planar.channels, layout.format, layout.depth),
+            (3, Container::Jpeg, BitDepth::Eight)
+        );
+        let out = encode(&planar, layout).expect("encode");
+        assert_eq!(out.content_type, "image/png");
+    }
+
+    #[test]
     fn budget_and_garbage_are_refused_from_the_header() {
         let src = DynamicImage::ImageRgb8(ImageBuffer::new(10, 10));
         assert!(matches!(

@@ -94,6 +94,9 @@ pub enum Error {
     /// No such route.
     #[error("not found")]
     NotFound,
+    /// The route exists but not with this method.
+    #[error("method not allowed")]
+    MethodNotAllowed,
     /// A bug or an unexpected state of the server.
     #[error("internal error: {0}")]
     Internal(String),
@@ -117,6 +120,7 @@ pub const ALL_REASONS: &[&str] = &[
     "backend_error",
     "cancelled",
     "not_found",
+    "method_not_allowed",
     "internal",
 ];
 
@@ -137,6 +141,7 @@ impl Error {
             }
             Self::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Self::NotFound => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             // 499 is not a registered status; nobody is listening anyway.
             Self::Cancelled | Self::BackendPanic | Self::Backend(_) | Self::Internal(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
@@ -164,6 +169,7 @@ impl Error {
             Self::Backend(_) => "backend_error",
             Self::Cancelled => "cancelled",
             Self::NotFound => "not_found",
+            Self::MethodNotAllowed => "method_not_allowed",
             Self::Internal(_) => "internal",
         }
     }
@@ -185,6 +191,7 @@ impl Error {
                 | Self::Overloaded { .. }
                 | Self::Unavailable { .. }
                 | Self::NotFound
+                | Self::MethodNotAllowed
         )
     }
 

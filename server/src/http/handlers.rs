@@ -390,3 +390,8 @@ pub(super) async fn openapi() -> impl IntoResponse {
 pub(super) async fn not_found() -> Error {
     Error::NotFound
 }
+
+/// Known routes with the wrong method get the JSON error shape too.
+pub(super) async fn method_not_allowed() -> Error {
+    Error::MethodNotAllowed
+}

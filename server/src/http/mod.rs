@@ -21,7 +21,7 @@ use axum::routing::{get, post};
 use hndsr_contract::http as paths;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
-use tower_http::trace::TraceLayer;
+use tower_http::trace::{DefaultOnResponse, TraceLayer};
 
 use crate::config::{HttpConfig, ModelConfig};
 use crate::core::Core;
@@ -77,6 +77,7 @@ pub fn router(state: AppState) -> Router {
         .route(paths::OPENAPI_PATH, get(handlers::openapi))
         .merge(upscale)
         .fallback(handlers::not_found)
+        .method_not_allowed_fallback(handlers::method_not_allowed)
         .with_state(state.clone());
 
     if !state.http.cors_origins.is_empty() {
@@ -101,13 +102,22 @@ pub fn router(state: AppState) -> Router {
     }
     router
         .layer(PropagateRequestIdLayer::new(request_id.clone()))
-        .layer(TraceLayer::new_for_http().make_span_with(|req: &axum::extract::Request| {
-            let id = req
-                .headers()
-                .get(REQUEST_ID_HEADER)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or_default();
-            tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id = %id)
-        }))
+        .layer(
+            TraceLayer::new_for_http()
+                .on_response(DefaultOnResponse::new().level(tracing::Level::INFO))
+                .make_span_with(|req: &axum::extract::Request| {
+                    let id = req
+                        .headers()
+                        .get(REQUEST_ID_HEADER)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default();
+                    tracing::info_span!(
+                        "request",
+                        method = %req.method(),
+                        path = %req.uri().path(),
+                        request_id = %id
+                    )
+                }),
+        )
         .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
 }
