@@ -705,7 +705,12 @@ async fn info_request_ids_and_unknown_routes() {
     assert_eq!(info["limits"]["max_queue_depth"], 7);
     assert_eq!(info["version"], env!("CARGO_PKG_VERSION"));
 
-    let res = s.client.get(s.url(paths::UPSCALE_PATH)).send().await.unwrap();
+    let res = s
+        .client
+        .get(s.url(paths::UPSCALE_PATH))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), 405);
     assert_eq!(error_type(res).await, "method_not_allowed");
     let res = s.client.get(s.url("/nope")).send().await.unwrap();

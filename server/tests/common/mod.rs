@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser as _;
-use hndsr_server::backend::CancellationToken;
 use hndsr_server::backend::fake::FakeBackend;
+use hndsr_server::backend::{Backend, CancellationToken};
 use hndsr_server::config::{Args, Config};
 use hndsr_server::http::AppState;
 use hndsr_server::server::{Server, ServerError};
@@ -54,9 +54,23 @@ pub async fn start(args: &[&str], delay: Duration) -> TestServer {
     ts
 }
 
+/// Starts a server on a real backend; `TestServer::backend` is then an idle
+/// fake the server does not use.
+pub async fn start_with_backend(cfg: Config, backend: Arc<dyn Backend>) -> TestServer {
+    let ts = serve(cfg, backend).await;
+    ts.wait_ready().await;
+    ts
+}
+
 /// Starts a server without waiting for readiness.
 pub async fn start_unready(args: &[&str], backend: Arc<FakeBackend>) -> TestServer {
-    let server = Server::new(config(args), backend.clone()).expect("server");
+    let mut ts = serve(config(args), backend.clone()).await;
+    ts.backend = backend;
+    ts
+}
+
+async fn serve(cfg: Config, backend: Arc<dyn Backend>) -> TestServer {
+    let server = Server::new(cfg, backend).expect("server");
     let state = server.state().clone();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -70,7 +84,7 @@ pub async fn start_unready(args: &[&str], backend: Arc<FakeBackend>) -> TestServ
         .expect("client");
     TestServer {
         addr,
-        backend,
+        backend: Arc::new(FakeBackend::new(Duration::ZERO)),
         state,
         shutdown,
         handle,
