@@ -230,10 +230,12 @@ pub struct WeightsSpec {
     /// An http(s) URL the weights are downloaded from by an init container
     /// into a pod-local emptyDir before the server starts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 2048))]
     pub uri: Option<String>,
     /// Path of the safetensors file inside the `pvc` or `image` volume
     /// (default `model.safetensors`). Ignored for `uri`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 1024))]
     pub file: Option<String>,
     /// Expected sha256 of the weights file, 64 lowercase hex characters.
     #[schemars(regex(pattern = r"^[0-9a-f]{64}$"))]

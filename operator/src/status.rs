@@ -230,18 +230,22 @@ pub fn compute(
 fn want_replicas(svc: &HndsrService, observed: &Observed) -> i32 {
     let spec = &svc.spec;
     if defaults::autoscaling_enabled(spec) {
-        if let Some(d) = observed
+        let min = defaults::autoscaling(spec).map_or(defaults::MIN_REPLICAS, |a| a.min_replicas);
+        // A new HPA reports desiredReplicas 0 until its first evaluation;
+        // that is "not decided yet", not "scale to zero".
+        let hpa_desired = observed
             .hpa
             .as_ref()
             .and_then(|h| h.status.as_ref())
             .map(|s| s.desired_replicas)
-        {
+            .filter(|d| *d > 0 || min == 0);
+        if let Some(d) = hpa_desired {
             return d;
         }
         if let Some(r) = observed.deployment.as_ref().and_then(|d| d.spec.replicas) {
             return r;
         }
-        return defaults::autoscaling(spec).map_or(defaults::MIN_REPLICAS, |a| a.min_replicas);
+        return min;
     }
     defaults::static_replicas(spec)
 }
@@ -790,6 +794,27 @@ mod tests {
             ..obs
         };
         assert_eq!(get(&run(&s, &obs, 10), DEGRADED).reason, reasons::HEALTHY);
+    }
+
+    #[test]
+    fn fresh_hpa_is_not_scale_to_zero() {
+        let s = svc("  autoscaling:\n    minReplicas: 2\n    maxReplicas: 3\n");
+        let hpa = HorizontalPodAutoscaler {
+            spec: HorizontalPodAutoscalerSpec {
+                max_replicas: 3,
+                ..Default::default()
+            },
+            status: Some(HorizontalPodAutoscalerStatus::default()),
+            ..Default::default()
+        };
+        let obs = Observed {
+            deployment: Some(deployment(2, 2, 2, 2)),
+            hpa: Some(hpa),
+            ..Observed::default()
+        };
+        let st = run(&s, &obs, 10);
+        assert_eq!(st.desired_replicas, Some(2));
+        assert_eq!(get(&st, READY).reason, reasons::AVAILABLE);
     }
 
     #[test]
