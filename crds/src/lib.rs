@@ -59,9 +59,6 @@ pub mod annotations {
     pub const PROMETHEUS_PORT: &str = "prometheus.io/port";
     /// Path Prometheus scrapes.
     pub const PROMETHEUS_PATH: &str = "prometheus.io/path";
-    /// Hash of the effective serving configuration on the pod template, so
-    /// a change of effective values (e.g. a new operator default) rolls pods.
-    pub const CONFIG_HASH: &str = "hndsr.io/config-hash";
 }
 
 /// Condition types and reasons reported in `status.conditions`.
