@@ -8,12 +8,9 @@
 //! while the old one holds the Lease, and the old one is not removed until
 //! the new one is ready), and would drop followers from the metrics Service.
 
-use std::{
-    net::SocketAddr,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
+use std::sync::{
+    Arc,
+    atomic::{AtomicBool, Ordering},
 };
 
 use axum::{
@@ -66,17 +63,18 @@ async fn readyz(State(state): State<HttpState>) -> (StatusCode, &'static str) {
     }
 }
 
-/// Serves [`router`] on `addr` until `shutdown` resolves.
+/// Serves [`router`] on `listener` until `shutdown` resolves.
 ///
 /// # Errors
-/// Binding or serving failed.
+/// Serving failed.
 pub async fn serve(
-    addr: SocketAddr,
+    listener: tokio::net::TcpListener,
     state: HttpState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
+    }
     axum::serve(listener, router(state))
         .with_graceful_shutdown(shutdown)
         .await

@@ -69,7 +69,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
 
     let state = HttpState::default();
     let metrics = state.metrics.clone();
-    let http_task = tokio::spawn(http::serve(config.metrics_addr, state.clone(), {
+    let listener = tokio::net::TcpListener::bind(config.metrics_addr)
+        .await
+        .with_context(|| format!("binding the metrics address {}", config.metrics_addr))?;
+    let http_task = tokio::spawn(http::serve(listener, state.clone(), {
         let s = shutdown.clone();
         async move { s.cancelled().await }
     }));
@@ -100,10 +103,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .leader
         .clone()
         .map(|cfg| LeaderElector::new(client.clone(), cfg));
+    let mut elector_task = None;
     if let Some(elector) = &elector {
         let (leading_tx, mut leading_rx) = tokio::sync::watch::channel(false);
         let (elector2, metrics2, stop) = (elector.clone(), metrics.clone(), shutdown.clone());
-        tokio::spawn(async move {
+        elector_task = Some(tokio::spawn(async move {
             let lost = elector2.run(leading_tx, metrics2).await;
             if stop.is_cancelled() {
                 return;
@@ -112,7 +116,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
             // reconcile of the old term writes after another replica took over.
             tracing::error!(error = %lost, "leadership lost; exiting so the kubelet restarts this replica");
             std::process::exit(1);
-        });
+        }));
         tracing::info!("waiting for leadership");
         tokio::select! {
             _ = leading_rx.wait_for(|l| *l) => {}
@@ -158,6 +162,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .await;
 
     tracing::info!("controller stopped; releasing the lease");
+    // Stop renewing first, or the next round would take the released Lease again.
+    if let Some(task) = elector_task {
+        task.abort();
+        let _ = task.await;
+    }
     if let Some(elector) = &elector
         && let Err(error) = elector.release().await
     {

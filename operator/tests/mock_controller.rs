@@ -602,3 +602,34 @@ async fn transient_error_is_returned_and_backs_off_exponentially() {
     let first_other = requeue_after(&error_policy(Arc::new(other), &err, h.ctx.clone()));
     assert!(first_other <= Duration::from_secs(1));
 }
+
+#[tokio::test]
+async fn turning_autoscaling_off_deletes_the_hpa() {
+    let mut h = harness();
+    let mut svc = service("img:1", 1);
+    converge(&mut h, &mut svc);
+    let mut off = svc.clone();
+    off.spec.autoscaling = None;
+    off.spec.replicas = Some(2);
+    off.metadata.generation = Some(2);
+    let (result, calls) = h.reconcile(&off, Scenario::Accept).await;
+    result.unwrap();
+    assert_eq!(
+        writes(&calls),
+        [
+            "PATCH deployments",
+            "DELETE horizontalpodautoscalers",
+            "PATCH hndsrservices/status"
+        ]
+    );
+    let apply = &calls
+        .iter()
+        .find(|c| c.path.contains("/deployments/"))
+        .unwrap()
+        .body;
+    assert_eq!(
+        apply["spec"]["replicas"], 2,
+        "the operator owns replicas again"
+    );
+    assert!(event_reasons(&calls).contains(&"Deleted".to_owned()));
+}
