@@ -70,10 +70,16 @@ impl MetricsServer {
     /// its ExternalName Service in `service_namespace`, and waits until the
     /// apiserver reports the APIService Available.
     pub async fn start(client: Client, service_namespace: &str, metrics: &[&str]) -> Result<Self> {
-        let key = KeyPair::generate().map_err(|source| Error::Cert { what: "metrics server key", source })?;
+        let key = KeyPair::generate().map_err(|source| Error::Cert {
+            what: "metrics server key",
+            source,
+        })?;
         let cert = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
             .and_then(|p| p.self_signed(&key))
-            .map_err(|source| Error::Cert { what: "metrics server certificate", source })?;
+            .map_err(|source| Error::Cert {
+                what: "metrics server certificate",
+                source,
+            })?;
         let tls = ServerConfig::builder_with_provider(Arc::new(
             tokio_rustls::rustls::crypto::ring::default_provider(),
         ))
@@ -103,7 +109,9 @@ impl MetricsServer {
         let app = Router::new()
             .route(&format!("/apis/{GROUP}/{VERSION}"), get(discovery))
             .route(
-                &format!("/apis/{GROUP}/{VERSION}/namespaces/{{namespace}}/pods/{{name}}/{{metric}}"),
+                &format!(
+                    "/apis/{GROUP}/{VERSION}/namespaces/{{namespace}}/pods/{{name}}/{{metric}}"
+                ),
                 get(pod_metric),
             )
             .with_state(state);
@@ -162,18 +170,29 @@ impl MetricsServer {
         }))
         .expect("the APIService literal is valid");
         let api: Api<APIService> = Api::all(self.client.clone());
-        api.patch(API_SERVICE, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&api_service))
-            .await
-            .map_err(Error::kube("applying the custom-metrics APIService"))?;
-        wait::until("APIService custom.metrics.k8s.io Available", Duration::from_secs(60), || async {
-            let s = api.get(API_SERVICE).await?;
-            let available = s
-                .status
-                .as_ref()
-                .and_then(|st| st.conditions.as_ref())
-                .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Available" && c.status == "True"));
-            Ok::<_, kube::Error>(available.then_some(()))
-        })
+        api.patch(
+            API_SERVICE,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&api_service),
+        )
+        .await
+        .map_err(Error::kube("applying the custom-metrics APIService"))?;
+        wait::until(
+            "APIService custom.metrics.k8s.io Available",
+            Duration::from_secs(60),
+            || async {
+                let s = api.get(API_SERVICE).await?;
+                let available = s
+                    .status
+                    .as_ref()
+                    .and_then(|st| st.conditions.as_ref())
+                    .is_some_and(|cs| {
+                        cs.iter()
+                            .any(|c| c.type_ == "Available" && c.status == "True")
+                    });
+                Ok::<_, kube::Error>(available.then_some(()))
+            },
+        )
         .await
     }
 
@@ -182,7 +201,9 @@ impl MetricsServer {
         let api: Api<APIService> = Api::all(self.client.clone());
         let _ = api.delete(API_SERVICE, &DeleteParams::default()).await;
         wait::until("APIService deleted", Duration::from_secs(30), || async {
-            api.get_opt(API_SERVICE).await.map(|s| s.is_none().then_some(()))
+            api.get_opt(API_SERVICE)
+                .await
+                .map(|s| s.is_none().then_some(()))
         })
         .await?;
         self.task.abort();
@@ -208,9 +229,10 @@ async fn serve(listener: TcpListener, acceptor: TlsAcceptor, app: Router) {
                     app.oneshot(req).await
                 }
             });
-            let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
-                .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
-                .await;
+            let _ =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                    .await;
         });
     }
 }
@@ -249,7 +271,11 @@ async fn pod_metric(
         .get(&(namespace.clone(), metric.clone()))
         .cloned();
     let Some(value) = value else {
-        return (StatusCode::NOT_FOUND, format!("no value for {metric} in {namespace}")).into_response();
+        return (
+            StatusCode::NOT_FOUND,
+            format!("no value for {metric} in {namespace}"),
+        )
+            .into_response();
     };
     let pods: Api<Pod> = Api::namespaced(state.client.clone(), &namespace);
     let mut lp = ListParams::default();
