@@ -127,10 +127,17 @@ async fn reconcile_inner(svc: &HndsrService, ctx: &Context) -> Result<Action> {
         if condition_changed(svc.status.as_ref(), &new, ty)
             && let Some(c) = find(&new, ty)
         {
-            let warning = (ty == conditions::READY && c.status != "True")
-                || (ty == conditions::DEGRADED && c.status == "True");
+            // Degraded=True is what needs a human; Ready=False on its own is
+            // usually progress (creating, loading the model, rolling out).
+            let warning = ty == conditions::DEGRADED && c.status == "True";
             if ty == conditions::DEGRADED && !warning && svc.status.is_none() {
                 continue; // "not degraded" on creation is no news
+            }
+            let degraded_says_it = find(&new, conditions::DEGRADED)
+                .is_some_and(|d| d.status == "True" && d.reason == c.reason)
+                && condition_changed(svc.status.as_ref(), &new, conditions::DEGRADED);
+            if ty == conditions::READY && degraded_says_it {
+                continue; // one Warning below says it
             }
             let kind = if warning {
                 EventType::Warning
