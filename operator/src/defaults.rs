@@ -309,3 +309,66 @@ pub fn standby_replicas(spec: &HndsrServiceSpec, desired: i32) -> i32 {
     p.standby_percent
         .map_or(0, |pct| (desired.max(0) * pct + 99) / 100)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(y: &str) -> HndsrServiceSpec {
+        serde_yaml::from_str(&format!("model:\n  image: x\n  backend: bicubic\n{y}")).unwrap()
+    }
+
+    #[test]
+    fn targets_derive_from_max_concurrent() {
+        let q = |s: &str| Some(Quantity(s.to_owned()));
+        let a = autoscaling(&spec("autoscaling:\n  maxReplicas: 3\n  metric: both\n")).unwrap();
+        assert_eq!(
+            (a.target_active_requests, a.target_queue_depth),
+            (q("3"), q("2"))
+        );
+        let a = autoscaling(&spec(
+            "serving:\n  maxConcurrent: 1\nautoscaling:\n  maxReplicas: 3\n  metric: both\n",
+        ))
+        .unwrap();
+        assert_eq!(
+            (a.target_active_requests, a.target_queue_depth),
+            (q("750m"), q("1"))
+        );
+        assert!(autoscaling(&spec("autoscaling:\n  enabled: false\n  maxReplicas: 3\n")).is_none());
+        assert!(autoscaling(&spec("")).is_none());
+    }
+
+    #[test]
+    fn behaviour_overlays_field_by_field() {
+        let b = behavior(&spec(
+            "autoscaling:\n  maxReplicas: 3\n  behavior:\n    scaleDown:\n      stabilizationWindowSeconds: 60\n",
+        ));
+        let down = b.scale_down.unwrap();
+        assert_eq!(down.stabilization_window_seconds, Some(60));
+        assert_eq!(down.policies, default_scale_down().policies);
+        assert_eq!(b.scale_up, Some(default_scale_up()));
+    }
+
+    #[test]
+    fn standby_count_or_percent() {
+        assert_eq!(standby_replicas(&spec(""), 5), 0);
+        assert_eq!(
+            standby_replicas(&spec("prewarm:\n  standbyReplicas: 2\n"), 5),
+            2
+        );
+        assert_eq!(
+            standby_replicas(&spec("prewarm:\n  standbyPercent: 25\n"), 5),
+            2
+        );
+        assert_eq!(
+            standby_replicas(&spec("prewarm:\n  standbyPercent: 25\n"), 0),
+            0
+        );
+    }
+
+    #[test]
+    fn grace_covers_pre_stop_and_drain() {
+        let s = serving(&spec("serving:\n  drainSeconds: 30\n"));
+        assert_eq!(termination_grace_seconds(&s), 45);
+    }
+}
