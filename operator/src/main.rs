@@ -1,7 +1,10 @@
 //! `hndsr-operator`: start-up checks, watch caches, leader election, the
 //! controller, the metrics/probe server and graceful shutdown.
 
-use std::sync::{Arc, atomic::Ordering};
+use std::{
+    process::ExitCode,
+    sync::{Arc, atomic::Ordering},
+};
 
 use anyhow::{Context as _, bail};
 use clap::Parser;
@@ -24,14 +27,23 @@ use kube::{
 use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let config = Args::parse().into_config(|k| std::env::var(k).ok())?;
+async fn main() -> ExitCode {
+    let config = match Args::parse().into_config(|k| std::env::var(k).ok()) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("hndsr-operator: {error}");
+            return ExitCode::from(2);
+        }
+    };
     init_tracing(config.log_json);
-    let result = run(config).await;
-    if let Err(error) = &result {
-        tracing::error!(error = format!("{error:#}"), "hndsr-operator failed");
+    match run(config).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            // One line with the whole cause chain, in the log format in use.
+            tracing::error!(error = format!("{error:#}"), "hndsr-operator failed");
+            ExitCode::FAILURE
+        }
     }
-    result
 }
 
 fn init_tracing(json: bool) {
