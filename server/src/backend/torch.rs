@@ -1,0 +1,330 @@
+//! libtorch backends behind the [`Backend`] trait.
+//!
+//! [`build`] turns the model configuration into a backend: `bicubic` is
+//! [`TorchBicubic`]; `hndsr` is not available yet and fails to load with a
+//! message saying so (never a silent fallback to bicubic).
+//!
+//! Tensors never outlive a call: `tch::Tensor` is `Send` but not `Sync`, and
+//! a backend is shared by every inference thread, so the struct holds only
+//! the device and tiling parameters and each call builds its own tensors on
+//! the thread that runs it (under libtorch's no-grad guard).
+
+use std::sync::Arc;
+
+use hndsr_torch::tch::{Kind, Tensor};
+use hndsr_torch::{BICUBIC_TILES, BicubicUpscaler, TorchError};
+use sha2::{Digest, Sha256};
+
+use super::{Backend, BackendError, BackendInfo, CancellationToken, Job, Planar};
+use crate::config::{BackendKind, ModelConfig};
+
+/// Upscaling factors the bicubic backend accepts.
+pub const BICUBIC_SCALES: [u32; 4] = [2, 3, 4, 8];
+
+/// Identity of the bicubic "model": its digest stands in for a weights hash
+/// in the request-coalescing key; bump it if the output ever changes.
+const BICUBIC_MODEL_ID: &str = "bicubic-v1";
+
+/// Builds the backend `cfg` asks for, on the device it names.
+///
+/// # Errors
+/// [`BackendError::Load`] when the backend or device cannot be used, with a
+/// message an operator can act on.
+pub fn build(cfg: &ModelConfig) -> Result<Arc<dyn Backend>, BackendError> {
+    match cfg.backend {
+        BackendKind::Bicubic => Ok(Arc::new(TorchBicubic::new(cfg)?)),
+        BackendKind::Hndsr => Err(BackendError::Load(
+            "the hndsr model backend is not available yet in this build; \
+             run with --backend bicubic (HNDSR_BACKEND=bicubic)"
+                .to_owned(),
+        )),
+    }
+}
+
+/// Bicubic interpolation with libtorch's `upsample_bicubic2d`, tiled for
+/// large images, on CPU or CUDA.
+#[derive(Debug)]
+pub struct TorchBicubic {
+    upscaler: BicubicUpscaler,
+    info: BackendInfo,
+}
+
+impl TorchBicubic {
+    /// Opens the configured device and checks the configuration.
+    ///
+    /// # Errors
+    /// [`BackendError::Load`] for an unusable device, a precision other than
+    /// fp32 or a default scale outside [`BICUBIC_SCALES`].
+    pub fn new(cfg: &ModelConfig) -> Result<Self, BackendError> {
+        if cfg.precision != "fp32" {
+            return Err(BackendError::Load(format!(
+                "the bicubic backend computes in fp32 only; precision {:?} was requested",
+                cfg.precision
+            )));
+        }
+        if !BICUBIC_SCALES.contains(&cfg.scale) {
+            return Err(BackendError::Load(format!(
+                "the bicubic backend supports scales {BICUBIC_SCALES:?}; default scale {} was requested",
+                cfg.scale
+            )));
+        }
+        let device =
+            hndsr_torch::open_device(&cfg.device).map_err(|e| BackendError::Load(e.to_string()))?;
+        let upscaler = BicubicUpscaler::new(device, BICUBIC_TILES)
+            .map_err(|e| BackendError::Load(e.to_string()))?;
+        let info = BackendInfo {
+            backend: "bicubic".to_owned(),
+            model: "bicubic".to_owned(),
+            model_digest: hex::encode(Sha256::digest(BICUBIC_MODEL_ID.as_bytes())),
+            device: hndsr_torch::device_name(device),
+            precision: "fp32".to_owned(),
+            scales: BICUBIC_SCALES.to_vec(),
+        };
+        Ok(Self { upscaler, info })
+    }
+}
+
+impl Backend for TorchBicubic {
+    fn info(&self) -> BackendInfo {
+        self.info.clone()
+    }
+
+    fn warm_up(&self) -> Result<(), BackendError> {
+        let image = Planar {
+            channels: 3,
+            width: 16,
+            height: 16,
+            data: vec![0.5; 3 * 16 * 16],
+        };
+        let job = Job {
+            image,
+            scale: 4,
+            steps: None,
+            seed: 0,
+        };
+        self.upscale(&job, &CancellationToken::new()).map(drop)
+    }
+
+    fn upscale(&self, job: &Job, cancel: &CancellationToken) -> Result<Planar, BackendError> {
+        if !self.info.scales.contains(&job.scale) {
+            return Err(BackendError::InvalidInput(format!(
+                "scale {} is not supported by the bicubic backend (supported: {:?})",
+                job.scale, self.info.scales
+            )));
+        }
+        let input = planar_to_tensor(&job.image)?;
+        let output = self
+            .upscaler
+            .upscale(&input, i64::from(job.scale), || cancel.is_cancelled())
+            .map_err(backend_error)?;
+        tensor_to_planar(&output, job.image.channels)
+    }
+}
+
+/// Maps the torch crate's errors onto the server's classes.
+fn backend_error(e: TorchError) -> BackendError {
+    match e {
+        TorchError::Cancelled => BackendError::Cancelled,
+        TorchError::OutOfMemory { .. } => BackendError::OutOfMemory(e.to_string()),
+        TorchError::InvalidInput(msg) => BackendError::InvalidInput(msg),
+        TorchError::InvalidDevice { .. } | TorchError::CudaUnavailable { .. } => {
+            BackendError::Load(e.to_string())
+        }
+        TorchError::InvalidTiling(_) | TorchError::Torch { .. } => {
+            BackendError::Internal(e.to_string())
+        }
+    }
+}
+
+/// Planar CHW samples → a `[1, C, H, W]` f32 tensor (copied).
+fn planar_to_tensor(image: &Planar) -> Result<Tensor, BackendError> {
+    if !(1..=4).contains(&image.channels) {
+        return Err(BackendError::InvalidInput(format!(
+            "{} channels; 1 to 4 are supported",
+            image.channels
+        )));
+    }
+    let (c, h, w) = (
+        usize::from(image.channels),
+        image.height as usize,
+        image.width as usize,
+    );
+    if h == 0 || w == 0 {
+        return Err(BackendError::InvalidInput("empty image".to_owned()));
+    }
+    if image.data.len() != c * h * w {
+        return Err(BackendError::InvalidInput(format!(
+            "{} samples for a {c}x{h}x{w} image",
+            image.data.len()
+        )));
+    }
+    Tensor::f_from_slice(image.data.as_slice())
+        .and_then(|t| t.f_view([1, c as i64, h as i64, w as i64]))
+        .map_err(|e| backend_error(TorchError::from_tch("image to tensor", e)))
+}
+
+/// A `[1, C, H, W]` tensor → planar CHW samples.
+fn tensor_to_planar(t: &Tensor, channels: u8) -> Result<Planar, BackendError> {
+    let internal = |what: String| BackendError::Internal(format!("backend output: {what}"));
+    let (_, c, h, w) = t
+        .size4()
+        .map_err(|_| internal(format!("shape {:?}", t.size())))?;
+    if c != i64::from(channels) {
+        return Err(internal(format!("{c} channels, expected {channels}")));
+    }
+    let data = t
+        .f_to_kind(Kind::Float)
+        .and_then(|t| t.f_contiguous())
+        .and_then(|t| t.f_flatten(0, -1))
+        .and_then(|t| Vec::<f32>::try_from(&t))
+        .map_err(|e| backend_error(TorchError::from_tch("tensor to image", e)))?;
+    let dim = |v: i64| u32::try_from(v).map_err(|_| internal(format!("dimension {v}")));
+    Ok(Planar {
+        channels,
+        width: dim(w)?,
+        height: dim(h)?,
+        data,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use assert_matches::assert_matches;
+
+    use super::*;
+
+    fn cfg() -> ModelConfig {
+        ModelConfig {
+            backend: BackendKind::Bicubic,
+            scale: 4,
+            device: "cpu".to_owned(),
+            weights_path: None,
+            weights_sha256: None,
+            sampling_steps: 20,
+            precision: "fp32".to_owned(),
+        }
+    }
+
+    fn image(channels: u8, width: u32, height: u32) -> Planar {
+        let n = usize::from(channels) * width as usize * height as usize;
+        let data = (0..n).map(|i| (i % 97) as f32 / 96.0).collect();
+        Planar {
+            channels,
+            width,
+            height,
+            data,
+        }
+    }
+
+    fn job(image: Planar, scale: u32) -> Job {
+        Job {
+            image,
+            scale,
+            steps: None,
+            seed: 0,
+        }
+    }
+
+    #[test]
+    fn info_describes_the_bicubic_backend() {
+        let backend = build(&cfg()).expect("bicubic on cpu");
+        let info = backend.info();
+        assert_eq!(info.backend, "bicubic");
+        assert_eq!(info.model, "bicubic");
+        assert_eq!(info.device, "cpu");
+        assert_eq!(info.precision, "fp32");
+        assert_eq!(info.scales, vec![2, 3, 4, 8]);
+        assert_eq!(
+            info.model_digest,
+            hex::encode(Sha256::digest(b"bicubic-v1"))
+        );
+        backend.warm_up().expect("warm-up");
+    }
+
+    #[test]
+    fn hndsr_is_refused_clearly() {
+        let err = build(&ModelConfig {
+            backend: BackendKind::Hndsr,
+            ..cfg()
+        })
+        .err()
+        .expect("refused");
+        assert_matches!(&err, BackendError::Load(msg) if msg.contains("not available yet"));
+    }
+
+    #[test]
+    fn unusable_settings_fail_to_load() {
+        for bad in [
+            ModelConfig {
+                precision: "fp16".to_owned(),
+                ..cfg()
+            },
+            ModelConfig { scale: 5, ..cfg() },
+            ModelConfig {
+                device: "cuda:99".to_owned(),
+                ..cfg()
+            },
+        ] {
+            assert_matches!(build(&bad).err(), Some(BackendError::Load(_)), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn upscales_every_channel_count() {
+        let backend = TorchBicubic::new(&cfg()).expect("backend");
+        for channels in 1..=4 {
+            let out = backend
+                .upscale(&job(image(channels, 7, 5), 3), &CancellationToken::new())
+                .expect("upscale");
+            assert_eq!((out.channels, out.width, out.height), (channels, 21, 15));
+            assert_eq!(out.data.len(), usize::from(channels) * 21 * 15);
+            assert!(out.data.iter().all(|v| (0.0..=1.0).contains(v)));
+        }
+    }
+
+    #[test]
+    fn a_constant_image_stays_constant() {
+        let backend = TorchBicubic::new(&cfg()).expect("backend");
+        let flat = Planar {
+            channels: 2,
+            width: 9,
+            height: 4,
+            data: vec![0.25; 2 * 9 * 4],
+        };
+        let out = backend
+            .upscale(&job(flat, 8), &CancellationToken::new())
+            .expect("upscale");
+        assert!(out.data.iter().all(|v| (v - 0.25).abs() < 1e-6));
+    }
+
+    #[test]
+    fn cancelled_jobs_stop() {
+        let backend = TorchBicubic::new(&cfg()).expect("backend");
+        let cancel = CancellationToken::new();
+        cancel.cancel();
+        assert_matches!(
+            backend.upscale(&job(image(3, 8, 8), 2), &cancel),
+            Err(BackendError::Cancelled)
+        );
+    }
+
+    #[test]
+    fn bad_jobs_are_invalid_input() {
+        let backend = TorchBicubic::new(&cfg()).expect("backend");
+        let token = CancellationToken::new();
+        assert_matches!(
+            backend.upscale(&job(image(3, 8, 8), 5), &token),
+            Err(BackendError::InvalidInput(_))
+        );
+        let mut short = image(3, 8, 8);
+        short.data.pop();
+        assert_matches!(
+            backend.upscale(&job(short, 2), &token),
+            Err(BackendError::InvalidInput(_))
+        );
+        assert_matches!(
+            backend.upscale(&job(image(5, 2, 2), 2), &token),
+            Err(BackendError::InvalidInput(_))
+        );
+    }
+}
