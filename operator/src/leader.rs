@@ -250,10 +250,11 @@ impl LeaderElector {
     pub async fn run(&self, leading: watch::Sender<bool>, metrics: Metrics) -> Error {
         // Acquire.
         loop {
-            match self.try_acquire_or_renew().await {
-                Ok(true) => break,
-                Ok(false) => {}
-                Err(e) => tracing::warn!(error = %e, "leader election attempt failed"),
+            match tokio::time::timeout(self.cfg.renew_deadline, self.try_acquire_or_renew()).await {
+                Ok(Ok(true)) => break,
+                Ok(Ok(false)) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "leader election attempt failed"),
+                Err(_) => tracing::warn!("leader election attempt timed out"),
             }
             tokio::time::sleep(jittered(self.cfg.retry_period)).await;
         }
@@ -263,13 +264,21 @@ impl LeaderElector {
         // Renew.
         loop {
             tokio::time::sleep(self.cfg.retry_period).await;
-            match self.try_acquire_or_renew().await {
-                Ok(true) => last_renew = std::time::Instant::now(),
-                Ok(false) => {
+            // A hung request must not outlive the deadline: bound each
+            // attempt by the time left until it.
+            let left = self
+                .cfg
+                .renew_deadline
+                .saturating_sub(last_renew.elapsed())
+                .max(Duration::from_millis(100));
+            match tokio::time::timeout(left, self.try_acquire_or_renew()).await {
+                Ok(Ok(true)) => last_renew = std::time::Instant::now(),
+                Ok(Ok(false)) => {
                     // Someone else holds it: our term is over right now.
                     return self.lost(&leading, &metrics, last_renew);
                 }
-                Err(e) => tracing::warn!(error = %e, "renewing the leader lease failed"),
+                Ok(Err(e)) => tracing::warn!(error = %e, "renewing the leader lease failed"),
+                Err(_) => tracing::warn!(timeout = ?left, "renewing the leader lease timed out"),
             }
             if renew_deadline_passed(
                 last_renew,

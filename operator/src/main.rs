@@ -36,6 +36,9 @@ async fn main() -> ExitCode {
         }
     };
     init_tracing(config.log_json);
+    // Explicit, because which rustls providers are compiled in depends on
+    // what else is in the build (see Cargo.toml). Err only if one is set already.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     match run(config).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
