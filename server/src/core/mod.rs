@@ -347,3 +347,50 @@ async fn compute(
         },
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::num::NonZeroUsize;
+
+    use super::*;
+    use crate::backend::fake::FakeBackend;
+
+    fn core(max_concurrent: usize, max_queue_depth: usize) -> Core {
+        let limits = Limits {
+            max_concurrent: NonZeroUsize::new(max_concurrent).expect("non-zero"),
+            max_queue_depth: NonZeroUsize::new(max_queue_depth).expect("non-zero"),
+            request_timeout: Duration::from_secs(5),
+            max_image_pixels: 1_000,
+            max_output_pixels: 16_000,
+            max_payload_bytes: 1 << 20,
+            drain: Duration::from_secs(1),
+        };
+        let backend = Arc::new(FakeBackend::new(Duration::ZERO));
+        Core::start(backend, limits, 2, Metrics::new()).expect("core starts")
+    }
+
+    #[test]
+    fn admission_refuses_at_the_queue_depth_and_frees_on_drop() {
+        let core = core(1, 2);
+        let a = core.admit().expect("first");
+        let _b = core.admit().expect("second");
+        let err = core.admit().expect_err("third is over the depth");
+        assert_eq!(err.reason(), "overloaded");
+        assert!(
+            err.retry_after()
+                .is_some_and(|d| (1..=3).contains(&d.as_secs()))
+        );
+        drop(a);
+        assert_eq!(core.in_flight(), 1);
+        assert!(core.admit().is_ok());
+    }
+
+    #[test]
+    fn default_scale_must_be_offered_by_the_backend() {
+        let limits = core(1, 1).limits().clone();
+        let backend = Arc::new(FakeBackend::new(Duration::ZERO));
+        let err =
+            Core::start(backend, limits, 5, Metrics::new()).expect_err("scale 5 is not offered");
+        assert!(err.to_string().contains("default scale 5"), "{err}");
+    }
+}
