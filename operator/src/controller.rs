@@ -248,6 +248,27 @@ where
     let kind = static_kind::<K>();
     let name = desired.name_any();
     let api: Api<K> = Api::namespaced(ctx.client.clone(), ns);
+    // Never take over an object someone else made: the cache only holds
+    // objects with our label, so on a miss ask the API server (a read on the
+    // rare create path only) before applying over whatever has that name.
+    let live = match live {
+        Some(live) => Some(live),
+        None => api.get_opt(&name).await.map_err(|source| Error::Read {
+            kind,
+            namespace: ns.to_owned(),
+            name: name.clone(),
+            source,
+        })?,
+    };
+    if let Some(existing) = &live
+        && !controlled_by(existing, svc)
+    {
+        return Err(Error::Conflict {
+            kind,
+            namespace: ns.to_owned(),
+            name,
+        });
+    }
     let outcome = ssa::ensure(&api, desired, live.as_ref())
         .await
         .map_err(|e| match e {
@@ -275,6 +296,13 @@ where
     Ok(outcome)
 }
 
+/// Whether `obj` has a controller owner reference to `svc` (by uid).
+fn controlled_by<K: Resource>(obj: &K, svc: &HndsrService) -> bool {
+    obj.owner_references()
+        .iter()
+        .any(|o| o.controller == Some(true) && Some(&o.uid) == svc.metadata.uid.as_ref())
+}
+
 async fn delete_if_owned<K>(
     svc: &HndsrService,
     ctx: &Context,
@@ -288,11 +316,7 @@ where
         + std::fmt::Debug,
 {
     let Some(live) = live else { return Ok(()) };
-    let ours = live
-        .owner_references()
-        .iter()
-        .any(|o| o.controller == Some(true) && Some(&o.uid) == svc.metadata.uid.as_ref());
-    if !ours {
+    if !controlled_by(&live, svc) {
         return Ok(());
     }
     let kind = static_kind::<K>();

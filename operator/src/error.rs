@@ -29,6 +29,34 @@ pub enum Error {
         source: kube::Error,
     },
 
+    /// Reading a child that is missing from the watch cache failed.
+    #[error("reading {kind} {namespace}/{name} failed: {source}")]
+    Read {
+        /// Kind of the child.
+        kind: &'static str,
+        /// Namespace of the child.
+        namespace: String,
+        /// Name of the child.
+        name: String,
+        /// The API error.
+        #[source]
+        source: kube::Error,
+    },
+
+    /// An object with a child's name exists but is not controlled by this
+    /// `HndsrService`; the operator will not take it over.
+    #[error(
+        "{kind} {namespace}/{name} already exists and is not owned by this HndsrService: delete or rename it, or rename the HndsrService"
+    )]
+    Conflict {
+        /// Kind of the child.
+        kind: &'static str,
+        /// Namespace of the child.
+        namespace: String,
+        /// Name of the child.
+        name: String,
+    },
+
     /// Deleting a child that the spec no longer asks for failed.
     #[error("deleting {kind} {namespace}/{name} failed: {source}")]
     Delete {
@@ -98,6 +126,8 @@ impl Error {
     pub fn reason(&self) -> &'static str {
         match self {
             Self::MissingNamespace { .. } => "missing_namespace",
+            Self::Read { .. } => "read",
+            Self::Conflict { .. } => "conflict",
             Self::Apply { .. } => "apply",
             Self::Delete { .. } => "delete",
             Self::PatchStatus { .. } => "patch_status",

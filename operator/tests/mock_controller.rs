@@ -83,6 +83,8 @@ enum Scenario {
     Accept,
     /// Applies of Deployments fail with 500; everything else succeeds.
     DeploymentApplyFails,
+    /// A Service with the child's name exists, made by someone else.
+    ForeignService,
 }
 
 impl Scenario {
@@ -95,6 +97,23 @@ impl Scenario {
                 StatusCode::INTERNAL_SERVER_ERROR,
                 json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
                        "message": "etcdserver: request timed out", "reason": "InternalError", "code": 500}),
+            );
+        }
+        if call.method == Method::GET {
+            if self == Self::ForeignService && call.path.contains("/services/") {
+                let name = call.path.rsplit('/').next().unwrap();
+                return (
+                    StatusCode::OK,
+                    json!({"apiVersion": "v1", "kind": "Service",
+                           "metadata": {"name": name, "namespace": "team-a", "uid": "someone-else"},
+                           "spec": {"ports": [{"port": 80}]}}),
+                );
+            }
+            // Children missing from the cache are missing on the server too.
+            return (
+                StatusCode::NOT_FOUND,
+                json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                       "message": "not found", "reason": "NotFound", "code": 404}),
             );
         }
         if call.path.ends_with("/status") {
@@ -335,7 +354,8 @@ fn converge(h: &mut Harness, svc: &mut HndsrService) {
     svc.status = Some(status::compute(svc, Ok(&c), &observed, Timestamp::now()));
 }
 
-fn writes(calls: &[Call]) -> Vec<String> {
+/// Every non-event request, as `METHOD plural[/sub]`.
+fn api_calls(calls: &[Call]) -> Vec<String> {
     calls
         .iter()
         .filter(|c| !c.is_event())
@@ -358,16 +378,23 @@ async fn create_applies_every_child_then_status() {
     let (result, calls) = h.reconcile(&svc, Scenario::Accept).await;
     result.expect("reconcile succeeds");
     assert_eq!(
-        writes(&calls),
+        api_calls(&calls),
         [
+            "GET deployments",
             "PATCH deployments",
+            "GET services",
             "PATCH services",
+            "GET horizontalpodautoscalers",
             "PATCH horizontalpodautoscalers",
+            "GET poddisruptionbudgets",
             "PATCH poddisruptionbudgets",
             "PATCH hndsrservices/status",
         ]
     );
-    for call in calls.iter().filter(|c| !c.is_event()).take(4) {
+    let applies = calls
+        .iter()
+        .filter(|c| !c.is_event() && c.method == Method::PATCH);
+    for call in applies.take(4) {
         assert_eq!(
             call.content_type, "application/apply-patch+yaml",
             "{}",
@@ -406,7 +433,7 @@ async fn steady_state_makes_no_api_calls() {
     assert!(
         calls.is_empty(),
         "steady state must not call the API: {:?}",
-        writes(&calls)
+        api_calls(&calls)
     );
 }
 
@@ -420,7 +447,7 @@ async fn spec_change_applies_only_the_changed_children() {
     let (result, calls) = h.reconcile(&changed, Scenario::Accept).await;
     result.unwrap();
     assert_eq!(
-        writes(&calls),
+        api_calls(&calls),
         ["PATCH deployments", "PATCH hndsrservices/status"]
     );
     let apply = &calls
@@ -472,7 +499,7 @@ async fn manual_edit_of_the_deployment_is_reverted() {
     put(&mut h.caches.deployments, dep);
     let (result, calls) = h.reconcile(&svc, Scenario::Accept).await;
     result.unwrap();
-    assert_eq!(writes(&calls), ["PATCH deployments"]);
+    assert_eq!(api_calls(&calls), ["PATCH deployments"]);
     assert_eq!(event_reasons(&calls), ["DriftReverted"]);
 }
 
@@ -487,7 +514,7 @@ async fn deleted_child_is_recreated() {
         .apply_watcher_event(&watcher::Event::Delete(gone));
     let (result, calls) = h.reconcile(&svc, Scenario::Accept).await;
     result.unwrap();
-    assert_eq!(writes(&calls), ["PATCH services"]);
+    assert_eq!(api_calls(&calls), ["GET services", "PATCH services"]);
     assert_eq!(event_reasons(&calls), ["Created"]);
 }
 
@@ -498,7 +525,7 @@ async fn invalid_spec_sets_a_condition_and_waits_for_a_change() {
     let (result, calls) = h.reconcile(&svc, Scenario::Accept).await;
     assert_eq!(result.unwrap(), Action::await_change());
     assert_eq!(
-        writes(&calls),
+        api_calls(&calls),
         ["PATCH hndsrservices/status"],
         "no child is applied"
     );
@@ -538,7 +565,7 @@ async fn invalid_spec_already_reported_makes_no_calls() {
     ));
     let (result, calls) = h.reconcile(&svc, Scenario::Accept).await;
     assert_eq!(result.unwrap(), Action::await_change());
-    assert!(calls.is_empty(), "{:?}", writes(&calls));
+    assert!(calls.is_empty(), "{:?}", api_calls(&calls));
 }
 
 /// The requeue delay of an `Action`, read from its Debug form (kube keeps
@@ -579,8 +606,8 @@ async fn transient_error_is_returned_and_backs_off_exponentially() {
     );
     assert_eq!(err.reason(), "apply");
     assert_eq!(
-        writes(&calls),
-        ["PATCH deployments"],
+        api_calls(&calls),
+        ["GET deployments", "PATCH deployments"],
         "nothing after the failure"
     );
     assert_eq!(event_reasons(&calls), ["ReconcileFailed"]);
@@ -615,7 +642,7 @@ async fn turning_autoscaling_off_deletes_the_hpa() {
     let (result, calls) = h.reconcile(&off, Scenario::Accept).await;
     result.unwrap();
     assert_eq!(
-        writes(&calls),
+        api_calls(&calls),
         [
             "PATCH deployments",
             "DELETE horizontalpodautoscalers",
@@ -632,4 +659,29 @@ async fn turning_autoscaling_off_deletes_the_hpa() {
         "the operator owns replicas again"
     );
     assert!(event_reasons(&calls).contains(&"Deleted".to_owned()));
+}
+
+#[tokio::test]
+async fn a_foreign_object_with_a_child_name_is_not_taken_over() {
+    let mut h = harness();
+    let svc = service("img:1", 1);
+    let (result, calls) = h.reconcile(&svc, Scenario::ForeignService).await;
+    let err = result.expect_err("conflict");
+    assert!(
+        matches!(
+            err,
+            Error::Conflict {
+                kind: "Service",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(err.reason(), "conflict");
+    assert_eq!(
+        api_calls(&calls),
+        ["GET deployments", "PATCH deployments", "GET services"],
+        "the foreign Service is never written"
+    );
+    assert!(event_reasons(&calls).contains(&"ReconcileFailed".to_owned()));
 }
