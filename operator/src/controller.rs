@@ -98,7 +98,16 @@ async fn reconcile_inner(svc: &HndsrService, ctx: &Context) -> Result<Action> {
         Err(invalid) => {
             let new = status::compute(svc, Err(&invalid), &observed, now);
             patch_status_if_changed(svc, ctx, &ns, &new).await?;
-            if condition_changed(svc.status.as_ref(), &new, conditions::READY) {
+            // Also when the spec is invalid in a new way (same reason, new message).
+            let old_message = svc
+                .status
+                .as_ref()
+                .and_then(|s| find(s, conditions::READY))
+                .map(|c| c.message.as_str());
+            let new_message = find(&new, conditions::READY).map(|c| c.message.as_str());
+            if condition_changed(svc.status.as_ref(), &new, conditions::READY)
+                || old_message != new_message
+            {
                 let note = truncate(&format!("the spec is invalid: {invalid}"), 1000);
                 publish(
                     ctx,
