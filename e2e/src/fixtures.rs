@@ -207,3 +207,17 @@ pub fn dedicate(deployment: &mut Deployment, owner: &str) {
         .expect("a valid toleration"),
     ]);
 }
+
+/// Creates an extra untainted fake node with room for `pods` pods and `gpus`
+/// GPUs (for scale tests that need more pods than the standing nodes hold).
+pub async fn create_node(client: &Client, name: &str, gpus: u32, pods: u32) -> Result<Node> {
+    let mut value = crate::cluster::fake_node(name, gpus);
+    for field in ["capacity", "allocatable"] {
+        value["status"][field]["pods"] = pods.to_string().into();
+    }
+    let node: Node = serde_json::from_value(value).expect("the fake node literal is a valid Node");
+    Api::<Node>::all(client.clone())
+        .create(&PostParams::default(), &node)
+        .await
+        .map_err(Error::kube(format!("creating node {name}")))
+}

@@ -23,13 +23,21 @@ fn chart() -> std::path::PathBuf {
 /// Runs a command, feeding it `stdin`; fails with its output unless it succeeds.
 fn run(cmd: &mut Command, stdin: Option<&str>) -> anyhow::Result<String> {
     let mut child = cmd
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .with_context(|| format!("starting {cmd:?}"))?;
     if let Some(input) = stdin {
-        child.stdin.take().context("stdin")?.write_all(input.as_bytes())?;
+        child
+            .stdin
+            .take()
+            .context("stdin")?
+            .write_all(input.as_bytes())?;
     }
     let out = child.wait_with_output()?;
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -66,39 +74,73 @@ async fn chart_lints_dry_runs_and_installs() -> anyhow::Result<()> {
         ]),
         None,
     )?;
-    run(helm(ns.shared, home.path()).arg("lint").arg(&chart).arg("--strict"), None)?;
+    run(
+        helm(ns.shared, home.path())
+            .arg("lint")
+            .arg(&chart)
+            .arg("--strict"),
+        None,
+    )?;
 
     // The default rendering is accepted by the apiserver (server-side dry run).
     let manifest = run(
         helm(ns.shared, home.path())
-            .args(["template", "hndsr", "--include-crds", "--namespace", &ns.name])
+            .args([
+                "template",
+                "hndsr",
+                "--include-crds",
+                "--namespace",
+                &ns.name,
+            ])
             .arg(&chart),
         None,
     )?;
     run(
         Command::new(&ns.shared.binaries.kubectl)
             .env("KUBECONFIG", &ns.shared.kubeconfig)
-            .args(["apply", "--dry-run=server", "--namespace", &ns.name, "-f", "-"]),
+            .args([
+                "apply",
+                "--dry-run=server",
+                "--namespace",
+                &ns.name,
+                "-f",
+                "-",
+            ]),
         Some(&manifest),
     )?;
 
     // A real install: CRD Established, operator Deployment available.
     run(
         helm(ns.shared, home.path())
-            .args(["install", "hndsr", "--namespace", &ns.name, "--wait", "--timeout", "120s"])
+            .args([
+                "install",
+                "hndsr",
+                "--namespace",
+                &ns.name,
+                "--wait",
+                "--timeout",
+                "120s",
+            ])
             .arg(&chart),
         None,
     )?;
     let crds: Api<CustomResourceDefinition> = Api::all(ns.client.clone());
     let crd_name = format!("hndsrservices.{}", hndsr_crds::GROUP);
-    wait::until("the chart's CRD Established", Duration::from_secs(60), || async {
-        let crd = crds.get_opt(&crd_name).await?;
-        let established = crd
-            .and_then(|c| c.status)
-            .and_then(|s| s.conditions)
-            .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Established" && c.status == "True"));
-        Ok::<_, kube::Error>(established.then_some(()))
-    })
+    wait::until(
+        "the chart's CRD Established",
+        Duration::from_secs(60),
+        || async {
+            let crd = crds.get_opt(&crd_name).await?;
+            let established = crd
+                .and_then(|c| c.status)
+                .and_then(|s| s.conditions)
+                .is_some_and(|cs| {
+                    cs.iter()
+                        .any(|c| c.type_ == "Established" && c.status == "True")
+                });
+            Ok::<_, kube::Error>(established.then_some(()))
+        },
+    )
     .await?;
     let deployments = run(
         Command::new(&ns.shared.binaries.kubectl)
@@ -106,14 +148,23 @@ async fn chart_lints_dry_runs_and_installs() -> anyhow::Result<()> {
             .args(["get", "deployments", "--namespace", &ns.name, "-o", "name"]),
         None,
     )?;
-    ensure!(deployments.contains("deployment.apps/"), "no operator Deployment: {deployments}");
+    ensure!(
+        deployments.contains("deployment.apps/"),
+        "no operator Deployment: {deployments}"
+    );
 
     // The chart's CRD is the committed one: applying the repository's copy
     // over it changes nothing the apiserver would reject.
     fixtures::install_crd(&ns.client).await?;
 
     run(
-        helm(ns.shared, home.path()).args(["uninstall", "hndsr", "--namespace", &ns.name, "--wait"]),
+        helm(ns.shared, home.path()).args([
+            "uninstall",
+            "hndsr",
+            "--namespace",
+            &ns.name,
+            "--wait",
+        ]),
         None,
     )?;
     Ok(())
