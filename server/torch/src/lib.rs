@@ -19,6 +19,7 @@
 pub mod bicubic;
 pub mod device;
 pub mod error;
+pub mod hndsr;
 pub mod tiling;
 
 pub use bicubic::{BICUBIC_TILES, BicubicUpscaler, upsample_bicubic};

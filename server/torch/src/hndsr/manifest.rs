@@ -1,0 +1,122 @@
+//! The manifest that travels with a weight file: what the weights are, how
+//! they were made, and how well they do. `<name>.safetensors` comes with
+//! `<name>.json` ([`manifest_path`]).
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::HndsrError;
+use super::config::HndsrConfig;
+
+/// Model family name written into every manifest.
+pub const MODEL_NAME: &str = "hndsr";
+
+/// The manifest next to a weight file: same stem, `.json` extension.
+pub fn manifest_path(weights: &Path) -> PathBuf {
+    weights.with_extension("json")
+}
+
+/// How the weights were produced.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TrainingInfo {
+    /// Data sources, with package versions and the held-out split.
+    pub data: Vec<String>,
+    /// The command line that trained the weights.
+    pub command: String,
+    /// Optimiser steps taken.
+    pub steps: u64,
+    /// Anything a reader needs to reproduce or judge the run.
+    pub notes: String,
+}
+
+/// One measured evaluation figure.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalFigure {
+    /// Evaluation set (source and held-out region).
+    pub source: String,
+    /// `bicubic` or `hndsr`.
+    pub method: String,
+    /// DDIM steps (`None` for bicubic).
+    pub steps: Option<u32>,
+    /// PSNR in dB.
+    pub psnr_db: f64,
+    /// SSIM.
+    pub ssim: f64,
+}
+
+/// Everything known about one weight file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Always [`MODEL_NAME`].
+    pub model: String,
+    /// Weights version, e.g. `0.1.0-small`.
+    pub version: String,
+    /// Network shape.
+    pub config: HndsrConfig,
+    /// Fixed upscaling factor.
+    pub scale: i64,
+    /// Weight file name, relative to the manifest.
+    pub weights: String,
+    /// Lower-case hex sha256 of the weight file.
+    pub sha256: String,
+    /// Scalar parameters.
+    pub parameters: i64,
+    /// How the weights were trained.
+    pub training: TrainingInfo,
+    /// Measured figures (empty until evaluated).
+    pub eval: Vec<EvalFigure>,
+}
+
+impl Manifest {
+    /// The manifest of a randomly initialised network.
+    pub fn untrained(cfg: &HndsrConfig, parameters: i64) -> Self {
+        Self {
+            model: MODEL_NAME.into(),
+            version: format!("untrained-{}", cfg.name),
+            config: cfg.clone(),
+            scale: cfg.scale,
+            weights: String::new(),
+            sha256: "untrained".into(),
+            parameters,
+            training: TrainingInfo::default(),
+            eval: Vec::new(),
+        }
+    }
+
+    /// Reads and checks a manifest.
+    pub fn read(path: &Path) -> Result<Self, HndsrError> {
+        let text = std::fs::read_to_string(path).map_err(|source| HndsrError::Io {
+            op: "read",
+            path: path.to_owned(),
+            source,
+        })?;
+        let manifest: Manifest = serde_json::from_str(&text).map_err(|e| HndsrError::Manifest {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        if manifest.model != MODEL_NAME || manifest.scale != manifest.config.scale {
+            return Err(HndsrError::Manifest {
+                path: path.to_owned(),
+                message: format!(
+                    "model {:?} scale {} does not describe an {MODEL_NAME} network of scale {}",
+                    manifest.model, manifest.scale, manifest.config.scale
+                ),
+            });
+        }
+        Ok(manifest)
+    }
+
+    /// Writes the manifest as pretty JSON.
+    pub fn write(&self, path: &Path) -> Result<(), HndsrError> {
+        let text = serde_json::to_string_pretty(self).map_err(|e| HndsrError::Manifest {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        std::fs::write(path, text + "\n").map_err(|source| HndsrError::Io {
+            op: "write",
+            path: path.to_owned(),
+            source,
+        })
+    }
+}

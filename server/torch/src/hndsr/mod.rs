@@ -1,0 +1,579 @@
+//! HNDSR: a neural-operator regressor with a residual diffusion refiner.
+//!
+//! - [`config`]: network shapes (`tiny`, `small`, `base` presets).
+//! - [`spectral`]: the Fourier layer (fp32 FFTs, grid-size-independent weights).
+//! - [`net`]: encoder, pixel-shuffle decoder (→ μ) and the residual U-Net.
+//! - [`diffusion`]: cosine schedule, seeded host noise, DDIM (η = 0).
+//! - [`manifest`]: the JSON that travels with a weight file (config, sha256,
+//!   training data and command, evaluation figures).
+//!
+//! [`HndsrModel`] is the inference entry point the server's `hndsr` backend
+//! wraps: load (digest-checked) → `upscale_image` (tiled, cancellable) or
+//! `upscale` (one batch of tiles). `steps = 0` returns the regression output
+//! μ; `steps > 0` adds the denoised residual after that many DDIM steps.
+//!
+//! Determinism: the initial noise of each tile comes from SplitMix64 seeded
+//! with `seed` mixed with a hash of the tile's input samples, so a tile's
+//! output does not depend on which batch it is in or where it sits in it,
+//! and every device draws the same noise for a seed.
+//!
+//! Threading: the model holds tensors, so it is `Send` but not `Sync`; run
+//! it on one inference thread (or behind a mutex). Each call takes a no-grad
+//! guard on the calling thread.
+
+pub mod config;
+pub mod diffusion;
+pub mod manifest;
+pub mod net;
+pub mod spectral;
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::{fmt, fs};
+
+use sha2::{Digest, Sha256};
+use tch::{Device, Kind, TchError, Tensor, nn};
+
+use crate::error::{TchResultExt, TorchError};
+use crate::tiling::{TileConfig, run_tiled};
+
+pub use config::{HndsrConfig, Prediction};
+pub use manifest::{EvalFigure, Manifest, TrainingInfo, manifest_path};
+pub use net::HndsrNet;
+
+/// Default tiling, in LR pixels: 128² tiles (→ 512² at ×4). The Fourier
+/// layers see the whole tile, so tiled output is close to but not exactly
+/// the whole-image output; the 4-pixel margin drops the tile borders where
+/// the reflect padding differs from the real neighbourhood.
+pub const HNDSR_TILES: TileConfig = TileConfig {
+    tile: 128,
+    overlap: 16,
+    margin: 4,
+    batch: 4,
+};
+
+/// Numeric precision of the convolutions. FFTs always run in fp32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Precision {
+    /// 32-bit float everywhere (the only choice on CPU).
+    Fp32,
+    /// fp16 weights and activations on CUDA, fp32 spectral weights and FFTs.
+    Fp16,
+    /// bf16 weights and activations on CUDA, fp32 spectral weights and FFTs.
+    Bf16,
+}
+
+impl Precision {
+    /// The tensor kind of activations.
+    pub fn kind(self) -> Kind {
+        match self {
+            Precision::Fp32 => Kind::Float,
+            Precision::Fp16 => Kind::Half,
+            Precision::Bf16 => Kind::BFloat16,
+        }
+    }
+
+    /// `fp32`, `fp16` or `bf16`, as `/v1/info` reports it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Precision::Fp32 => "fp32",
+            Precision::Fp16 => "fp16",
+            Precision::Bf16 => "bf16",
+        }
+    }
+}
+
+impl fmt::Display for Precision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Precision {
+    type Err = HndsrError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "fp32" => Ok(Precision::Fp32),
+            "fp16" => Ok(Precision::Fp16),
+            "bf16" => Ok(Precision::Bf16),
+            other => Err(HndsrError::Config(format!(
+                "unknown precision {other:?}: expected fp32, fp16 or bf16"
+            ))),
+        }
+    }
+}
+
+/// Why loading or saving a model failed. Inference errors are
+/// [`TorchError`]s, the crate's runtime error.
+#[derive(Debug, thiserror::Error)]
+pub enum HndsrError {
+    /// A file could not be read or written.
+    #[error("{op} {path}: {source}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The manifest is missing a field, malformed, or inconsistent.
+    #[error("manifest {path}: {message}")]
+    Manifest {
+        /// The manifest file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// The weights' sha256 is not the one asked for (or the manifest's).
+    #[error("weights {path}: sha256 is {actual}, expected {expected}")]
+    DigestMismatch {
+        /// The weight file.
+        path: PathBuf,
+        /// The digest that was required.
+        expected: String,
+        /// The digest of the file's bytes.
+        actual: String,
+    },
+    /// The weight file does not fit the network (names, shapes, dtypes).
+    #[error("weights {path}: {message}")]
+    Weights {
+        /// The weight file.
+        path: PathBuf,
+        /// What does not fit.
+        message: String,
+    },
+    /// An invalid configuration or precision / device combination.
+    #[error("invalid model configuration: {0}")]
+    Config(String),
+    /// A libtorch failure.
+    #[error(transparent)]
+    Torch(#[from] TorchError),
+}
+
+/// Lower-case hex sha256 of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// Number of scalar parameters in a var store.
+pub fn parameter_count(vs: &nn::VarStore) -> i64 {
+    vs.variables().values().map(Tensor::numel).sum::<usize>() as i64
+}
+
+/// Runs `f` and turns a tch panic (tch's infallible ops panic on libtorch
+/// errors) into a classified [`TorchError`], so out-of-memory stays
+/// recoverable for the server.
+fn guarded<T>(
+    op: &'static str,
+    f: impl FnOnce() -> Result<T, TorchError>,
+) -> Result<T, TorchError> {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(result) => result,
+        Err(payload) => {
+            let message = payload
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| payload.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                .unwrap_or_else(|| "panic without message".to_owned());
+            Err(TorchError::from_tch(op, TchError::Torch(message)))
+        }
+    }
+}
+
+/// A loaded HNDSR network bound to one device and precision.
+#[derive(Debug)]
+pub struct HndsrModel {
+    vs: nn::VarStore,
+    net: HndsrNet,
+    manifest: Manifest,
+    precision: Precision,
+    tiles: TileConfig,
+}
+
+impl HndsrModel {
+    /// A randomly initialised model (tests, training from scratch).
+    /// `seed` seeds libtorch's global generator for the initialisation.
+    pub fn random(cfg: &HndsrConfig, device: Device, seed: u64) -> Result<Self, HndsrError> {
+        cfg.validate().map_err(HndsrError::Config)?;
+        tch::manual_seed(seed as i64);
+        let vs = nn::VarStore::new(device);
+        let net = HndsrNet::new(&vs.root(), cfg);
+        let manifest = Manifest::untrained(cfg, parameter_count(&vs));
+        Ok(Self {
+            vs,
+            net,
+            manifest,
+            precision: Precision::Fp32,
+            tiles: HNDSR_TILES,
+        })
+    }
+
+    /// Loads `weights` (a `.safetensors` file) and the manifest next to it
+    /// ([`manifest_path`]). Refuses the weights unless their sha256 equals
+    /// both `expected_sha256` (hex, case-insensitive) and the manifest's.
+    /// The bytes that were hashed are the bytes that are loaded.
+    /// fp16 / bf16 need a CUDA device.
+    pub fn load(
+        weights: &Path,
+        expected_sha256: &str,
+        device: Device,
+        precision: Precision,
+    ) -> Result<Self, HndsrError> {
+        if precision != Precision::Fp32 && device == Device::Cpu {
+            return Err(HndsrError::Config(format!(
+                "{precision} is only supported on CUDA; use fp32 on the CPU"
+            )));
+        }
+        let bytes = fs::read(weights).map_err(|source| HndsrError::Io {
+            op: "read",
+            path: weights.to_owned(),
+            source,
+        })?;
+        let actual = sha256_hex(&bytes);
+        let expected = expected_sha256.trim().to_ascii_lowercase();
+        if actual != expected {
+            return Err(HndsrError::DigestMismatch {
+                path: weights.to_owned(),
+                expected,
+                actual,
+            });
+        }
+        let manifest = Manifest::read(&manifest_path(weights))?;
+        if manifest.sha256.to_ascii_lowercase() != actual {
+            return Err(HndsrError::DigestMismatch {
+                path: weights.to_owned(),
+                expected: manifest.sha256.clone(),
+                actual,
+            });
+        }
+        manifest.config.validate().map_err(HndsrError::Config)?;
+
+        let mut vs = nn::VarStore::new(device);
+        let net = HndsrNet::new(&vs.root(), &manifest.config);
+        load_weights_from_bytes(&vs, &bytes, weights)?;
+        match precision {
+            Precision::Fp32 => {}
+            Precision::Fp16 => vs.half(),
+            Precision::Bf16 => vs.bfloat16(),
+        }
+        if precision != Precision::Fp32 {
+            // Spectral weights stay fp32: the FFTs run in fp32.
+            for (name, mut var) in vs.variables() {
+                if name.contains("spectral") {
+                    tch::no_grad(|| var.set_data(&var.to_kind(Kind::Float)));
+                }
+            }
+        }
+        Ok(Self {
+            vs,
+            net,
+            manifest,
+            precision,
+            tiles: HNDSR_TILES,
+        })
+    }
+
+    /// Saves the weights (fp32 safetensors) to `weights` and `manifest`
+    /// (with its `sha256`, `weights` and `config` fields filled in) next to
+    /// them. Returns the written manifest.
+    pub fn save(&self, weights: &Path, manifest: Manifest) -> Result<Manifest, HndsrError> {
+        if self.precision != Precision::Fp32 {
+            return Err(HndsrError::Config("save an fp32 model".into()));
+        }
+        save_weights(&self.vs, self.net.config(), weights, manifest)
+    }
+
+    /// Replaces the tiling used by [`HndsrModel::upscale_image`].
+    pub fn with_tiles(mut self, tiles: TileConfig) -> Result<Self, HndsrError> {
+        tiles.validate()?;
+        self.tiles = tiles;
+        Ok(self)
+    }
+
+    /// The network configuration.
+    pub fn config(&self) -> &HndsrConfig {
+        self.net.config()
+    }
+
+    /// The manifest the weights came with.
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// sha256 of the weight file (`"untrained"` for a random model).
+    pub fn digest(&self) -> &str {
+        &self.manifest.sha256
+    }
+
+    /// The fixed upscaling factor.
+    pub fn scale(&self) -> i64 {
+        self.net.config().scale
+    }
+
+    /// The device the model runs on.
+    pub fn device(&self) -> Device {
+        self.vs.device()
+    }
+
+    /// The precision of the convolutions.
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    /// The tiling used by [`HndsrModel::upscale_image`].
+    pub fn tiles(&self) -> TileConfig {
+        self.tiles
+    }
+
+    /// Number of scalar parameters.
+    pub fn parameter_count(&self) -> i64 {
+        parameter_count(&self.vs)
+    }
+
+    /// The network, for callers that need the raw passes (evaluation).
+    pub fn net(&self) -> &HndsrNet {
+        &self.net
+    }
+
+    /// The variables (training, tests).
+    pub fn var_store(&self) -> &nn::VarStore {
+        &self.vs
+    }
+
+    /// Upscales one batch of tiles: `batch` is `[B, 3, h, w]` f32 in [0, 1]
+    /// (any device); returns `[B, 3, s·h, s·w]` f32 in [0, 1] on the model's
+    /// device. `steps = 0` returns μ. `cancel` is called before each DDIM
+    /// step; when it returns true the call returns
+    /// [`TorchError::Cancelled`] without running another step.
+    pub fn upscale(
+        &self,
+        batch: &Tensor,
+        steps: u32,
+        seed: u64,
+        cancel: &dyn Fn() -> bool,
+    ) -> Result<Tensor, TorchError> {
+        let cfg = self.net.config();
+        match batch.size4() {
+            Ok((b, c, h, w)) if b >= 1 && c == cfg.channels && h >= 1 && w >= 1 => {}
+            _ => {
+                return Err(TorchError::InvalidInput(format!(
+                    "expected [B, {}, H, W], got {:?}",
+                    cfg.channels,
+                    batch.size()
+                )));
+            }
+        }
+        if batch.kind() != Kind::Float {
+            return Err(TorchError::InvalidInput(format!(
+                "expected f32 samples, got {:?}",
+                batch.kind()
+            )));
+        }
+        let _no_grad = tch::no_grad_guard();
+        let x = batch
+            .f_to_device(self.device())
+            .op("copy tiles to device")?;
+        // Per-tile noise seeds, from the input samples (before any cast).
+        let seeds: Vec<u64> = if steps > 0 {
+            guarded("hash tiles", || {
+                Ok((0..x.size()[0])
+                    .map(|i| mix(seed, diffusion::content_hash(&x.get(i))))
+                    .collect())
+            })?
+        } else {
+            Vec::new()
+        };
+        guarded("hndsr forward", || {
+            let x = x.to_kind(self.precision.kind());
+            let (mu, features) = self.net.regress(&x);
+            let y = if steps == 0 {
+                mu
+            } else {
+                let residual = self.sample_residual(&mu, &features, steps, &seeds, cancel)?;
+                mu + residual
+            };
+            Ok(y.to_kind(Kind::Float).clamp(0.0, 1.0))
+        })
+    }
+
+    /// DDIM from pure noise to the residual `HR − μ` (on the HR grid).
+    fn sample_residual(
+        &self,
+        mu: &Tensor,
+        features: &Tensor,
+        steps: u32,
+        seeds: &[u64],
+        cancel: &dyn Fn() -> bool,
+    ) -> Result<Tensor, TorchError> {
+        let cfg = self.net.config();
+        let cond = self.net.condition(mu, features);
+        let (b, _, h, w) = features.size4().expect("features are NCHW");
+        let c = cfg.unshuffled_channels();
+        let per_tile = (c * h * w) as usize;
+        let noise: Vec<Tensor> = seeds
+            .iter()
+            .map(|&s| Tensor::from_slice(&diffusion::normal_noise(s, per_tile)).view([1, c, h, w]))
+            .collect();
+        let mut x = Tensor::cat(&noise, 0)
+            .to_device(mu.device())
+            .to_kind(Kind::Float);
+        let grid = diffusion::time_grid(steps);
+        for pair in grid.windows(2) {
+            if cancel() {
+                return Err(TorchError::Cancelled);
+            }
+            let (t, t_next) = (pair[0], pair[1]);
+            let t_batch = Tensor::full([b], t, (Kind::Float, mu.device()));
+            let out = self
+                .net
+                .denoise(&x.to_kind(cond.kind()), &t_batch, &cond)
+                .to_kind(Kind::Float);
+            let (alpha, sigma) = diffusion::alpha_sigma(t);
+            let (x0, eps) = diffusion::split_prediction(cfg.prediction, &out, &x, alpha, sigma);
+            let (a_next, s_next) = diffusion::alpha_sigma(t_next);
+            x = x0 * a_next + eps * s_next;
+        }
+        Ok((x / cfg.residual_scale)
+            .pixel_shuffle(cfg.scale)
+            .to_kind(mu.kind()))
+    }
+
+    /// Upscales one image `[1, C, H, W]` (C = 1 gray, 2 gray+alpha, 3 RGB,
+    /// 4 RGBA; f32 in [0, 1], any device) through overlapping tiles, batched
+    /// [`TileConfig::batch`] at a time. Gray is run as three equal channels
+    /// and averaged back; alpha is upscaled bicubically. Returns
+    /// `[1, C, s·H, s·W]` f32 in [0, 1] on the CPU. `cancel` is checked
+    /// between tile batches and between DDIM steps.
+    pub fn upscale_image(
+        &self,
+        image: &Tensor,
+        steps: u32,
+        seed: u64,
+        cancel: &dyn Fn() -> bool,
+    ) -> Result<Tensor, TorchError> {
+        let (n, c, _, _) = image.size4().map_err(|_| {
+            TorchError::InvalidInput(format!("expected NCHW, got {:?}", image.size()))
+        })?;
+        if n != 1 || !(1..=4).contains(&c) {
+            return Err(TorchError::InvalidInput(format!(
+                "expected one image with 1-4 channels, got {:?}",
+                image.size()
+            )));
+        }
+        if image.kind() != Kind::Float {
+            return Err(TorchError::InvalidInput(format!(
+                "expected f32 samples, got {:?}",
+                image.kind()
+            )));
+        }
+        let _no_grad = tch::no_grad_guard();
+        let scale = self.scale();
+        let x = image
+            .f_to_device(self.device())
+            .op("copy image to device")?;
+        let colour_channels = if c >= 3 { 3 } else { 1 };
+        let colour = x.f_narrow(1, 0, colour_channels).op("split alpha")?;
+        let rgb = if colour_channels == 1 {
+            colour.f_expand([1, 3, -1, -1], false).op("gray to rgb")?
+        } else {
+            colour
+        };
+        let up = run_tiled(
+            &rgb,
+            scale,
+            &self.tiles,
+            |tiles| self.upscale(&tiles, steps, seed, cancel),
+            cancel,
+        )?;
+        let mut up = if colour_channels == 1 {
+            up.f_mean_dim(1, true, Kind::Float).op("rgb to gray")?
+        } else {
+            up
+        };
+        if c == 2 || c == 4 {
+            let alpha = x.f_narrow(1, c - 1, 1).op("split alpha")?;
+            let alpha = crate::bicubic::upsample_bicubic(&alpha, scale)?
+                .f_clamp(0.0, 1.0)
+                .op("clamp alpha")?;
+            up = Tensor::f_cat(&[&up, &alpha], 1).op("join alpha")?;
+        }
+        up.f_to_device(Device::Cpu).op("copy output to host")
+    }
+}
+
+/// Combines the request seed and a tile's content hash.
+fn mix(seed: u64, content: u64) -> u64 {
+    diffusion::SplitMix64::new(seed ^ content.rotate_left(17)).next_u64()
+}
+
+/// Writes `vs` to `weights` as fp32 safetensors and the manifest next to it.
+pub fn save_weights(
+    vs: &nn::VarStore,
+    cfg: &HndsrConfig,
+    weights: &Path,
+    mut manifest: Manifest,
+) -> Result<Manifest, HndsrError> {
+    if weights.extension().and_then(|e| e.to_str()) != Some("safetensors") {
+        return Err(HndsrError::Config(format!(
+            "weights must be a .safetensors file, got {}",
+            weights.display()
+        )));
+    }
+    vs.save(weights)
+        .map_err(|e| TorchError::from_tch("save weights", e))?;
+    let bytes = fs::read(weights).map_err(|source| HndsrError::Io {
+        op: "read back",
+        path: weights.to_owned(),
+        source,
+    })?;
+    manifest.sha256 = sha256_hex(&bytes);
+    manifest.config = cfg.clone();
+    manifest.scale = cfg.scale;
+    manifest.parameters = parameter_count(vs);
+    manifest.weights = weights
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    manifest.write(&manifest_path(weights))?;
+    Ok(manifest)
+}
+
+/// Copies every variable of `vs` from the safetensors `bytes`; every
+/// variable must be present with its exact shape, as f32.
+pub fn load_weights_from_bytes(
+    vs: &nn::VarStore,
+    bytes: &[u8],
+    path: &Path,
+) -> Result<(), HndsrError> {
+    let bad = |message: String| HndsrError::Weights {
+        path: path.to_owned(),
+        message,
+    };
+    let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| bad(e.to_string()))?;
+    let _no_grad = tch::no_grad_guard();
+    for (name, mut var) in vs.variables() {
+        let view = st.tensor(&name).map_err(|e| bad(format!("{name}: {e}")))?;
+        if view.dtype() != safetensors::Dtype::F32 {
+            return Err(bad(format!(
+                "{name}: dtype {:?}, expected F32",
+                view.dtype()
+            )));
+        }
+        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+        if shape != var.size() {
+            return Err(bad(format!(
+                "{name}: shape {shape:?}, expected {:?}",
+                var.size()
+            )));
+        }
+        let src = Tensor::f_from_data_size(view.data(), &shape, Kind::Float)
+            .and_then(|t| t.f_to_device(var.device()))
+            .map_err(|e| bad(format!("{name}: {e}")))?;
+        var.f_copy_(&src).map_err(|e| bad(format!("{name}: {e}")))?;
+    }
+    Ok(())
+}

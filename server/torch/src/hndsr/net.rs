@@ -1,0 +1,299 @@
+//! The HNDSR network: operator encoder + pixel-shuffle decoder (→ μ) and a
+//! time-conditioned U-Net denoiser for the residual `HR − μ`, all on the LR
+//! grid.
+//!
+//! Everything here is batch-independent per sample (group norm, no batch
+//! norm), so a tile's output does not depend on what it is batched with.
+//! Forward passes use tch's panicking ops; [`super::HndsrModel`] catches
+//! those at its public boundary and turns them into errors.
+
+use tch::nn::{self, Module};
+use tch::{Kind, Tensor};
+
+use super::config::HndsrConfig;
+use super::spectral::SpectralConv2d;
+
+fn conv(vs: nn::Path, c_in: i64, c_out: i64, k: i64) -> nn::Conv2D {
+    let cfg = nn::ConvConfig {
+        padding: k / 2,
+        ..Default::default()
+    };
+    nn::conv2d(vs, c_in, c_out, k, cfg)
+}
+
+fn zero_conv(vs: nn::Path, c_in: i64, c_out: i64, k: i64) -> nn::Conv2D {
+    let cfg = nn::ConvConfig {
+        padding: k / 2,
+        ws_init: nn::Init::Const(0.0),
+        bs_init: nn::Init::Const(0.0),
+        ..Default::default()
+    };
+    nn::conv2d(vs, c_in, c_out, k, cfg)
+}
+
+fn group_norm(vs: nn::Path, c: i64) -> nn::GroupNorm {
+    nn::group_norm(vs, 8.min(c), c, Default::default())
+}
+
+/// One Fourier block: `x + gelu(spectral(x) + pw(x) + dw(x) · σ(gate(x)))`.
+#[derive(Debug)]
+struct FourierBlock {
+    spectral: SpectralConv2d,
+    pointwise: nn::Conv2D,
+    depthwise: nn::Conv2D,
+    gate: nn::Conv2D,
+}
+
+impl FourierBlock {
+    fn new(vs: &nn::Path, width: i64, modes: i64) -> Self {
+        let dw = nn::ConvConfig {
+            padding: 1,
+            groups: width,
+            ..Default::default()
+        };
+        Self {
+            spectral: SpectralConv2d::new(&(vs / "spectral"), width, width, modes),
+            pointwise: conv(vs / "pointwise", width, width, 1),
+            depthwise: nn::conv2d(vs / "depthwise", width, width, 3, dw),
+            gate: conv(vs / "gate", width, width, 1),
+        }
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let local = self.depthwise.forward(x) * self.gate.forward(x).sigmoid();
+        let y = self.spectral.forward(x) + self.pointwise.forward(x) + local;
+        x + y.gelu("none")
+    }
+}
+
+/// Operator encoder on the LR grid and conv + pixel-shuffle decoder.
+#[derive(Debug)]
+struct Regressor {
+    lift: nn::Conv2D,
+    blocks: Vec<FourierBlock>,
+    dec1: nn::Conv2D,
+    dec2: nn::Conv2D,
+}
+
+/// A U-Net residual block with an additive time embedding.
+#[derive(Debug)]
+struct ResBlock {
+    norm1: nn::GroupNorm,
+    conv1: nn::Conv2D,
+    time: nn::Linear,
+    norm2: nn::GroupNorm,
+    conv2: nn::Conv2D,
+    skip: Option<nn::Conv2D>,
+}
+
+impl ResBlock {
+    fn new(vs: &nn::Path, c_in: i64, c_out: i64, t_dim: i64) -> Self {
+        Self {
+            norm1: group_norm(vs / "norm1", c_in),
+            conv1: conv(vs / "conv1", c_in, c_out, 3),
+            time: nn::linear(vs / "time", t_dim, c_out, Default::default()),
+            norm2: group_norm(vs / "norm2", c_out),
+            conv2: conv(vs / "conv2", c_out, c_out, 3),
+            skip: (c_in != c_out).then(|| conv(vs / "skip", c_in, c_out, 1)),
+        }
+    }
+
+    fn forward(&self, x: &Tensor, temb: &Tensor) -> Tensor {
+        let h = self.conv1.forward(&self.norm1.forward(x).silu());
+        let h = h + self.time.forward(temb).unsqueeze(-1).unsqueeze(-1);
+        let h = self.conv2.forward(&self.norm2.forward(&h).silu());
+        match &self.skip {
+            Some(skip) => skip.forward(x) + h,
+            None => x + h,
+        }
+    }
+}
+
+/// The residual denoiser: a small U-Net over `pixel_unshuffle(residual)`.
+#[derive(Debug)]
+struct Denoiser {
+    t_in: i64,
+    t1: nn::Linear,
+    t2: nn::Linear,
+    input: nn::Conv2D,
+    down: Vec<ResBlock>,
+    downsample: Vec<nn::Conv2D>,
+    mid: ResBlock,
+    up: Vec<ResBlock>,
+    upsample: Vec<nn::Conv2D>,
+    out_norm: nn::GroupNorm,
+    output: nn::Conv2D,
+}
+
+/// The whole network. Built on a [`nn::Path`] so the trainer and the
+/// inference wrapper share one definition and one variable naming.
+#[derive(Debug)]
+pub struct HndsrNet {
+    cfg: HndsrConfig,
+    regressor: Regressor,
+    denoiser: Denoiser,
+}
+
+impl HndsrNet {
+    /// Registers every variable under `vs`.
+    pub fn new(vs: &nn::Path, cfg: &HndsrConfig) -> Self {
+        let c = cfg.channels;
+        let s2 = cfg.scale * cfg.scale;
+        let enc = vs / "encoder";
+        let regressor = Regressor {
+            lift: conv(&enc / "lift", c, cfg.width, 3),
+            blocks: (0..cfg.blocks)
+                .map(|i| FourierBlock::new(&(&enc / format!("block{i}")), cfg.width, cfg.modes))
+                .collect(),
+            dec1: conv(vs / "decoder" / "conv1", cfg.width, cfg.width, 3),
+            // Zero-initialised: an untrained μ is exactly bicubic.
+            dec2: zero_conv(vs / "decoder" / "conv2", cfg.width, c * s2, 3),
+        };
+
+        let den = vs / "denoiser";
+        let c0 = cfg.unet[0];
+        let t_dim = 4 * c0;
+        let cond = cfg.unshuffled_channels() + cfg.width;
+        let mut down = Vec::new();
+        let mut downsample = Vec::new();
+        let mut prev = c0;
+        for (i, &ch) in cfg.unet.iter().enumerate() {
+            down.push(ResBlock::new(&(&den / format!("down{i}")), prev, ch, t_dim));
+            if i + 1 < cfg.unet.len() {
+                let stride = nn::ConvConfig {
+                    stride: 2,
+                    padding: 1,
+                    ..Default::default()
+                };
+                downsample.push(nn::conv2d(
+                    &den / format!("downsample{i}"),
+                    ch,
+                    ch,
+                    3,
+                    stride,
+                ));
+            }
+            prev = ch;
+        }
+        let last = *cfg.unet.last().expect("validated: non-empty");
+        let mid = ResBlock::new(&(&den / "mid"), last, last, t_dim);
+        let mut up = Vec::new();
+        let mut upsample = Vec::new();
+        let mut cur = last;
+        for (i, &ch) in cfg.unet.iter().enumerate().rev() {
+            up.push(ResBlock::new(
+                &(&den / format!("up{i}")),
+                cur + ch,
+                ch,
+                t_dim,
+            ));
+            if i > 0 {
+                upsample.push(conv(&den / format!("upsample{i}"), ch, ch, 3));
+            }
+            cur = ch;
+        }
+        let denoiser = Denoiser {
+            t_in: c0,
+            t1: nn::linear(&den / "time1", c0, t_dim, Default::default()),
+            t2: nn::linear(&den / "time2", t_dim, t_dim, Default::default()),
+            input: conv(&den / "input", cfg.unshuffled_channels() + cond, c0, 3),
+            down,
+            downsample,
+            mid,
+            up,
+            upsample,
+            out_norm: group_norm(&den / "out_norm", c0),
+            output: zero_conv(&den / "output", c0, cfg.unshuffled_channels(), 3),
+        };
+        Self {
+            cfg: cfg.clone(),
+            regressor,
+            denoiser,
+        }
+    }
+
+    /// The configuration this network was built with.
+    pub fn config(&self) -> &HndsrConfig {
+        &self.cfg
+    }
+
+    /// Regression path. `lr`: `[B, C, h, w]` in [0, 1] (any float kind).
+    /// Returns `(μ [B, C, s·h, s·w], features [B, width, h, w])`. μ is
+    /// bicubic(lr) plus a learned correction and is not clamped.
+    pub fn regress(&self, lr: &Tensor) -> (Tensor, Tensor) {
+        let r = &self.regressor;
+        let (_, _, h, w) = lr.size4().expect("regress input is NCHW");
+        let s = self.cfg.scale;
+        let pad = self.cfg.pad.min(h - 1).min(w - 1).max(0);
+        let x = (lr - 0.5).reflection_pad2d([pad, pad, pad, pad]);
+        let mut f = r.lift.forward(&x);
+        for block in &r.blocks {
+            f = block.forward(&f);
+        }
+        let f = f.narrow(2, pad, h).narrow(3, pad, w);
+        let detail = r
+            .dec2
+            .forward(&r.dec1.forward(&f).gelu("none"))
+            .pixel_shuffle(s);
+        let base = lr.upsample_bicubic2d([h * s, w * s], false, None::<f64>, None::<f64>);
+        (base + detail, f)
+    }
+
+    /// The denoiser's conditioning: encoder features and the unshuffled μ.
+    pub fn condition(&self, mu: &Tensor, features: &Tensor) -> Tensor {
+        let mu_lr = mu.pixel_unshuffle(self.cfg.scale) - 0.5;
+        Tensor::cat(&[&mu_lr, &features.to_kind(mu_lr.kind())], 1)
+    }
+
+    /// Denoiser output (v or x₀, per the config) for the noisy unshuffled
+    /// residual `x_t` at times `t` (`[B]`, in [0, 1]).
+    pub fn denoise(&self, x_t: &Tensor, t: &Tensor, cond: &Tensor) -> Tensor {
+        let d = &self.denoiser;
+        let levels = self.cfg.unet.len() as i64;
+        let multiple = 1i64 << (levels - 1);
+        let (_, _, h, w) = x_t.size4().expect("denoiser input is NCHW");
+        let (ph, pw) = (
+            (multiple - h % multiple) % multiple,
+            (multiple - w % multiple) % multiple,
+        );
+        let x = Tensor::cat(&[x_t, cond], 1);
+        let x = if ph > 0 || pw > 0 {
+            x.replication_pad2d([0, pw, 0, ph])
+        } else {
+            x
+        };
+
+        let temb = timestep_embedding(&(t * 1000.0), d.t_in).to_kind(x.kind());
+        let temb = d.t2.forward(&d.t1.forward(&temb).silu());
+
+        let mut hcur = d.input.forward(&x);
+        let mut skips = Vec::new();
+        for (i, block) in d.down.iter().enumerate() {
+            hcur = block.forward(&hcur, &temb);
+            skips.push(hcur.shallow_clone());
+            if let Some(ds) = d.downsample.get(i) {
+                hcur = ds.forward(&hcur);
+            }
+        }
+        hcur = d.mid.forward(&hcur, &temb);
+        for (j, block) in d.up.iter().enumerate() {
+            let skip = skips.pop().expect("one skip per level");
+            hcur = block.forward(&Tensor::cat(&[&hcur, &skip], 1), &temb);
+            if let Some(us) = d.upsample.get(j) {
+                let (hh, ww) = (hcur.size()[2] * 2, hcur.size()[3] * 2);
+                hcur = us.forward(&hcur.upsample_nearest2d([hh, ww], None::<f64>, None::<f64>));
+            }
+        }
+        let out = d.output.forward(&d.out_norm.forward(&hcur).silu());
+        out.narrow(2, 0, h).narrow(3, 0, w)
+    }
+}
+
+/// Sinusoidal embedding of (scaled) times `t` `[B]` → `[B, dim]`, in fp32.
+fn timestep_embedding(t: &Tensor, dim: i64) -> Tensor {
+    let half = dim / 2;
+    let freqs =
+        (Tensor::arange(half, (Kind::Float, t.device())) * (-(10_000f64.ln()) / half as f64)).exp();
+    let args = t.to_kind(Kind::Float).unsqueeze(1) * freqs.unsqueeze(0);
+    Tensor::cat(&[args.cos(), args.sin()], 1)
+}

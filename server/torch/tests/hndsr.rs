@@ -1,0 +1,408 @@
+//! HNDSR model tests: tiny configuration, CPU, each well under a few seconds.
+
+use std::cell::Cell;
+use std::f64::consts::TAU;
+
+use hndsr_torch::TorchError;
+use hndsr_torch::hndsr::spectral::SpectralConv2d;
+use hndsr_torch::hndsr::{HndsrConfig, HndsrError, HndsrModel, Manifest, Precision, manifest_path};
+use hndsr_torch::tiling::TileConfig;
+use tch::{Device, Kind, Tensor, nn};
+
+const NEVER: &dyn Fn() -> bool = &|| false;
+
+/// A tiny model whose every weight is randomised (the zero-initialised
+/// output convolutions would otherwise make the learned parts inert).
+fn tiny(seed: u64) -> HndsrModel {
+    tiny_with(seed, 0.5, 0.01)
+}
+
+/// [`tiny`] with noise of `relative` × the mean magnitude of each variable
+/// plus `floor`.
+fn tiny_with(seed: u64, relative: f64, floor: f64) -> HndsrModel {
+    let model = HndsrModel::random(&HndsrConfig::tiny(), Device::Cpu, seed).unwrap();
+    tch::manual_seed(seed as i64 + 1);
+    tch::no_grad(|| {
+        for (name, mut v) in model.var_store().variables() {
+            // The spectral weights are random already; elsewhere add noise
+            // of about half the initial magnitude (0.01 where it is zero).
+            if name.contains("spectral") {
+                continue;
+            }
+            let std = relative * v.abs().mean(Kind::Float).double_value(&[]) + floor;
+            let noise = v.randn_like() * std;
+            let _ = v.g_add_(&noise);
+        }
+    });
+    model
+}
+
+/// A smooth-ish deterministic test image `[n, 3, h, w]` in [0, 1].
+fn image(n: i64, h: i64, w: i64, phase: f64) -> Tensor {
+    let mut v = Vec::with_capacity((n * 3 * h * w) as usize);
+    for b in 0..n {
+        for c in 0..3 {
+            for y in 0..h {
+                for x in 0..w {
+                    let (y, x) = (y as f64, x as f64);
+                    let s = (0.37 * x + 0.21 * y + phase + b as f64 + c as f64).sin()
+                        * (0.11 * x * y / 7.0 + 0.5 * c as f64).cos();
+                    v.push((0.5 + 0.45 * s) as f32);
+                }
+            }
+        }
+    }
+    Tensor::from_slice(&v).view([n, 3, h, w])
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    (a - b).abs().max().double_value(&[])
+}
+
+fn to_vec(t: &Tensor) -> Vec<f64> {
+    Vec::<f64>::try_from(&t.to_kind(Kind::Double).contiguous().view([-1])).unwrap()
+}
+
+/// The spectral layer by definition: full 2-D DFT, per-frequency complex
+/// channel mixing on the kept corners, and the inverse real FFT written out
+/// as sums (C2R: only the real parts of the DC and Nyquist columns count).
+fn brute_force_spectral(x: &Tensor, layer: &SpectralConv2d) -> Vec<f64> {
+    let (b, ci, h, w) = x.size4().unwrap();
+    let co = layer.w_re.size()[1];
+    let m = layer.modes;
+    let (mh, mw) = (m.min(h / 2).max(1), m.min(w / 2 + 1));
+    let xs = to_vec(x);
+    let (wr, wi) = (to_vec(&layer.w_re), to_vec(&layer.w_im));
+    let widx = |i: i64, o: i64, r: i64, l: i64| (((i * co + o) * 2 * m + r) * m + l) as usize;
+    let half = w / 2 + 1;
+    let mut out = vec![0.0; (b * co * h * w) as usize];
+    for bb in 0..b {
+        // Forward DFT of every input channel on the half spectrum.
+        let mut spec = vec![(0.0, 0.0); (ci * h * half) as usize];
+        for i in 0..ci {
+            for k in 0..h {
+                for l in 0..half {
+                    let (mut re, mut im) = (0.0, 0.0);
+                    for y in 0..h {
+                        for xx in 0..w {
+                            let v = xs[(((bb * ci + i) * h + y) * w + xx) as usize];
+                            let a = -TAU * ((k * y) as f64 / h as f64 + (l * xx) as f64 / w as f64);
+                            re += v * a.cos();
+                            im += v * a.sin();
+                        }
+                    }
+                    spec[((i * h + k) * half + l) as usize] = (re, im);
+                }
+            }
+        }
+        for o in 0..co {
+            // Mixed spectrum on the kept rows / columns, zero elsewhere.
+            let mut y_spec = vec![(0.0, 0.0); (h * half) as usize];
+            for k in 0..h {
+                let row = if k < mh {
+                    Some(k)
+                } else if h >= 2 * mh && h > 1 && k >= h - mh {
+                    Some(2 * m - (h - k))
+                } else {
+                    None
+                };
+                let Some(row) = row else { continue };
+                for l in 0..mw {
+                    let (mut re, mut im) = (0.0, 0.0);
+                    for i in 0..ci {
+                        let (sr, si) = spec[((i * h + k) * half + l) as usize];
+                        let (a, c) = (wr[widx(i, o, row, l)], wi[widx(i, o, row, l)]);
+                        re += sr * a - si * c;
+                        im += sr * c + si * a;
+                    }
+                    y_spec[(k * half + l) as usize] = (re, im);
+                }
+            }
+            for n in 0..h {
+                // Inverse complex DFT along H.
+                let z: Vec<(f64, f64)> = (0..half)
+                    .map(|l| {
+                        let (mut re, mut im) = (0.0, 0.0);
+                        for k in 0..h {
+                            let (yr, yi) = y_spec[(k * half + l) as usize];
+                            let a = TAU * (k * n) as f64 / h as f64;
+                            re += yr * a.cos() - yi * a.sin();
+                            im += yr * a.sin() + yi * a.cos();
+                        }
+                        (re / h as f64, im / h as f64)
+                    })
+                    .collect();
+                for xx in 0..w {
+                    let mut acc = z[0].0;
+                    for (l, &(zr, zi)) in z.iter().enumerate().skip(1) {
+                        let l = l as i64;
+                        let a = TAU * (l * xx) as f64 / w as f64;
+                        let term = zr * a.cos() - zi * a.sin();
+                        if w % 2 == 0 && l == w / 2 {
+                            acc += zr * if xx % 2 == 0 { 1.0 } else { -1.0 };
+                        } else {
+                            acc += 2.0 * term;
+                        }
+                    }
+                    out[(((bb * co + o) * h + n) * w + xx) as usize] = acc / w as f64;
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn spectral_conv_equals_brute_force_dft() {
+    tch::manual_seed(7);
+    // (in, out, modes, H, W): both corners, odd and even widths, and a grid
+    // too small for the kept modes (clipped, Nyquist column included).
+    for &(ci, co, m, h, w) in &[
+        (2, 3, 2, 6, 5),
+        (1, 2, 3, 7, 8),
+        (2, 2, 3, 3, 4),
+        (1, 1, 2, 1, 6),
+    ] {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let layer = SpectralConv2d::new(&vs.root(), ci, co, m);
+        tch::no_grad(|| {
+            for (_, mut v) in vs.variables() {
+                v.copy_(&v.randn_like());
+            }
+        });
+        let x = Tensor::randn([2, ci, h, w], (Kind::Float, Device::Cpu));
+        let got = to_vec(&tch::no_grad(|| layer.forward(&x)));
+        let want = brute_force_spectral(&x, &layer);
+        assert_eq!(got.len(), want.len());
+        let err = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
+        assert!(err < 1e-3, "({ci},{co},{m},{h},{w}): max error {err}");
+    }
+}
+
+#[test]
+fn untrained_mu_is_bicubic_and_steps_zero_is_mu() {
+    let model = HndsrModel::random(&HndsrConfig::tiny(), Device::Cpu, 3).unwrap();
+    let x = image(1, 12, 10, 0.0);
+    let y = model.upscale(&x, 0, 0, NEVER).unwrap();
+    let bicubic = hndsr_torch::upsample_bicubic(&x, 4)
+        .unwrap()
+        .clamp(0.0, 1.0);
+    assert!(max_abs_diff(&y, &bicubic) < 1e-5);
+}
+
+#[test]
+fn same_weights_run_on_two_grid_sizes() {
+    let model = tiny(11);
+    for (h, w) in [(12, 12), (20, 16)] {
+        let y = model.upscale(&image(1, h, w, 0.3), 2, 5, NEVER).unwrap();
+        assert_eq!(y.size(), [1, 3, 4 * h, 4 * w]);
+        assert!(y.isfinite().all().int64_value(&[]) == 1);
+    }
+    let x = image(1, 12, 12, 0.3);
+    let bicubic = hndsr_torch::upsample_bicubic(&x, 4)
+        .unwrap()
+        .clamp(0.0, 1.0);
+    let mu = model.upscale(&x, 0, 0, NEVER).unwrap();
+    assert!(
+        max_abs_diff(&mu, &bicubic) > 1e-4,
+        "the learned part must not be inert"
+    );
+
+    // The Fourier layer alone: a constant field has only a DC component,
+    // which every grid size represents the same way.
+    let layer = SpectralConv2d::new(&model.var_store().root().sub("probe"), 16, 16, 8);
+    let flat = |h, w| Tensor::full([1, 16, h, w], 0.3, (Kind::Float, Device::Cpu));
+    let a = tch::no_grad(|| layer.forward(&flat(12, 12)));
+    let b = tch::no_grad(|| layer.forward(&flat(20, 16)));
+    let (a_mean, b_mean) = (
+        a.mean_dim(&[2, 3][..], false, Kind::Float),
+        b.mean_dim(&[2, 3][..], false, Kind::Float),
+    );
+    assert!(max_abs_diff(&a_mean, &b_mean) < 1e-5);
+    assert!(max_abs_diff(&a, &a_mean.view([1, 16, 1, 1])) < 1e-5);
+}
+
+#[test]
+fn ddim_is_deterministic_for_a_seed() {
+    let model = tiny(12);
+    let x = image(2, 12, 12, 0.7);
+    let a = model.upscale(&x, 3, 42, NEVER).unwrap();
+    let b = model.upscale(&x, 3, 42, NEVER).unwrap();
+    let c = model.upscale(&x, 3, 43, NEVER).unwrap();
+    let mu = model.upscale(&x, 0, 42, NEVER).unwrap();
+    assert_eq!(max_abs_diff(&a, &b), 0.0);
+    assert!(max_abs_diff(&a, &c) > 1e-4, "another seed, other noise");
+    assert!(max_abs_diff(&a, &mu) > 1e-4, "steps > 0 adds a residual");
+}
+
+#[test]
+fn a_tile_is_the_same_alone_or_batched() {
+    let model = tiny(13);
+    let batch = image(3, 12, 12, 1.1);
+    let alone = model.upscale(&batch.narrow(0, 1, 1), 2, 9, NEVER).unwrap();
+    let together = model.upscale(&batch, 2, 9, NEVER).unwrap();
+    let swapped = Tensor::cat(&[batch.narrow(0, 1, 1), batch.narrow(0, 0, 1)], 0);
+    let first = model.upscale(&swapped, 2, 9, NEVER).unwrap();
+    // Per-sample ops only; the noise depends on the tile, not its slot.
+    assert!(max_abs_diff(&alone, &together.narrow(0, 1, 1)) < 1e-5);
+    assert!(max_abs_diff(&alone, &first.narrow(0, 0, 1)) < 1e-5);
+}
+
+#[test]
+fn safetensors_round_trip_and_digest_refusal() {
+    let dir = tempfile::tempdir().unwrap();
+    let weights = dir.path().join("hndsr-tiny.safetensors");
+    let model = tiny(14);
+    let manifest = model
+        .save(&weights, Manifest::untrained(model.config(), 0))
+        .unwrap();
+    assert_eq!(manifest.sha256.len(), 64);
+    assert_eq!(manifest.parameters, model.parameter_count());
+
+    let loaded = HndsrModel::load(
+        &weights,
+        &manifest.sha256.to_uppercase(),
+        Device::Cpu,
+        Precision::Fp32,
+    )
+    .unwrap();
+    assert_eq!(loaded.digest(), manifest.sha256);
+    assert_eq!(loaded.config(), model.config());
+    let x = image(1, 10, 12, 0.2);
+    let a = model.upscale(&x, 2, 1, NEVER).unwrap();
+    let b = loaded.upscale(&x, 2, 1, NEVER).unwrap();
+    assert_eq!(max_abs_diff(&a, &b), 0.0);
+
+    let wrong = "0".repeat(64);
+    let err = HndsrModel::load(&weights, &wrong, Device::Cpu, Precision::Fp32).unwrap_err();
+    assert!(matches!(err, HndsrError::DigestMismatch { .. }), "{err}");
+
+    // A manifest that names other weights is refused too.
+    let mut other = manifest.clone();
+    other.sha256 = wrong.clone();
+    other.write(&manifest_path(&weights)).unwrap();
+    let err =
+        HndsrModel::load(&weights, &manifest.sha256, Device::Cpu, Precision::Fp32).unwrap_err();
+    assert!(matches!(err, HndsrError::DigestMismatch { .. }), "{err}");
+    manifest.write(&manifest_path(&weights)).unwrap();
+
+    // One flipped byte in the weights.
+    let mut bytes = std::fs::read(&weights).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&weights, &bytes).unwrap();
+    let err =
+        HndsrModel::load(&weights, &manifest.sha256, Device::Cpu, Precision::Fp32).unwrap_err();
+    assert!(matches!(err, HndsrError::DigestMismatch { .. }), "{err}");
+
+    let err =
+        HndsrModel::load(&weights, &manifest.sha256, Device::Cpu, Precision::Bf16).unwrap_err();
+    assert!(matches!(err, HndsrError::Config(_)), "{err}");
+}
+
+/// Tiled output vs the whole image, through the shared tiling module.
+///
+/// With the learned part inert (μ = bicubic) tiling is exact up to float
+/// rounding (stated tolerance 1e-5). The Fourier layers see the whole tile,
+/// so with a learned correction tiling cannot be exact; the stated
+/// tolerance is that the mean tiled-vs-whole difference stays below twice
+/// the mean size of the correction |μ − bicubic| itself (measured for this
+/// randomised model: ≈1.3×), and the maximum below 1. Trained weights are
+/// measured on real data by `hndsr-train eval` (docs/model.md).
+#[test]
+fn tiled_matches_whole_image_within_tolerance() {
+    let x = image(1, 40, 44, 0.5);
+    let whole_cfg = TileConfig {
+        tile: 64,
+        overlap: 16,
+        margin: 4,
+        batch: 4,
+    };
+    let tiled_cfg = TileConfig {
+        tile: 24,
+        overlap: 12,
+        margin: 3,
+        batch: 3,
+    };
+    let run = |model: HndsrModel, cfg, steps| {
+        let model = model.with_tiles(cfg).unwrap();
+        model.upscale_image(&x, steps, 3, NEVER).unwrap()
+    };
+    let inert = |seed| HndsrModel::random(&HndsrConfig::tiny(), Device::Cpu, seed).unwrap();
+    let a = run(inert(15), whole_cfg, 0);
+    let b = run(inert(15), tiled_cfg, 0);
+    assert_eq!(a.size(), [1, 3, 160, 176]);
+    assert!(max_abs_diff(&a, &b) < 1e-5);
+
+    let bicubic = hndsr_torch::upsample_bicubic(&x, 4)
+        .unwrap()
+        .clamp(0.0, 1.0);
+    let mean = |t: Tensor| t.abs().mean(Kind::Float).double_value(&[]);
+    for steps in [0, 2] {
+        let a = run(tiny(15), whole_cfg, steps);
+        let b = run(tiny(15), tiled_cfg, steps);
+        let correction = mean(&a - &bicubic);
+        let diff = mean(&a - &b);
+        println!("steps {steps}: correction {correction:.2e}, tiled vs whole mean {diff:.2e}");
+        assert!(
+            diff < 2.0 * correction,
+            "steps {steps}: {diff} vs {correction}"
+        );
+        assert!(max_abs_diff(&a, &b) < 1.0);
+    }
+}
+
+#[test]
+fn cancellation_stops_within_one_step() {
+    let model = tiny(16);
+    let x = image(1, 12, 12, 0.0);
+    let calls = Cell::new(0);
+    let cancel = || {
+        calls.set(calls.get() + 1);
+        calls.get() >= 3
+    };
+    let err = model.upscale(&x, 10, 0, &cancel).unwrap_err();
+    assert!(matches!(err, TorchError::Cancelled), "{err:?}");
+    // Checked once before each step: two steps ran, the third never started.
+    assert_eq!(calls.get(), 3);
+
+    // Through the tiled path: cancelled before the first tile batch.
+    let err = model.upscale_image(&x, 10, 0, &|| true).unwrap_err();
+    assert!(matches!(err, TorchError::Cancelled), "{err:?}");
+}
+
+#[test]
+fn gray_and_alpha_images_keep_their_channels() {
+    let model = tiny(17);
+    let rgb = image(1, 10, 10, 0.0);
+    for c in [1, 2, 3, 4] {
+        let x = if c <= 3 {
+            rgb.narrow(1, 0, c)
+        } else {
+            Tensor::cat(&[&rgb, &rgb.narrow(1, 0, 1)], 1)
+        };
+        let y = model.upscale_image(&x, 1, 0, NEVER).unwrap();
+        assert_eq!(y.size(), [1, c, 40, 40]);
+        assert_eq!(y.device(), Device::Cpu);
+    }
+    let err = model.upscale_image(&image(1, 4, 4, 0.0).to_kind(Kind::Double), 0, 0, NEVER);
+    assert!(matches!(err, Err(TorchError::InvalidInput(_))));
+}
+
+#[test]
+fn preset_sizes_match_the_design() {
+    let count = |cfg: HndsrConfig| {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let _ = hndsr_torch::hndsr::HndsrNet::new(&vs.root(), &cfg);
+        hndsr_torch::hndsr::parameter_count(&vs)
+    };
+    let tiny = count(HndsrConfig::tiny());
+    let base = count(HndsrConfig::base());
+    println!("tiny {tiny} base {base}");
+    assert!((400_000..900_000).contains(&tiny), "tiny has {tiny}");
+    assert!((5_000_000..9_000_000).contains(&base), "base has {base}");
+}

