@@ -10,6 +10,7 @@
 
 use std::io::Cursor;
 
+use image::codecs::png::{CompressionType, FilterType, PngEncoder};
 use image::{DynamicImage, ImageBuffer, ImageDecoder, ImageError, ImageFormat, ImageReader};
 
 use crate::backend::Planar;
@@ -293,15 +294,17 @@ pub fn encode(p: &Planar, layout: Layout) -> Result<Encoded, Error> {
             ImageBuffer::from_raw(w, h, interleave(p, to_u16)).ok_or_else(bad)?,
         ),
     };
-    let (format, content_type) = if layout.format == Container::Tiff && p.channels != 2 {
-        (ImageFormat::Tiff, "image/tiff")
-    } else {
-        (ImageFormat::Png, "image/png")
-    };
     let mut bytes = Cursor::new(Vec::new());
-    image
-        .write_to(&mut bytes, format)
-        .map_err(|e| Error::Internal(format!("encoding the output failed: {e}")))?;
+    let (written, content_type) = if layout.format == Container::Tiff && p.channels != 2 {
+        (image.write_to(&mut bytes, ImageFormat::Tiff), "image/tiff")
+    } else {
+        // Fast deflate: outputs are large and encoding runs while clients
+        // wait; the size difference to the default level is small for photos.
+        let png =
+            PngEncoder::new_with_quality(&mut bytes, CompressionType::Fast, FilterType::Adaptive);
+        (image.write_with_encoder(png), "image/png")
+    };
+    written.map_err(|e| Error::Internal(format!("encoding the output failed: {e}")))?;
     Ok(Encoded {
         bytes: bytes.into_inner(),
         content_type,
