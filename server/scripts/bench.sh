@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Load-tests the release server on 127.0.0.1 with the bicubic backend and
 # prints a markdown report (called by `make bench`; figures go to
-# docs/benchmarks.md). Needs target/release/hndsr-server and
-# target/release/hndsr-loadgen (both built by `make bench`), python3 and curl.
+# docs/benchmarks.md). Builds the release hndsr-server and hndsr-loadgen
+# itself (incremental; BENCH_NO_BUILD=1 skips it); needs python3 and curl.
 #
 #   1. 256x256 PNG, scale 4, concurrency 1, 4, 16, 64 (rate limit off);
 #   2. overload: concurrency 10 x MAX_QUEUE_DEPTH: share of 503s, p99 of the
@@ -11,11 +11,11 @@
 #      X-Forwarded-For, rate limit on: server RSS before and after.
 #
 # Knobs (env): BENCH_SECONDS (per level, default 15), BENCH_CLIENTS (default
-# 100000), MAX_CONCURRENT (4), MAX_QUEUE_DEPTH (20), TARGET_DIR (target).
+# 100000), MAX_CONCURRENT (4), MAX_QUEUE_DEPTH (20), CARGO_TARGET_DIR.
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-TARGET_DIR="${TARGET_DIR:-$REPO_ROOT/target}"
+TARGET_DIR="${CARGO_TARGET_DIR:-$REPO_ROOT/target}"
 SERVER="$TARGET_DIR/release/hndsr-server"
 LOADGEN="$TARGET_DIR/release/hndsr-loadgen"
 SECONDS_PER_LEVEL="${BENCH_SECONDS:-15}"
@@ -24,6 +24,10 @@ MAX_CONCURRENT="${MAX_CONCURRENT:-4}"
 MAX_QUEUE_DEPTH="${MAX_QUEUE_DEPTH:-20}"
 LEVELS=(1 4 16 64)
 
+if [[ "${BENCH_NO_BUILD:-0}" != 1 ]]; then
+  (cd "$REPO_ROOT" && cargo build --release --locked -q \
+    -p hndsr-server --bin hndsr-server -p hndsr-loadgen --bin hndsr-loadgen) >&2
+fi
 for bin in "$SERVER" "$LOADGEN"; do
   [[ -x "$bin" ]] || { echo "bench: $bin not found; run 'make bench'" >&2; exit 1; }
 done
@@ -85,27 +89,29 @@ PY
 }
 
 # --- 1 and 2: throughput and latency, then overload -------------------------
-"$LOADGEN" png --size 256 --out "$WORK/in-256.png"
 start_server "$WORK/server-a.log" --rate-limit-per-hour 0 --request-timeout-s 30
 URL="http://127.0.0.1:$PORT/v1/upscale?scale=4"
+# 256 distinct 256x256 images sent in turn: identical concurrent requests
+# would be coalesced into one computation and flatter the figures.
+BODY=(--png 256 --png-variants 256)
 # Warm the process (allocator, PNG paths) outside the measurements.
-"$LOADGEN" run --url "$URL" --body "$WORK/in-256.png" --content-type image/png -c 2 -n 10 >/dev/null
+"$LOADGEN" run --url "$URL" "${BODY[@]}" -c 2 -n 10 >/dev/null
 
 echo "## Throughput and latency: 256x256 PNG, scale 4, bicubic, CPU"
 echo
 echo "MAX_CONCURRENT=$MAX_CONCURRENT, MAX_QUEUE_DEPTH=$MAX_QUEUE_DEPTH, rate limit off, ${SECONDS_PER_LEVEL} s per level."
+echo "\"error\": no HTTP response (the server answered 503 before reading the body and closed"
+echo "the connection while the client was still sending it)."
 echo
 echo "| concurrency | requests | seconds | 200/s | p50 ms (200) | p90 ms (200) | p99 ms (200) | % 200 | other statuses |"
 echo "|---:|---:|---:|---:|---:|---:|---:|---:|---|"
 for c in "${LEVELS[@]}"; do
-  "$LOADGEN" run --url "$URL" --body "$WORK/in-256.png" --content-type image/png \
-    -c "$c" -d "$SECONDS_PER_LEVEL" --json >"$WORK/c$c.json"
+  "$LOADGEN" run --url "$URL" "${BODY[@]}" -c "$c" -d "$SECONDS_PER_LEVEL" --json >"$WORK/c$c.json"
   row "$c" "$WORK/c$c.json"
 done
 
 OVER=$((10 * MAX_QUEUE_DEPTH))
-"$LOADGEN" run --url "$URL" --body "$WORK/in-256.png" --content-type image/png \
-  -c "$OVER" -d "$SECONDS_PER_LEVEL" --json >"$WORK/over.json"
+"$LOADGEN" run --url "$URL" "${BODY[@]}" -c "$OVER" -d "$SECONDS_PER_LEVEL" --json >"$WORK/over.json"
 echo
 echo "## Overload: concurrency $OVER (10 x MAX_QUEUE_DEPTH)"
 echo
@@ -124,6 +130,8 @@ print(f'| p50 / p99 of 503 | {p50("503")} / {p99("503")} |')
 print(f'| admitted (200) per second | {c.get("200", 0) / r["elapsed_s"]:.1f} |')
 print(f'| p50 / p99 of admitted (200) | {p50("200")} / {p99("200")} |')
 print(f'| status counts | {", ".join(f"{k}: {v}" for k, v in sorted(c.items()))} |')
+for e in r["error_samples"][:2]:
+    print(f'| transport error seen | `{e}` |')
 PY
 stop_server
 

@@ -31,8 +31,10 @@ pub struct Plan {
     pub url: Uri,
     /// HTTP method.
     pub method: Method,
-    /// Request body (empty for none).
-    pub body: Bytes,
+    /// Request bodies, used in turn (request `i` sends `bodies[i % len]`);
+    /// several distinct bodies keep the server from coalescing identical
+    /// concurrent requests into one computation. Empty: no body.
+    pub bodies: Vec<Bytes>,
     /// Extra request headers.
     pub headers: Vec<(HeaderName, HeaderValue)>,
     /// Requests in flight at once.
@@ -317,7 +319,11 @@ async fn send(
     if plan.distinct_clients {
         req = req.header("x-forwarded-for", client_addr(i).to_string());
     }
-    let req = req.body(Full::new(plan.body.clone()))?;
+    let body = match plan.bodies.len() {
+        0 => Bytes::new(),
+        n => plan.bodies[(i % n as u64) as usize].clone(),
+    };
+    let req = req.body(Full::new(body))?;
     let resp = client
         .request(req)
         .await
@@ -331,13 +337,16 @@ async fn send(
 }
 
 /// A deterministic synthetic aerial-like RGB image (fields, roads, a river)
-/// encoded as PNG, for benchmark bodies and the committed sample.
-pub fn synthetic_png(width: u32, height: u32) -> anyhow::Result<Vec<u8>> {
+/// encoded as PNG, for benchmark bodies and the committed sample. Each
+/// `variant` lays out the crops differently (variant 0 is the sample).
+pub fn synthetic_png(width: u32, height: u32, variant: u32) -> anyhow::Result<Vec<u8>> {
     let mut img = image::RgbImage::new(width, height);
     for (x, y, px) in img.enumerate_pixels_mut() {
         let (fx, fy) = (x as f32, y as f32);
         // Fields: a patchwork of 16-pixel parcels with per-parcel crop colour.
-        let parcel = (x / 16).wrapping_mul(73_856_093) ^ (y / 16).wrapping_mul(19_349_663);
+        let parcel = (x / 16).wrapping_mul(73_856_093)
+            ^ (y / 16).wrapping_mul(19_349_663)
+            ^ variant.wrapping_mul(83_492_791);
         let crop = [
             [96, 128, 64],
             [150, 140, 90],
@@ -345,7 +354,7 @@ pub fn synthetic_png(width: u32, height: u32) -> anyhow::Result<Vec<u8>> {
             [180, 160, 110],
         ][(parcel % 4) as usize];
         // Furrows give each parcel a fine texture.
-        let furrow = if (x + y * (parcel % 3)) % 4 == 0 {
+        let furrow = if (x + y * (parcel % 3)).is_multiple_of(4) {
             12
         } else {
             0
@@ -412,9 +421,10 @@ mod tests {
 
     #[test]
     fn synthetic_png_decodes() {
-        let png = synthetic_png(32, 24).unwrap();
+        let png = synthetic_png(32, 24, 0).unwrap();
         let img = image::load_from_memory(&png).unwrap();
         assert_eq!((img.width(), img.height()), (32, 24));
+        assert_ne!(png, synthetic_png(32, 24, 1).unwrap());
     }
 
     #[tokio::test]
@@ -445,7 +455,7 @@ mod tests {
         let plan = Plan {
             url: format!("http://{addr}/").parse().unwrap(),
             method: Method::GET,
-            body: Bytes::new(),
+            bodies: Vec::new(),
             headers: Vec::new(),
             concurrency: 4,
             requests: Some(40),
@@ -474,7 +484,7 @@ mod tests {
         let plan = Plan {
             url: format!("http://{addr}/").parse().unwrap(),
             method: Method::GET,
-            body: Bytes::new(),
+            bodies: Vec::new(),
             headers: Vec::new(),
             concurrency: 2,
             requests: None,

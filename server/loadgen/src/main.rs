@@ -48,6 +48,10 @@ struct RunArgs {
     /// Request body: a synthetic PNG of this edge length (pixels).
     #[arg(long)]
     png: Option<u32>,
+    /// With --png: this many distinct images, sent in turn (defeats the
+    /// server's coalescing of identical concurrent requests).
+    #[arg(long, default_value_t = 1, requires = "png")]
+    png_variants: u32,
     /// Content-Type of the body (default image/png for --png).
     #[arg(long)]
     content_type: Option<String>,
@@ -85,15 +89,19 @@ fn seconds(name: &str, v: f64) -> anyhow::Result<Duration> {
 }
 
 fn plan(args: &RunArgs) -> anyhow::Result<Plan> {
-    let (body, default_type) = match (&args.body, args.png) {
-        (Some(path), _) => (
-            Bytes::from(
-                std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
-            ),
-            None,
-        ),
-        (None, Some(size)) => (Bytes::from(synthetic_png(size, size)?), Some("image/png")),
-        (None, None) => (Bytes::new(), None),
+    let (bodies, default_type) = match (&args.body, args.png) {
+        (Some(path), _) => {
+            let body =
+                std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            (vec![Bytes::from(body)], None)
+        }
+        (None, Some(size)) => {
+            let bodies = (0..args.png_variants.max(1))
+                .map(|v| synthetic_png(size, size, v).map(Bytes::from))
+                .collect::<anyhow::Result<_>>()?;
+            (bodies, Some("image/png"))
+        }
+        (None, None) => (Vec::new(), None),
     };
     let mut headers = Vec::new();
     if let Some(ct) = args.content_type.as_deref().or(default_type) {
@@ -108,7 +116,7 @@ fn plan(args: &RunArgs) -> anyhow::Result<Plan> {
             HeaderValue::from_str(value.trim())?,
         ));
     }
-    let method = args.method.clone().unwrap_or(if body.is_empty() {
+    let method = args.method.clone().unwrap_or(if bodies.is_empty() {
         Method::GET
     } else {
         Method::POST
@@ -116,7 +124,7 @@ fn plan(args: &RunArgs) -> anyhow::Result<Plan> {
     Ok(Plan {
         url: args.url.clone(),
         method,
-        body,
+        bodies,
         headers,
         concurrency: args.concurrency,
         requests: args.requests,
@@ -130,7 +138,7 @@ fn plan(args: &RunArgs) -> anyhow::Result<Plan> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::Png { size, out } => std::fs::write(&out, synthetic_png(size, size)?)
+        Command::Png { size, out } => std::fs::write(&out, synthetic_png(size, size, 0)?)
             .with_context(|| format!("writing {}", out.display())),
         Command::Run(args) => {
             let report = run(plan(&args)?).await?;
