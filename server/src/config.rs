@@ -14,9 +14,6 @@ use clap::{Parser, Subcommand, ValueEnum};
 use hndsr_contract::{defaults, env};
 use ipnet::IpNet;
 
-/// Environment variable for [`Args::cors_origins`]. Not part of the operator
-/// contract (the operator does not set it), so it lives here.
-pub const CORS_ORIGINS_ENV: &str = "HNDSR_CORS_ORIGINS";
 
 /// Largest upscaling factor the server accepts from any backend; it bounds
 /// the output pixel budget (see [`Limits::max_output_pixels`]).
@@ -102,7 +99,7 @@ pub struct Args {
     pub trusted_proxies: Vec<String>,
 
     /// Comma-separated origins allowed by CORS (`*` is refused); empty: no CORS.
-    #[arg(long, env = CORS_ORIGINS_ENV, value_delimiter = ',')]
+    #[arg(long, env = env::CORS_ORIGINS, value_delimiter = ',')]
     pub cors_origins: Vec<String>,
 
     /// Emit JSON logs.
@@ -383,7 +380,8 @@ fn parse_cidr(s: &str) -> Result<IpNet, ConfigError> {
 fn parse_origin(s: &str) -> Result<String, ConfigError> {
     if s == "*" {
         return Err(ConfigError::new(format!(
-            "{CORS_ORIGINS_ENV} must list explicit origins; \"*\" is refused"
+            "{} must list explicit origins; \"*\" is refused",
+            env::CORS_ORIGINS
         )));
     }
     let rest = s
@@ -399,7 +397,8 @@ fn parse_origin(s: &str) -> Result<String, ConfigError> {
         Ok(s.to_owned())
     } else {
         Err(ConfigError::new(format!(
-            "{CORS_ORIGINS_ENV} entry {s:?} is not an origin like https://example.org"
+            "{} entry {s:?} is not an origin like https://example.org",
+            env::CORS_ORIGINS
         )))
     }
 }

@@ -41,6 +41,8 @@ pub mod env {
     pub const PRECISION: &str = "HNDSR_PRECISION";
     /// Comma-separated CIDRs whose X-Forwarded-For is trusted.
     pub const TRUSTED_PROXIES: &str = "HNDSR_TRUSTED_PROXIES";
+    /// Comma-separated origins allowed by CORS (explicit; `*` is refused).
+    pub const CORS_ORIGINS: &str = "HNDSR_CORS_ORIGINS";
     /// Emit JSON logs when `true`.
     pub const LOG_JSON: &str = "HNDSR_LOG_JSON";
 }
