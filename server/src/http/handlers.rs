@@ -2,6 +2,7 @@
 //! the answer. Errors are [`Error`]s and become the one JSON error shape.
 
 use std::fmt::Write as _;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Json;
@@ -18,7 +19,7 @@ use utoipa::ToSchema;
 
 use super::edge::body_limit;
 use super::{AppState, COALESCED_HEADER, LEGACY_UPSCALE_PATH};
-use crate::core::{Answer, Ticket, Timings, UpscaleRequest};
+use crate::core::{Answer, Ticket, Timings, UpscaleRequest, Upscaled};
 use crate::error::{Error, ErrorBody, jittered_retry_after};
 use crate::lifecycle::Readiness;
 
@@ -263,41 +264,19 @@ pub(super) async fn upscale_json(
     let limit = body_limit(&state, LEGACY_UPSCALE_PATH);
     let answer = with_deadline(&state, async {
         let raw = read_body(body, limit).await?;
-        let req: JsonUpscaleRequest = serde_json::from_slice(&raw)
-            .map_err(|e| Error::BadRequest(format!("invalid JSON body: {e}")))?;
-        let b64 = req
-            .image
-            .split_once(";base64,")
-            .map_or(req.image.as_str(), |(_, data)| data);
-        let image = BASE64
-            .decode(b64.trim())
-            .map_err(|e| Error::BadRequest(format!("`image` is not valid base64: {e}")))?;
-        let up = UpscaleRequest {
-            image: Bytes::from(image),
-            scale: req.scale,
-            steps: req.steps,
-            seed: req.seed.unwrap_or(0),
-        };
+        // Parsing and base64-decoding up to MAX_PAYLOAD_MB is CPU work: keep
+        // it off the tokio workers.
+        let up = off_worker(move || parse_json_request(&raw)).await??;
         state.core.upscale(&ticket, up).await
     })
     .await?;
-    let up = &answer.upscaled;
-    let body = JsonUpscaleResponse {
-        image: BASE64.encode(&up.image),
-        format: if up.content_type == "image/tiff" {
-            "tiff"
-        } else {
-            "png"
-        }
-        .to_owned(),
-        width: up.width,
-        height: up.height,
-        scale: up.scale,
-        model: state.core.info().model.clone(),
-        queue_ms: ms(up.timings.queue),
-        inference_ms: ms(up.timings.inference),
-    };
-    Ok(with_answer_headers(Json(body).into_response(), &answer))
+    let (upscaled, model) = (
+        Arc::clone(&answer.upscaled),
+        state.core.info().model.clone(),
+    );
+    let body = off_worker(move || json_response_body(&upscaled, model)).await??;
+    let response = ([(header::CONTENT_TYPE, "application/json")], body).into_response();
+    Ok(with_answer_headers(response, &answer))
 }
 
 /// Liveness: the process runs and its inference threads are alive.
@@ -394,4 +373,48 @@ pub(super) async fn not_found() -> Error {
 /// Known routes with the wrong method get the JSON error shape too.
 pub(super) async fn method_not_allowed() -> Error {
     Error::MethodNotAllowed
+}
+
+/// Runs CPU-heavy request/response work on the blocking pool.
+async fn off_worker<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, Error> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Internal(format!("a blocking task failed: {e}")))
+}
+
+fn parse_json_request(raw: &[u8]) -> Result<UpscaleRequest, Error> {
+    let req: JsonUpscaleRequest = serde_json::from_slice(raw)
+        .map_err(|e| Error::BadRequest(format!("invalid JSON body: {e}")))?;
+    let b64 = req
+        .image
+        .split_once(";base64,")
+        .map_or(req.image.as_str(), |(_, data)| data);
+    let image = BASE64
+        .decode(b64.trim())
+        .map_err(|e| Error::BadRequest(format!("`image` is not valid base64: {e}")))?;
+    Ok(UpscaleRequest {
+        image: Bytes::from(image),
+        scale: req.scale,
+        steps: req.steps,
+        seed: req.seed.unwrap_or(0),
+    })
+}
+
+fn json_response_body(up: &Upscaled, model: String) -> Result<Vec<u8>, Error> {
+    let body = JsonUpscaleResponse {
+        image: BASE64.encode(&up.image),
+        format: if up.content_type == "image/tiff" {
+            "tiff"
+        } else {
+            "png"
+        }
+        .to_owned(),
+        width: up.width,
+        height: up.height,
+        scale: up.scale,
+        model,
+        queue_ms: ms(up.timings.queue),
+        inference_ms: ms(up.timings.inference),
+    };
+    serde_json::to_vec(&body).map_err(|e| Error::Internal(format!("encoding the JSON answer: {e}")))
 }
