@@ -14,7 +14,6 @@ use clap::{Parser, Subcommand, ValueEnum};
 use hndsr_contract::{defaults, env};
 use ipnet::IpNet;
 
-
 /// Largest upscaling factor the server accepts from any backend; it bounds
 /// the output pixel budget (see [`Limits::max_output_pixels`]).
 pub const MAX_SCALE: u32 = 8;
