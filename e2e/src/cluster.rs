@@ -21,8 +21,9 @@ pub const GPU_RESOURCE: &str = "nvidia.com/gpu";
 /// Annotation kwok selects its nodes by (`--manage-nodes-with-annotation-selector`).
 const KWOK_NODE_ANNOTATION: (&str, &str) = ("kwok.x-k8s.io/node", "fake");
 
-/// Service CIDR of the apiserver (its first address is in the serving cert).
-const SERVICE_CIDR: &str = "10.0.0.0/24";
+/// Service CIDR of the apiserver (its first address is in the serving cert); a
+/// /16 leaves room for the 1000-object measurements.
+const SERVICE_CIDR: &str = "10.0.0.0/16";
 
 /// The fake GPU nodes to create.
 #[derive(Debug, Clone)]
@@ -500,8 +501,8 @@ fn write_kubeconfig(path: &Path, server: &str, pki: &Pki) -> Result<()> {
 /// A Node kwok manages, advertising `gpus` GPUs.
 pub(crate) fn fake_node(name: &str, gpus: u32) -> serde_json::Value {
     let resources = serde_json::json!({
-        "cpu": "64",
-        "memory": "512Gi",
+        "cpu": "1000",
+        "memory": "8Ti",
         "pods": "250",
         "ephemeral-storage": "1Ti",
         GPU_RESOURCE: gpus.to_string(),
