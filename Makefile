@@ -62,5 +62,5 @@ test: lint deny check-generated unit ## every test: lint, generated-file drift, 
 
 .PHONY: bench
 bench: prereqs ## load-test the release server on 127.0.0.1 and print the figures for docs/benchmarks.md
-	$(CARGO) build --release --locked -p hndsr-server --bin hndsr-server --bin hndsr-loadgen
+	$(CARGO) build --release --locked -p hndsr-server --bin hndsr-server -p hndsr-loadgen --bin hndsr-loadgen
 	bash server/scripts/bench.sh

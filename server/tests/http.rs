@@ -70,6 +70,48 @@ async fn full_queue_answers_503_with_retry_after_at_once() {
     s.stop().await;
 }
 
+/// A client still sending its body when the server turns it away must read
+/// the 503 (and its Retry-After), not a connection reset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rejected_client_still_sending_reads_the_503() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    let s = start(&["--max-concurrent", "1", "--max-queue-depth", "1"], HOLD).await;
+    let (c, url) = (s.client.clone(), s.url("/v1/upscale?scale=2"));
+    let held = tokio::spawn(async move { c.post(url).body(png(4, 4, 1)).send().await });
+    eventually("the one slot taken", || async {
+        s.state.core.in_flight() == 1
+    })
+    .await;
+
+    let body = vec![0_u8; 512 * 1024];
+    let mut conn = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    let head = format!(
+        "POST /v1/upscale HTTP/1.1\r\nhost: {}\r\ncontent-type: image/png\r\ncontent-length: {}\r\n\r\n",
+        s.addr,
+        body.len()
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    for chunk in body.chunks(16 * 1024) {
+        conn.write_all(chunk)
+            .await
+            .expect("the server reads the body it rejects");
+        tokio::task::yield_now().await;
+    }
+    let mut answer = vec![0_u8; 4096];
+    let n = tokio::time::timeout(common::WAIT, conn.read(&mut answer))
+        .await
+        .expect("an answer in time")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]).to_ascii_lowercase();
+    assert!(answer.starts_with("http/1.1 503"), "{answer}");
+    assert!(answer.contains("retry-after:"), "{answer}");
+
+    s.backend.set_delay(Duration::ZERO);
+    assert_eq!(held.await.unwrap().unwrap().status(), 200);
+    s.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrency_stays_bounded_through_timeouts_and_disconnects() {
     let s = start(

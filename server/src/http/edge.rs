@@ -2,13 +2,15 @@
 //! and the per-client rate limit.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
-use axum::http::header;
+use axum::http::{HeaderValue, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use hndsr_contract::http as paths;
+use http_body_util::BodyExt as _;
 
 use super::AppState;
 use super::rate_limit::client_ip;
@@ -98,8 +100,48 @@ pub(super) async fn rate_limit(
         let client = client_ip(peer, req.headers(), &state.http.trusted_proxies);
         if let Err(e) = limiter.check(client) {
             tracing::debug!(%client, "rate limited");
-            return e.into_response();
+            return reject_unread(req.into_body(), e).await;
         }
     }
     next.run(req).await
+}
+
+/// Unread body bytes a rejection reads and throws away before answering.
+const DISCARD_LIMIT: usize = 1024 * 1024;
+/// How long a rejection spends on that.
+const DISCARD_TIME: Duration = Duration::from_secs(2);
+
+/// Answers `error` to a request whose body has not been read.
+///
+/// hyper closes a connection whose request body is left unread, and a client
+/// still sending then sees a reset instead of the 503/429 (and its
+/// Retry-After). So a cheap rejection first reads and discards a bounded
+/// amount of body; past that bound the connection is closed on purpose
+/// (`Connection: close`). Clients that send `Expect: 100-continue` never
+/// send the body at all. Hand-written: tower-http has no lingering close.
+pub(super) async fn reject_unread(body: Body, error: Error) -> Response {
+    let drained = tokio::time::timeout(DISCARD_TIME, discard(body, DISCARD_LIMIT))
+        .await
+        .unwrap_or(false);
+    let mut res = error.into_response();
+    if !drained {
+        res.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    res
+}
+
+/// Reads and drops up to `limit` bytes; true when the body ended within it.
+async fn discard(mut body: Body, limit: usize) -> bool {
+    let mut seen = 0usize;
+    while let Some(frame) = body.frame().await {
+        let Ok(frame) = frame else { return false };
+        if let Some(data) = frame.data_ref() {
+            seen += data.len();
+            if seen > limit {
+                return false;
+            }
+        }
+    }
+    true
 }

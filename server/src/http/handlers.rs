@@ -17,7 +17,7 @@ use hndsr_contract::http as paths;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::edge::body_limit;
+use super::edge::{body_limit, reject_unread};
 use super::{AppState, COALESCED_HEADER, LEGACY_UPSCALE_PATH};
 use crate::core::{Answer, Ticket, Timings, UpscaleRequest, Upscaled};
 use crate::error::{Error, ErrorBody, jittered_retry_after};
@@ -219,8 +219,14 @@ pub(super) async fn upscale_raw(
     query: Result<Query<UpscaleQuery>, QueryRejection>,
     body: Body,
 ) -> Result<Response, Error> {
-    let Query(q) = query.map_err(|e| Error::BadRequest(e.body_text()))?;
-    let ticket = admit(&state)?;
+    let q = match query {
+        Ok(Query(q)) => q,
+        Err(e) => return Ok(reject_unread(body, Error::BadRequest(e.body_text())).await),
+    };
+    let ticket = match admit(&state) {
+        Ok(ticket) => ticket,
+        Err(e) => return Ok(reject_unread(body, e).await),
+    };
     let limit = body_limit(&state, paths::UPSCALE_PATH);
     let answer = with_deadline(&state, async {
         let image = read_body(body, limit).await?;
@@ -260,7 +266,10 @@ pub(super) async fn upscale_json(
     State(state): State<AppState>,
     body: Body,
 ) -> Result<Response, Error> {
-    let ticket = admit(&state)?;
+    let ticket = match admit(&state) {
+        Ok(ticket) => ticket,
+        Err(e) => return Ok(reject_unread(body, e).await),
+    };
     let limit = body_limit(&state, LEGACY_UPSCALE_PATH);
     let answer = with_deadline(&state, async {
         let raw = read_body(body, limit).await?;
