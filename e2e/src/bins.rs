@@ -46,7 +46,11 @@ impl Binaries {
     /// Finds every binary in the cache, failing (never skipping) with the
     /// build command when one is missing.
     pub fn locate() -> Result<Self> {
-        let root = cache_dir();
+        Self::locate_in(&cache_dir())
+    }
+
+    /// [`Binaries::locate`] in the cache directory `root`.
+    pub fn locate_in(root: &Path) -> Result<Self> {
         let k8s = root.join(format!("kubernetes-{KUBERNETES_VERSION}"));
         let bins = Self {
             kube_apiserver: k8s.join("kube-apiserver"),
@@ -88,4 +92,17 @@ pub fn repo_root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("the e2e crate lives one level below the repository root")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_binary_fails_naming_the_build_command() {
+        let empty = tempfile::tempdir().unwrap();
+        let err = Binaries::locate_in(empty.path()).unwrap_err().to_string();
+        assert!(err.contains(BUILD_COMMAND), "{err}");
+        assert!(err.contains("kubernetes-v1.36.3/kube-apiserver"), "{err}");
+    }
 }

@@ -446,3 +446,41 @@ async fn a_standby_replica_takes_over_when_the_leader_dies() -> anyhow::Result<(
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn a_restarted_operator_reverts_drift_made_while_it_was_down() -> anyhow::Result<()> {
+    let mut env = Env::start("e2e-op-restart").await?;
+    env.create("sr", bicubic(1, 1)).await?;
+    env.wait_status("sr", "Ready", is_ready).await?;
+
+    // Graceful stop, then a change nobody is there to revert.
+    env.operator.stop();
+    env.deployments()
+        .patch(
+            "sr",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({ "spec": { "replicas": 2 } })),
+        )
+        .await?;
+
+    env.operator = Operator::start(
+        &env.ns.shared.kubeconfig,
+        &env.ns.shared.dir.join("logs"),
+        &OperatorOptions {
+            identity: format!("e2e-{}-restarted", env.ns.name),
+            ..OperatorOptions::for_namespace(&env.ns.name)
+        },
+    )
+    .await?;
+    let api = env.deployments();
+    wait::until("Deployment sr back to 1 replica", TIMEOUT, || async {
+        let d = api.get("sr").await?;
+        Ok::<_, kube::Error>((d.spec.replicas == Some(1)).then_some(()))
+    })
+    .await?;
+    env.wait_status("sr", "Ready after the restart", |s| {
+        is_ready(s) && s.status.as_ref().and_then(|st| st.ready_replicas) == Some(1)
+    })
+    .await?;
+    Ok(())
+}
