@@ -21,11 +21,34 @@ prereqs: libtorch ## check and install everything the build needs
 	@command -v python3 >/dev/null || { echo "error: python3 not found" >&2; exit 1; }
 
 .PHONY: run
-run: prereqs ## build the server and run it on 127.0.0.1:8080 with the bicubic backend
-	$(CARGO) build --release -p hndsr-server --bin hndsr-server
+run: prereqs e2e-binaries ## local control plane + operator + sample HndsrService, then the server on 127.0.0.1:8080
+	$(CARGO) build --release --locked -p hndsr-server --bin hndsr-server -p hndsr-operator -p hndsr-e2e --bins
+	bash e2e/scripts/local-stack.sh
+
+.PHONY: server
+server: prereqs ## only the server, on 127.0.0.1:8080 with the bicubic backend
+	$(CARGO) build --release --locked -p hndsr-server --bin hndsr-server
 	@echo "hndsr-server on http://127.0.0.1:8080 — try:"
 	@echo "  curl -s --data-binary @docs/samples/aero-64.png -H 'content-type: image/png' 'http://127.0.0.1:8080/v1/upscale?scale=4' -o /tmp/up.png"
 	./target/release/hndsr-server --listen 127.0.0.1:8080 --backend bicubic
+
+.PHONY: e2e-binaries
+e2e-binaries: ## build (once, cached in ~/.cache/hndsr/e2e-bin) etcd, kube-*, kubectl, kwok, helm from their Go modules
+	@command -v go >/dev/null || { echo "error: go not found (Go >= 1.26 builds the e2e control plane)" >&2; exit 1; }
+	bash e2e/scripts/build-binaries.sh
+
+.PHONY: e2e
+e2e: e2e-binaries ## end-to-end tests against a real control plane on 127.0.0.1
+	$(CARGO) build --locked -p hndsr-operator -p hndsr-e2e --bins
+	$(CARGO) test --locked -p hndsr-e2e
+
+.PHONY: up
+up: e2e-binaries ## start the control plane alone (prints KUBECONFIG); `make down` stops it
+	$(CARGO) run --locked -q -p hndsr-e2e -- up --detach
+
+.PHONY: down
+down: ## stop the control plane started by `make up`
+	$(CARGO) run --locked -q -p hndsr-e2e -- down
 
 .PHONY: fmt
 fmt: ## format the workspace
@@ -57,7 +80,7 @@ unit: prereqs ## unit, mocked-API and HTTP tests of every crate
 	$(CARGO) test --workspace --exclude hndsr-e2e --locked
 
 .PHONY: test
-test: lint deny check-generated unit ## every test: lint, generated-file drift, unit/HTTP/mocked-API tests
+test: lint deny check-generated unit e2e ## every test: lint, licences, generated-file drift, unit/HTTP/mocked-API, e2e
 	@echo "make test: all green"
 
 .PHONY: bench
