@@ -20,6 +20,7 @@ use hndsr_torch::hndsr::{
     EvalFigure, HndsrConfig, HndsrModel, HndsrNet, Manifest, Precision, TrainingInfo,
     load_weights_from_bytes, parameter_count, save_weights,
 };
+use hndsr_torch::tiling::TileConfig;
 use hndsr_torch::{open_device, upsample_bicubic};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor, nn, nn::OptimizerConfig};
@@ -88,6 +89,13 @@ struct TrainArgs {
     /// Continue from the checkpoint in `--out` (optimiser moments restart).
     #[arg(long)]
     resume: bool,
+    /// Train the denoiser only: μ and the encoder stay fixed (no L1 term).
+    #[arg(long)]
+    freeze_regressor: bool,
+    /// Start the warm-up + cosine learning-rate schedule at this run's
+    /// first step instead of step 0.
+    #[arg(long)]
+    restart_schedule: bool,
 }
 
 #[derive(Debug, Args)]
@@ -107,6 +115,10 @@ struct EvalArgs {
     /// Store the figures in the weights' manifest.
     #[arg(long)]
     update_manifest: bool,
+    /// Also measure steps = 0 through tiles of this many LR pixels
+    /// (overlap 12, margin 4) to show what tiling costs.
+    #[arg(long)]
+    tiled: Option<i64>,
 }
 
 #[derive(Debug, Args)]
@@ -147,8 +159,12 @@ fn main() -> Result<()> {
     }
 }
 
+/// The command as a reader would type it (binary name without its path).
 fn command_line() -> String {
-    std::env::args().collect::<Vec<_>>().join(" ")
+    std::iter::once("hndsr-train".to_owned())
+        .chain(std::env::args().skip(1))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn train(args: &TrainArgs, data_dir: &Path, device: Device) -> Result<()> {
@@ -215,18 +231,27 @@ fn train(args: &TrainArgs, data_dir: &Path, device: Device) -> Result<()> {
             println!("time limit reached");
             break;
         }
-        let step = state.step;
+        let origin = if args.restart_schedule { start_step } else { 0 };
+        let step = state.step - origin;
         let warm = ((step + 1) as f64 / 100.0).min(1.0);
-        let progress = step as f64 / args.steps as f64;
+        let progress = step as f64 / (args.steps - origin) as f64;
         opt.set_lr(
             args.lr * warm * (0.05 + 0.95 * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())),
         );
 
         let hr = set.batch(&mut rng, args.batch).to_device(device);
         let lr_img = data::degrade(&hr, cfg.scale);
-        let (mu, features) = net.regress(&lr_img);
+        let (mu, features) = if args.freeze_regressor {
+            tch::no_grad(|| net.regress(&lr_img))
+        } else {
+            net.regress(&lr_img)
+        };
         let l1 = (&mu - &hr).abs().mean(Kind::Float);
-        let mut loss = l1.shallow_clone();
+        let mut loss = if args.freeze_regressor {
+            Tensor::zeros([], (Kind::Float, device))
+        } else {
+            l1.shallow_clone()
+        };
         if args.denoiser_weight > 0.0 {
             let residual = ((&hr - mu.detach()) * cfg.residual_scale).pixel_unshuffle(cfg.scale);
             let b = args.batch as i64;
@@ -320,6 +345,18 @@ fn eval(args: &EvalArgs, data_dir: &Path, device: Device) -> Result<()> {
     let manifest_path = hndsr_torch::hndsr::manifest_path(&args.weights);
     let manifest = Manifest::read(&manifest_path)?;
     let model = HndsrModel::load(&args.weights, &manifest.sha256, device, Precision::Fp32)?;
+    let tiled = match args.tiled {
+        Some(tile) => Some(
+            HndsrModel::load(&args.weights, &manifest.sha256, device, Precision::Fp32)?
+                .with_tiles(TileConfig {
+                    tile,
+                    overlap: 12,
+                    margin: 4,
+                    batch: 4,
+                })?,
+        ),
+        None => None,
+    };
     let scale = model.scale();
     let sets = data::eval_sets(data_dir, scale)?;
     let never = || false;
@@ -371,6 +408,12 @@ fn eval(args: &EvalArgs, data_dir: &Path, device: Device) -> Result<()> {
         for &steps in &args.steps {
             measure("hndsr", Some(steps), &|lr| {
                 Ok(model.upscale_image(lr, steps, args.seed, &never)?)
+            })?;
+        }
+        if let Some(tiled) = &tiled {
+            let label = format!("hndsr, {}² LR tiles", tiled.tiles().tile);
+            measure(&label, Some(0), &|lr| {
+                Ok(tiled.upscale_image(lr, 0, args.seed, &never)?)
             })?;
         }
     }
