@@ -73,7 +73,7 @@ CARGO_DENY_VERSION := 0.20.2
 
 .PHONY: deny
 deny: ## licences, banned crates and sources (cargo-deny, cached under ~/.cache/hndsr/tools)
-	@deny=$$(bash server/scripts/install-tool.sh cargo-deny $(CARGO_DENY_VERSION)) && $$deny --offline check licenses bans sources
+	@deny=$$(bash server/scripts/install-tool.sh cargo-deny $(CARGO_DENY_VERSION)) && $$deny --offline --log-level error check licenses bans sources
 
 .PHONY: unit
 unit: prereqs ## unit, mocked-API and HTTP tests of every crate
