@@ -62,7 +62,8 @@ lint: prereqs ## rustfmt and clippy, warnings are errors
 .PHONY: generate
 generate: prereqs ## regenerate the committed artefacts (CRD YAML, chart CRD, OpenAPI, CRD reference)
 	$(CARGO) run --locked -q -p hndsr-crds --bin crdgen -- --out crds/hndsrservice.yaml --chart-out charts/hndsr-operator/crds/hndsrservice.yaml --reference-out docs/crd-reference.md
-	$(CARGO) run --locked -q -p hndsr-server --bin hndsr-server -- openapi > docs/openapi.json
+	$(CARGO) run --locked -q -p hndsr-server --bin hndsr-server -- openapi > docs/openapi.json.tmp
+	mv docs/openapi.json.tmp docs/openapi.json
 
 .PHONY: check-generated
 check-generated: generate ## fail when regenerating the committed artefacts changes anything
