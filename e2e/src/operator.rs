@@ -159,6 +159,12 @@ impl Operator {
         &self.metrics_addr
     }
 
+    /// Its process id (the operator itself: `setpriv` execs it in place), for
+    /// reading `/proc/<pid>/status`.
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
     /// Its log file.
     pub fn log(&self) -> &Path {
         self.proc.log()
