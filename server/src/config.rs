@@ -306,12 +306,18 @@ impl Args {
                 )));
             }
         };
-        if self.backend == BackendKind::Hndsr && self.weights_path.is_none() {
-            return Err(ConfigError::new(format!(
-                "{} is required with {}=hndsr",
-                env::WEIGHTS_PATH,
-                env::BACKEND
-            )));
+        if self.backend == BackendKind::Hndsr {
+            for (name, missing) in [
+                (env::WEIGHTS_PATH, self.weights_path.is_none()),
+                (env::WEIGHTS_SHA256, weights_sha256.is_none()),
+            ] {
+                if missing {
+                    return Err(ConfigError::new(format!(
+                        "{name} is required with {}=hndsr",
+                        env::BACKEND
+                    )));
+                }
+            }
         }
         let trusted_proxies = self
             .trusted_proxies

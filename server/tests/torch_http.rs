@@ -1,5 +1,6 @@
-//! The server over real HTTP with the libtorch bicubic backend (feature
-//! `torch`; CPU, so it runs on any machine with libtorch).
+//! The server over real HTTP with the libtorch backends (feature `torch`;
+//! CPU, so it runs on any machine with libtorch): bicubic, and the HNDSR
+//! model in its tiny configuration.
 
 #![cfg(feature = "torch")]
 #![allow(clippy::expect_used, clippy::unwrap_used)]
@@ -49,4 +50,78 @@ async fn bicubic_upscales_over_http() {
     let res = s.upscale(png(16, 12, 3), "scale=5").await;
     assert_eq!(res.status(), 422, "a scale bicubic does not offer");
     s.stop().await;
+}
+
+/// Writes randomly initialised tiny HNDSR weights and their manifest;
+/// returns the weights path and sha256.
+fn tiny_weights(dir: &std::path::Path) -> (String, String) {
+    use hndsr_torch::hndsr::{HndsrConfig, HndsrModel, Manifest};
+    let cfg = HndsrConfig::tiny();
+    let model = HndsrModel::random(&cfg, hndsr_torch::tch::Device::Cpu, 7).expect("tiny model");
+    let path = dir.join("tiny.safetensors");
+    let manifest = model
+        .save(&path, Manifest::untrained(&cfg, model.parameter_count()))
+        .expect("save");
+    (path.to_str().unwrap().to_owned(), manifest.sha256)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hndsr_tiny_model_upscales_over_http() {
+    let dir = tempfile::tempdir().unwrap();
+    let (weights, sha256) = tiny_weights(dir.path());
+    let cfg = config(&[
+        "--backend",
+        "hndsr",
+        "--weights-path",
+        &weights,
+        "--weights-sha256",
+        &sha256,
+        "--sampling-steps",
+        "2",
+        "--max-concurrent",
+        "2",
+    ]);
+    let backend = build_backend(&cfg.model).expect("hndsr backend loads tiny weights");
+    let s = start_with_backend(cfg, backend).await;
+    let info: Value = s
+        .client
+        .get(s.url(paths::INFO_PATH))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(info["backend"], "hndsr");
+    assert_eq!(info["model_digest"], sha256.as_str());
+
+    for query in ["scale=4", "scale=4&steps=0", "scale=4&steps=2&seed=3"] {
+        let res = s.upscale(png(20, 12, 5), query).await;
+        assert_eq!(res.status(), 200, "{query}");
+        let out = image::load_from_memory(&res.bytes().await.unwrap()).unwrap();
+        assert_eq!(out.dimensions(), (80, 48), "{query}");
+    }
+    let res = s.upscale(png(20, 12, 5), "scale=2").await;
+    assert_eq!(
+        res.status(),
+        422,
+        "a scale the weights were not trained for"
+    );
+    s.stop().await;
+}
+
+#[test]
+fn hndsr_refuses_weights_whose_digest_differs() {
+    let dir = tempfile::tempdir().unwrap();
+    let (weights, _) = tiny_weights(dir.path());
+    let cfg = config(&[
+        "--backend",
+        "hndsr",
+        "--weights-path",
+        &weights,
+        "--weights-sha256",
+        &"ab".repeat(32),
+    ]);
+    let err = build_backend(&cfg.model).err().expect("refused");
+    assert!(err.to_string().contains("sha256"), "{err}");
 }

@@ -1,17 +1,20 @@
 //! libtorch backends behind the [`Backend`] trait.
 //!
 //! [`build`] turns the model configuration into a backend: `bicubic` is
-//! [`TorchBicubic`]; `hndsr` is not available yet and fails to load with a
-//! message saying so (never a silent fallback to bicubic).
+//! [`TorchBicubic`], `hndsr` is [`TorchHndsr`] (the trained model, its
+//! weights sha256-checked). A backend that cannot load stops the start-up:
+//! never a silent fallback to bicubic.
 //!
-//! Tensors never outlive a call: `tch::Tensor` is `Send` but not `Sync`, and
-//! a backend is shared by every inference thread, so the struct holds only
-//! the device and tiling parameters and each call builds its own tensors on
-//! the thread that runs it (under libtorch's no-grad guard).
+//! `tch::Tensor` is `Send` but not `Sync`, and a backend is shared by every
+//! inference thread. [`TorchBicubic`] holds no tensors at all; [`TorchHndsr`]
+//! keeps a small pool of model replicas and lends each call one of them
+//! exclusively, so no tensor is ever used from two threads at once.
 
-use std::sync::Arc;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
 
-use hndsr_torch::tch::{Kind, Tensor};
+use hndsr_torch::hndsr::{HndsrError, HndsrModel, Precision};
+use hndsr_torch::tch::{Device, Kind, Tensor};
 use hndsr_torch::{BICUBIC_TILES, BicubicUpscaler, TorchError};
 use sha2::{Digest, Sha256};
 
@@ -33,11 +36,7 @@ const BICUBIC_MODEL_ID: &str = "bicubic-v1";
 pub fn build(cfg: &ModelConfig) -> Result<Arc<dyn Backend>, BackendError> {
     match cfg.backend {
         BackendKind::Bicubic => Ok(Arc::new(TorchBicubic::new(cfg)?)),
-        BackendKind::Hndsr => Err(BackendError::Load(
-            "the hndsr model backend is not available yet in this build; \
-             run with --backend bicubic (HNDSR_BACKEND=bicubic)"
-                .to_owned(),
-        )),
+        BackendKind::Hndsr => Ok(Arc::new(TorchHndsr::new(cfg)?)),
     }
 }
 
@@ -119,6 +118,153 @@ impl Backend for TorchBicubic {
             .map_err(backend_error)?;
         tensor_to_planar(&output, job.image.channels)
     }
+}
+
+/// The HNDSR model: neural-operator estimate refined by DDIM steps.
+///
+/// Each call borrows a replica from the pool and returns it afterwards;
+/// replicas are loaded on demand, so there are never more than the number
+/// of calls that ran at once (at most `MAX_CONCURRENT`). A replica whose call
+/// panicked is dropped rather than returned. Every load re-checks the digest.
+#[derive(Debug)]
+pub struct TorchHndsr {
+    source: WeightsSource,
+    idle: Mutex<Vec<HndsrModel>>,
+    default_steps: u32,
+    info: BackendInfo,
+}
+
+/// What every replica is loaded from.
+#[derive(Debug)]
+struct WeightsSource {
+    path: PathBuf,
+    sha256: String,
+    device: Device,
+    precision: Precision,
+}
+
+impl WeightsSource {
+    fn load(&self) -> Result<HndsrModel, BackendError> {
+        HndsrModel::load(&self.path, &self.sha256, self.device, self.precision)
+            .map_err(|e| load_error(&e))
+    }
+}
+
+impl TorchHndsr {
+    /// Loads the weights (refusing a digest mismatch) on the configured
+    /// device and precision.
+    ///
+    /// # Errors
+    /// [`BackendError::Load`] for missing or mismatching weights, an unusable
+    /// device or precision, or a default scale the weights were not trained for.
+    pub fn new(cfg: &ModelConfig) -> Result<Self, BackendError> {
+        let missing = |what: &str| BackendError::Load(format!("the hndsr backend needs {what}"));
+        let path = cfg
+            .weights_path
+            .clone()
+            .ok_or_else(|| missing("a weights path"))?;
+        let sha256 = cfg
+            .weights_sha256
+            .clone()
+            .ok_or_else(|| missing("the weights' sha256"))?;
+        let precision: Precision = cfg
+            .precision
+            .parse()
+            .map_err(|e: HndsrError| load_error(&e))?;
+        let device =
+            hndsr_torch::open_device(&cfg.device).map_err(|e| BackendError::Load(e.to_string()))?;
+        let source = WeightsSource {
+            path,
+            sha256,
+            device,
+            precision,
+        };
+        let model = source.load()?;
+        let scale = u32::try_from(model.scale())
+            .map_err(|_| BackendError::Load(format!("weights for scale {}", model.scale())))?;
+        if cfg.scale != scale {
+            return Err(BackendError::Load(format!(
+                "the weights are trained for scale {scale}; default scale {} was requested",
+                cfg.scale
+            )));
+        }
+        let manifest = model.manifest();
+        let info = BackendInfo {
+            backend: "hndsr".to_owned(),
+            model: format!("{}-{}", manifest.model, manifest.version),
+            model_digest: model.digest().to_owned(),
+            device: hndsr_torch::device_name(device),
+            precision: cfg.precision.clone(),
+            scales: vec![scale],
+        };
+        Ok(Self {
+            source,
+            idle: Mutex::new(vec![model]),
+            default_steps: cfg.sampling_steps,
+            info,
+        })
+    }
+
+    fn checkout(&self) -> Result<HndsrModel, BackendError> {
+        let idle = self
+            .idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop();
+        match idle {
+            Some(model) => Ok(model),
+            None => self.source.load(),
+        }
+    }
+
+    fn checkin(&self, model: HndsrModel) {
+        self.idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(model);
+    }
+}
+
+impl Backend for TorchHndsr {
+    fn info(&self) -> BackendInfo {
+        self.info.clone()
+    }
+
+    fn warm_up(&self) -> Result<(), BackendError> {
+        let image = Planar {
+            channels: 3,
+            width: 32,
+            height: 32,
+            data: vec![0.5; 3 * 32 * 32],
+        };
+        let job = Job {
+            image,
+            scale: self.info.scales[0],
+            steps: None,
+            seed: 0,
+        };
+        self.upscale(&job, &CancellationToken::new()).map(drop)
+    }
+
+    fn upscale(&self, job: &Job, cancel: &CancellationToken) -> Result<Planar, BackendError> {
+        if !self.info.scales.contains(&job.scale) {
+            return Err(BackendError::InvalidInput(format!(
+                "scale {} is not supported by these weights (supported: {:?})",
+                job.scale, self.info.scales
+            )));
+        }
+        let input = planar_to_tensor(&job.image)?;
+        let steps = job.steps.unwrap_or(self.default_steps);
+        let model = self.checkout()?;
+        let output = model.upscale_image(&input, steps, job.seed, &|| cancel.is_cancelled());
+        self.checkin(model);
+        tensor_to_planar(&output.map_err(backend_error)?, job.image.channels)
+    }
+}
+
+/// Loading errors become [`BackendError::Load`] with the model's message.
+fn load_error(e: &HndsrError) -> BackendError {
+    BackendError::Load(format!("loading the hndsr model: {e}"))
 }
 
 /// Maps the torch crate's errors onto the server's classes.
@@ -242,14 +388,14 @@ mod tests {
     }
 
     #[test]
-    fn hndsr_is_refused_clearly() {
+    fn hndsr_without_weights_is_refused_clearly() {
         let err = build(&ModelConfig {
             backend: BackendKind::Hndsr,
             ..cfg()
         })
         .err()
         .expect("refused");
-        assert_matches!(&err, BackendError::Load(msg) if msg.contains("not available yet"));
+        assert_matches!(&err, BackendError::Load(msg) if msg.contains("weights path"));
     }
 
     #[test]
