@@ -119,6 +119,10 @@ struct EvalArgs {
     /// (overlap 12, margin 4) to show what tiling costs.
     #[arg(long)]
     tiled: Option<i64>,
+    /// Evaluate at most this many tiles per set (evenly spaced), to bound
+    /// the time of many-step runs on a CPU.
+    #[arg(long)]
+    max_tiles: Option<usize>,
 }
 
 #[derive(Debug, Args)]
@@ -358,7 +362,19 @@ fn eval(args: &EvalArgs, data_dir: &Path, device: Device) -> Result<()> {
         None => None,
     };
     let scale = model.scale();
-    let sets = data::eval_sets(data_dir, scale)?;
+    let mut sets = data::eval_sets(data_dir, scale)?;
+    if let Some(max) = args.max_tiles.filter(|&m| m > 0) {
+        for set in &mut sets {
+            let n = set.images.len();
+            if n > max {
+                let keep: Vec<Tensor> = (0..max)
+                    .map(|k| set.images[k * n / max].shallow_clone())
+                    .collect();
+                set.name = format!("{} (subset: {max} of {n} tiles, evenly spaced)", set.name);
+                set.images = keep;
+            }
+        }
+    }
     let never = || false;
     let mut figures = Vec::new();
     for set in &sets {
@@ -424,7 +440,7 @@ fn eval(args: &EvalArgs, data_dir: &Path, device: Device) -> Result<()> {
     }
     if args.update_manifest {
         let mut m = manifest;
-        m.eval = figures;
+        m.eval.extend(figures);
         m.write(&manifest_path)?;
     }
     Ok(())
