@@ -294,6 +294,13 @@ impl HndsrModel {
         Ok(self)
     }
 
+    /// Changes the tiling used by [`HndsrModel::upscale_image`] in place.
+    pub fn set_tiles(&mut self, tiles: TileConfig) -> Result<(), HndsrError> {
+        tiles.validate()?;
+        self.tiles = tiles;
+        Ok(())
+    }
+
     /// The network configuration.
     pub fn config(&self) -> &HndsrConfig {
         self.net.config()
