@@ -32,6 +32,15 @@ server: prereqs ## only the server, on 127.0.0.1:8080 with the bicubic backend
 	@echo "  curl -s --data-binary @docs/samples/aero-64.png -H 'content-type: image/png' 'http://127.0.0.1:8080/v1/upscale?scale=4' -o /tmp/up.png"
 	./target/release/hndsr-server --listen 127.0.0.1:8080 --backend bicubic
 
+HNDSR_WEIGHTS ?= server/models/hndsr-small.safetensors
+
+.PHONY: server-hndsr
+server-hndsr: prereqs ## the server with the trained HNDSR weights (steps 0: see docs/model.md), on 127.0.0.1:8080
+	$(CARGO) build --release --locked -p hndsr-server --bin hndsr-server
+	./target/release/hndsr-server --listen 127.0.0.1:8080 --backend hndsr --sampling-steps 0 \
+	  --weights-path $(HNDSR_WEIGHTS) \
+	  --weights-sha256 $$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["sha256"])' $(basename $(HNDSR_WEIGHTS)).json)
+
 .PHONY: e2e-binaries
 e2e-binaries: ## build (once, cached in ~/.cache/hndsr/e2e-bin) etcd, kube-*, kubectl, kwok, helm from their Go modules
 	@command -v go >/dev/null || { echo "error: go not found (Go >= 1.26 builds the e2e control plane)" >&2; exit 1; }
