@@ -89,28 +89,11 @@ impl Backend for TorchBicubic {
     }
 
     fn warm_up(&self) -> Result<(), BackendError> {
-        let image = Planar {
-            channels: 3,
-            width: 16,
-            height: 16,
-            data: vec![0.5; 3 * 16 * 16],
-        };
-        let job = Job {
-            image,
-            scale: 4,
-            steps: None,
-            seed: 0,
-        };
-        self.upscale(&job, &CancellationToken::new()).map(drop)
+        warm_up(self, 16, 4)
     }
 
     fn upscale(&self, job: &Job, cancel: &CancellationToken) -> Result<Planar, BackendError> {
-        if !self.info.scales.contains(&job.scale) {
-            return Err(BackendError::InvalidInput(format!(
-                "scale {} is not supported by the bicubic backend (supported: {:?})",
-                job.scale, self.info.scales
-            )));
-        }
+        check_scale(&self.info, job.scale)?;
         let input = planar_to_tensor(&job.image)?;
         let output = self
             .upscaler
@@ -231,28 +214,11 @@ impl Backend for TorchHndsr {
     }
 
     fn warm_up(&self) -> Result<(), BackendError> {
-        let image = Planar {
-            channels: 3,
-            width: 32,
-            height: 32,
-            data: vec![0.5; 3 * 32 * 32],
-        };
-        let job = Job {
-            image,
-            scale: self.info.scales[0],
-            steps: None,
-            seed: 0,
-        };
-        self.upscale(&job, &CancellationToken::new()).map(drop)
+        warm_up(self, 32, self.info.scales[0])
     }
 
     fn upscale(&self, job: &Job, cancel: &CancellationToken) -> Result<Planar, BackendError> {
-        if !self.info.scales.contains(&job.scale) {
-            return Err(BackendError::InvalidInput(format!(
-                "scale {} is not supported by these weights (supported: {:?})",
-                job.scale, self.info.scales
-            )));
-        }
+        check_scale(&self.info, job.scale)?;
         let input = planar_to_tensor(&job.image)?;
         let steps = job.steps.unwrap_or(self.default_steps);
         let model = self.checkout()?;
@@ -260,6 +226,34 @@ impl Backend for TorchHndsr {
         self.checkin(model);
         tensor_to_planar(&output.map_err(backend_error)?, job.image.channels)
     }
+}
+
+/// Runs one small grey RGB image through `backend` at its default steps.
+fn warm_up(backend: &dyn Backend, side: u32, scale: u32) -> Result<(), BackendError> {
+    let n = 3 * side as usize * side as usize;
+    let job = Job {
+        image: Planar {
+            channels: 3,
+            width: side,
+            height: side,
+            data: vec![0.5; n],
+        },
+        scale,
+        steps: None,
+        seed: 0,
+    };
+    backend.upscale(&job, &CancellationToken::new()).map(drop)
+}
+
+/// Refuses a factor the backend does not offer.
+fn check_scale(info: &BackendInfo, scale: u32) -> Result<(), BackendError> {
+    if info.scales.contains(&scale) {
+        return Ok(());
+    }
+    Err(BackendError::InvalidInput(format!(
+        "scale {scale} is not supported by the {} backend (supported: {:?})",
+        info.backend, info.scales
+    )))
 }
 
 /// Loading errors become [`BackendError::Load`] with the model's message.
