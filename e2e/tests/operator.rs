@@ -484,3 +484,73 @@ async fn a_restarted_operator_reverts_drift_made_while_it_was_down() -> anyhow::
     .await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn an_operator_killed_mid_reconcile_converges_without_duplicates() -> anyhow::Result<()> {
+    use k8s_openapi::api::apps::v1::ReplicaSet;
+    use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+
+    let mut env = Env::start("e2e-op-crash").await?;
+    let names = ["c1", "c2", "c3", "c4"];
+    let autoscaled = serde_json::json!({
+        "model": { "image": "hndsr/server:e2e", "backend": "bicubic" },
+        "resources": { "gpu": 0 },
+        "autoscaling": { "minReplicas": 1, "maxReplicas": 2 },
+    });
+    for name in names {
+        env.create(name, autoscaled.clone()).await?;
+    }
+    // SIGKILL as soon as the first child exists: the others are mid-flight.
+    wait_deployment(&env, names[0]).await?;
+    env.operator.kill();
+
+    env.operator = Operator::start(
+        &env.ns.shared.kubeconfig,
+        &env.ns.shared.dir.join("logs"),
+        &OperatorOptions {
+            identity: format!("e2e-{}-after-crash", env.ns.name),
+            ..OperatorOptions::for_namespace(&env.ns.name)
+        },
+    )
+    .await?;
+    for name in names {
+        env.wait_status(name, "Ready after the crash", is_ready)
+            .await?;
+    }
+
+    let managed = ListParams::default().labels(labels::SERVICE);
+    let ns = &env.ns.name;
+    let client = env.client();
+    let deployments = env.deployments().list(&managed).await?.items;
+    let services = env.k8s_services().list(&managed).await?.items;
+    let hpas = Api::<HorizontalPodAutoscaler>::namespaced(client.clone(), ns)
+        .list(&managed)
+        .await?
+        .items;
+    let replica_sets = Api::<ReplicaSet>::namespaced(client, ns)
+        .list(&managed)
+        .await?
+        .items;
+    for (kind, count) in [
+        ("Deployments", deployments.len()),
+        ("Services", services.len()),
+        ("HPAs", hpas.len()),
+        ("ReplicaSets (no spurious rollout)", replica_sets.len()),
+    ] {
+        assert_eq!(count, names.len(), "one {kind} per HndsrService");
+    }
+    for d in &deployments {
+        let controllers = d
+            .owner_references()
+            .iter()
+            .filter(|o| o.controller == Some(true))
+            .count();
+        assert_eq!(
+            controllers,
+            1,
+            "Deployment {} has one controller",
+            d.name_any()
+        );
+    }
+    Ok(())
+}
