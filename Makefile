@@ -19,6 +19,8 @@ libtorch: ## install libtorch 2.11.0 (CPU) into ~/.cache/hndsr and link ./.libto
 prereqs: libtorch ## check and install everything the build needs
 	@command -v $(CARGO) >/dev/null || { echo "error: cargo not found (install Rust 1.95 with rustup)" >&2; exit 1; }
 	@command -v python3 >/dev/null || { echo "error: python3 not found" >&2; exit 1; }
+	@free=$$(df -Pk . | awk 'NR==2 {print int($$4/1048576)}'); \
+	  if [ "$$free" -lt 8 ]; then echo "warning: only $${free} GiB free here; a cold \`make test\` needs about 8 GiB (target/ + ~/.cache)" >&2; fi
 
 .PHONY: run
 run: prereqs e2e-binaries ## local control plane + operator + sample HndsrService, then the server on 127.0.0.1:8080
@@ -97,3 +99,9 @@ test: lint deny check-generated unit e2e ## every test: lint, licences, generate
 bench: prereqs ## load-test the release server on 127.0.0.1 and print the figures for docs/benchmarks.md
 	$(CARGO) build --release --locked -p hndsr-server --bin hndsr-server -p hndsr-loadgen --bin hndsr-loadgen
 	bash server/scripts/bench.sh
+
+HNDSR_DEVICE ?= cpu
+.PHONY: bench-model
+bench-model: prereqs ## HNDSR latency per 256²→1024² tile, steps 0/20/50, batch 1/8, on HNDSR_DEVICE (cpu; cuda on a GPU machine)
+	$(CARGO) build --release --locked -p hndsr-train
+	./target/release/hndsr-train --device $(HNDSR_DEVICE) bench --weights $(HNDSR_WEIGHTS) $(BENCH_ARGS)
