@@ -7,6 +7,7 @@
 //! hndsr-train export --checkpoint ckpt/ --out server/models/hndsr-small.safetensors
 //! ```
 
+mod bench;
 mod data;
 mod metrics;
 
@@ -18,7 +19,7 @@ use clap::{Args, Parser, Subcommand};
 use hndsr_torch::hndsr::diffusion::{self, SplitMix64};
 use hndsr_torch::hndsr::{
     EvalFigure, HndsrConfig, HndsrModel, HndsrNet, Manifest, Precision, TrainingInfo,
-    load_weights_from_bytes, parameter_count, save_weights,
+    load_weights_from_bytes, manifest_path, parameter_count, save_weights,
 };
 use hndsr_torch::tiling::TileConfig;
 use hndsr_torch::{open_device, upsample_bicubic};
@@ -49,6 +50,8 @@ enum Command {
     Eval(EvalArgs),
     /// Copy a checkpoint's weights out with a full manifest.
     Export(ExportArgs),
+    /// Latency per tile at several DDIM step counts and batch sizes.
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -96,6 +99,15 @@ struct TrainArgs {
     /// first step instead of step 0.
     #[arg(long)]
     restart_schedule: bool,
+    /// Start a new run from these weights (`.safetensors` with its manifest;
+    /// the config comes from the manifest), e.g. to fine-tune shipped weights.
+    #[arg(long, conflicts_with_all = ["resume", "config"])]
+    init: Option<PathBuf>,
+    /// Run the cosine decay over this run's wall time (`--minutes`) instead
+    /// of its steps, so a run on a machine of unknown speed still ends at the
+    /// low learning rate.
+    #[arg(long, requires = "minutes")]
+    time_schedule: bool,
 }
 
 #[derive(Debug, Args)]
@@ -160,6 +172,7 @@ fn main() -> Result<()> {
         Command::Train(args) => train(&args, &data, device),
         Command::Eval(args) => eval(&args, &data, device),
         Command::Export(args) => export(&args),
+        Command::Bench(args) => bench::bench(&args, device, cli.threads),
     }
 }
 
@@ -181,8 +194,11 @@ fn train(args: &TrainArgs, data_dir: &Path, device: Device) -> Result<()> {
         )?;
         s
     } else {
-        let config = HndsrConfig::preset(&args.config)
-            .with_context(|| format!("unknown config {:?}", args.config))?;
+        let config = match &args.init {
+            Some(init) => Manifest::read(&manifest_path(init))?.config,
+            None => HndsrConfig::preset(&args.config)
+                .with_context(|| format!("unknown config {:?}", args.config))?,
+        };
         TrainState {
             config,
             step: 0,
@@ -200,9 +216,14 @@ fn train(args: &TrainArgs, data_dir: &Path, device: Device) -> Result<()> {
     tch::manual_seed(args.seed as i64 + state.step as i64);
     let vs = nn::VarStore::new(device);
     let net = HndsrNet::new(&vs.root(), &cfg);
-    if args.resume {
-        let bytes = std::fs::read(&weights)?;
-        load_weights_from_bytes(&vs, &bytes, &weights)?;
+    let source = if args.resume {
+        Some(&weights)
+    } else {
+        args.init.as_ref()
+    };
+    if let Some(source) = source {
+        let bytes = std::fs::read(source).with_context(|| format!("read {}", source.display()))?;
+        load_weights_from_bytes(&vs, &bytes, source)?;
     }
     println!(
         "config {} ({} parameters), start at step {}",
@@ -238,7 +259,12 @@ fn train(args: &TrainArgs, data_dir: &Path, device: Device) -> Result<()> {
         let origin = if args.restart_schedule { start_step } else { 0 };
         let step = state.step - origin;
         let warm = ((step + 1) as f64 / 100.0).min(1.0);
-        let progress = step as f64 / (args.steps - origin) as f64;
+        let progress = match args.minutes {
+            Some(m) if args.time_schedule => {
+                (started.elapsed().as_secs_f64() / (m * 60.0)).min(1.0)
+            }
+            _ => step as f64 / (args.steps - origin) as f64,
+        };
         opt.set_lr(
             args.lr * warm * (0.05 + 0.95 * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())),
         );
@@ -346,7 +372,7 @@ fn export(args: &ExportArgs) -> Result<()> {
 }
 
 fn eval(args: &EvalArgs, data_dir: &Path, device: Device) -> Result<()> {
-    let manifest_path = hndsr_torch::hndsr::manifest_path(&args.weights);
+    let manifest_path = manifest_path(&args.weights);
     let manifest = Manifest::read(&manifest_path)?;
     let model = HndsrModel::load(&args.weights, &manifest.sha256, device, Precision::Fp32)?;
     let tiled = match args.tiled {
