@@ -103,6 +103,11 @@ struct TrainArgs {
     /// the config comes from the manifest), e.g. to fine-tune shipped weights.
     #[arg(long, conflicts_with_all = ["resume", "config"])]
     init: Option<PathBuf>,
+    /// With `--init`: grow the network's dense local branches to this many
+    /// hidden channels (the new layers start at zero, so the output starts
+    /// exactly as the initial weights' output).
+    #[arg(long, requires = "init")]
+    local: Option<i64>,
     /// Run the cosine decay over this run's wall time (`--minutes`) instead
     /// of its steps, so a run on a machine of unknown speed still ends at the
     /// low learning rate.
@@ -195,7 +200,14 @@ fn train(args: &TrainArgs, data_dir: &Path, device: Device) -> Result<()> {
         s
     } else {
         let config = match &args.init {
-            Some(init) => Manifest::read(&manifest_path(init))?.config,
+            Some(init) => {
+                let mut config = Manifest::read(&manifest_path(init))?.config;
+                if let Some(local) = args.local {
+                    config.local = local;
+                }
+                config.validate().map_err(anyhow::Error::msg)?;
+                config
+            }
             None => HndsrConfig::preset(&args.config)
                 .with_context(|| format!("unknown config {:?}", args.config))?,
         };
@@ -216,14 +228,11 @@ fn train(args: &TrainArgs, data_dir: &Path, device: Device) -> Result<()> {
     tch::manual_seed(args.seed as i64 + state.step as i64);
     let vs = nn::VarStore::new(device);
     let net = HndsrNet::new(&vs.root(), &cfg);
-    let source = if args.resume {
-        Some(&weights)
-    } else {
-        args.init.as_ref()
-    };
-    if let Some(source) = source {
-        let bytes = std::fs::read(source).with_context(|| format!("read {}", source.display()))?;
-        load_weights_from_bytes(&vs, &bytes, source)?;
+    if args.resume {
+        let bytes = std::fs::read(&weights)?;
+        load_weights_from_bytes(&vs, &bytes, &weights)?;
+    } else if let Some(init) = &args.init {
+        init_from(&vs, init)?;
     }
     println!(
         "config {} ({} parameters), start at step {}",
@@ -322,6 +331,34 @@ fn train(args: &TrainArgs, data_dir: &Path, device: Device) -> Result<()> {
     state.seconds += started.elapsed().as_secs_f64();
     save(&state)?;
     println!("saved {} at step {}", weights.display(), state.step);
+    Ok(())
+}
+
+/// Copies the weights in `init` into `vs`. Variables `init` does not have
+/// (a grown local branch) keep their initialisation; shapes must match.
+fn init_from(vs: &nn::VarStore, init: &Path) -> Result<()> {
+    let manifest = Manifest::read(&manifest_path(init))?;
+    let bytes = std::fs::read(init).with_context(|| format!("read {}", init.display()))?;
+    let old = nn::VarStore::new(Device::Cpu);
+    let _net = HndsrNet::new(&old.root(), &manifest.config);
+    load_weights_from_bytes(&old, &bytes, init)?;
+    let old = old.variables();
+    let _no_grad = tch::no_grad_guard();
+    let mut fresh = Vec::new();
+    for (name, mut var) in vs.variables() {
+        match old.get(&name) {
+            Some(src) if src.size() == var.size() => var.copy_(src),
+            Some(src) => bail!(
+                "{name}: {} has shape {:?}, the network {:?}",
+                init.display(),
+                src.size(),
+                var.size()
+            ),
+            None => fresh.push(name),
+        }
+    }
+    fresh.sort();
+    println!("from {}; new variables: {fresh:?}", init.display());
     Ok(())
 }
 

@@ -30,6 +30,11 @@ pub struct HndsrConfig {
     pub blocks: i64,
     /// Kept Fourier modes per axis (clipped to what a small grid has).
     pub modes: i64,
+    /// Hidden channels of the dense 3×3 conv pair each Fourier block adds
+    /// for local detail (0 = none; the first `small` weights, 0.1.0, have
+    /// none, so a manifest without the field reads as 0).
+    #[serde(default)]
+    pub local: i64,
     /// Reflect padding (LR pixels) around the grid before the Fourier blocks,
     /// so their periodic boundary does not wrap one image edge onto the other.
     pub pad: i64,
@@ -52,6 +57,7 @@ impl HndsrConfig {
             width: 16,
             blocks: 2,
             modes: 8,
+            local: 8,
             pad: 4,
             unet: vec![32, 64],
             prediction: Prediction::V,
@@ -59,13 +65,14 @@ impl HndsrConfig {
         }
     }
 
-    /// A CPU-trainable middle size (width 24, 3 blocks, 12 modes).
+    /// A CPU-trainable middle size (width 24, 3 blocks, 12 modes, local 48).
     pub fn small() -> Self {
         Self {
             name: "small".into(),
             width: 24,
             blocks: 3,
             modes: 12,
+            local: 48,
             unet: vec![32, 64, 64],
             ..Self::tiny()
         }
@@ -78,6 +85,7 @@ impl HndsrConfig {
             width: 32,
             blocks: 4,
             modes: 16,
+            local: 64,
             unet: vec![64, 128, 128],
             ..Self::tiny()
         }
@@ -100,7 +108,8 @@ impl HndsrConfig {
 
     /// Checks the invariants the network relies on.
     pub fn validate(&self) -> Result<(), String> {
-        if self.channels < 1 || self.scale < 1 || self.width < 1 || self.modes < 1 {
+        if self.channels < 1 || self.scale < 1 || self.width < 1 || self.modes < 1 || self.local < 0
+        {
             return Err(format!("non-positive size in {self:?}"));
         }
         if self.unet.is_empty() || self.unet.iter().any(|&c| c < 8 || c % 8 != 0) {
@@ -113,5 +122,28 @@ impl HndsrConfig {
             return Err("pad must be >= 0 and residual_scale > 0".into());
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_manifest_config_without_local_reads_as_no_local_branch() {
+        let mut json = serde_json::to_value(HndsrConfig::small()).unwrap();
+        json.as_object_mut().unwrap().remove("local");
+        let cfg: HndsrConfig = serde_json::from_value(json).unwrap();
+        assert_eq!(cfg.local, 0);
+        assert_eq!(cfg.validate(), Ok(()));
+    }
+
+    #[test]
+    fn a_negative_local_width_is_refused() {
+        let cfg = HndsrConfig {
+            local: -1,
+            ..HndsrConfig::tiny()
+        };
+        assert!(cfg.validate().is_err());
     }
 }

@@ -35,17 +35,22 @@ fn group_norm(vs: nn::Path, c: i64) -> nn::GroupNorm {
     nn::group_norm(vs, 8.min(c), c, Default::default())
 }
 
-/// One Fourier block: `x + gelu(spectral(x) + pw(x) + dw(x) · σ(gate(x)))`.
+/// One Fourier block:
+/// `x + gelu(spectral(x) + pw(x) + dw(x) · σ(gate(x)) + l₂(gelu(l₁(x))))`,
+/// where the dense 3×3 pair `l₁, l₂` exists when `local > 0` and `l₂`
+/// starts at zero (adding it to trained weights leaves their output as it
+/// was).
 #[derive(Debug)]
 struct FourierBlock {
     spectral: SpectralConv2d,
     pointwise: nn::Conv2D,
     depthwise: nn::Conv2D,
     gate: nn::Conv2D,
+    local: Option<(nn::Conv2D, nn::Conv2D)>,
 }
 
 impl FourierBlock {
-    fn new(vs: &nn::Path, width: i64, modes: i64) -> Self {
+    fn new(vs: &nn::Path, width: i64, modes: i64, local: i64) -> Self {
         let dw = nn::ConvConfig {
             padding: 1,
             groups: width,
@@ -56,12 +61,21 @@ impl FourierBlock {
             pointwise: conv(vs / "pointwise", width, width, 1),
             depthwise: nn::conv2d(vs / "depthwise", width, width, 3, dw),
             gate: conv(vs / "gate", width, width, 1),
+            local: (local > 0).then(|| {
+                (
+                    conv(vs / "local1", width, local, 3),
+                    zero_conv(vs / "local2", local, width, 3),
+                )
+            }),
         }
     }
 
     fn forward(&self, x: &Tensor) -> Tensor {
-        let local = self.depthwise.forward(x) * self.gate.forward(x).sigmoid();
-        let y = self.spectral.forward(x) + self.pointwise.forward(x) + local;
+        let gated = self.depthwise.forward(x) * self.gate.forward(x).sigmoid();
+        let mut y = self.spectral.forward(x) + self.pointwise.forward(x) + gated;
+        if let Some((l1, l2)) = &self.local {
+            y += l2.forward(&l1.forward(x).gelu("none"));
+        }
         x + y.gelu("none")
     }
 }
@@ -143,7 +157,14 @@ impl HndsrNet {
         let regressor = Regressor {
             lift: conv(&enc / "lift", c, cfg.width, 3),
             blocks: (0..cfg.blocks)
-                .map(|i| FourierBlock::new(&(&enc / format!("block{i}")), cfg.width, cfg.modes))
+                .map(|i| {
+                    FourierBlock::new(
+                        &(&enc / format!("block{i}")),
+                        cfg.width,
+                        cfg.modes,
+                        cfg.local,
+                    )
+                })
                 .collect(),
             dec1: conv(vs / "decoder" / "conv1", cfg.width, cfg.width, 3),
             // Zero-initialised: an untrained μ is exactly bicubic.
