@@ -100,6 +100,10 @@ bench: prereqs ## load-test the release server on 127.0.0.1 and print the figure
 	$(CARGO) build --release --locked -p hndsr-server --bin hndsr-server -p hndsr-loadgen --bin hndsr-loadgen
 	bash server/scripts/bench.sh
 
+.PHONY: train
+train: prereqs ## train HNDSR from scratch, export + evaluate (knobs: server/scripts/train.sh; hours on CPU)
+	bash server/scripts/train.sh
+
 HNDSR_DEVICE ?= cpu
 .PHONY: bench-model
 bench-model: prereqs ## HNDSR latency per 256²→1024² tile, steps 0/20/50, batch 1/8, on HNDSR_DEVICE (cpu; cuda on a GPU machine)

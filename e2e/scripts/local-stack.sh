@@ -4,7 +4,8 @@
 #      scheduler, kwok with fake GPU nodes),
 #   2. the HndsrService CRD and the operator, with docs/examples/quickstart.yaml
 #      reconciled to Ready (kwok plays the pods: nothing runs in them),
-#   3. the inference server itself in the foreground on 127.0.0.1:8080.
+#   3. the inference server itself in the foreground on 127.0.0.1:8080, serving
+#      the committed HNDSR weights (HNDSR_BACKEND=bicubic for plain bicubic).
 # Ctrl-C stops the server, the operator and the control plane.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
@@ -42,8 +43,17 @@ echo "    operator log: $state/operator.log; operator metrics: http://127.0.0.1:
 echo "    KUBECONFIG=$PWD/$state/kubeconfig $kubectl_bin get hsvc"
 echo
 
-echo "==> inference server on http://127.0.0.1:8080 (bicubic); in another shell:"
+# The committed HNDSR weights at steps 0 (docs/model.md); HNDSR_BACKEND=bicubic
+# serves plain bicubic instead.
+backend="${HNDSR_BACKEND:-hndsr}"
+server_args=(--listen 127.0.0.1:8080 --backend "$backend")
+if [[ "$backend" == hndsr ]]; then
+  weights=server/models/hndsr-small.safetensors
+  digest="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["sha256"])' "${weights%.safetensors}.json")"
+  server_args+=(--sampling-steps 0 --weights-path "$weights" --weights-sha256 "$digest")
+fi
+echo "==> inference server on http://127.0.0.1:8080 ($backend); in another shell:"
 echo "    curl -s --data-binary @docs/samples/aero-64.png -H 'content-type: image/png' \\"
 echo "      'http://127.0.0.1:8080/v1/upscale?scale=4' -o /tmp/up.png"
 echo "    curl -s http://127.0.0.1:8080/v1/info"
-"$profile_dir/hndsr-server" --listen 127.0.0.1:8080 --backend bicubic
+"$profile_dir/hndsr-server" "${server_args[@]}"

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Train HNDSR from scratch, export the weights with their manifest and
+# evaluate them on the held-out tiles: `make train` (see docs/model.md).
+#
+# Knobs (environment):
+#   CONFIG=small         preset (tiny, small, base)
+#   DEVICE=cpu           cpu, cuda, cuda:N
+#   REGRESS_MIN=100      minutes of regression training (cosine over wall time)
+#   DENOISE_MIN=20       minutes of denoiser training against the final μ
+#   OUT=target/train     checkpoints, exported weights, evaluation tables
+#   VERSION=0.2.0        manifest version label
+#   EVAL_STEPS=0,4,20,50 DDIM step counts evaluated (steps > 0 on 4 Blue Marble tiles)
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+
+config="${CONFIG:-small}"
+device="${DEVICE:-cpu}"
+regress_min="${REGRESS_MIN:-100}"
+denoise_min="${DENOISE_MIN:-20}"
+out="${OUT:-target/train}"
+version="${VERSION:-0.2.0}"
+eval_steps="${EVAL_STEPS:-0,4,20,50}"
+
+bash server/scripts/fetch-data.sh >/dev/null
+cargo build --release --locked -p hndsr-train
+bin=target/release/hndsr-train
+run() { echo "+ $*" >&2; "$@"; }
+
+rm -rf "$out/ckpt"
+mkdir -p "$out"
+# 1. The regression path (μ) alone: what `steps = 0` serves.
+run "$bin" --device "$device" train --config "$config" --out "$out/ckpt" \
+  --steps 1000000 --minutes "$regress_min" --time-schedule \
+  --batch 8 --crop 96 --lr 1e-3 --denoiser-weight 0 --aero-fraction 0.7
+# 2. The denoiser against that μ, which stays exactly as it is.
+run "$bin" --device "$device" train --out "$out/ckpt" --resume --freeze-regressor \
+  --restart-schedule --steps 1000000 --minutes "$denoise_min" --time-schedule \
+  --batch 8 --crop 96 --lr 1e-3 --denoiser-weight 1 --aero-fraction 0.7
+# 3. Weights + manifest, then the evaluation figures into that manifest.
+weights="$out/hndsr-$config.safetensors"
+run "$bin" export --checkpoint "$out/ckpt" --out "$weights" --version "$version"
+run "$bin" --device "$device" eval --weights "$weights" --steps 0 --tiled 32 \
+  --update-manifest --table "$out/eval-steps0.md"
+if [[ "$eval_steps" != 0 ]]; then
+  run "$bin" --device "$device" eval --weights "$weights" --steps "$eval_steps" --max-tiles 4 \
+    --update-manifest --table "$out/eval-steps.md"
+fi
+echo "weights: $weights (manifest: ${weights%.safetensors}.json); tables: $out/eval-*.md"
