@@ -425,25 +425,16 @@ impl HndsrModel {
             .iter()
             .map(|&s| Tensor::from_slice(&diffusion::normal_noise(s, per_tile)).view([1, c, h, w]))
             .collect();
-        let mut x = Tensor::cat(&noise, 0)
+        let x = Tensor::cat(&noise, 0)
             .to_device(mu.device())
             .to_kind(Kind::Float);
-        let grid = diffusion::time_grid(steps);
-        for pair in grid.windows(2) {
-            if cancel() {
-                return Err(TorchError::Cancelled);
-            }
-            let (t, t_next) = (pair[0], pair[1]);
+        let x = diffusion::ddim(x, steps, cfg.prediction, cancel, |x, t| {
             let t_batch = Tensor::full([b], t, (Kind::Float, mu.device()));
-            let out = self
-                .net
+            self.net
                 .denoise(&x.to_kind(cond.kind()), &t_batch, &cond)
-                .to_kind(Kind::Float);
-            let (alpha, sigma) = diffusion::alpha_sigma(t);
-            let (x0, eps) = diffusion::split_prediction(cfg.prediction, &out, &x, alpha, sigma);
-            let (a_next, s_next) = diffusion::alpha_sigma(t_next);
-            x = x0 * a_next + eps * s_next;
-        }
+                .to_kind(Kind::Float)
+        })
+        .ok_or(TorchError::Cancelled)?;
         Ok((x / cfg.residual_scale)
             .pixel_shuffle(cfg.scale)
             .to_kind(mu.kind()))
