@@ -8,10 +8,8 @@
 mod common;
 
 use common::{TestServer, config, png, start_with_backend};
-use hndsr_contract::http as paths;
 use hndsr_server::server::build_backend;
 use image::GenericImageView as _;
-use serde_json::Value;
 
 async fn start_bicubic() -> TestServer {
     let cfg = config(&[
@@ -29,15 +27,7 @@ async fn start_bicubic() -> TestServer {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bicubic_upscales_over_http() {
     let s = start_bicubic().await;
-    let info: Value = s
-        .client
-        .get(s.url(paths::INFO_PATH))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let info = s.info().await;
     assert_eq!(info["backend"], "bicubic");
     assert_eq!(info["device"], "cpu");
 
@@ -83,15 +73,7 @@ async fn hndsr_tiny_model_upscales_over_http() {
     ]);
     let backend = build_backend(&cfg.model).expect("hndsr backend loads tiny weights");
     let s = start_with_backend(cfg, backend).await;
-    let info: Value = s
-        .client
-        .get(s.url(paths::INFO_PATH))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let info = s.info().await;
     assert_eq!(info["backend"], "hndsr");
     assert_eq!(info["model_digest"], sha256.as_str());
 

@@ -117,6 +117,18 @@ impl TestServer {
             .expect("request")
     }
 
+    /// `GET /v1/info` as JSON.
+    pub async fn info(&self) -> serde_json::Value {
+        self.client
+            .get(self.url(hndsr_contract::http::INFO_PATH))
+            .send()
+            .await
+            .expect("info")
+            .json()
+            .await
+            .expect("info JSON")
+    }
+
     pub async fn metrics(&self) -> String {
         self.client
             .get(self.url(hndsr_contract::http::METRICS_PATH))
