@@ -405,8 +405,13 @@ fn preset_sizes_match_the_design() {
         hndsr_torch::hndsr::parameter_count(&vs)
     };
     let tiny = count(HndsrConfig::tiny());
+    let medium = count(HndsrConfig::medium());
     let base = count(HndsrConfig::base());
-    println!("tiny {tiny} base {base}");
+    println!("tiny {tiny} medium {medium} base {base}");
     assert!((400_000..900_000).contains(&tiny), "tiny has {tiny}");
+    assert!(
+        (2_000_000..3_500_000).contains(&medium),
+        "medium has {medium}"
+    );
     assert!((5_000_000..9_000_000).contains(&base), "base has {base}");
 }

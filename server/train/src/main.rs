@@ -56,7 +56,7 @@ enum Command {
 
 #[derive(Debug, Args)]
 struct TrainArgs {
-    /// Preset: tiny, small, base.
+    /// Preset (tiny, small, medium, base) or a JSON file with a config.
     #[arg(long, default_value = "small")]
     config: String,
     /// Checkpoint directory.
@@ -189,6 +189,21 @@ fn command_line() -> String {
         .join(" ")
 }
 
+/// A preset by name, or a JSON file holding an [`HndsrConfig`].
+fn config_from(name: &str) -> Result<HndsrConfig> {
+    if let Some(cfg) = HndsrConfig::preset(name) {
+        return Ok(cfg);
+    }
+    let path = Path::new(name);
+    if !path.is_file() {
+        bail!("unknown config {name:?}: not a preset (tiny, small, medium, base) nor a JSON file");
+    }
+    let cfg: HndsrConfig = serde_json::from_str(&std::fs::read_to_string(path)?)
+        .with_context(|| format!("parse config {}", path.display()))?;
+    cfg.validate().map_err(anyhow::Error::msg)?;
+    Ok(cfg)
+}
+
 fn train(args: &TrainArgs, data_dir: &Path, device: Device) -> Result<()> {
     std::fs::create_dir_all(&args.out)?;
     let state_path = args.out.join("state.json");
@@ -208,8 +223,7 @@ fn train(args: &TrainArgs, data_dir: &Path, device: Device) -> Result<()> {
                 config.validate().map_err(anyhow::Error::msg)?;
                 config
             }
-            None => HndsrConfig::preset(&args.config)
-                .with_context(|| format!("unknown config {:?}", args.config))?,
+            None => config_from(&args.config)?,
         };
         TrainState {
             config,
@@ -536,4 +550,40 @@ fn markdown_table(model: &HndsrModel, figures: &[EvalFigure]) -> String {
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_config_is_a_preset_or_a_json_file() {
+        assert_eq!(config_from("medium").unwrap(), HndsrConfig::medium());
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("wide.json");
+        let wide = HndsrConfig {
+            name: "wide".into(),
+            width: 40,
+            ..HndsrConfig::tiny()
+        };
+        std::fs::write(&path, serde_json::to_string(&wide).unwrap()).unwrap();
+        assert_eq!(config_from(path.to_str().unwrap()).unwrap(), wide);
+    }
+
+    #[test]
+    fn an_unknown_or_invalid_config_is_refused_with_the_reason() {
+        let err = config_from("huge").unwrap_err().to_string();
+        assert!(err.contains("not a preset"), "{err}");
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.json");
+        let bad = HndsrConfig {
+            unet: vec![12],
+            ..HndsrConfig::tiny()
+        };
+        std::fs::write(&path, serde_json::to_string(&bad).unwrap()).unwrap();
+        let err = config_from(path.to_str().unwrap()).unwrap_err().to_string();
+        assert!(err.contains("multiples of 8"), "{err}");
+    }
 }

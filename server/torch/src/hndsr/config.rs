@@ -78,6 +78,20 @@ impl HndsrConfig {
         }
     }
 
+    /// Deeper than `small` (6 blocks, width 32, local 64: 3.5× its local
+    /// 3×3 compute) with fewer Fourier modes; ≈2.6 M parameters. Trains at
+    /// about 0.22 s per step (batch 8, 96² crops) on two CPU cores.
+    pub fn medium() -> Self {
+        Self {
+            name: "medium".into(),
+            width: 32,
+            blocks: 6,
+            modes: 8,
+            local: 64,
+            ..Self::small()
+        }
+    }
+
     /// ≈7 M parameters: the design size from `shared/design/MODEL.md`.
     pub fn base() -> Self {
         Self {
@@ -96,6 +110,7 @@ impl HndsrConfig {
         match name {
             "tiny" => Some(Self::tiny()),
             "small" => Some(Self::small()),
+            "medium" => Some(Self::medium()),
             "base" => Some(Self::base()),
             _ => None,
         }
