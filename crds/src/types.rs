@@ -138,7 +138,8 @@ pub struct ModelSpec {
     #[schemars(range(min = 2, max = 8))]
     pub scale: Option<i32>,
     /// DDIM sampling steps of the diffusion refinement (0 returns the neural
-    /// operator estimate; server default when unset). Backend `hndsr` only.
+    /// operator estimate). Unset: the steps the weights' manifest recommends
+    /// (`default_steps`), else 20. Backend `hndsr` only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 1000))]
     pub sampling_steps: Option<i32>,

@@ -24,6 +24,9 @@ pub const OUTPUT_PIXELS_FACTOR: u64 = 16;
 
 /// Largest accepted `--sampling-steps` and per-request `steps`.
 pub const MAX_SAMPLING_STEPS: u32 = 1000;
+/// Default DDIM steps when neither the configuration nor the weights'
+/// manifest names any.
+pub const FALLBACK_SAMPLING_STEPS: u32 = 20;
 
 /// The HNDSR inference server.
 #[derive(Debug, Clone, Parser)]
@@ -85,9 +88,11 @@ pub struct Args {
     #[arg(long, env = env::WEIGHTS_SHA256)]
     pub weights_sha256: Option<String>,
 
-    /// DDIM sampling steps of the `hndsr` backend (0 = neural operator only).
-    #[arg(long, env = env::SAMPLING_STEPS, default_value_t = 20)]
-    pub sampling_steps: u32,
+    /// DDIM sampling steps of the `hndsr` backend (0 = neural operator
+    /// only); unset: the weights manifest's `default_steps`, else
+    /// [`FALLBACK_SAMPLING_STEPS`].
+    #[arg(long, env = env::SAMPLING_STEPS)]
+    pub sampling_steps: Option<u32>,
 
     /// Numeric precision: `fp32`, `fp16` or `bf16`.
     #[arg(long, env = env::PRECISION, default_value = "fp32")]
@@ -147,8 +152,9 @@ pub struct ModelConfig {
     pub weights_path: Option<PathBuf>,
     /// Expected sha256 of the weights, lower-case hex.
     pub weights_sha256: Option<String>,
-    /// Default DDIM sampling steps.
-    pub sampling_steps: u32,
+    /// Default DDIM sampling steps, when configured (the backend falls back
+    /// to the weights' recommendation).
+    pub sampling_steps: Option<u32>,
     /// `fp32`, `fp16` or `bf16`.
     pub precision: String,
 }
@@ -266,11 +272,10 @@ impl Args {
                 self.scale
             )));
         }
-        if self.sampling_steps > MAX_SAMPLING_STEPS {
+        if let Some(steps) = self.sampling_steps.filter(|&s| s > MAX_SAMPLING_STEPS) {
             return Err(ConfigError::new(format!(
-                "{} ({}) must be <= {MAX_SAMPLING_STEPS}",
+                "{} ({steps}) must be <= {MAX_SAMPLING_STEPS}",
                 env::SAMPLING_STEPS,
-                self.sampling_steps
             )));
         }
         let precision = self.precision.trim().to_ascii_lowercase();
@@ -428,6 +433,20 @@ mod tests {
         assert_eq!(c.limits.max_payload_bytes, 20 * 1024 * 1024);
         assert_eq!(c.listen.port(), hndsr_contract::http::PORT);
         assert_eq!(c.model.backend, BackendKind::Bicubic);
+        assert_eq!(c.model.sampling_steps, None, "unset: the weights decide");
+    }
+
+    #[test]
+    fn sampling_steps_beyond_the_maximum_are_refused() {
+        assert_eq!(
+            parse(&["--sampling-steps", "0"])
+                .unwrap()
+                .model
+                .sampling_steps,
+            Some(0)
+        );
+        let e = parse(&["--sampling-steps", "1001"]).unwrap_err();
+        assert!(e.to_string().contains("(1001) must be <= 1000"), "{e}");
     }
 
     #[test]

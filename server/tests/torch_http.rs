@@ -45,14 +45,69 @@ async fn bicubic_upscales_over_http() {
 /// Writes randomly initialised tiny HNDSR weights and their manifest;
 /// returns the weights path and sha256.
 fn tiny_weights(dir: &std::path::Path) -> (String, String) {
+    tiny_weights_recommending(dir, None)
+}
+
+/// [`tiny_weights`] whose manifest recommends `default_steps`.
+fn tiny_weights_recommending(
+    dir: &std::path::Path,
+    default_steps: Option<u32>,
+) -> (String, String) {
     use hndsr_torch::hndsr::{HndsrConfig, HndsrModel, Manifest};
     let cfg = HndsrConfig::tiny();
     let model = HndsrModel::random(&cfg, hndsr_torch::tch::Device::Cpu, 7).expect("tiny model");
     let path = dir.join("tiny.safetensors");
-    let manifest = model
-        .save(&path, Manifest::untrained(&cfg, model.parameter_count()))
-        .expect("save");
+    let manifest = Manifest {
+        default_steps,
+        ..Manifest::untrained(&cfg, model.parameter_count())
+    };
+    let manifest = model.save(&path, manifest).expect("save");
     (path.to_str().unwrap().to_owned(), manifest.sha256)
+}
+
+#[test]
+fn hndsr_default_steps_come_from_the_config_else_the_manifest_else_twenty() {
+    let default_steps = |recommended: Option<u32>, configured: Option<&str>| {
+        let dir = tempfile::tempdir().unwrap();
+        let (weights, sha256) = tiny_weights_recommending(dir.path(), recommended);
+        let mut args = vec![
+            "--backend",
+            "hndsr",
+            "--weights-path",
+            &weights,
+            "--weights-sha256",
+            &sha256,
+        ];
+        if let Some(steps) = configured {
+            args.extend(["--sampling-steps", steps]);
+        }
+        let backend = build_backend(&config(&args).model).expect("tiny weights load");
+        backend.info().default_steps
+    };
+    assert_eq!(
+        default_steps(Some(0), None),
+        0,
+        "the manifest's recommendation"
+    );
+    assert_eq!(
+        default_steps(Some(0), Some("7")),
+        7,
+        "the configuration wins"
+    );
+    assert_eq!(default_steps(None, Some("0")), 0);
+    assert_eq!(default_steps(None, None), 20, "neither: the fallback");
+    let dir = tempfile::tempdir().unwrap();
+    let (weights, sha256) = tiny_weights_recommending(dir.path(), Some(5000));
+    let cfg = config(&[
+        "--backend",
+        "hndsr",
+        "--weights-path",
+        &weights,
+        "--weights-sha256",
+        &sha256,
+    ]);
+    let err = build_backend(&cfg.model).err().expect("refused");
+    assert!(err.to_string().contains("5000"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -76,6 +131,7 @@ async fn hndsr_tiny_model_upscales_over_http() {
     let info = s.info().await;
     assert_eq!(info["backend"], "hndsr");
     assert_eq!(info["model_digest"], sha256.as_str());
+    assert_eq!(info["sampling_steps"], 2, "the configured default");
 
     for query in ["scale=4", "scale=4&steps=0", "scale=4&steps=2&seed=3"] {
         let res = s.upscale(png(20, 12, 5), query).await;

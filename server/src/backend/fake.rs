@@ -126,6 +126,7 @@ impl Backend for FakeBackend {
             device: "cpu".to_owned(),
             precision: "fp32".to_owned(),
             scales: vec![1, 2, 3, 4, 8],
+            default_steps: 0,
         }
     }
 

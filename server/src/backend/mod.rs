@@ -69,6 +69,9 @@ pub struct BackendInfo {
     pub precision: String,
     /// Upscaling factors this backend accepts.
     pub scales: Vec<u32>,
+    /// DDIM steps used when a request names none (0 for backends without
+    /// diffusion).
+    pub default_steps: u32,
 }
 
 /// Why a backend call failed.

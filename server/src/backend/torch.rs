@@ -19,7 +19,7 @@ use hndsr_torch::{BICUBIC_TILES, BicubicUpscaler, TorchError};
 use sha2::{Digest, Sha256};
 
 use super::{Backend, BackendError, BackendInfo, CancellationToken, Job, Planar};
-use crate::config::{BackendKind, ModelConfig};
+use crate::config::{BackendKind, FALLBACK_SAMPLING_STEPS, MAX_SAMPLING_STEPS, ModelConfig};
 
 /// Upscaling factors the bicubic backend accepts.
 pub const BICUBIC_SCALES: [u32; 4] = [2, 3, 4, 8];
@@ -78,6 +78,7 @@ impl TorchBicubic {
             device: hndsr_torch::device_name(device),
             precision: "fp32".to_owned(),
             scales: BICUBIC_SCALES.to_vec(),
+            default_steps: 0,
         };
         Ok(Self { upscaler, info })
     }
@@ -172,6 +173,19 @@ impl TorchHndsr {
             )));
         }
         let manifest = model.manifest();
+        let default_steps = match (cfg.sampling_steps, manifest.default_steps) {
+            (Some(steps), _) => steps,
+            (None, Some(steps)) => {
+                tracing::info!(steps, "default DDIM steps from the weights' manifest");
+                steps
+            }
+            (None, None) => FALLBACK_SAMPLING_STEPS,
+        };
+        if default_steps > MAX_SAMPLING_STEPS {
+            return Err(BackendError::Load(format!(
+                "the weights' manifest asks for {default_steps} default steps; at most {MAX_SAMPLING_STEPS} are allowed"
+            )));
+        }
         let info = BackendInfo {
             backend: "hndsr".to_owned(),
             model: format!("{}-{}", manifest.model, manifest.version),
@@ -179,11 +193,12 @@ impl TorchHndsr {
             device: hndsr_torch::device_name(device),
             precision: cfg.precision.clone(),
             scales: vec![scale],
+            default_steps,
         };
         Ok(Self {
             source,
             idle: Mutex::new(vec![model]),
-            default_steps: cfg.sampling_steps,
+            default_steps,
             info,
         })
     }
@@ -340,7 +355,7 @@ mod tests {
             device: "cpu".to_owned(),
             weights_path: None,
             weights_sha256: None,
-            sampling_steps: 20,
+            sampling_steps: Some(20),
             precision: "fp32".to_owned(),
         }
     }

@@ -117,7 +117,9 @@ pub struct InfoResponse {
     pub scales: Vec<u32>,
     /// Factor used when a request names none.
     pub default_scale: u32,
-    /// Default diffusion steps.
+    /// DDIM steps used when a request names none: the configured
+    /// `HNDSR_SAMPLING_STEPS`, else the weights' recommendation; 0 for
+    /// backends without diffusion.
     pub sampling_steps: u32,
     /// Limits in force.
     pub limits: InfoLimits,
@@ -351,7 +353,7 @@ pub(super) async fn info(State(state): State<AppState>) -> Json<InfoResponse> {
         precision: i.precision.clone(),
         scales: i.scales.clone(),
         default_scale: state.core.default_scale(),
-        sampling_steps: state.model.sampling_steps,
+        sampling_steps: i.default_steps,
         limits: InfoLimits {
             max_concurrent: l.max_concurrent.get(),
             max_queue_depth: l.max_queue_depth.get(),

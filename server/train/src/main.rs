@@ -157,6 +157,10 @@ struct ExportArgs {
     /// Version label for the manifest.
     #[arg(long, default_value = "0.1.0")]
     version: String,
+    /// DDIM steps a server should use when its deployment names none
+    /// (written into the manifest; pick what the evaluation favours).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(0..=1000))]
+    default_steps: Option<u32>,
 }
 
 /// Training progress kept next to the checkpoint.
@@ -419,6 +423,7 @@ fn export(args: &ExportArgs) -> Result<()> {
                 state.log.last().cloned().unwrap_or_default()
             ),
         },
+        default_steps: args.default_steps,
         ..Manifest::untrained(&state.config, 0)
     };
     let written = save_weights(&vs, &state.config, &args.out, manifest)?;

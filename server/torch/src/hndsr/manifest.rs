@@ -66,6 +66,10 @@ pub struct Manifest {
     pub training: TrainingInfo,
     /// Measured figures (empty until evaluated).
     pub eval: Vec<EvalFigure>,
+    /// DDIM steps to serve when the deployment names none: the step count
+    /// these weights were evaluated best at (absent in older manifests).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_steps: Option<u32>,
 }
 
 impl Manifest {
@@ -81,6 +85,7 @@ impl Manifest {
             parameters,
             training: TrainingInfo::default(),
             eval: Vec::new(),
+            default_steps: None,
         }
     }
 
@@ -118,5 +123,28 @@ impl Manifest {
             path: path.to_owned(),
             source,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_steps_is_optional_and_round_trips() {
+        let m = Manifest::untrained(&HndsrConfig::tiny(), 1);
+        let json = serde_json::to_value(&m).unwrap();
+        assert!(
+            json.get("default_steps").is_none(),
+            "older readers see no new key"
+        );
+        let back: Manifest = serde_json::from_value(json.clone()).unwrap();
+        assert_eq!(back.default_steps, None);
+
+        let mut with = json;
+        with["default_steps"] = 0.into();
+        let back: Manifest = serde_json::from_value(with).unwrap();
+        assert_eq!(back.default_steps, Some(0));
+        assert_eq!(serde_json::to_value(&back).unwrap()["default_steps"], 0);
     }
 }
