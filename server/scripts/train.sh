@@ -3,22 +3,25 @@
 # evaluate them on the held-out tiles: `make train` (see docs/model.md).
 #
 # Knobs (environment):
-#   CONFIG=small         preset (tiny, small, base)
+#   CONFIG=medium        preset (tiny, small, medium, base) or a JSON config file
 #   DEVICE=cpu           cpu, cuda, cuda:N
-#   REGRESS_MIN=100      minutes of regression training (cosine over wall time)
-#   DENOISE_MIN=20       minutes of denoiser training against the final μ
+#   REGRESS_MIN=86       minutes of regression training (cosine over wall time)
+#   DENOISE_MIN=12       minutes of denoiser training against the final μ
 #   OUT=target/train     checkpoints, exported weights, evaluation tables
-#   VERSION=0.2.0        manifest version label
+#   VERSION=0.3.0        manifest version label
+#   DEFAULT_STEPS=0      DDIM steps the manifest recommends to servers (default_steps)
 #   EVAL_STEPS=0,4,20,50 DDIM step counts evaluated (steps > 0 on 4 Blue Marble tiles)
+# The defaults are the recipe of the shipped weights (docs/model.md).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 
-config="${CONFIG:-small}"
+config="${CONFIG:-medium}"
 device="${DEVICE:-cpu}"
-regress_min="${REGRESS_MIN:-100}"
-denoise_min="${DENOISE_MIN:-20}"
+regress_min="${REGRESS_MIN:-86}"
+denoise_min="${DENOISE_MIN:-12}"
 out="${OUT:-target/train}"
-version="${VERSION:-0.2.0}"
+version="${VERSION:-0.3.0}"
+default_steps="${DEFAULT_STEPS:-0}"
 eval_steps="${EVAL_STEPS:-0,4,20,50}"
 
 bash server/scripts/fetch-data.sh >/dev/null
@@ -37,9 +40,10 @@ run "$bin" --device "$device" train --out "$out/ckpt" --resume --freeze-regresso
   --restart-schedule --steps 1000000 --minutes "$denoise_min" --time-schedule \
   --batch 8 --crop 96 --lr 1e-3 --denoiser-weight 1 --aero-fraction 0.7
 # 3. Weights + manifest, then the evaluation figures into that manifest.
-weights="$out/hndsr-$config.safetensors"
-run "$bin" export --checkpoint "$out/ckpt" --out "$weights" --version "$version"
-run "$bin" --device "$device" eval --weights "$weights" --steps 0 --tiled 32 \
+weights="$out/hndsr-$(basename "$config" .json).safetensors"
+run "$bin" export --checkpoint "$out/ckpt" --out "$weights" --version "$version" \
+  --default-steps "$default_steps"
+run "$bin" --device "$device" eval --weights "$weights" --steps 0 --tiled 32 --self-ensemble \
   --update-manifest --table "$out/eval-steps0.md"
 if [[ "$eval_steps" != 0 ]]; then
   run "$bin" --device "$device" eval --weights "$weights" --steps "$eval_steps" --max-tiles 4 \

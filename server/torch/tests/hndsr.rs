@@ -398,6 +398,51 @@ fn gray_and_alpha_images_keep_their_channels() {
 }
 
 #[test]
+fn self_ensemble_is_the_mean_over_the_eight_symmetries() {
+    // μ = bicubic (learned part inert) commutes with flips and 90°
+    // rotations, so its self-ensemble is itself.
+    let inert = HndsrModel::random(&HndsrConfig::tiny(), Device::Cpu, 3).unwrap();
+    let x = image(2, 9, 13, 0.3);
+    let plain = inert.upscale(&x, 0, 0, NEVER).unwrap();
+    let inert = inert.with_self_ensemble(true);
+    assert!(inert.self_ensemble());
+    let ensembled = inert.upscale(&x, 0, 0, NEVER).unwrap();
+    assert!(max_abs_diff(&plain, &ensembled) < 1e-5);
+
+    // With a learned part: the mean of μ on each transformed input, mapped
+    // back (computed here one variant at a time, on a non-square batch).
+    let model = tiny(5);
+    let mut sum = Tensor::zeros([2, 3, 36, 52], (Kind::Float, Device::Cpu));
+    tch::no_grad(|| {
+        for rot in 0..4 {
+            for flip in [false, true] {
+                let mut xi = x.rot90(rot, [2, 3]);
+                if flip {
+                    xi = xi.flip([3]);
+                }
+                let mut y = model.net().regress(&xi).0;
+                if flip {
+                    y = y.flip([3]);
+                }
+                sum += y.rot90(-rot, [2, 3]);
+            }
+        }
+    });
+    let expected = (sum / 8.0).clamp(0.0, 1.0);
+    let plain = model.upscale(&x, 0, 0, NEVER).unwrap();
+    let model = model.with_self_ensemble(true);
+    let ensembled = model.upscale(&x, 0, 0, NEVER).unwrap();
+    assert!(max_abs_diff(&ensembled, &expected) < 1e-5);
+    assert!(
+        max_abs_diff(&ensembled, &plain) > 1e-3,
+        "the learned part must not be inert"
+    );
+    // The denoiser runs on the ensembled μ.
+    let sampled = model.upscale(&x, 2, 0, NEVER).unwrap();
+    assert_eq!(sampled.size(), [2, 3, 36, 52]);
+}
+
+#[test]
 fn preset_sizes_match_the_design() {
     let count = |cfg: HndsrConfig| {
         let vs = nn::VarStore::new(Device::Cpu);

@@ -192,6 +192,7 @@ pub struct HndsrModel {
     manifest: Manifest,
     precision: Precision,
     tiles: TileConfig,
+    self_ensemble: bool,
 }
 
 impl HndsrModel {
@@ -209,6 +210,7 @@ impl HndsrModel {
             manifest,
             precision: Precision::Fp32,
             tiles: HNDSR_TILES,
+            self_ensemble: false,
         })
     }
 
@@ -274,6 +276,7 @@ impl HndsrModel {
             manifest,
             precision,
             tiles: HNDSR_TILES,
+            self_ensemble: false,
         })
     }
 
@@ -292,6 +295,20 @@ impl HndsrModel {
         tiles.validate()?;
         self.tiles = tiles;
         Ok(self)
+    }
+
+    /// Computes μ as the mean over the 8 flips / 90° rotations of the input
+    /// (geometric self-ensemble, see [`HndsrNet::regress_self_ensemble`]):
+    /// 8× the regression work, for every step count.
+    #[must_use]
+    pub fn with_self_ensemble(mut self, on: bool) -> Self {
+        self.self_ensemble = on;
+        self
+    }
+
+    /// Whether μ is a self-ensemble.
+    pub fn self_ensemble(&self) -> bool {
+        self.self_ensemble
     }
 
     /// Changes the tiling used by [`HndsrModel::upscale_image`] in place.
@@ -396,7 +413,11 @@ impl HndsrModel {
         };
         guarded("hndsr forward", || {
             let x = x.to_kind(self.precision.kind());
-            let (mu, features) = self.net.regress(&x);
+            let (mu, features) = if self.self_ensemble {
+                self.net.regress_self_ensemble(&x)
+            } else {
+                self.net.regress(&x)
+            };
             let y = if steps == 0 {
                 mu
             } else {

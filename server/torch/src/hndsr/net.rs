@@ -260,6 +260,46 @@ impl HndsrNet {
         (base + detail, f)
     }
 
+    /// [`HndsrNet::regress`] with μ averaged over the 8 symmetries of the
+    /// square (4 rotations × optional horizontal flip), each mapped back:
+    /// "geometric self-ensemble", 8× the regression work for a steadier
+    /// estimate. The features are the untransformed pass's. The four
+    /// transforms of each grid orientation run as one batch.
+    pub fn regress_self_ensemble(&self, lr: &Tensor) -> (Tensor, Tensor) {
+        let b = lr.size()[0];
+        let mut sum: Option<Tensor> = None;
+        let mut features = None;
+        for k in [0, 1] {
+            // Rotations k and k + 2, each plain and flipped: same grid shape.
+            let variants: Vec<(i64, bool)> =
+                vec![(k, false), (k, true), (k + 2, false), (k + 2, true)];
+            let inputs: Vec<Tensor> = variants
+                .iter()
+                .map(|&(rot, flip)| {
+                    let x = lr.rot90(rot, [2, 3]);
+                    if flip { x.flip([3]) } else { x }
+                })
+                .collect();
+            let (mu, f) = self.regress(&Tensor::cat(&inputs, 0));
+            if k == 0 {
+                features = Some(f.narrow(0, 0, b));
+            }
+            for (i, &(rot, flip)) in variants.iter().enumerate() {
+                let mut y = mu.narrow(0, i as i64 * b, b);
+                if flip {
+                    y = y.flip([3]);
+                }
+                let y = y.rot90(-rot, [2, 3]);
+                sum = Some(match sum {
+                    Some(s) => s + y,
+                    None => y,
+                });
+            }
+        }
+        let mu = sum.expect("eight variants") / 8.0;
+        (mu, features.expect("the identity pass ran"))
+    }
+
     /// The denoiser's conditioning: encoder features and the unshuffled μ.
     pub fn condition(&self, mu: &Tensor, features: &Tensor) -> Tensor {
         let mu_lr = mu.pixel_unshuffle(self.cfg.scale) - 0.5;
