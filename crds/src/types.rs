@@ -143,6 +143,12 @@ pub struct ModelSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 1000))]
     pub sampling_steps: Option<i32>,
+    /// Compute the neural operator estimate as the mean over the 8 flips /
+    /// 90° rotations of each tile ("geometric self-ensemble"): better PSNR
+    /// for 8× that part's work. Unset: what the weights' manifest recommends
+    /// (`self_ensemble`), else off. Backend `hndsr` only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub self_ensemble: Option<bool>,
     /// Numeric precision: `fp32` (default; the only choice on CPU), `fp16`
     /// or `bf16` (GPU only).
     #[serde(default, skip_serializing_if = "Option::is_none")]

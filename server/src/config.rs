@@ -98,6 +98,12 @@ pub struct Args {
     #[arg(long, env = env::PRECISION, default_value = "fp32")]
     pub precision: String,
 
+    /// `true`: the `hndsr` backend averages μ over the 8 flips / 90°
+    /// rotations of each tile (8× the regression work); unset: the weights
+    /// manifest's `self_ensemble`, else `false`.
+    #[arg(long, env = env::SELF_ENSEMBLE, value_parser = clap::builder::BoolishValueParser::new())]
+    pub self_ensemble: Option<bool>,
+
     /// Comma-separated CIDRs whose X-Forwarded-For header is trusted.
     #[arg(long, env = env::TRUSTED_PROXIES, value_delimiter = ',')]
     pub trusted_proxies: Vec<String>,
@@ -157,6 +163,9 @@ pub struct ModelConfig {
     pub sampling_steps: Option<u32>,
     /// `fp32`, `fp16` or `bf16`.
     pub precision: String,
+    /// Geometric self-ensemble of μ, when configured (the backend falls
+    /// back to the weights' recommendation).
+    pub self_ensemble: Option<bool>,
 }
 
 /// Admission, size and time limits of the request path.
@@ -363,6 +372,7 @@ impl Args {
                 weights_sha256,
                 sampling_steps: self.sampling_steps,
                 precision,
+                self_ensemble: self.self_ensemble,
             },
             log_json: self.log_json,
         })
@@ -434,6 +444,7 @@ mod tests {
         assert_eq!(c.listen.port(), hndsr_contract::http::PORT);
         assert_eq!(c.model.backend, BackendKind::Bicubic);
         assert_eq!(c.model.sampling_steps, None, "unset: the weights decide");
+        assert_eq!(c.model.self_ensemble, None, "unset: the weights decide");
     }
 
     #[test]
@@ -445,6 +456,17 @@ mod tests {
                 .sampling_steps,
             Some(0)
         );
+        for (value, expected) in [
+            ("true", true),
+            ("false", false),
+            ("1", true),
+            ("off", false),
+        ] {
+            let c = parse(&["--self-ensemble", value]).unwrap();
+            assert_eq!(c.model.self_ensemble, Some(expected), "{value}");
+        }
+        let mut argv = vec!["hndsr-server", "--self-ensemble", "maybe"];
+        assert!(Args::try_parse_from(argv.drain(..)).is_err());
         let e = parse(&["--sampling-steps", "1001"]).unwrap_err();
         assert!(e.to_string().contains("(1001) must be <= 1000"), "{e}");
     }

@@ -8,7 +8,9 @@
 mod common;
 
 use common::{TestServer, config, png, start_with_backend};
+use hndsr_server::backend::BackendInfo;
 use hndsr_server::server::build_backend;
+use hndsr_torch::hndsr::{HndsrConfig, HndsrModel, Manifest};
 use image::GenericImageView as _;
 
 async fn start_bicubic() -> TestServer {
@@ -45,69 +47,69 @@ async fn bicubic_upscales_over_http() {
 /// Writes randomly initialised tiny HNDSR weights and their manifest;
 /// returns the weights path and sha256.
 fn tiny_weights(dir: &std::path::Path) -> (String, String) {
-    tiny_weights_recommending(dir, None)
+    tiny_weights_with(dir, |_| {})
 }
 
-/// [`tiny_weights`] whose manifest recommends `default_steps`.
-fn tiny_weights_recommending(
-    dir: &std::path::Path,
-    default_steps: Option<u32>,
-) -> (String, String) {
-    use hndsr_torch::hndsr::{HndsrConfig, HndsrModel, Manifest};
+/// [`tiny_weights`] with the manifest's serving recommendations set by `edit`.
+fn tiny_weights_with(dir: &std::path::Path, edit: impl FnOnce(&mut Manifest)) -> (String, String) {
     let cfg = HndsrConfig::tiny();
     let model = HndsrModel::random(&cfg, hndsr_torch::tch::Device::Cpu, 7).expect("tiny model");
     let path = dir.join("tiny.safetensors");
-    let manifest = Manifest {
-        default_steps,
-        ..Manifest::untrained(&cfg, model.parameter_count())
-    };
+    let mut manifest = Manifest::untrained(&cfg, model.parameter_count());
+    edit(&mut manifest);
     let manifest = model.save(&path, manifest).expect("save");
     (path.to_str().unwrap().to_owned(), manifest.sha256)
 }
 
-#[test]
-fn hndsr_default_steps_come_from_the_config_else_the_manifest_else_twenty() {
-    let default_steps = |recommended: Option<u32>, configured: Option<&str>| {
-        let dir = tempfile::tempdir().unwrap();
-        let (weights, sha256) = tiny_weights_recommending(dir.path(), recommended);
-        let mut args = vec![
-            "--backend",
-            "hndsr",
-            "--weights-path",
-            &weights,
-            "--weights-sha256",
-            &sha256,
-        ];
-        if let Some(steps) = configured {
-            args.extend(["--sampling-steps", steps]);
-        }
-        let backend = build_backend(&config(&args).model).expect("tiny weights load");
-        backend.info().default_steps
-    };
-    assert_eq!(
-        default_steps(Some(0), None),
-        0,
-        "the manifest's recommendation"
-    );
-    assert_eq!(
-        default_steps(Some(0), Some("7")),
-        7,
-        "the configuration wins"
-    );
-    assert_eq!(default_steps(None, Some("0")), 0);
-    assert_eq!(default_steps(None, None), 20, "neither: the fallback");
+/// The backend info of tiny weights whose manifest `edit` sets up, served
+/// with the extra server `args`.
+fn hndsr_info(edit: impl FnOnce(&mut Manifest), args: &[&str]) -> Result<BackendInfo, String> {
     let dir = tempfile::tempdir().unwrap();
-    let (weights, sha256) = tiny_weights_recommending(dir.path(), Some(5000));
-    let cfg = config(&[
+    let (weights, sha256) = tiny_weights_with(dir.path(), edit);
+    let mut argv = vec![
         "--backend",
         "hndsr",
         "--weights-path",
         &weights,
         "--weights-sha256",
         &sha256,
-    ]);
-    let err = build_backend(&cfg.model).err().expect("refused");
-    assert!(err.to_string().contains("5000"), "{err}");
+    ];
+    argv.extend_from_slice(args);
+    build_backend(&config(&argv).model)
+        .map(|backend| backend.info())
+        .map_err(|e| e.to_string())
+}
+
+#[test]
+fn hndsr_serving_defaults_come_from_the_config_else_the_manifest() {
+    let steps = |recommended: Option<u32>, args: &[&str]| {
+        hndsr_info(|m| m.default_steps = recommended, args)
+            .unwrap()
+            .default_steps
+    };
+    assert_eq!(steps(Some(0), &[]), 0, "the manifest's recommendation");
+    assert_eq!(
+        steps(Some(0), &["--sampling-steps", "7"]),
+        7,
+        "the configuration wins"
+    );
+    assert_eq!(steps(None, &["--sampling-steps", "0"]), 0);
+    assert_eq!(steps(None, &[]), 20, "neither: the fallback");
+    let err = hndsr_info(|m| m.default_steps = Some(5000), &[]).unwrap_err();
+    assert!(err.contains("5000"), "{err}");
+
+    let ensemble = |recommended: Option<bool>, args: &[&str]| {
+        hndsr_info(|m| m.self_ensemble = recommended, args)
+            .unwrap()
+            .self_ensemble
+    };
+    assert!(ensemble(Some(true), &[]), "the manifest's recommendation");
+    assert!(
+        !ensemble(Some(true), &["--self-ensemble", "false"]),
+        "the configuration wins"
+    );
+    assert!(ensemble(None, &["--self-ensemble", "true"]));
+    assert!(!ensemble(None, &[]), "neither: off");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -123,6 +125,8 @@ async fn hndsr_tiny_model_upscales_over_http() {
         &sha256,
         "--sampling-steps",
         "2",
+        "--self-ensemble",
+        "true",
         "--max-concurrent",
         "2",
     ]);
@@ -132,6 +136,7 @@ async fn hndsr_tiny_model_upscales_over_http() {
     assert_eq!(info["backend"], "hndsr");
     assert_eq!(info["model_digest"], sha256.as_str());
     assert_eq!(info["sampling_steps"], 2, "the configured default");
+    assert_eq!(info["self_ensemble"], true);
 
     for query in ["scale=4", "scale=4&steps=0", "scale=4&steps=2&seed=3"] {
         let res = s.upscale(png(20, 12, 5), query).await;

@@ -39,6 +39,8 @@ pub mod env {
     pub const SAMPLING_STEPS: &str = "HNDSR_SAMPLING_STEPS";
     /// Numeric precision: `fp32`, `fp16` or `bf16`.
     pub const PRECISION: &str = "HNDSR_PRECISION";
+    /// `true` / `false`: μ as the mean over the 8 flips / 90° rotations.
+    pub const SELF_ENSEMBLE: &str = "HNDSR_SELF_ENSEMBLE";
     /// Comma-separated CIDRs whose X-Forwarded-For is trusted.
     pub const TRUSTED_PROXIES: &str = "HNDSR_TRUSTED_PROXIES";
     /// Comma-separated origins allowed by CORS (explicit; `*` is refused).

@@ -127,6 +127,7 @@ impl Backend for FakeBackend {
             precision: "fp32".to_owned(),
             scales: vec![1, 2, 3, 4, 8],
             default_steps: 0,
+            self_ensemble: false,
         }
     }
 

@@ -72,6 +72,8 @@ pub struct BackendInfo {
     /// DDIM steps used when a request names none (0 for backends without
     /// diffusion).
     pub default_steps: u32,
+    /// Whether μ is a geometric self-ensemble (`hndsr` only).
+    pub self_ensemble: bool,
 }
 
 /// Why a backend call failed.

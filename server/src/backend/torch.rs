@@ -79,6 +79,7 @@ impl TorchBicubic {
             precision: "fp32".to_owned(),
             scales: BICUBIC_SCALES.to_vec(),
             default_steps: 0,
+            self_ensemble: false,
         };
         Ok(Self { upscaler, info })
     }
@@ -125,11 +126,13 @@ struct WeightsSource {
     sha256: String,
     device: Device,
     precision: Precision,
+    self_ensemble: bool,
 }
 
 impl WeightsSource {
     fn load(&self) -> Result<HndsrModel, BackendError> {
         HndsrModel::load(&self.path, &self.sha256, self.device, self.precision)
+            .map(|model| model.with_self_ensemble(self.self_ensemble))
             .map_err(|e| load_error(&e))
     }
 }
@@ -157,11 +160,12 @@ impl TorchHndsr {
             .map_err(|e: HndsrError| load_error(&e))?;
         let device =
             hndsr_torch::open_device(&cfg.device).map_err(|e| BackendError::Load(e.to_string()))?;
-        let source = WeightsSource {
+        let mut source = WeightsSource {
             path,
             sha256,
             device,
             precision,
+            self_ensemble: false,
         };
         let model = source.load()?;
         let scale = u32::try_from(model.scale())
@@ -186,6 +190,10 @@ impl TorchHndsr {
                 "the weights' manifest asks for {default_steps} default steps; at most {MAX_SAMPLING_STEPS} are allowed"
             )));
         }
+        let self_ensemble = cfg
+            .self_ensemble
+            .or(manifest.self_ensemble)
+            .unwrap_or(false);
         let info = BackendInfo {
             backend: "hndsr".to_owned(),
             model: format!("{}-{}", manifest.model, manifest.version),
@@ -194,7 +202,10 @@ impl TorchHndsr {
             precision: cfg.precision.clone(),
             scales: vec![scale],
             default_steps,
+            self_ensemble,
         };
+        source.self_ensemble = self_ensemble;
+        let model = model.with_self_ensemble(self_ensemble);
         Ok(Self {
             source,
             idle: Mutex::new(vec![model]),
@@ -356,6 +367,7 @@ mod tests {
             weights_path: None,
             weights_sha256: None,
             sampling_steps: Some(20),
+            self_ensemble: None,
             precision: "fp32".to_owned(),
         }
     }

@@ -121,6 +121,8 @@ pub struct InfoResponse {
     /// `HNDSR_SAMPLING_STEPS`, else the weights' recommendation; 0 for
     /// backends without diffusion.
     pub sampling_steps: u32,
+    /// Whether μ is the mean over the 8 flips / 90° rotations of each tile.
+    pub self_ensemble: bool,
     /// Limits in force.
     pub limits: InfoLimits,
 }
@@ -354,6 +356,7 @@ pub(super) async fn info(State(state): State<AppState>) -> Json<InfoResponse> {
         scales: i.scales.clone(),
         default_scale: state.core.default_scale(),
         sampling_steps: i.default_steps,
+        self_ensemble: i.self_ensemble,
         limits: InfoLimits {
             max_concurrent: l.max_concurrent.get(),
             max_queue_depth: l.max_queue_depth.get(),

@@ -70,6 +70,10 @@ pub struct Manifest {
     /// these weights were evaluated best at (absent in older manifests).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub default_steps: Option<u32>,
+    /// Whether servers should compute μ as a geometric self-ensemble when
+    /// their deployment does not say (absent in older manifests: no).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub self_ensemble: Option<bool>,
 }
 
 impl Manifest {
@@ -86,6 +90,7 @@ impl Manifest {
             training: TrainingInfo::default(),
             eval: Vec::new(),
             default_steps: None,
+            self_ensemble: None,
         }
     }
 
