@@ -161,6 +161,10 @@ struct ExportArgs {
     /// (written into the manifest; pick what the evaluation favours).
     #[arg(long, value_parser = clap::value_parser!(u32).range(0..=1000))]
     default_steps: Option<u32>,
+    /// Whether servers should self-ensemble μ when their deployment does not
+    /// say (written into the manifest).
+    #[arg(long)]
+    self_ensemble: Option<bool>,
 }
 
 /// Training progress kept next to the checkpoint.
@@ -424,6 +428,7 @@ fn export(args: &ExportArgs) -> Result<()> {
             ),
         },
         default_steps: args.default_steps,
+        self_ensemble: args.self_ensemble,
         ..Manifest::untrained(&state.config, 0)
     };
     let written = save_weights(&vs, &state.config, &args.out, manifest)?;
