@@ -29,6 +29,9 @@ pub struct BenchArgs {
     /// Precisions (fp16 / bf16 only on CUDA).
     #[arg(long, value_delimiter = ',', default_value = "fp32")]
     precision: Vec<Precision>,
+    /// Self-ensemble settings (`false,true` measures both).
+    #[arg(long, value_delimiter = ',', default_value = "false")]
+    self_ensemble: Vec<bool>,
     /// Timed calls per combination (the median is reported).
     #[arg(long, default_value_t = 5)]
     repeats: u32,
@@ -44,6 +47,7 @@ pub struct BenchArgs {
 /// One measured combination.
 struct Row {
     precision: Precision,
+    self_ensemble: bool,
     steps: u32,
     batch: i64,
     calls: Vec<Duration>,
@@ -77,8 +81,13 @@ pub fn bench(args: &BenchArgs, device: Device, threads: i32) -> Result<()> {
         .with_context(|| format!("manifest of {}", args.weights.display()))?;
     let never = || false;
     let mut rows = Vec::new();
-    for &precision in &args.precision {
-        let model = HndsrModel::load(&args.weights, &manifest.sha256, device, precision)?;
+    for (&precision, &self_ensemble) in args
+        .precision
+        .iter()
+        .flat_map(|p| args.self_ensemble.iter().map(move |e| (p, e)))
+    {
+        let model = HndsrModel::load(&args.weights, &manifest.sha256, device, precision)?
+            .with_self_ensemble(self_ensemble);
         let scale = model.scale();
         for &batch in &args.batch {
             let x = Tensor::rand(
@@ -92,6 +101,7 @@ pub fn bench(args: &BenchArgs, device: Device, threads: i32) -> Result<()> {
                 sync(device);
                 let mut row = Row {
                     precision,
+                    self_ensemble,
                     steps,
                     batch,
                     calls: Vec::new(),
@@ -109,7 +119,7 @@ pub fn bench(args: &BenchArgs, device: Device, threads: i32) -> Result<()> {
                 }
                 let ms = row.median_ms();
                 println!(
-                    "{} {precision} steps {steps:>2} batch {batch}: {ms:.1} ms per call, {:.1} ms per tile ({} calls)",
+                    "{} {precision} self-ensemble {self_ensemble} steps {steps:>2} batch {batch}: {ms:.1} ms per call, {:.1} ms per tile ({} calls)",
                     device_name(device),
                     ms / batch as f64,
                     row.calls.len()
@@ -123,8 +133,8 @@ pub fn bench(args: &BenchArgs, device: Device, threads: i32) -> Result<()> {
     let mut md = format!(
         "Model `{}` ({} parameters, sha256 `{}`), {t}² → {T}² tiles, device `{}`, \
          {threads} CPU threads; median of the timed calls after a warm-up call.\n\n\
-         | precision | DDIM steps | batch | ms per call | ms per tile | timed calls |\n\
-         |---|---|---|---|---|---|\n",
+         | precision | self-ensemble | DDIM steps | batch | ms per call | ms per tile | timed calls |\n\
+         |---|---|---|---|---|---|---|\n",
         manifest.version,
         manifest.parameters,
         &manifest.sha256[..12],
@@ -135,8 +145,9 @@ pub fn bench(args: &BenchArgs, device: Device, threads: i32) -> Result<()> {
     for row in &rows {
         let ms = row.median_ms();
         md += &format!(
-            "| {} | {} | {} | {:.1} | {:.1} | {} |\n",
+            "| {} | {} | {} | {} | {:.1} | {:.1} | {} |\n",
             row.precision,
+            if row.self_ensemble { "×8" } else { "–" },
             row.steps,
             row.batch,
             ms,
