@@ -177,14 +177,10 @@ impl TorchHndsr {
             )));
         }
         let manifest = model.manifest();
-        let default_steps = match (cfg.sampling_steps, manifest.default_steps) {
-            (Some(steps), _) => steps,
-            (None, Some(steps)) => {
-                tracing::info!(steps, "default DDIM steps from the weights' manifest");
-                steps
-            }
-            (None, None) => FALLBACK_SAMPLING_STEPS,
-        };
+        let default_steps = cfg
+            .sampling_steps
+            .or(manifest.default_steps)
+            .unwrap_or(FALLBACK_SAMPLING_STEPS);
         if default_steps > MAX_SAMPLING_STEPS {
             return Err(BackendError::Load(format!(
                 "the weights' manifest asks for {default_steps} default steps; at most {MAX_SAMPLING_STEPS} are allowed"
@@ -194,6 +190,15 @@ impl TorchHndsr {
             .self_ensemble
             .or(manifest.self_ensemble)
             .unwrap_or(false);
+        tracing::info!(
+            default_steps,
+            self_ensemble,
+            configured_steps = ?cfg.sampling_steps,
+            configured_self_ensemble = ?cfg.self_ensemble,
+            manifest_steps = ?manifest.default_steps,
+            manifest_self_ensemble = ?manifest.self_ensemble,
+            "hndsr serving defaults (configuration, else the weights' manifest)"
+        );
         let info = BackendInfo {
             backend: "hndsr".to_owned(),
             model: format!("{}-{}", manifest.model, manifest.version),
