@@ -34,12 +34,12 @@ server: prereqs ## only the server, on 127.0.0.1:8080 with the bicubic backend
 	@echo "  curl -s --data-binary @docs/samples/aero-64.png -H 'content-type: image/png' 'http://127.0.0.1:8080/v1/upscale?scale=4' -o /tmp/up.png"
 	./target/release/hndsr-server --listen 127.0.0.1:8080 --backend bicubic
 
-HNDSR_WEIGHTS ?= server/models/hndsr-small.safetensors
+HNDSR_WEIGHTS ?= server/models/hndsr-medium.safetensors
 
 .PHONY: server-hndsr
-server-hndsr: prereqs ## the server with the trained HNDSR weights (steps 0: see docs/model.md), on 127.0.0.1:8080
+server-hndsr: prereqs ## the server with the trained HNDSR weights (their manifest: steps 0, self-ensemble; docs/model.md), on 127.0.0.1:8080
 	$(CARGO) build --release --locked -p hndsr-server --bin hndsr-server
-	./target/release/hndsr-server --listen 127.0.0.1:8080 --backend hndsr --sampling-steps 0 \
+	./target/release/hndsr-server --listen 127.0.0.1:8080 --backend hndsr \
 	  --weights-path $(HNDSR_WEIGHTS) \
 	  --weights-sha256 $$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["sha256"])' $(basename $(HNDSR_WEIGHTS)).json)
 

@@ -43,14 +43,14 @@ echo "    operator log: $state/operator.log; operator metrics: http://127.0.0.1:
 echo "    KUBECONFIG=$PWD/$state/kubeconfig $kubectl_bin get hsvc"
 echo
 
-# The committed HNDSR weights at steps 0 (docs/model.md); HNDSR_BACKEND=bicubic
-# serves plain bicubic instead.
+# The committed HNDSR weights, served as their manifest recommends (steps 0,
+# self-ensemble; docs/model.md); HNDSR_BACKEND=bicubic serves plain bicubic.
 backend="${HNDSR_BACKEND:-hndsr}"
 server_args=(--listen 127.0.0.1:8080 --backend "$backend")
 if [[ "$backend" == hndsr ]]; then
-  weights=server/models/hndsr-small.safetensors
+  weights=server/models/hndsr-medium.safetensors
   digest="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["sha256"])' "${weights%.safetensors}.json")"
-  server_args+=(--sampling-steps 0 --weights-path "$weights" --weights-sha256 "$digest")
+  server_args+=(--weights-path "$weights" --weights-sha256 "$digest")
 fi
 echo "==> inference server on http://127.0.0.1:8080 ($backend); in another shell:"
 echo "    curl -s --data-binary @docs/samples/aero-64.png -H 'content-type: image/png' \\"

@@ -4,7 +4,7 @@
 //! ```text
 //! hndsr-train train  --config small --out ckpt/ --steps 4000 [--resume]
 //! hndsr-train eval   --weights ckpt/latest.safetensors --steps 0,4,20,50 --table eval.md
-//! hndsr-train export --checkpoint ckpt/ --out server/models/hndsr-small.safetensors
+//! hndsr-train export --checkpoint ckpt/ --out server/models/hndsr-medium.safetensors
 //! ```
 
 mod bench;
