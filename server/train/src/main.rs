@@ -10,6 +10,7 @@
 mod bench;
 mod data;
 mod metrics;
+mod probe;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -52,6 +53,9 @@ enum Command {
     Export(ExportArgs),
     /// Latency per tile at several DDIM step counts and batch sizes.
     Bench(bench::BenchArgs),
+    /// Denoiser error per noise level on the held-out data (x̂₀ from one
+    /// noisy residual vs the residual's own energy).
+    Probe(probe::ProbeArgs),
 }
 
 #[derive(Debug, Args)]
@@ -190,6 +194,7 @@ fn main() -> Result<()> {
         Command::Eval(args) => eval(&args, &data, device),
         Command::Export(args) => export(&args),
         Command::Bench(args) => bench::bench(&args, device, cli.threads),
+        Command::Probe(args) => probe::probe(&args, &data, device),
     }
 }
 
