@@ -8,7 +8,7 @@
 #   REGRESS_MIN=86       minutes of regression training (cosine over wall time)
 #   DENOISE_MIN=12       minutes of denoiser training against the final μ
 #   OUT=target/train     checkpoints, exported weights, evaluation tables
-#   VERSION=0.3.0        manifest version label
+#   VERSION=0.3.1        manifest version label
 #   DEFAULT_STEPS=0      DDIM steps the manifest recommends to servers (default_steps)
 #   EVAL_STEPS=0,4,20,50 DDIM step counts evaluated (steps > 0 on 4 Blue Marble tiles)
 # The defaults are the recipe of the shipped weights (docs/model.md).
@@ -20,7 +20,7 @@ device="${DEVICE:-cpu}"
 regress_min="${REGRESS_MIN:-86}"
 denoise_min="${DENOISE_MIN:-12}"
 out="${OUT:-target/train}"
-version="${VERSION:-0.3.0}"
+version="${VERSION:-0.3.1}"
 default_steps="${DEFAULT_STEPS:-0}"
 eval_steps="${EVAL_STEPS:-0,4,20,50}"
 

@@ -80,7 +80,10 @@ impl HndsrConfig {
 
     /// Deeper than `small` (6 blocks, width 32, local 64: 3.5× its local
     /// 3×3 compute) with fewer Fourier modes; ≈2.6 M parameters. Trains at
-    /// about 0.22 s per step (batch 8, 96² crops) on two CPU cores.
+    /// about 0.22 s per step (batch 8, 96² crops) on two CPU cores. Its
+    /// residual scale is 30, which brings the residual near unit variance
+    /// (at 10 the denoiser did worse than predicting zero from mid noise
+    /// levels up: `hndsr-train probe`, docs/model.md).
     pub fn medium() -> Self {
         Self {
             name: "medium".into(),
@@ -88,6 +91,7 @@ impl HndsrConfig {
             blocks: 6,
             modes: 8,
             local: 64,
+            residual_scale: 30.0,
             ..Self::small()
         }
     }
