@@ -9,6 +9,7 @@ mod common;
 
 use common::{TestServer, config, png, start_with_backend};
 use hndsr_server::backend::BackendInfo;
+use hndsr_server::config::Config;
 use hndsr_server::server::build_backend;
 use hndsr_torch::hndsr::{HndsrConfig, HndsrModel, Manifest};
 use image::GenericImageView as _;
@@ -61,21 +62,27 @@ fn tiny_weights_with(dir: &std::path::Path, edit: impl FnOnce(&mut Manifest)) ->
     (path.to_str().unwrap().to_owned(), manifest.sha256)
 }
 
+/// A server configuration with the `hndsr` backend on `weights` (expected
+/// digest `sha256`) plus the extra server `args`.
+fn hndsr_config(weights: &str, sha256: &str, args: &[&str]) -> Config {
+    let mut argv = vec![
+        "--backend",
+        "hndsr",
+        "--weights-path",
+        weights,
+        "--weights-sha256",
+        sha256,
+    ];
+    argv.extend_from_slice(args);
+    config(&argv)
+}
+
 /// The backend info of tiny weights whose manifest `edit` sets up, served
 /// with the extra server `args`.
 fn hndsr_info(edit: impl FnOnce(&mut Manifest), args: &[&str]) -> Result<BackendInfo, String> {
     let dir = tempfile::tempdir().unwrap();
     let (weights, sha256) = tiny_weights_with(dir.path(), edit);
-    let mut argv = vec![
-        "--backend",
-        "hndsr",
-        "--weights-path",
-        &weights,
-        "--weights-sha256",
-        &sha256,
-    ];
-    argv.extend_from_slice(args);
-    build_backend(&config(&argv).model)
+    build_backend(&hndsr_config(&weights, &sha256, args).model)
         .map(|backend| backend.info())
         .map_err(|e| e.to_string())
 }
@@ -116,20 +123,18 @@ fn hndsr_serving_defaults_come_from_the_config_else_the_manifest() {
 async fn hndsr_tiny_model_upscales_over_http() {
     let dir = tempfile::tempdir().unwrap();
     let (weights, sha256) = tiny_weights(dir.path());
-    let cfg = config(&[
-        "--backend",
-        "hndsr",
-        "--weights-path",
+    let cfg = hndsr_config(
         &weights,
-        "--weights-sha256",
         &sha256,
-        "--sampling-steps",
-        "2",
-        "--self-ensemble",
-        "true",
-        "--max-concurrent",
-        "2",
-    ]);
+        &[
+            "--sampling-steps",
+            "2",
+            "--self-ensemble",
+            "true",
+            "--max-concurrent",
+            "2",
+        ],
+    );
     let backend = build_backend(&cfg.model).expect("hndsr backend loads tiny weights");
     let s = start_with_backend(cfg, backend).await;
     let info = s.info().await;
@@ -157,14 +162,7 @@ async fn hndsr_tiny_model_upscales_over_http() {
 fn hndsr_refuses_weights_whose_digest_differs() {
     let dir = tempfile::tempdir().unwrap();
     let (weights, _) = tiny_weights(dir.path());
-    let cfg = config(&[
-        "--backend",
-        "hndsr",
-        "--weights-path",
-        &weights,
-        "--weights-sha256",
-        &"ab".repeat(32),
-    ]);
+    let cfg = hndsr_config(&weights, &"ab".repeat(32), &[]);
     let err = build_backend(&cfg.model).err().expect("refused");
     assert!(err.to_string().contains("sha256"), "{err}");
 }
