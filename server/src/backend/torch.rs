@@ -115,7 +115,6 @@ impl Backend for TorchBicubic {
 pub struct TorchHndsr {
     source: WeightsSource,
     idle: Mutex<Vec<HndsrModel>>,
-    default_steps: u32,
     info: BackendInfo,
 }
 
@@ -214,7 +213,6 @@ impl TorchHndsr {
         Ok(Self {
             source,
             idle: Mutex::new(vec![model]),
-            default_steps,
             info,
         })
     }
@@ -251,7 +249,7 @@ impl Backend for TorchHndsr {
     fn upscale(&self, job: &Job, cancel: &CancellationToken) -> Result<Planar, BackendError> {
         check_scale(&self.info, job.scale)?;
         let input = planar_to_tensor(&job.image)?;
-        let steps = job.steps.unwrap_or(self.default_steps);
+        let steps = job.steps.unwrap_or(self.info.default_steps);
         let model = self.checkout()?;
         let output = model.upscale_image(&input, steps, job.seed, &|| cancel.is_cancelled());
         self.checkin(model);
