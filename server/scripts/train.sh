@@ -47,7 +47,7 @@ run "$bin" --device "$device" train --config "$config" --out "$out/ckpt" \
   --steps 1000000 --minutes "$regress_min" --time-schedule \
   --batch 8 --crop 96 --lr 1e-3 --denoiser-weight 0 --mix aero=0.7,bluemarble=0.3
 # 2. The denoiser against that μ, which stays exactly as it is. (Trained
-#    after stage 4 on the four-source mix instead, it came out 0.8–1.7 dB
+#    after stage 4 on the four-source mix instead, it came out 0.25–1.8 dB
 #    worse at every step count: docs/model.md.)
 run "$bin" --device "$device" train --out "$out/ckpt" --resume --freeze-regressor \
   --restart-schedule --steps 1000000 --minutes "$denoise_min" --time-schedule \
