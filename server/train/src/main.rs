@@ -252,6 +252,10 @@ fn config_from(name: &str) -> Result<HndsrConfig> {
 
 fn train(args: &TrainArgs, data_dir: &Path, device: Device) -> Result<()> {
     std::fs::create_dir_all(&args.out)?;
+    if !(0.0..=1.0).contains(&args.gray_fraction) {
+        bail!("--gray-fraction must be in [0, 1]");
+    }
+    let mix = data::parse_mix(&args.mix)?;
     let state_path = args.out.join("state.json");
     let weights = args.out.join("latest.safetensors");
     let mut state = if args.resume {
@@ -259,35 +263,14 @@ fn train(args: &TrainArgs, data_dir: &Path, device: Device) -> Result<()> {
             &std::fs::read_to_string(&state_path).context("read state.json to resume")?,
         )?;
         s
-    } else {
-        let config = match &args.init {
-            Some(init) => {
-                let mut config = Manifest::read(&manifest_path(init))?.config;
-                if let Some(local) = args.local {
-                    config.local = local;
-                }
-                config.validate().map_err(anyhow::Error::msg)?;
-                config
-            }
-            None => config_from(&args.config)?,
-        };
-        TrainState {
-            config,
-            step: 0,
-            seconds: 0.0,
-            commands: Vec::new(),
-            log: Vec::new(),
-            sources: Vec::new(),
-            inherited_data: Vec::new(),
-        }
-    };
-    if let Some(init) = &args.init {
+    } else if let Some(init) = &args.init {
         let m = Manifest::read(&manifest_path(init))?;
-        state.commands.push(format!(
-            "(initial weights {}, {} steps: {})",
-            m.version, m.training.steps, m.training.command
-        ));
-        state.inherited_data = m
+        let mut config = m.config;
+        if let Some(local) = args.local {
+            config.local = local;
+        }
+        config.validate().map_err(anyhow::Error::msg)?;
+        let inherited_data = m
             .training
             .data
             .into_iter()
@@ -299,11 +282,29 @@ fn train(args: &TrainArgs, data_dir: &Path, device: Device) -> Result<()> {
                 }
             })
             .collect();
-    }
-    if !(0.0..=1.0).contains(&args.gray_fraction) {
-        bail!("--gray-fraction must be in [0, 1]");
-    }
-    let mix = data::parse_mix(&args.mix)?;
+        TrainState {
+            config,
+            step: 0,
+            seconds: 0.0,
+            commands: vec![format!(
+                "(initial weights {}, {} steps: {})",
+                m.version, m.training.steps, m.training.command
+            )],
+            log: Vec::new(),
+            sources: Vec::new(),
+            inherited_data,
+        }
+    } else {
+        TrainState {
+            config: config_from(&args.config)?,
+            step: 0,
+            seconds: 0.0,
+            commands: Vec::new(),
+            log: Vec::new(),
+            sources: Vec::new(),
+            inherited_data: Vec::new(),
+        }
+    };
     for (name, _) in &mix {
         if !state.sources.contains(name) {
             state.sources.push(name.clone());
