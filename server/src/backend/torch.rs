@@ -125,13 +125,11 @@ struct WeightsSource {
     sha256: String,
     device: Device,
     precision: Precision,
-    self_ensemble: bool,
 }
 
 impl WeightsSource {
     fn load(&self) -> Result<HndsrModel, BackendError> {
         HndsrModel::load(&self.path, &self.sha256, self.device, self.precision)
-            .map(|model| model.with_self_ensemble(self.self_ensemble))
             .map_err(|e| load_error(&e))
     }
 }
@@ -159,12 +157,11 @@ impl TorchHndsr {
             .map_err(|e: HndsrError| load_error(&e))?;
         let device =
             hndsr_torch::open_device(&cfg.device).map_err(|e| BackendError::Load(e.to_string()))?;
-        let mut source = WeightsSource {
+        let source = WeightsSource {
             path,
             sha256,
             device,
             precision,
-            self_ensemble: false,
         };
         let model = source.load()?;
         let scale = u32::try_from(model.scale())
@@ -208,7 +205,6 @@ impl TorchHndsr {
             default_steps,
             self_ensemble,
         };
-        source.self_ensemble = self_ensemble;
         let model = model.with_self_ensemble(self_ensemble);
         Ok(Self {
             source,
@@ -225,7 +221,10 @@ impl TorchHndsr {
             .pop();
         match idle {
             Some(model) => Ok(model),
-            None => self.source.load(),
+            None => Ok(self
+                .source
+                .load()?
+                .with_self_ensemble(self.info.self_ensemble)),
         }
     }
 
