@@ -9,6 +9,7 @@
 
 mod bench;
 mod data;
+mod grow;
 mod metrics;
 mod probe;
 
@@ -117,10 +118,14 @@ struct TrainArgs {
     #[arg(long, conflicts_with_all = ["resume", "config"])]
     init: Option<PathBuf>,
     /// With `--init`: grow the network's dense local branches to this many
-    /// hidden channels (the new layers start at zero, so the output starts
+    /// hidden channels (the new channels start silent, so the output starts
     /// exactly as the initial weights' output).
     #[arg(long, requires = "init")]
     local: Option<i64>,
+    /// With `--init`: grow the operator encoder to this many Fourier blocks,
+    /// appended after the trained ones and starting as the identity.
+    #[arg(long, requires = "init")]
+    blocks: Option<i64>,
     /// Run the cosine decay over this run's wall time (`--minutes`) instead
     /// of its steps, so a run on a machine of unknown speed still ends at the
     /// low learning rate.
@@ -265,11 +270,15 @@ fn train(args: &TrainArgs, data_dir: &Path, device: Device) -> Result<()> {
         s
     } else if let Some(init) = &args.init {
         let m = Manifest::read(&manifest_path(init))?;
-        let mut config = m.config;
+        let mut config = m.config.clone();
         if let Some(local) = args.local {
             config.local = local;
         }
+        if let Some(blocks) = args.blocks {
+            config.blocks = blocks;
+        }
         config.validate().map_err(anyhow::Error::msg)?;
+        grow::check_growth(&m.config, &config)?;
         let inherited_data = m
             .training
             .data
@@ -323,7 +332,8 @@ fn train(args: &TrainArgs, data_dir: &Path, device: Device) -> Result<()> {
         let bytes = std::fs::read(&weights)?;
         load_weights_from_bytes(&vs, &bytes, &weights)?;
     } else if let Some(init) = &args.init {
-        init_from(&vs, init)?;
+        let fresh = grow::init_from(&vs, init)?;
+        println!("from {}; new variables: {fresh:?}", init.display());
     }
     println!(
         "config {} ({} parameters), start at step {}",
@@ -426,34 +436,6 @@ fn train(args: &TrainArgs, data_dir: &Path, device: Device) -> Result<()> {
     state.seconds += started.elapsed().as_secs_f64();
     save(&state)?;
     println!("saved {} at step {}", weights.display(), state.step);
-    Ok(())
-}
-
-/// Copies the weights in `init` into `vs`. Variables `init` does not have
-/// (a grown local branch) keep their initialisation; shapes must match.
-fn init_from(vs: &nn::VarStore, init: &Path) -> Result<()> {
-    let manifest = Manifest::read(&manifest_path(init))?;
-    let bytes = std::fs::read(init).with_context(|| format!("read {}", init.display()))?;
-    let old = nn::VarStore::new(Device::Cpu);
-    let _net = HndsrNet::new(&old.root(), &manifest.config);
-    load_weights_from_bytes(&old, &bytes, init)?;
-    let old = old.variables();
-    let _no_grad = tch::no_grad_guard();
-    let mut fresh = Vec::new();
-    for (name, mut var) in vs.variables() {
-        match old.get(&name) {
-            Some(src) if src.size() == var.size() => var.copy_(src),
-            Some(src) => bail!(
-                "{name}: {} has shape {:?}, the network {:?}",
-                init.display(),
-                src.size(),
-                var.size()
-            ),
-            None => fresh.push(name),
-        }
-    }
-    fresh.sort();
-    println!("from {}; new variables: {fresh:?}", init.display());
     Ok(())
 }
 

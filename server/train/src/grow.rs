@@ -1,0 +1,199 @@
+//! Starting a run from trained weights, optionally in a larger network.
+//!
+//! Growing keeps the function: the grown network's output starts exactly as
+//! the initial weights' output, so a fine-tune begins where they ended and
+//! only adds capacity. Two ways to grow, both along axes whose new parts can
+//! start silent:
+//! - wider dense local branches (`local`): the old hidden channels keep
+//!   their weights, the new ones get a fresh first conv and a zero slice of
+//!   the (zero-initialised) second conv;
+//! - more Fourier blocks (`blocks`), appended after the trained ones: every
+//!   branch that feeds a new block's sum starts at zero, so the block is the
+//!   identity (`x + gelu(0)`) while its gradients are not zero.
+//!
+//! Width, modes, scale and the denoiser's shape cannot grow this way (they
+//! change what the trained layers see) and are rejected.
+
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use hndsr_torch::hndsr::Manifest;
+use hndsr_torch::hndsr::{HndsrConfig, HndsrNet, load_weights_from_bytes, manifest_path};
+use tch::{Device, Tensor, nn};
+
+/// Checks that `grown` only differs from `base` in `blocks` / `local`, and
+/// not downwards.
+pub fn check_growth(base: &HndsrConfig, grown: &HndsrConfig) -> Result<()> {
+    if grown.blocks < base.blocks || grown.local < base.local {
+        bail!(
+            "can only grow: the initial weights have {} blocks and local {}, asked for {} and {}",
+            base.blocks,
+            base.local,
+            grown.blocks,
+            grown.local
+        );
+    }
+    let same_rest = HndsrConfig {
+        blocks: base.blocks,
+        local: base.local,
+        ..grown.clone()
+    };
+    if &same_rest != base {
+        bail!("only blocks and local can grow from initial weights");
+    }
+    Ok(())
+}
+
+/// Copies the weights in `init` into `vs` (built for a config that
+/// [`check_growth`] accepted) and silences what is new. Returns the names of
+/// the variables `init` did not have, sorted.
+pub fn init_from(vs: &nn::VarStore, init: &Path) -> Result<Vec<String>> {
+    let manifest = Manifest::read(&manifest_path(init))?;
+    let bytes = std::fs::read(init).with_context(|| format!("read {}", init.display()))?;
+    let old = nn::VarStore::new(Device::Cpu);
+    let _net = HndsrNet::new(&old.root(), &manifest.config);
+    load_weights_from_bytes(&old, &bytes, init)?;
+    let old = old.variables();
+    let old_blocks = manifest.config.blocks;
+    let _no_grad = tch::no_grad_guard();
+    let mut fresh = Vec::new();
+    for (name, mut var) in vs.variables() {
+        match old.get(&name) {
+            Some(src) if src.size() == var.size() => var.copy_(src),
+            Some(src) => {
+                let (old_size, new_size) = (src.size(), var.size());
+                let grows = old_size.len() == new_size.len()
+                    && old_size.iter().zip(&new_size).all(|(o, n)| o <= n);
+                if !grows {
+                    bail!(
+                        "{name}: {} has shape {old_size:?}, the network {new_size:?}",
+                        init.display()
+                    );
+                }
+                leading_slice(&var, &old_size).copy_(src);
+            }
+            None => {
+                if silenced_in_new_block(&name, old_blocks) {
+                    let _ = var.zero_();
+                }
+                fresh.push(name);
+            }
+        }
+    }
+    fresh.sort();
+    Ok(fresh)
+}
+
+/// The `[0..size[0], 0..size[1], …]` view of `t`.
+fn leading_slice(t: &Tensor, size: &[i64]) -> Tensor {
+    size.iter()
+        .enumerate()
+        .fold(t.shallow_clone(), |v, (dim, &n)| v.narrow(dim as i64, 0, n))
+}
+
+/// Whether `name` is a variable of a block appended by growth (index ≥
+/// `old_blocks`) that must start at zero: every branch summed into the
+/// block's output. The gate and the local branch's first conv keep their
+/// random start (their outputs are multiplied by a zero branch).
+fn silenced_in_new_block(name: &str, old_blocks: i64) -> bool {
+    let Some(rest) = name.strip_prefix("encoder.block") else {
+        return false;
+    };
+    let Some((index, var)) = rest.split_once('.') else {
+        return false;
+    };
+    let Ok(index) = index.parse::<i64>() else {
+        return false;
+    };
+    index >= old_blocks
+        && ["spectral.", "pointwise.", "depthwise.", "local2."]
+            .iter()
+            .any(|p| var.starts_with(p))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hndsr_torch::hndsr::{Manifest, save_weights};
+    use tch::Kind;
+
+    #[test]
+    fn growth_is_only_more_blocks_or_wider_local_branches() {
+        let base = HndsrConfig::tiny();
+        let deeper = HndsrConfig {
+            blocks: base.blocks + 2,
+            local: base.local * 2,
+            ..base.clone()
+        };
+        check_growth(&base, &deeper).unwrap();
+        check_growth(&base, &base).unwrap();
+        let shallower = HndsrConfig {
+            blocks: base.blocks - 1,
+            ..base.clone()
+        };
+        assert!(check_growth(&base, &shallower).is_err());
+        let wider = HndsrConfig {
+            width: base.width * 2,
+            ..base.clone()
+        };
+        let err = check_growth(&base, &wider).unwrap_err().to_string();
+        assert!(err.contains("only blocks and local"), "{err}");
+    }
+
+    #[test]
+    fn a_grown_network_starts_with_the_initial_output_and_can_learn() {
+        tch::manual_seed(3);
+        let base = HndsrConfig::tiny();
+        let old_vs = nn::VarStore::new(Device::Cpu);
+        let old_net = HndsrNet::new(&old_vs.root(), &base);
+        // Trained-looking weights: the zero-started convs are not zero.
+        tch::no_grad(|| {
+            for (_, mut v) in old_vs.variables() {
+                let noise = v.randn_like() * 0.05;
+                v.copy_(&(&v + noise));
+            }
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.safetensors");
+        save_weights(&old_vs, &base, &path, Manifest::untrained(&base, 0)).unwrap();
+
+        let grown = HndsrConfig {
+            blocks: base.blocks + 2,
+            local: base.local + 8,
+            ..base.clone()
+        };
+        check_growth(&base, &grown).unwrap();
+        let vs = nn::VarStore::new(Device::Cpu);
+        let net = HndsrNet::new(&vs.root(), &grown);
+        let fresh = init_from(&vs, &path).unwrap();
+        assert!(
+            fresh
+                .iter()
+                .all(|n| n.starts_with("encoder.block2.") || n.starts_with("encoder.block3."))
+        );
+        assert!(!fresh.is_empty());
+
+        let lr = Tensor::rand([2, 3, 12, 10], (Kind::Float, Device::Cpu));
+        let (before, _) = tch::no_grad(|| old_net.regress(&lr));
+        let (after, _) = net.regress(&lr);
+        let diff = (&after - &before).abs().max().double_value(&[]);
+        assert!(diff < 1e-5, "grown output differs by {diff}");
+
+        // The new parts get gradients, so training can use them.
+        after.square().mean(Kind::Float).backward();
+        let vars = vs.variables();
+        for name in [
+            "encoder.block3.pointwise.weight",
+            "encoder.block0.local2.weight",
+        ] {
+            let grad = vars[name].grad();
+            assert!(
+                grad.abs().sum(Kind::Float).double_value(&[]) > 0.0,
+                "{name}"
+            );
+        }
+        let widened = &vars["encoder.block0.local2.weight"];
+        let new_slice = widened.narrow(1, base.local, 8);
+        assert_eq!(new_slice.abs().sum(Kind::Float).double_value(&[]), 0.0);
+    }
+}
