@@ -104,6 +104,17 @@ pub struct Args {
     #[arg(long, env = env::SELF_ENSEMBLE, value_parser = clap::builder::BoolishValueParser::new())]
     pub self_ensemble: Option<bool>,
 
+    /// CPU cores this server may use; unset: the cores the process may run
+    /// on (cgroup quota and affinity included).
+    #[arg(long, env = env::CPUS)]
+    pub cpus: Option<NonZeroUsize>,
+
+    /// libtorch intra-op threads per inference thread; unset: the cores
+    /// shared out over `MAX_CONCURRENT` inference threads, at least 1 (so
+    /// concurrent requests do not oversubscribe the CPU).
+    #[arg(long, env = env::TORCH_THREADS)]
+    pub torch_threads: Option<NonZeroUsize>,
+
     /// Comma-separated CIDRs whose X-Forwarded-For header is trusted.
     #[arg(long, env = env::TRUSTED_PROXIES, value_delimiter = ',')]
     pub trusted_proxies: Vec<String>,
@@ -166,6 +177,8 @@ pub struct ModelConfig {
     /// Geometric self-ensemble of μ, when configured (the backend falls
     /// back to the weights' recommendation).
     pub self_ensemble: Option<bool>,
+    /// libtorch intra-op threads each inference thread uses.
+    pub torch_threads: NonZeroUsize,
 }
 
 /// Admission, size and time limits of the request path.
@@ -373,10 +386,32 @@ impl Args {
                 sampling_steps: self.sampling_steps,
                 precision,
                 self_ensemble: self.self_ensemble,
+                torch_threads: torch_threads(
+                    self.torch_threads,
+                    self.cpus,
+                    to_nonzero(max_concurrent),
+                ),
             },
             log_json: self.log_json,
         })
     }
+}
+
+/// libtorch threads per inference thread: `explicit`, else the cores
+/// (`cpus`, else what the process may run on) shared out over the
+/// `inference_threads`, at least one each.
+#[must_use]
+pub fn torch_threads(
+    explicit: Option<NonZeroUsize>,
+    cpus: Option<NonZeroUsize>,
+    inference_threads: NonZeroUsize,
+) -> NonZeroUsize {
+    explicit.unwrap_or_else(|| {
+        let cpus = cpus
+            .or_else(|| std::thread::available_parallelism().ok())
+            .unwrap_or(NonZeroUsize::MIN);
+        NonZeroUsize::new(cpus.get() / inference_threads.get()).unwrap_or(NonZeroUsize::MIN)
+    })
 }
 
 fn to_nonzero(v: u64) -> NonZeroUsize {
@@ -445,6 +480,30 @@ mod tests {
         assert_eq!(c.model.backend, BackendKind::Bicubic);
         assert_eq!(c.model.sampling_steps, None, "unset: the weights decide");
         assert_eq!(c.model.self_ensemble, None, "unset: the weights decide");
+    }
+
+    #[test]
+    fn torch_threads_share_the_cores_out_over_the_inference_threads() {
+        let n = |v: usize| NonZeroUsize::new(v).unwrap();
+        assert_eq!(torch_threads(None, Some(n(8)), n(4)), n(2));
+        assert_eq!(torch_threads(None, Some(n(7)), n(2)), n(3));
+        assert_eq!(torch_threads(None, Some(n(2)), n(4)), n(1), "at least one");
+        assert_eq!(
+            torch_threads(Some(n(6)), Some(n(2)), n(4)),
+            n(6),
+            "explicit wins"
+        );
+
+        let c = parse(&["--cpus", "16", "--max-concurrent", "2"]).unwrap();
+        assert_eq!(c.model.torch_threads, n(8));
+        let c = parse(&["--torch-threads", "3"]).unwrap();
+        assert_eq!(c.model.torch_threads, n(3));
+        for bad in [["--cpus", "0"], ["--torch-threads", "0"], ["--cpus", "two"]] {
+            assert!(
+                Args::try_parse_from(["hndsr-server", bad[0], bad[1]]).is_err(),
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]

@@ -525,6 +525,20 @@ async fn readyz_waits_for_warm_up() {
 }
 
 #[tokio::test]
+async fn every_inference_thread_is_prepared_before_it_takes_work() {
+    let backend = std::sync::Arc::new(FakeBackend::new(Duration::ZERO));
+    let s = start_unready(&["--max-concurrent", "3"], backend.clone()).await;
+    s.wait_ready().await;
+    eventually("three threads prepared", || async {
+        backend.thread_inits() == 3
+    })
+    .await;
+    assert_eq!(s.upscale(png(2, 2, 0), "").await.status(), 200);
+    assert_eq!(backend.thread_inits(), 3, "once per thread, not per call");
+    s.stop().await;
+}
+
+#[tokio::test]
 async fn metrics_expose_contract_names_and_buckets() {
     let s = start(&[], Duration::ZERO).await;
     assert_eq!(s.upscale(png(4, 4, 1), "").await.status(), 200);

@@ -41,6 +41,12 @@ pub mod env {
     pub const PRECISION: &str = "HNDSR_PRECISION";
     /// `true` / `false`: μ as the mean over the 8 flips / 90° rotations.
     pub const SELF_ENSEMBLE: &str = "HNDSR_SELF_ENSEMBLE";
+    /// CPU cores the server may use (the operator fills it from the pod's
+    /// CPU request); unset: what the process is allowed to run on.
+    pub const CPUS: &str = "HNDSR_CPUS";
+    /// libtorch intra-op threads per inference thread; unset:
+    /// `HNDSR_CPUS / MAX_CONCURRENT`, at least 1.
+    pub const TORCH_THREADS: &str = "HNDSR_TORCH_THREADS";
     /// Comma-separated CIDRs whose X-Forwarded-For is trusted.
     pub const TRUSTED_PROXIES: &str = "HNDSR_TRUSTED_PROXIES";
     /// Comma-separated origins allowed by CORS (explicit; `*` is refused).

@@ -8,10 +8,11 @@ use k8s_openapi::api::apps::v1::{
     Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
 };
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, HTTPGetAction,
-    ImageVolumeSource, Lifecycle, LifecycleHandler, LocalObjectReference,
+    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
+    HTTPGetAction, ImageVolumeSource, Lifecycle, LifecycleHandler, LocalObjectReference,
     PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
-    ResourceRequirements, SeccompProfile, SecurityContext, SleepAction, Volume, VolumeMount,
+    ResourceFieldSelector, ResourceRequirements, SeccompProfile, SecurityContext, SleepAction,
+    Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -152,6 +153,24 @@ fn env_var(name: &str, value: impl Into<String>) -> EnvVar {
     }
 }
 
+/// The server's CPU request in whole cores (rounded up), through the
+/// downward API, so the server shares the cores it was given, not the
+/// node's, among its inference threads.
+fn cpus_from_request() -> EnvVar {
+    EnvVar {
+        name: env::CPUS.to_owned(),
+        value: None,
+        value_from: Some(EnvVarSource {
+            resource_field_ref: Some(ResourceFieldSelector {
+                container_name: Some(SERVER_CONTAINER.to_owned()),
+                resource: "requests.cpu".to_owned(),
+                divisor: Some(Quantity("1".to_owned())),
+            }),
+            ..EnvVarSource::default()
+        }),
+    }
+}
+
 fn http_probe(path: &str, period: i32, failures: i32, timeout: i32) -> Probe {
     Probe {
         http_get: Some(HTTPGetAction {
@@ -211,6 +230,7 @@ fn server_container(ctx: &Ctx<'_>, cfg: &BuildConfig, serving: &EffectiveServing
         env_var(env::MAX_PAYLOAD_MB, serving.max_payload_mb.to_string()),
         env_var(env::DRAIN_SECONDS, serving.drain_seconds.to_string()),
         env_var(env::LOG_JSON, cfg.log_json.to_string()),
+        cpus_from_request(),
     ]);
 
     let mut mounts = vec![VolumeMount {

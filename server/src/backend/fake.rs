@@ -39,6 +39,7 @@ pub struct FakeBackend {
     max_running: AtomicUsize,
     cancelled: AtomicUsize,
     warm_ups: AtomicUsize,
+    thread_inits: AtomicUsize,
     hold_warm_up: AtomicBool,
 }
 
@@ -57,6 +58,7 @@ impl FakeBackend {
             max_running: AtomicUsize::new(0),
             cancelled: AtomicUsize::new(0),
             warm_ups: AtomicUsize::new(0),
+            thread_inits: AtomicUsize::new(0),
             hold_warm_up: AtomicBool::new(false),
         }
     }
@@ -106,6 +108,12 @@ impl FakeBackend {
     pub fn warm_ups(&self) -> usize {
         self.warm_ups.load(Ordering::SeqCst)
     }
+
+    /// `init_thread` calls so far (one per inference thread started).
+    #[must_use]
+    pub fn thread_inits(&self) -> usize {
+        self.thread_inits.load(Ordering::SeqCst)
+    }
 }
 
 /// Decrements the running count even when the call panics.
@@ -118,6 +126,10 @@ impl Drop for Running<'_> {
 }
 
 impl Backend for FakeBackend {
+    fn init_thread(&self) {
+        self.thread_inits.fetch_add(1, Ordering::SeqCst);
+    }
+
     fn info(&self) -> BackendInfo {
         BackendInfo {
             backend: "fake".to_owned(),

@@ -102,6 +102,10 @@ pub trait Backend: Send + Sync + 'static {
     /// Static facts about the backend.
     fn info(&self) -> BackendInfo;
 
+    /// Prepares the calling inference thread (e.g. its libtorch thread
+    /// count). Called once on each inference thread before it takes work.
+    fn init_thread(&self) {}
+
     /// Runs the model once on a small input so the first real request does
     /// not pay for lazy initialisation. Called on an inference thread before
     /// `/readyz` turns true.

@@ -10,6 +10,7 @@
 //! keeps a small pool of model replicas and lends each call one of them
 //! exclusively, so no tensor is ever used from two threads at once.
 
+use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -34,6 +35,10 @@ const BICUBIC_MODEL_ID: &str = "bicubic-v1";
 /// [`BackendError::Load`] when the backend or device cannot be used, with a
 /// message an operator can act on.
 pub fn build(cfg: &ModelConfig) -> Result<Arc<dyn Backend>, BackendError> {
+    tracing::info!(
+        torch_threads = cfg.torch_threads.get(),
+        "libtorch intra-op threads per inference thread"
+    );
     match cfg.backend {
         BackendKind::Bicubic => Ok(Arc::new(TorchBicubic::new(cfg)?)),
         BackendKind::Hndsr => Ok(Arc::new(TorchHndsr::new(cfg)?)),
@@ -46,6 +51,7 @@ pub fn build(cfg: &ModelConfig) -> Result<Arc<dyn Backend>, BackendError> {
 pub struct TorchBicubic {
     upscaler: BicubicUpscaler,
     info: BackendInfo,
+    torch_threads: NonZeroUsize,
 }
 
 impl TorchBicubic {
@@ -81,13 +87,21 @@ impl TorchBicubic {
             default_steps: 0,
             self_ensemble: false,
         };
-        Ok(Self { upscaler, info })
+        Ok(Self {
+            upscaler,
+            info,
+            torch_threads: cfg.torch_threads,
+        })
     }
 }
 
 impl Backend for TorchBicubic {
     fn info(&self) -> BackendInfo {
         self.info.clone()
+    }
+
+    fn init_thread(&self) {
+        set_torch_threads(self.torch_threads);
     }
 
     fn warm_up(&self) -> Result<(), BackendError> {
@@ -116,6 +130,7 @@ pub struct TorchHndsr {
     source: WeightsSource,
     idle: Mutex<Vec<HndsrModel>>,
     info: BackendInfo,
+    torch_threads: NonZeroUsize,
 }
 
 /// What every replica is loaded from.
@@ -210,6 +225,7 @@ impl TorchHndsr {
             source,
             idle: Mutex::new(vec![model]),
             info,
+            torch_threads: cfg.torch_threads,
         })
     }
 
@@ -241,6 +257,10 @@ impl Backend for TorchHndsr {
         self.info.clone()
     }
 
+    fn init_thread(&self) {
+        set_torch_threads(self.torch_threads);
+    }
+
     fn warm_up(&self) -> Result<(), BackendError> {
         warm_up(self, 32, self.info.scales[0])
     }
@@ -257,6 +277,12 @@ impl Backend for TorchHndsr {
 }
 
 /// Runs one small grey RGB image through `backend` at its default steps.
+/// Sets the calling thread's libtorch intra-op thread count (OpenMP keeps
+/// it per thread, so every inference thread sets its own).
+fn set_torch_threads(n: NonZeroUsize) {
+    hndsr_torch::tch::set_num_threads(i32::try_from(n.get()).unwrap_or(i32::MAX));
+}
+
 fn warm_up(backend: &dyn Backend, side: u32, scale: u32) -> Result<(), BackendError> {
     let n = 3 * side as usize * side as usize;
     let job = Job {
@@ -371,6 +397,7 @@ mod tests {
             sampling_steps: Some(20),
             self_ensemble: None,
             precision: "fp32".to_owned(),
+            torch_threads: NonZeroUsize::MIN,
         }
     }
 
@@ -408,6 +435,25 @@ mod tests {
             hex::encode(Sha256::digest(b"bicubic-v1"))
         );
         backend.warm_up().expect("warm-up");
+    }
+
+    #[test]
+    fn each_inference_thread_gets_the_configured_libtorch_thread_count() {
+        let backend = build(&ModelConfig {
+            torch_threads: NonZeroUsize::new(3).unwrap(),
+            ..cfg()
+        })
+        .expect("bicubic on cpu");
+        for _ in 0..2 {
+            let backend = Arc::clone(&backend);
+            let threads = std::thread::spawn(move || {
+                backend.init_thread();
+                hndsr_torch::tch::get_num_threads()
+            })
+            .join()
+            .unwrap();
+            assert_eq!(threads, 3);
+        }
     }
 
     #[test]

@@ -147,6 +147,7 @@ impl Executor {
 }
 
 fn worker(rx: &Receiver<Work>, backend: &dyn Backend, metrics: &Metrics) {
+    backend.init_thread();
     while let Ok(work) = rx.recv() {
         match work {
             Work::WarmUp(reply) => {
