@@ -17,6 +17,7 @@ use k8s_openapi::api::{
 };
 use kube::{
     Client,
+    api::DynamicObject,
     runtime::{
         events::{Recorder, Reporter},
         reflector::{ObjectRef, Store},
@@ -114,6 +115,26 @@ impl Backoff {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .remove(key);
     }
+
+    /// Forgets an object the controller found gone when its retry came due
+    /// (deleted while failing: no reconcile will ever reset it).
+    pub fn forget_deleted(&self, gone: &ObjectRef<DynamicObject>) {
+        let key = ObjectRef::<HndsrService>::new(&gone.name);
+        let key = match &gone.namespace {
+            Some(ns) => key.within(ns),
+            None => key,
+        };
+        self.reset(&key);
+    }
+
+    /// Objects with failures on record.
+    #[must_use]
+    pub fn tracked(&self) -> usize {
+        self.attempts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .len()
+    }
 }
 
 /// Shared state of the controller.
@@ -191,5 +212,19 @@ mod tests {
         assert!(last <= Duration::from_secs(300));
         b.reset(&key);
         assert!(b.next(&key) <= Duration::from_secs(1));
+    }
+
+    #[test]
+    fn an_object_found_gone_at_its_retry_is_forgotten() {
+        let b = Backoff::default();
+        let key = ObjectRef::<HndsrService>::new("x").within("ns");
+        let other = ObjectRef::<HndsrService>::new("x").within("other");
+        b.next(&key);
+        b.next(&other);
+        assert_eq!(b.tracked(), 2);
+        b.forget_deleted(&key.clone().erase());
+        assert_eq!(b.tracked(), 1, "only that object");
+        b.forget_deleted(&other.erase());
+        assert_eq!(b.tracked(), 0);
     }
 }

@@ -164,14 +164,22 @@ async fn run(config: Config) -> anyhow::Result<()> {
             let s = shutdown.clone();
             async move { s.cancelled_owned().await }
         })
-        .run(reconcile, error_policy, ctx)
-        .for_each(|res| async move {
-            match res {
-                Ok((obj, _)) => {
-                    tracing::debug!(name = %obj.name, namespace = ?obj.namespace, "reconciled")
+        .run(reconcile, error_policy, Arc::clone(&ctx))
+        .for_each(|res| {
+            let ctx = Arc::clone(&ctx);
+            async move {
+                match res {
+                    Ok((obj, _)) => {
+                        tracing::debug!(name = %obj.name, namespace = ?obj.namespace, "reconciled")
+                    }
+                    Err(controller::Error::ReconcilerFailed(..)) => {} // logged by reconcile
+                    // A retry came due for an object deleted meanwhile.
+                    Err(controller::Error::ObjectNotFound(gone)) => {
+                        ctx.backoff.forget_deleted(&gone);
+                        tracing::debug!(name = %gone.name, namespace = ?gone.namespace, "gone before its retry");
+                    }
+                    Err(error) => tracing::warn!(%error, "controller"),
                 }
-                Err(controller::Error::ReconcilerFailed(..)) => {} // logged by reconcile
-                Err(error) => tracing::warn!(%error, "controller"),
             }
         })
         .await;
