@@ -12,6 +12,7 @@ mod data;
 mod grow;
 mod metrics;
 mod probe;
+mod project;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -171,6 +172,10 @@ struct EvalArgs {
     /// the time of many-step runs on a CPU.
     #[arg(long)]
     max_tiles: Option<usize>,
+    /// Also measure steps = 0 (and the self-ensemble) projected onto the
+    /// images that degrade exactly to the input, with this many CG steps.
+    #[arg(long)]
+    project: Option<usize>,
 }
 
 #[derive(Debug, Args)]
@@ -587,6 +592,22 @@ fn eval(args: &EvalArgs, data_dir: &Path, device: Device) -> Result<()> {
             measure("hndsr, ×8 self-ensemble", Some(0), &|lr| {
                 Ok(ensemble.upscale_image(lr, 0, args.seed, &never)?)
             })?;
+        }
+        if let Some(iters) = args.project {
+            measure(&format!("hndsr, projected ({iters} CG)"), Some(0), &|lr| {
+                let y = model.upscale_image(lr, 0, args.seed, &never)?;
+                Ok(project::project(&y, lr, scale, iters))
+            })?;
+            if let Some(ensemble) = &ensemble {
+                measure(
+                    &format!("hndsr, ×8, projected ({iters} CG)"),
+                    Some(0),
+                    &|lr| {
+                        let y = ensemble.upscale_image(lr, 0, args.seed, &never)?;
+                        Ok(project::project(&y, lr, scale, iters))
+                    },
+                )?;
+            }
         }
         if let Some(tiled) = &tiled {
             let label = format!("hndsr, {}² LR tiles", tiled.tiles().tile);
