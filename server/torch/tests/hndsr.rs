@@ -5,7 +5,9 @@ use std::f64::consts::TAU;
 
 use hndsr_torch::TorchError;
 use hndsr_torch::hndsr::spectral::SpectralConv2d;
-use hndsr_torch::hndsr::{HndsrConfig, HndsrError, HndsrModel, Manifest, Precision, manifest_path};
+use hndsr_torch::hndsr::{
+    HndsrConfig, HndsrError, HndsrModel, Manifest, Precision, default_tiles, manifest_path,
+};
 use hndsr_torch::tiling::TileConfig;
 use tch::{Device, Kind, Tensor, nn};
 
@@ -462,4 +464,16 @@ fn preset_sizes_match_the_design() {
         "medium has {medium}"
     );
     assert!((5_000_000..9_000_000).contains(&base), "base has {base}");
+}
+
+#[test]
+fn cpu_models_tile_256_one_tile_at_a_time() {
+    let cpu = default_tiles(Device::Cpu);
+    assert_eq!((cpu.tile, cpu.batch), (256, 1));
+    cpu.validate().unwrap();
+    let cuda = default_tiles(Device::Cuda(0));
+    assert_eq!((cuda.tile, cuda.batch), (256, 4));
+    cuda.validate().unwrap();
+    let model = HndsrModel::random(&HndsrConfig::tiny(), Device::Cpu, 1).unwrap();
+    assert_eq!(model.tiles(), cpu);
 }
