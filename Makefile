@@ -96,7 +96,7 @@ test: lint deny check-generated unit e2e ## every test: lint, licences, generate
 	@echo "make test: all green"
 
 .PHONY: bench
-bench: prereqs ## load-test the release server on 127.0.0.1 and print the figures for docs/benchmarks.md
+bench: prereqs ## load-test the release server on 127.0.0.1 and print the figures for docs/benchmarks.md (BENCH_WEIGHTS=W.safetensors adds hndsr rows)
 	$(CARGO) build --release --locked -p hndsr-server --bin hndsr-server -p hndsr-loadgen --bin hndsr-loadgen
 	bash server/scripts/bench.sh
 

@@ -8,10 +8,16 @@
 #   2. overload: concurrency 10 x MAX_QUEUE_DEPTH: share of 503s, p99 of the
 #      503s and of the admitted requests;
 #   3. 100k requests from 100k distinct client addresses via a trusted
-#      X-Forwarded-For, rate limit on: server RSS before and after.
+#      X-Forwarded-For, rate limit on: server RSS before and after;
+#   4. libtorch threads per inference thread: HNDSR_TORCH_THREADS = the
+#      server's default (all cores) vs the cores divided among the
+#      MAX_CONCURRENT inference threads, at concurrency 1 and MAX_CONCURRENT;
+#      with BENCH_WEIGHTS=path/to/w.safetensors also for the hndsr backend
+#      (steps 0, no self-ensemble).
 #
 # Knobs (env): BENCH_SECONDS (per level, default 15), BENCH_CLIENTS (default
-# 100000), MAX_CONCURRENT (4), MAX_QUEUE_DEPTH (20), CARGO_TARGET_DIR.
+# 100000), MAX_CONCURRENT (4), MAX_QUEUE_DEPTH (20), BENCH_WEIGHTS (unset),
+# CARGO_TARGET_DIR.
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -58,7 +64,7 @@ start_server() {
   local log="$1"; shift
   PORT="$(free_port)"
   MAX_CONCURRENT="$MAX_CONCURRENT" MAX_QUEUE_DEPTH="$MAX_QUEUE_DEPTH" \
-    "$SERVER" --listen "127.0.0.1:$PORT" --backend bicubic --device cpu --scale 4 "$@" >"$log" 2>&1 &
+    "$SERVER" --listen "127.0.0.1:$PORT" --device cpu --scale 4 "${BACKEND_ARGS[@]}" "$@" >"$log" 2>&1 &
   SERVER_PID=$!
   for _ in $(seq 300); do
     if curl -fsS -o /dev/null "http://127.0.0.1:$PORT/readyz" 2>/dev/null; then return 0; fi
@@ -67,6 +73,8 @@ start_server() {
   done
   echo "bench: server not ready after 30 s:" >&2; tail -20 "$log" >&2; exit 1
 }
+
+BACKEND_ARGS=(--backend bicubic)
 
 rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$SERVER_PID/status"; }
 
@@ -164,3 +172,37 @@ print(f'| server VmRSS after | {after / 1024:.1f} MiB |')
 print(f'| growth | {(after - before) / 1024:.1f} MiB ({(after - before) * 1024 / max(r["requests"], 1):.0f} bytes per client) |')
 PY
 stop_server
+
+# --- 4: libtorch threads per inference thread --------------------------------
+CORES="$(nproc)"
+SHARE=$((CORES / MAX_CONCURRENT)); ((SHARE >= 1)) || SHARE=1
+threads_section() {
+  local label="$1"
+  echo
+  echo "## libtorch threads per inference thread: $label, 256x256 PNG, scale 4, CPU"
+  echo
+  echo "$CORES cores, MAX_CONCURRENT=$MAX_CONCURRENT, ${SECONDS_PER_LEVEL} s per row. $CORES threads is the"
+  echo "server's default here (all cores); $SHARE is the cores divided among the inference threads."
+  echo
+  echo "| torch threads, concurrency | requests | seconds | 200/s | p50 ms (200) | p90 ms (200) | p99 ms (200) | % 200 | other statuses |"
+  echo "|---|---:|---:|---:|---:|---:|---:|---:|---|"
+  local t c counts=("$CORES")
+  [[ "$SHARE" == "$CORES" ]] || counts+=("$SHARE")
+  for t in "${counts[@]}"; do
+    start_server "$WORK/server-t$t.log" --rate-limit-per-hour 0 --request-timeout-s 120 --torch-threads "$t"
+    URL="http://127.0.0.1:$PORT/v1/upscale?scale=4"
+    "$LOADGEN" run --url "$URL" "${BODY[@]}" -c "$MAX_CONCURRENT" -n "$((2 * MAX_CONCURRENT))" >/dev/null
+    for c in 1 "$MAX_CONCURRENT"; do
+      "$LOADGEN" run --url "$URL" "${BODY[@]}" -c "$c" -d "$SECONDS_PER_LEVEL" --timeout 120 --json >"$WORK/t$t-c$c.json"
+      row "$t, $c" "$WORK/t$t-c$c.json"
+    done
+    stop_server
+  done
+}
+threads_section bicubic
+if [[ -n "${BENCH_WEIGHTS:-}" ]]; then
+  SHA="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["sha256"])' "${BENCH_WEIGHTS%.safetensors}.json")"
+  BACKEND_ARGS=(--backend hndsr --weights-path "$BENCH_WEIGHTS" --weights-sha256 "$SHA"
+    --sampling-steps 0 --self-ensemble false)
+  threads_section "hndsr $(basename "$BENCH_WEIGHTS"), steps 0"
+fi

@@ -109,9 +109,9 @@ pub struct Args {
     #[arg(long, env = env::CPUS)]
     pub cpus: Option<NonZeroUsize>,
 
-    /// libtorch intra-op threads per inference thread; unset: the cores
-    /// shared out over `MAX_CONCURRENT` inference threads, at least 1 (so
-    /// concurrent requests do not oversubscribe the CPU).
+    /// libtorch intra-op threads per inference thread; unset: `--cpus`
+    /// (libtorch alone would take every core of the node, whatever the
+    /// pod's CPU allotment).
     #[arg(long, env = env::TORCH_THREADS)]
     pub torch_threads: Option<NonZeroUsize>,
 
@@ -386,11 +386,7 @@ impl Args {
                 sampling_steps: self.sampling_steps,
                 precision,
                 self_ensemble: self.self_ensemble,
-                torch_threads: torch_threads(
-                    self.torch_threads,
-                    self.cpus,
-                    to_nonzero(max_concurrent),
-                ),
+                torch_threads: torch_threads(self.torch_threads, self.cpus),
             },
             log_json: self.log_json,
         })
@@ -398,19 +394,16 @@ impl Args {
 }
 
 /// libtorch threads per inference thread: `explicit`, else the cores
-/// (`cpus`, else what the process may run on) shared out over the
-/// `inference_threads`, at least one each.
+/// this server may use (`cpus`, else what the process may run on: cgroup
+/// quota and affinity included). Measured on 2 cores with 4 inference
+/// threads (docs/benchmarks.md): at full load one thread each was no faster
+/// than all cores each, and a lone request took 1.5× as long, so the
+/// default does not divide the cores among the inference threads.
 #[must_use]
-pub fn torch_threads(
-    explicit: Option<NonZeroUsize>,
-    cpus: Option<NonZeroUsize>,
-    inference_threads: NonZeroUsize,
-) -> NonZeroUsize {
+pub fn torch_threads(explicit: Option<NonZeroUsize>, cpus: Option<NonZeroUsize>) -> NonZeroUsize {
     explicit.unwrap_or_else(|| {
-        let cpus = cpus
-            .or_else(|| std::thread::available_parallelism().ok())
-            .unwrap_or(NonZeroUsize::MIN);
-        NonZeroUsize::new(cpus.get() / inference_threads.get()).unwrap_or(NonZeroUsize::MIN)
+        cpus.or_else(|| std::thread::available_parallelism().ok())
+            .unwrap_or(NonZeroUsize::MIN)
     })
 }
 
@@ -483,20 +476,16 @@ mod tests {
     }
 
     #[test]
-    fn torch_threads_share_the_cores_out_over_the_inference_threads() {
+    fn torch_threads_default_to_the_cores_the_server_may_use() {
         let n = |v: usize| NonZeroUsize::new(v).unwrap();
-        assert_eq!(torch_threads(None, Some(n(8)), n(4)), n(2));
-        assert_eq!(torch_threads(None, Some(n(7)), n(2)), n(3));
-        assert_eq!(torch_threads(None, Some(n(2)), n(4)), n(1), "at least one");
-        assert_eq!(
-            torch_threads(Some(n(6)), Some(n(2)), n(4)),
-            n(6),
-            "explicit wins"
-        );
+        assert_eq!(torch_threads(None, Some(n(8))), n(8));
+        assert_eq!(torch_threads(Some(n(3)), Some(n(8))), n(3), "explicit wins");
+        let here = std::thread::available_parallelism().unwrap();
+        assert_eq!(torch_threads(None, None), here);
 
         let c = parse(&["--cpus", "16", "--max-concurrent", "2"]).unwrap();
-        assert_eq!(c.model.torch_threads, n(8));
-        let c = parse(&["--torch-threads", "3"]).unwrap();
+        assert_eq!(c.model.torch_threads, n(16));
+        let c = parse(&["--cpus", "16", "--torch-threads", "3"]).unwrap();
         assert_eq!(c.model.torch_threads, n(3));
         for bad in [["--cpus", "0"], ["--torch-threads", "0"], ["--cpus", "two"]] {
             assert!(

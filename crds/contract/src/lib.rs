@@ -44,8 +44,7 @@ pub mod env {
     /// CPU cores the server may use (the operator fills it from the pod's
     /// CPU request); unset: what the process is allowed to run on.
     pub const CPUS: &str = "HNDSR_CPUS";
-    /// libtorch intra-op threads per inference thread; unset:
-    /// `HNDSR_CPUS / MAX_CONCURRENT`, at least 1.
+    /// libtorch intra-op threads per inference thread; unset: `HNDSR_CPUS`.
     pub const TORCH_THREADS: &str = "HNDSR_TORCH_THREADS";
     /// Comma-separated CIDRs whose X-Forwarded-For is trusted.
     pub const TRUSTED_PROXIES: &str = "HNDSR_TRUSTED_PROXIES";
