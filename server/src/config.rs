@@ -397,7 +397,7 @@ impl Args {
 /// this server may use (`cpus`, else what the process may run on: cgroup
 /// quota and affinity included). Measured on 2 cores with 4 inference
 /// threads (docs/benchmarks.md): at full load one thread each was no faster
-/// than all cores each, and a lone request took 1.5× as long, so the
+/// than all cores each, and a lone request took 1.3–1.5× as long, so the
 /// default does not divide the cores among the inference threads.
 #[must_use]
 pub fn torch_threads(explicit: Option<NonZeroUsize>, cpus: Option<NonZeroUsize>) -> NonZeroUsize {
