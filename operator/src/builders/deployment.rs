@@ -154,8 +154,8 @@ fn env_var(name: &str, value: impl Into<String>) -> EnvVar {
 }
 
 /// The server's CPU request in whole cores (rounded up), through the
-/// downward API, so the server shares the cores it was given, not the
-/// node's, among its inference threads.
+/// downward API, so the server sizes libtorch's thread pools by the cores
+/// it was given, not by the node's.
 fn cpus_from_request() -> EnvVar {
     EnvVar {
         name: env::CPUS.to_owned(),

@@ -276,13 +276,13 @@ impl Backend for TorchHndsr {
     }
 }
 
-/// Runs one small grey RGB image through `backend` at its default steps.
 /// Sets the calling thread's libtorch intra-op thread count (OpenMP keeps
 /// it per thread, so every inference thread sets its own).
 fn set_torch_threads(n: NonZeroUsize) {
     hndsr_torch::tch::set_num_threads(i32::try_from(n.get()).unwrap_or(i32::MAX));
 }
 
+/// Runs one small grey RGB image through `backend` at its default steps.
 fn warm_up(backend: &dyn Backend, side: u32, scale: u32) -> Result<(), BackendError> {
     let n = 3 * side as usize * side as usize;
     let job = Job {

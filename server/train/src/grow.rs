@@ -17,8 +17,7 @@
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
-use hndsr_torch::hndsr::Manifest;
-use hndsr_torch::hndsr::{HndsrConfig, HndsrNet, load_weights_from_bytes, manifest_path};
+use hndsr_torch::hndsr::{HndsrConfig, HndsrNet, Manifest, load_weights_from_bytes};
 use tch::{Device, Tensor, nn};
 
 /// Checks that `grown` only differs from `base` in `blocks` / `local`, and
@@ -44,11 +43,10 @@ pub fn check_growth(base: &HndsrConfig, grown: &HndsrConfig) -> Result<()> {
     Ok(())
 }
 
-/// Copies the weights in `init` into `vs` (built for a config that
-/// [`check_growth`] accepted) and silences what is new. Returns the names of
-/// the variables `init` did not have, sorted.
-pub fn init_from(vs: &nn::VarStore, init: &Path) -> Result<Vec<String>> {
-    let manifest = Manifest::read(&manifest_path(init))?;
+/// Copies the weights in `init` (whose manifest is `manifest`) into `vs`
+/// (built for a config that [`check_growth`] accepted) and silences what is
+/// new. Returns the names of the variables `init` did not have, sorted.
+pub fn init_from(vs: &nn::VarStore, init: &Path, manifest: &Manifest) -> Result<Vec<String>> {
     let bytes = std::fs::read(init).with_context(|| format!("read {}", init.display()))?;
     let old = nn::VarStore::new(Device::Cpu);
     let _net = HndsrNet::new(&old.root(), &manifest.config);
@@ -114,7 +112,7 @@ fn silenced_in_new_block(name: &str, old_blocks: i64) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use hndsr_torch::hndsr::{Manifest, save_weights};
+    use hndsr_torch::hndsr::{manifest_path, save_weights};
     use tch::Kind;
 
     #[test]
@@ -165,7 +163,7 @@ mod tests {
         check_growth(&base, &grown).unwrap();
         let vs = nn::VarStore::new(Device::Cpu);
         let net = HndsrNet::new(&vs.root(), &grown);
-        let fresh = init_from(&vs, &path).unwrap();
+        let fresh = init_from(&vs, &path, &Manifest::read(&manifest_path(&path)).unwrap()).unwrap();
         assert!(
             fresh
                 .iter()

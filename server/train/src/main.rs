@@ -268,13 +268,16 @@ fn train(args: &TrainArgs, data_dir: &Path, device: Device) -> Result<()> {
     let mix = data::parse_mix(&args.mix)?;
     let state_path = args.out.join("state.json");
     let weights = args.out.join("latest.safetensors");
+    let init = match &args.init {
+        Some(path) => Some((path, Manifest::read(&manifest_path(path))?)),
+        None => None,
+    };
     let mut state = if args.resume {
         let s: TrainState = serde_json::from_str(
             &std::fs::read_to_string(&state_path).context("read state.json to resume")?,
         )?;
         s
-    } else if let Some(init) = &args.init {
-        let m = Manifest::read(&manifest_path(init))?;
+    } else if let Some((_, m)) = &init {
         let mut config = m.config.clone();
         if let Some(local) = args.local {
             config.local = local;
@@ -287,7 +290,8 @@ fn train(args: &TrainArgs, data_dir: &Path, device: Device) -> Result<()> {
         let inherited_data = m
             .training
             .data
-            .into_iter()
+            .iter()
+            .cloned()
             .map(|l| {
                 if l.starts_with("initial weights: ") {
                     l
@@ -336,9 +340,9 @@ fn train(args: &TrainArgs, data_dir: &Path, device: Device) -> Result<()> {
     if args.resume {
         let bytes = std::fs::read(&weights)?;
         load_weights_from_bytes(&vs, &bytes, &weights)?;
-    } else if let Some(init) = &args.init {
-        let fresh = grow::init_from(&vs, init)?;
-        println!("from {}; new variables: {fresh:?}", init.display());
+    } else if let Some((path, manifest)) = &init {
+        let fresh = grow::init_from(&vs, path, manifest)?;
+        println!("from {}; new variables: {fresh:?}", path.display());
     }
     println!(
         "config {} ({} parameters), start at step {}",
