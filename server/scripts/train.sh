@@ -59,7 +59,7 @@ if [[ "$finetune_min" != 0 ]]; then
     --batch 8 --crop 96 --lr 5e-4 --denoiser-weight 0 --mix "$mix" --gray-fraction 0.3
 fi
 # 4. μ on larger crops, so the Fourier layers also see grids nearer the
-#    ones they serve (128² LR tiles).
+#    ones they serve (256² LR tiles).
 if [[ "$large_min" != 0 ]]; then
   run "$bin" --device "$device" train --out "$out/ckpt" --resume --restart-schedule \
     --steps 1000000 --minutes "$large_min" --time-schedule \

@@ -273,11 +273,15 @@ fn stretch_bgr16(raw: &[u16]) -> (Vec<f32>, Vec<bool>) {
     (out, valid)
 }
 
-/// The LR image for an HR batch: antialiased bicubic ÷`scale`, clamped.
+/// The LR image for an HR batch: [`downsample`], clamped to [0, 1].
 pub fn degrade(hr: &Tensor, scale: i64) -> Tensor {
+    downsample(hr, scale).clamp(0.0, 1.0)
+}
+
+/// The linear part of the degradation: antialiased bicubic ÷`scale`.
+pub fn downsample(hr: &Tensor, scale: i64) -> Tensor {
     let (_, _, h, w) = hr.size4().expect("NCHW");
     hr.internal_upsample_bicubic2d_aa([h / scale, w / scale], false, None::<f64>, None::<f64>)
-        .clamp(0.0, 1.0)
 }
 
 /// One training image with the column ranges crops may start in.

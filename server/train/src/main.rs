@@ -216,6 +216,21 @@ struct TrainState {
     inherited_data: Vec<String>,
 }
 
+impl TrainState {
+    /// A run that has not taken a step yet.
+    fn new(config: HndsrConfig) -> Self {
+        Self {
+            config,
+            step: 0,
+            seconds: 0.0,
+            commands: Vec::new(),
+            log: Vec::new(),
+            sources: Vec::new(),
+            inherited_data: Vec::new(),
+        }
+    }
+}
+
 fn default_sources() -> Vec<String> {
     vec!["aero".into(), "bluemarble".into()]
 }
@@ -301,27 +316,15 @@ fn train(args: &TrainArgs, data_dir: &Path, device: Device) -> Result<()> {
             })
             .collect();
         TrainState {
-            config,
-            step: 0,
-            seconds: 0.0,
             commands: vec![format!(
                 "(initial weights {}, {} steps: {})",
                 m.version, m.training.steps, m.training.command
             )],
-            log: Vec::new(),
-            sources: Vec::new(),
             inherited_data,
+            ..TrainState::new(config)
         }
     } else {
-        TrainState {
-            config: config_from(&args.config)?,
-            step: 0,
-            seconds: 0.0,
-            commands: Vec::new(),
-            log: Vec::new(),
-            sources: Vec::new(),
-            inherited_data: Vec::new(),
-        }
+        TrainState::new(config_from(&args.config)?)
     };
     for (name, _) in &mix {
         if !state.sources.contains(name) {

@@ -6,10 +6,7 @@
 
 use tch::{Kind, Tensor};
 
-fn down(y: &Tensor, scale: i64) -> Tensor {
-    let (_, _, h, w) = y.size4().expect("NCHW");
-    y.internal_upsample_bicubic2d_aa([h / scale, w / scale], false, None::<f64>, None::<f64>)
-}
+use crate::data::downsample as down;
 
 /// `Dᵀ v` for an LR-sized `v`, through autograd (D is linear).
 fn down_t(v: &Tensor, hr_shape: &[i64], scale: i64) -> Tensor {
