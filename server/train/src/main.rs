@@ -10,6 +10,7 @@
 mod bench;
 mod data;
 mod grow;
+mod linear;
 mod metrics;
 mod probe;
 mod project;
@@ -90,8 +91,14 @@ struct TrainArgs {
     /// Weight of the denoiser loss (0 trains the regression path only).
     #[arg(long, default_value_t = 1.0)]
     denoiser_weight: f64,
+    /// Weight of an equivariance term: each step also runs μ on the batch
+    /// under a random flip / 90° rotation, maps it back and penalises the
+    /// mean absolute difference to the plain μ (twice the regression work;
+    /// pushes the plain output towards what the self-ensemble averages to).
+    #[arg(long, default_value_t = 0.0)]
+    equivariance: f64,
     /// Training sources and their share of the crops, `name=weight,...`
-    /// (aero, bluemarble, landsat, rgbn; weights are normalised).
+    /// (aero, bluemarble, landsat, rgbn, oblique1, oblique3; weights are normalised).
     #[arg(long, default_value = "aero=0.5,bluemarble=0.5")]
     mix: String,
     /// Probability that a crop of a colour source is turned gray (luma,
@@ -176,6 +183,17 @@ struct EvalArgs {
     /// images that degrade exactly to the input, with this many CG steps.
     #[arg(long)]
     project: Option<usize>,
+    /// Also measure a learned linear baseline: per HR position, one K×K
+    /// filter over the LR pixels, fitted by least squares to crops of the
+    /// training regions of `--linear-mix` (K odd, e.g. 9).
+    #[arg(long)]
+    linear: Option<i64>,
+    /// Sources and shares of the linear baseline's training crops.
+    #[arg(long, default_value = "aero=0.4,bluemarble=0.15,landsat=0.3,rgbn=0.15")]
+    linear_mix: String,
+    /// Number of 96² training crops the linear baseline is fitted to.
+    #[arg(long, default_value_t = 4096)]
+    linear_crops: usize,
 }
 
 #[derive(Debug, Args)]
@@ -409,6 +427,17 @@ fn train(args: &TrainArgs, data_dir: &Path, device: Device) -> Result<()> {
                 Loss::Mse => error.square().mean(Kind::Float),
             }
         };
+        if args.equivariance > 0.0 && !args.freeze_regressor {
+            // One of the seven symmetries other than the identity.
+            let g = 1 + (rng.next_u64() % 7) as i64;
+            let (rot, flip) = (g >> 1, g & 1 == 1);
+            let turned = lr_img.rot90(rot, [2, 3]);
+            let turned = if flip { turned.flip([3]) } else { turned };
+            let (back, _) = net.regress(&turned);
+            let back = if flip { back.flip([3]) } else { back };
+            let back = back.rot90(-rot, [2, 3]);
+            loss += (&mu - back).abs().mean(Kind::Float) * args.equivariance;
+        }
         if args.denoiser_weight > 0.0 {
             let residual = ((&hr - mu.detach()) * cfg.residual_scale).pixel_unshuffle(cfg.scale);
             let b = args.batch as i64;
@@ -531,6 +560,10 @@ fn eval(args: &EvalArgs, data_dir: &Path, device: Device) -> Result<()> {
         None
     };
     let scale = model.scale();
+    let linear = match args.linear {
+        Some(k) => Some(fit_linear(args, k, scale, data_dir)?),
+        None => None,
+    };
     let mut sets = data::eval_sets(data_dir, scale)?;
     if let Some(max) = args.max_tiles.filter(|&m| m > 0) {
         for set in &mut sets {
@@ -616,6 +649,9 @@ fn eval(args: &EvalArgs, data_dir: &Path, device: Device) -> Result<()> {
                 )?;
             }
         }
+        if let Some((label, linear)) = &linear {
+            measure(label, None, &|lr| Ok(linear.upscale(lr)))?;
+        }
         if let Some(tiled) = &tiled {
             let label = format!("hndsr, {}² LR tiles", tiled.tiles().tile);
             measure(&label, Some(0), &|lr| {
@@ -634,6 +670,36 @@ fn eval(args: &EvalArgs, data_dir: &Path, device: Device) -> Result<()> {
         m.write(&manifest_path)?;
     }
     Ok(())
+}
+
+/// Fits the linear baseline of `eval --linear K` and names it for the table.
+fn fit_linear(
+    args: &EvalArgs,
+    k: i64,
+    scale: i64,
+    data_dir: &Path,
+) -> Result<(String, linear::LinearSr)> {
+    const CROP: i64 = 96;
+    const BATCH: usize = 64;
+    let started = Instant::now();
+    let mix = data::parse_mix(&args.linear_mix)?;
+    let set = data::TrainSet::load(data_dir, CROP, &mix, 0.0)?;
+    let mut rng = SplitMix64::new(args.seed);
+    let mut fit = linear::Fit::new(k, scale)?;
+    let mut left = args.linear_crops;
+    while left > 0 {
+        let hr = set.batch(&mut rng, left.min(BATCH));
+        fit.add(&data::degrade(&hr, scale), &hr);
+        left = left.saturating_sub(BATCH);
+    }
+    let fitted = fit.solve()?;
+    println!(
+        "linear baseline: {k}×{k} taps fitted to {} crops of {CROP}² ({}) in {:.1} s",
+        args.linear_crops,
+        args.linear_mix,
+        started.elapsed().as_secs_f64()
+    );
+    Ok((format!("linear {k}×{k} least squares"), fitted))
 }
 
 fn markdown_table(model: &HndsrModel, figures: &[EvalFigure]) -> String {
