@@ -21,6 +21,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use hndsr_torch::hndsr::diffusion::{self, SplitMix64};
+use hndsr_torch::hndsr::net;
 use hndsr_torch::hndsr::{
     EvalFigure, HndsrConfig, HndsrModel, HndsrNet, Manifest, Precision, TrainingInfo,
     load_weights_from_bytes, manifest_path, parameter_count, save_weights,
@@ -431,11 +432,8 @@ fn train(args: &TrainArgs, data_dir: &Path, device: Device) -> Result<()> {
             // One of the seven symmetries other than the identity.
             let g = 1 + (rng.next_u64() % 7) as i64;
             let (rot, flip) = (g >> 1, g & 1 == 1);
-            let turned = lr_img.rot90(rot, [2, 3]);
-            let turned = if flip { turned.flip([3]) } else { turned };
-            let (back, _) = net.regress(&turned);
-            let back = if flip { back.flip([3]) } else { back };
-            let back = back.rot90(-rot, [2, 3]);
+            let (turned, _) = net.regress(&net::transform(&lr_img, rot, flip));
+            let back = net::untransform(&turned, rot, flip);
             loss += (&mu - back).abs().mean(Kind::Float) * args.equivariance;
         }
         if args.denoiser_weight > 0.0 {

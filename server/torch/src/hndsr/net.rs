@@ -139,6 +139,19 @@ struct Denoiser {
     output: nn::Conv2D,
 }
 
+/// `x` (NCHW) under one of the eight symmetries of the square: `rot`
+/// quarter turns, then a left–right mirror if `flip`.
+pub fn transform(x: &Tensor, rot: i64, flip: bool) -> Tensor {
+    let x = x.rot90(rot, [2, 3]);
+    if flip { x.flip([3]) } else { x }
+}
+
+/// Undoes [`transform`].
+pub fn untransform(y: &Tensor, rot: i64, flip: bool) -> Tensor {
+    let y = if flip { y.flip([3]) } else { y.shallow_clone() };
+    y.rot90(-rot, [2, 3])
+}
+
 /// The whole network. Built on a [`nn::Path`] so the trainer and the
 /// inference wrapper share one definition and one variable naming.
 #[derive(Debug)]
@@ -293,21 +306,14 @@ impl HndsrNet {
         for variants in all.chunks(per_call) {
             let inputs: Vec<Tensor> = variants
                 .iter()
-                .map(|&(rot, flip)| {
-                    let x = lr.rot90(rot, [2, 3]);
-                    if flip { x.flip([3]) } else { x }
-                })
+                .map(|&(rot, flip)| transform(lr, rot, flip))
                 .collect();
             let (mu, f) = self.regress(&Tensor::cat(&inputs, 0));
             if features.is_none() {
                 features = Some(f.narrow(0, 0, b));
             }
             for (i, &(rot, flip)) in variants.iter().enumerate() {
-                let mut y = mu.narrow(0, i as i64 * b, b);
-                if flip {
-                    y = y.flip([3]);
-                }
-                let y = y.rot90(-rot, [2, 3]);
+                let y = untransform(&mu.narrow(0, i as i64 * b, b), rot, flip);
                 sum = Some(match sum {
                     Some(s) => s + y,
                     None => y,
