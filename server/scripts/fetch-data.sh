@@ -17,6 +17,14 @@
 #                      opencv/samples/data/aero1.jpg, aero3.jpg
 #                        -> two 640x480 RGB JPEG oblique aerial photographs
 #                           of a town with woods, a lake and a shore
+#   deepforest 2.1.0   (wheel, ~21 MB; MIT-licensed package)
+#                      deepforest/data/2019_YELL_2_528000_4978000_image_crop2.png
+#                        -> yell-meadow.png (2299x2472 RGB)
+#                      deepforest/data/2019_YELL_2_541000_4977000_image_crop.png
+#                        -> yell-road.png (1249x1035 RGB)
+#                      vertical aerial photographs, NEON Airborne Observation
+#                      Platform 10 cm RGB orthomosaics of Yellowstone (2019):
+#                      conifers, meadow, dead wood, a road (NEON data: CC0)
 #
 # Output: $HNDSR_DATA (default $HOME/.cache/hndsr/data)/<pkg>-<version>/...
 # The wheels are fetched with `python3 -m pip download --no-deps` from
@@ -47,6 +55,9 @@ OPENCV_VERSION=5.0.0.93
 OPENCV_SDIST_SHA256=66aac3e5b5faa48d4025816592f3af19e4bfc2c68dec067bae2dbb4ca10aa9e2
 AERO1_JPG_SHA256=d9a69191f6e3642ea361bc3c62e677b2f40fe6534b78da540f4155e0734b59ef
 AERO3_JPG_SHA256=1c407146f8762b3b14a7953ff9bc4c01ed64c467d7277122e769bf7e816017a4
+DEEPFOREST_VERSION=2.1.0
+YELL_MEADOW_PNG_SHA256=a9bdb0f4447fdd899d22f567e0e20ba8320c5413b2ad0cd0ac8d9f3b6e0f9767
+YELL_ROAD_PNG_SHA256=178e58a23cc2642226a364a30f71bd9258ddc1b012c826f12250914a90c7a131
 
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
@@ -179,9 +190,21 @@ if [[ ! -f "$cv_dir/aero1.jpg" || ! -f "$cv_dir/aero3.jpg" ]]; then
     untar "$sdist" "$member/aero3.jpg" "$cv_dir/aero3.jpg" "$AERO3_JPG_SHA256"
 fi
 
+df_dir="$DATA/deepforest-$DEEPFOREST_VERSION"
+if [[ ! -f "$df_dir/yell-meadow.png" || ! -f "$df_dir/yell-road.png" ]]; then
+    mkdir -p "$df_dir"
+    wheel="$(fetch_wheel "deepforest==$DEEPFOREST_VERSION" "$tmp/deepforest")"
+    extract "$wheel" deepforest/data/2019_YELL_2_528000_4978000_image_crop2.png \
+        "$df_dir/yell-meadow.png" "$YELL_MEADOW_PNG_SHA256"
+    extract "$wheel" deepforest/data/2019_YELL_2_541000_4977000_image_crop.png \
+        "$df_dir/yell-road.png" "$YELL_ROAD_PNG_SHA256"
+fi
+
 echo "$aero_dir/aero.png"
 echo "$bm_dir/bmng.jpg"
 echo "$gw_dir/landsat8.tif"
 echo "$gw_dir/rgbn.tif"
 echo "$cv_dir/aero1.jpg"
 echo "$cv_dir/aero3.jpg"
+echo "$df_dir/yell-meadow.png"
+echo "$df_dir/yell-road.png"

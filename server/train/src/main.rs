@@ -90,16 +90,17 @@ struct TrainArgs {
     #[arg(long, value_enum, default_value_t = Loss::L1)]
     loss: Loss,
     /// Weight of the denoiser loss (0 trains the regression path only).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = loss_weight, allow_hyphen_values = true)]
     denoiser_weight: f64,
     /// Weight of an equivariance term: each step also runs μ on the batch
     /// under a random flip / 90° rotation, maps it back and penalises the
     /// mean absolute difference to the plain μ (twice the regression work;
     /// pushes the plain output towards what the self-ensemble averages to).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = loss_weight, allow_hyphen_values = true)]
     equivariance: f64,
     /// Training sources and their share of the crops, `name=weight,...`
-    /// (aero, bluemarble, landsat, rgbn, oblique1, oblique3; weights are normalised).
+    /// (aero, bluemarble, landsat, rgbn, oblique1, oblique3, yell_meadow,
+    /// yell_road; weights are normalised).
     #[arg(long, default_value = "aero=0.5,bluemarble=0.5")]
     mix: String,
     /// Probability that a crop of a colour source is turned gray (luma,
@@ -292,6 +293,15 @@ fn config_from(name: &str) -> Result<HndsrConfig> {
         .with_context(|| format!("parse config {}", path.display()))?;
     cfg.validate().map_err(anyhow::Error::msg)?;
     Ok(cfg)
+}
+
+/// A loss term's weight: a finite number ≥ 0.
+fn loss_weight(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(w) if w.is_finite() && w >= 0.0 => Ok(w),
+        Ok(w) => Err(format!("{w} is not a weight (finite, ≥ 0)")),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 fn train(args: &TrainArgs, data_dir: &Path, device: Device) -> Result<()> {
@@ -765,6 +775,21 @@ mod tests {
         assert!(lines[1].starts_with("aero (PyWavelets 1.9.0)") && lines[1].contains("344..512"));
         assert!(lines[2].starts_with("Landsat 8") && lines[2].contains("0..512"));
         assert!(lines[3].starts_with("LR = "));
+    }
+
+    #[test]
+    fn loss_weights_must_be_finite_and_not_negative() {
+        let parse = |flag: &str, value: &str| {
+            Cli::try_parse_from(["hndsr-train", "train", "--out", "ck", flag, value])
+        };
+        for flag in ["--equivariance", "--denoiser-weight"] {
+            assert!(parse(flag, "0.1").is_ok(), "{flag} 0.1");
+            assert!(parse(flag, "0").is_ok(), "{flag} 0");
+            for bad in ["-0.5", "inf", "NaN", "lots"] {
+                let err = parse(flag, bad).unwrap_err().to_string();
+                assert!(err.contains(flag), "{flag} {bad}: {err}");
+            }
+        }
     }
 
     #[test]
