@@ -466,9 +466,15 @@ pub struct EvalSet {
     pub gray: bool,
 }
 
-/// The held-out set of every source (see the module table).
-pub fn eval_sets(dir: &Path, scale: i64) -> Result<Vec<EvalSet>> {
-    SOURCES.iter().map(|s| eval_set(dir, s, scale)).collect()
+/// The held-out sets of the sources named in `only` (every source, in
+/// table order, when `only` is empty; see the module table).
+pub fn eval_sets(dir: &Path, scale: i64, only: &[String]) -> Result<Vec<EvalSet>> {
+    let specs: Vec<&Spec> = if only.is_empty() {
+        SOURCES.iter().collect()
+    } else {
+        only.iter().map(|n| spec(n)).collect::<Result<_>>()?
+    };
+    specs.into_iter().map(|s| eval_set(dir, s, scale)).collect()
 }
 
 fn eval_set(dir: &Path, spec: &Spec, scale: i64) -> Result<EvalSet> {

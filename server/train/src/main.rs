@@ -166,9 +166,13 @@ struct EvalArgs {
     /// Write the Markdown table here.
     #[arg(long)]
     table: Option<PathBuf>,
-    /// Store the figures in the weights' manifest.
-    #[arg(long)]
+    /// Store the figures in the weights' manifest (needs every source).
+    #[arg(long, conflicts_with = "sources")]
     update_manifest: bool,
+    /// Evaluate only these sources' held-out sets, e.g. `aero,oblique1`
+    /// (default: all of them).
+    #[arg(long, value_delimiter = ',')]
+    sources: Vec<String>,
     /// Also measure steps = 0 through tiles of this many LR pixels
     /// (overlap 12, margin 4) to show what tiling costs.
     #[arg(long)]
@@ -572,7 +576,7 @@ fn eval(args: &EvalArgs, data_dir: &Path, device: Device) -> Result<()> {
         Some(k) => Some(fit_linear(args, k, scale, data_dir)?),
         None => None,
     };
-    let mut sets = data::eval_sets(data_dir, scale)?;
+    let mut sets = data::eval_sets(data_dir, scale, &args.sources)?;
     if let Some(max) = args.max_tiles.filter(|&m| m > 0) {
         for set in &mut sets {
             let n = set.images.len();
@@ -790,6 +794,31 @@ mod tests {
                 assert!(err.contains(flag), "{flag} {bad}: {err}");
             }
         }
+    }
+
+    #[test]
+    fn a_partial_evaluation_cannot_overwrite_the_manifest() {
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["hndsr-train", "eval", "--weights", "w.safetensors"];
+            argv.extend_from_slice(extra);
+            Cli::try_parse_from(argv)
+        };
+        assert!(parse(&["--sources", "aero,oblique1"]).is_ok());
+        assert!(parse(&["--update-manifest"]).is_ok());
+        let err = parse(&["--sources", "aero", "--update-manifest"]).unwrap_err();
+        assert_eq!(
+            err.kind(),
+            clap::error::ErrorKind::ArgumentConflict,
+            "{err}"
+        );
+        let err = data::eval_sets(
+            Path::new("/nonexistent"),
+            4,
+            &["aero".into(), "nope".into()],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("unknown source \"nope\""), "{err}");
     }
 
     #[test]

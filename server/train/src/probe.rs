@@ -46,7 +46,7 @@ pub fn probe(args: &ProbeArgs, data_dir: &Path, device: Device) -> Result<()> {
     println!(
         "| held-out set | t | α | σ | mean r² | MSE(x̂₀) | MSE(x̂₀) / mean r² |\n|---|---|---|---|---|---|---|"
     );
-    for set in data::eval_sets(data_dir, cfg.scale)? {
+    for set in data::eval_sets(data_dir, cfg.scale, &[])? {
         let n = set.images.len();
         let keep = args.max_tiles.clamp(1, n);
         let images: Vec<&Tensor> = (0..keep).map(|k| &set.images[k * n / keep]).collect();
