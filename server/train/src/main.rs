@@ -335,19 +335,7 @@ fn train(args: &TrainArgs, data_dir: &Path, device: Device) -> Result<()> {
         }
         config.validate().map_err(anyhow::Error::msg)?;
         grow::check_growth(&m.config, &config)?;
-        let inherited_data = m
-            .training
-            .data
-            .iter()
-            .cloned()
-            .map(|l| {
-                if l.starts_with("initial weights: ") {
-                    l
-                } else {
-                    format!("initial weights: {l}")
-                }
-            })
-            .collect();
+        let inherited_data = inherit_data(&m.training.data);
         TrainState {
             commands: vec![format!(
                 "(initial weights {}, {} steps: {})",
@@ -527,6 +515,24 @@ fn export(args: &ExportArgs) -> Result<()> {
 
 /// The manifest's description of the training data: the initial weights'
 /// (if any), then each source's training region, then the degradation.
+/// The data lines of initial weights' manifest, each marked as inherited,
+/// once. Their degradation lines are dropped: every generation degrades
+/// with the one `data::degrade`, which [`training_data`] states once.
+fn inherit_data(lines: &[String]) -> Vec<String> {
+    let mut inherited: Vec<String> = Vec::new();
+    for line in lines {
+        let bare = line.trim_start_matches("initial weights: ");
+        if bare.starts_with("LR =") {
+            continue;
+        }
+        let line = format!("initial weights: {bare}");
+        if !inherited.contains(&line) {
+            inherited.push(line);
+        }
+    }
+    inherited
+}
+
 fn training_data(state: &TrainState) -> Vec<String> {
     let mut lines = state.inherited_data.clone();
     for name in &state.sources {
@@ -779,6 +785,38 @@ mod tests {
         assert!(lines[1].starts_with("aero (PyWavelets 1.9.0)") && lines[1].contains("344..512"));
         assert!(lines[2].starts_with("Landsat 8") && lines[2].contains("0..512"));
         assert!(lines[3].starts_with("LR = "));
+    }
+
+    #[test]
+    fn inherited_data_is_marked_once_and_the_degradation_stated_once() {
+        let parent = [
+            "initial weights: aero from PyWavelets",
+            "initial weights: LR = clamp(...)",
+            "aero from PyWavelets",
+            "Landsat 8 30 m",
+            "LR = clamp(...)",
+        ]
+        .map(String::from);
+        let inherited = inherit_data(&parent);
+        assert_eq!(
+            inherited,
+            [
+                "initial weights: aero from PyWavelets",
+                "initial weights: Landsat 8 30 m"
+            ]
+        );
+        let state = TrainState {
+            sources: vec!["aero".into()],
+            inherited_data: inherited,
+            ..TrainState::new(HndsrConfig::tiny())
+        };
+        let lines = training_data(&state);
+        assert_eq!(
+            lines.iter().filter(|l| l.contains("LR = ")).count(),
+            1,
+            "{lines:#?}"
+        );
+        assert!(lines.last().unwrap().starts_with("LR = "));
     }
 
     #[test]
