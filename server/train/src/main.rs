@@ -7,6 +7,7 @@
 //! hndsr-train export --checkpoint ckpt/ --out server/models/hndsr-medium.safetensors
 //! ```
 
+mod bandlimit;
 mod bench;
 mod data;
 mod grow;
@@ -194,6 +195,11 @@ struct EvalArgs {
     /// training regions of `--linear-mix` (K odd, e.g. 9).
     #[arg(long)]
     linear: Option<i64>,
+    /// Also measure the in-band bound: the HR image low-passed to the LR
+    /// grid's Nyquist limit, which no method restoring only that band
+    /// beats (it reads the HR image: a yardstick, not a method).
+    #[arg(long)]
+    band_limit: bool,
     /// Sources and shares of the linear baseline's training crops.
     #[arg(long, default_value = "aero=0.4,bluemarble=0.15,landsat=0.3,rgbn=0.15")]
     linear_mix: String,
@@ -607,13 +613,13 @@ fn eval(args: &EvalArgs, data_dir: &Path, device: Device) -> Result<()> {
         };
         let mut measure = |method: &str,
                            steps: Option<u32>,
-                           run: &dyn Fn(&Tensor) -> Result<Tensor>|
+                           run: &dyn Fn(&Tensor, &Tensor) -> Result<Tensor>|
          -> Result<()> {
             let started = Instant::now();
             let (mut p, mut s) = (0.0, 0.0);
             for hr in &set.images {
                 let lr = data::degrade(hr, scale);
-                let sr = reduce(&run(&lr)?);
+                let sr = reduce(&run(&lr, hr)?);
                 let hr = reduce(hr);
                 p += metrics::psnr(&sr, &hr, scale);
                 s += metrics::ssim(&sr, &hr, scale);
@@ -638,41 +644,52 @@ fn eval(args: &EvalArgs, data_dir: &Path, device: Device) -> Result<()> {
             figures.push(fig);
             Ok(())
         };
-        measure("bicubic", None, &|lr| {
+        measure("bicubic", None, &|lr, _| {
             Ok(upsample_bicubic(lr, scale)?.clamp(0.0, 1.0))
         })?;
         for &steps in &args.steps {
-            measure("hndsr", Some(steps), &|lr| {
+            measure("hndsr", Some(steps), &|lr, _| {
                 Ok(model.upscale_image(lr, steps, args.seed, &never)?)
             })?;
         }
         if let Some(ensemble) = &ensemble {
-            measure("hndsr, ×8 self-ensemble", Some(0), &|lr| {
+            measure("hndsr, ×8 self-ensemble", Some(0), &|lr, _| {
                 Ok(ensemble.upscale_image(lr, 0, args.seed, &never)?)
             })?;
         }
         if let Some(iters) = args.project {
-            measure(&format!("hndsr, projected ({iters} CG)"), Some(0), &|lr| {
-                let y = model.upscale_image(lr, 0, args.seed, &never)?;
-                Ok(project::project(&y, lr, scale, iters))
-            })?;
+            measure(
+                &format!("hndsr, projected ({iters} CG)"),
+                Some(0),
+                &|lr, _| {
+                    let y = model.upscale_image(lr, 0, args.seed, &never)?;
+                    Ok(project::project(&y, lr, scale, iters))
+                },
+            )?;
             if let Some(ensemble) = &ensemble {
                 measure(
                     &format!("hndsr, ×8, projected ({iters} CG)"),
                     Some(0),
-                    &|lr| {
+                    &|lr, _| {
                         let y = ensemble.upscale_image(lr, 0, args.seed, &never)?;
                         Ok(project::project(&y, lr, scale, iters))
                     },
                 )?;
             }
         }
+        if args.band_limit {
+            measure(
+                "HR low-passed to the LR Nyquist (in-band bound)",
+                None,
+                &|_, hr| Ok(bandlimit::low_pass(hr, scale)),
+            )?;
+        }
         if let Some((label, linear)) = &linear {
-            measure(label, None, &|lr| Ok(linear.upscale(lr)))?;
+            measure(label, None, &|lr, _| Ok(linear.upscale(lr)))?;
         }
         if let Some(tiled) = &tiled {
             let label = format!("hndsr, {}² LR tiles", tiled.tiles().tile);
-            measure(&label, Some(0), &|lr| {
+            measure(&label, Some(0), &|lr, _| {
                 Ok(tiled.upscale_image(lr, 0, args.seed, &never)?)
             })?;
         }
