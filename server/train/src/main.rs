@@ -519,8 +519,6 @@ fn export(args: &ExportArgs) -> Result<()> {
     Ok(())
 }
 
-/// The manifest's description of the training data: the initial weights'
-/// (if any), then each source's training region, then the degradation.
 /// The data lines of initial weights' manifest, each marked as inherited,
 /// once. Their degradation lines are dropped: every generation degrades
 /// with the one `data::degrade`, which [`training_data`] states once.
@@ -539,6 +537,8 @@ fn inherit_data(lines: &[String]) -> Vec<String> {
     inherited
 }
 
+/// The manifest's description of the training data: the initial weights'
+/// (if any), then each source's training region, then the degradation.
 fn training_data(state: &TrainState) -> Vec<String> {
     let mut lines = state.inherited_data.clone();
     for name in &state.sources {
