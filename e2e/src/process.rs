@@ -22,6 +22,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use rand::Rng;
+
 use crate::{Error, Result};
 
 /// A running child process whose output goes to `<log_dir>/<name>.log`.
@@ -143,9 +145,29 @@ pub fn log_tail(path: &Path, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
-/// A free TCP port on 127.0.0.1 (bound and released; the small race with
-/// other programs picking the same port is accepted in tests).
+/// A free TCP port on 127.0.0.1 for a child process to listen on.
+///
+/// Picked at random *below* the kernel's ephemeral range and checked by
+/// binding it. A port from `bind(0)` would come from the ephemeral range,
+/// which the kernel also hands out as the local port of every outgoing
+/// connection: between our check and the child's `listen`, any process on
+/// the machine could take it for a connection (seen in CI: etcd failing
+/// with "address already in use"). Below that range only listeners compete,
+/// and the check catches those that are already there.
 pub fn free_port() -> Result<u16> {
+    let (ephemeral_low, _) = ephemeral_range();
+    let low = ephemeral_low.saturating_sub(BELOW_EPHEMERAL).max(1024);
+    if low < ephemeral_low {
+        let mut rng = rand::rng();
+        for _ in 0..1000 {
+            let port = rng.random_range(low..ephemeral_low);
+            if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return Ok(port);
+            }
+        }
+    }
+    // No room below the range, or every probed port is taken: let the
+    // kernel pick one (the race above applies again).
     let listener =
         std::net::TcpListener::bind("127.0.0.1:0").map_err(Error::io("binding", "127.0.0.1:0"))?;
     let port = listener
@@ -153,6 +175,26 @@ pub fn free_port() -> Result<u16> {
         .map_err(Error::io("reading address of", "127.0.0.1:0"))?
         .port();
     Ok(port)
+}
+
+/// How many ports below the ephemeral range [`free_port`] picks from
+/// (20000..32768 with Linux's default range).
+const BELOW_EPHEMERAL: u16 = 12_768;
+
+/// The kernel's ephemeral port range (Linux default when unreadable).
+fn ephemeral_range() -> (u16, u16) {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|text| parse_port_range(&text))
+        .unwrap_or((32_768, 60_999))
+}
+
+fn parse_port_range(text: &str) -> Option<(u16, u16)> {
+    let mut parts = text.split_whitespace().map(str::parse::<u16>);
+    match (parts.next()?, parts.next()?) {
+        (Ok(low), Ok(high)) if 1024 < low && low <= high => Some((low, high)),
+        _ => None,
+    }
 }
 
 /// `GET path` over plain HTTP/1.0 to `addr` (`host:port`): the status code and
@@ -187,4 +229,32 @@ pub fn pid_alive(pid: u32) -> bool {
         .rsplit_once(')')
         .and_then(|(_, rest)| rest.split_whitespace().next());
     !matches!(state, Some("Z" | "X") | None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ephemeral_range_is_read_and_odd_contents_are_refused() {
+        assert_eq!(parse_port_range("32768\t60999\n"), Some((32768, 60999)));
+        assert_eq!(parse_port_range("40000 40000"), Some((40000, 40000)));
+        for odd in ["", "32768", "60999 32768", "80 60999", "a b", "32768 70000"] {
+            assert_eq!(parse_port_range(odd), None, "{odd:?}");
+        }
+    }
+
+    #[test]
+    fn free_ports_lie_below_the_ephemeral_range_and_can_be_bound() {
+        let (ephemeral_low, _) = ephemeral_range();
+        let low = ephemeral_low.saturating_sub(BELOW_EPHEMERAL).max(1024);
+        for _ in 0..20 {
+            let port = free_port().unwrap();
+            assert!(
+                (low..ephemeral_low).contains(&port),
+                "{port} is outside {low}..{ephemeral_low}"
+            );
+            std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+        }
+    }
 }
