@@ -155,12 +155,11 @@ pub fn log_tail(path: &Path, lines: usize) -> String {
 /// with "address already in use"). Below that range only listeners compete,
 /// and the check catches those that are already there.
 pub fn free_port() -> Result<u16> {
-    let (ephemeral_low, _) = ephemeral_range();
-    let low = ephemeral_low.saturating_sub(BELOW_EPHEMERAL).max(1024);
-    if low < ephemeral_low {
+    let range = listen_range();
+    if !range.is_empty() {
         let mut rng = rand::rng();
         for _ in 0..1000 {
-            let port = rng.random_range(low..ephemeral_low);
+            let port = rng.random_range(range.clone());
             if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
                 return Ok(port);
             }
@@ -180,6 +179,13 @@ pub fn free_port() -> Result<u16> {
 /// How many ports below the ephemeral range [`free_port`] picks from
 /// (20000..32768 with Linux's default range).
 const BELOW_EPHEMERAL: u16 = 12_768;
+
+/// The ports [`free_port`] picks from: up to [`BELOW_EPHEMERAL`] ports
+/// (none privileged) right below the kernel's ephemeral range.
+fn listen_range() -> std::ops::Range<u16> {
+    let (ephemeral_low, _) = ephemeral_range();
+    ephemeral_low.saturating_sub(BELOW_EPHEMERAL).max(1024)..ephemeral_low
+}
 
 /// The kernel's ephemeral port range (Linux default when unreadable).
 fn ephemeral_range() -> (u16, u16) {
@@ -246,14 +252,11 @@ mod tests {
 
     #[test]
     fn free_ports_lie_below_the_ephemeral_range_and_can_be_bound() {
-        let (ephemeral_low, _) = ephemeral_range();
-        let low = ephemeral_low.saturating_sub(BELOW_EPHEMERAL).max(1024);
+        let range = listen_range();
+        assert_eq!(range.end, ephemeral_range().0);
         for _ in 0..20 {
             let port = free_port().unwrap();
-            assert!(
-                (low..ephemeral_low).contains(&port),
-                "{port} is outside {low}..{ephemeral_low}"
-            );
+            assert!(range.contains(&port), "{port} is outside {range:?}");
             std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
         }
     }
