@@ -658,20 +658,13 @@ fn eval(args: &EvalArgs, data_dir: &Path, device: Device) -> Result<()> {
             })?;
         }
         if let Some(iters) = args.project {
-            measure(
-                &format!("hndsr, projected ({iters} CG)"),
-                Some(0),
-                &|lr, _| {
-                    let y = model.upscale_image(lr, 0, args.seed, &never)?;
-                    Ok(project::project(&y, lr, scale, iters))
-                },
-            )?;
-            if let Some(ensemble) = &ensemble {
+            let plain = std::iter::once(("hndsr", &model));
+            for (name, m) in plain.chain(ensemble.as_ref().map(|e| ("hndsr, ×8", e))) {
                 measure(
-                    &format!("hndsr, ×8, projected ({iters} CG)"),
+                    &format!("{name}, projected ({iters} CG)"),
                     Some(0),
                     &|lr, _| {
-                        let y = ensemble.upscale_image(lr, 0, args.seed, &never)?;
+                        let y = m.upscale_image(lr, 0, args.seed, &never)?;
                         Ok(project::project(&y, lr, scale, iters))
                     },
                 )?;
