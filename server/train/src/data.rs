@@ -329,10 +329,70 @@ struct Source {
     loaded: Loaded,
     /// Half-open ranges of allowed crop x-starts.
     x_ranges: Vec<(i64, i64)>,
+    /// The same for the largest zoomed-out crop (empty when zoom is off).
+    zoom_ranges: Vec<(i64, i64)>,
     /// Probability of being picked for a crop.
     fraction: f64,
     /// The source is gray already (no gray augmentation needed).
     gray: bool,
+}
+
+/// How training crops vary beyond random flips and 90° rotations.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Augment {
+    /// Probability that a crop of a colour source is turned gray (luma,
+    /// replicated).
+    pub gray_fraction: f64,
+    /// Largest zoom-out factor: a zoomed crop takes `f`·crop pixels, `f`
+    /// log-uniform in [1, `zoom_max`], and shrinks them to crop pixels
+    /// with antialiased bicubic, so textures appear at finer scales than
+    /// the photographs hold. 1 turns zoom off.
+    pub zoom_max: f64,
+    /// Probability that a crop is zoomed out (when `zoom_max` > 1).
+    pub zoom_fraction: f64,
+}
+
+impl Augment {
+    /// Gray augmentation only, no zoom.
+    pub fn gray(gray_fraction: f64) -> Self {
+        Self {
+            gray_fraction,
+            zoom_max: 1.0,
+            zoom_fraction: 0.0,
+        }
+    }
+
+    /// Checks the ranges: fractions in [0, 1], `zoom_max` finite and ≥ 1.
+    pub fn validate(&self) -> Result<()> {
+        if !(0.0..=1.0).contains(&self.gray_fraction) {
+            bail!(
+                "gray fraction must be in [0, 1], not {}",
+                self.gray_fraction
+            );
+        }
+        if !(0.0..=1.0).contains(&self.zoom_fraction) {
+            bail!(
+                "zoom fraction must be in [0, 1], not {}",
+                self.zoom_fraction
+            );
+        }
+        if !(self.zoom_max.is_finite() && self.zoom_max >= 1.0) {
+            bail!(
+                "zoom max must be a finite factor ≥ 1, not {}",
+                self.zoom_max
+            );
+        }
+        Ok(())
+    }
+
+    fn zooms(&self) -> bool {
+        self.zoom_max > 1.0 && self.zoom_fraction > 0.0
+    }
+
+    /// Edge of the largest zoomed-out crop for `crop`.
+    fn largest(&self, crop: i64) -> i64 {
+        (crop as f64 * self.zoom_max).ceil() as i64
+    }
 }
 
 /// Random HR crops from the training regions.
@@ -340,7 +400,7 @@ struct Source {
 pub struct TrainSet {
     sources: Vec<Source>,
     crop: i64,
-    gray_fraction: f64,
+    augment: Augment,
 }
 
 /// The column ranges left for training crops of `crop` pixels in an image
@@ -361,20 +421,35 @@ fn training_columns(width: i64, holdout: (i64, i64), crop: i64) -> Vec<(i64, i64
 
 impl TrainSet {
     /// Loads the sources of `mix` (see [`parse_mix`]) and prepares their
-    /// training regions for `crop`-sized crops. Colour crops are turned gray
-    /// (luma, replicated) with probability `gray_fraction`.
-    pub fn load(dir: &Path, crop: i64, mix: &[(String, f64)], gray_fraction: f64) -> Result<Self> {
+    /// training regions for `crop`-sized crops, varied by `augment`.
+    pub fn load(dir: &Path, crop: i64, mix: &[(String, f64)], augment: Augment) -> Result<Self> {
+        augment.validate()?;
+        let largest = if augment.zooms() {
+            augment.largest(crop)
+        } else {
+            0
+        };
         let mut sources = Vec::new();
         for (name, fraction) in mix {
             let spec = spec(name)?;
             let loaded = load(dir, spec)?;
-            let x_ranges = training_columns(loaded.width, spec.holdout, crop);
-            if x_ranges.is_empty() || loaded.height < crop {
-                bail!("crop {crop} too large for the training region of {name}");
-            }
+            let columns = |size: i64| {
+                let ranges = training_columns(loaded.width, spec.holdout, size);
+                if ranges.is_empty() || loaded.height < size {
+                    bail!("crop {size} too large for the training region of {name}");
+                }
+                Ok(ranges)
+            };
+            let x_ranges = columns(crop)?;
+            let zoom_ranges = if largest > 0 {
+                columns(largest)?
+            } else {
+                Vec::new()
+            };
             sources.push(Source {
                 loaded,
                 x_ranges,
+                zoom_ranges,
                 fraction: *fraction,
                 gray: spec.gray,
             });
@@ -385,12 +460,12 @@ impl TrainSet {
         Ok(Self {
             sources,
             crop,
-            gray_fraction,
+            augment,
         })
     }
 
     /// A batch `[B, 3, crop, crop]` of random crops with random flips and
-    /// 90° rotations.
+    /// 90° rotations, zoomed out and turned gray as [`Augment`] says.
     pub fn batch(&self, rng: &mut SplitMix64, size: usize) -> Tensor {
         let crops: Vec<Tensor> = (0..size)
             .map(|_| {
@@ -403,13 +478,28 @@ impl TrainSet {
                         pick < 0.0
                     })
                     .unwrap_or_else(|| self.sources.last().expect("a source"));
-                let mut c = self.crop_from(src, rng);
+                // No draw when zoom is off: runs without it keep their crops.
+                let mut c = if self.augment.zooms() && unit(rng) < self.augment.zoom_fraction {
+                    let factor = self.augment.zoom_max.powf(unit(rng));
+                    let size = ((self.crop as f64 * factor).round() as i64)
+                        .clamp(self.crop, self.augment.largest(self.crop));
+                    self.crop_from(src, &src.zoom_ranges, size, rng)
+                        .internal_upsample_bicubic2d_aa(
+                            [self.crop, self.crop],
+                            false,
+                            None::<f64>,
+                            None::<f64>,
+                        )
+                        .clamp(0.0, 1.0)
+                } else {
+                    self.crop_from(src, &src.x_ranges, self.crop, rng)
+                };
                 let r = rng.next_u64();
                 if r & 1 == 1 {
                     c = c.flip([3]);
                 }
                 c = c.rot90((r >> 1) as i64 % 4, [2, 3]);
-                if !src.gray && unit(rng) < self.gray_fraction {
+                if !src.gray && unit(rng) < self.augment.gray_fraction {
                     c = luma(&c).expand([-1, 3, -1, -1], false);
                 }
                 c
@@ -418,29 +508,32 @@ impl TrainSet {
         Tensor::cat(&crops, 0).contiguous()
     }
 
-    /// A random crop of `src`'s training region free of nodata.
-    fn crop_from(&self, src: &Source, rng: &mut SplitMix64) -> Tensor {
-        let total: i64 = src.x_ranges.iter().map(|(a, b)| b - a).sum();
+    /// A random `size`² crop of `src`'s training region free of nodata,
+    /// starting in `ranges` (which must leave room for `size`).
+    fn crop_from(
+        &self,
+        src: &Source,
+        ranges: &[(i64, i64)],
+        size: i64,
+        rng: &mut SplitMix64,
+    ) -> Tensor {
+        let total: i64 = ranges.iter().map(|(a, b)| b - a).sum();
         for _ in 0..10_000 {
             let mut k = (rng.next_u64() % total as u64) as i64;
             let mut x = 0;
-            for &(a, b) in &src.x_ranges {
+            for &(a, b) in ranges {
                 if k < b - a {
                     x = a + k;
                     break;
                 }
                 k -= b - a;
             }
-            let y = (rng.next_u64() % (src.loaded.height - self.crop + 1) as u64) as i64;
-            if src.loaded.all_valid(x, y, self.crop) {
-                return src
-                    .loaded
-                    .image
-                    .narrow(2, y, self.crop)
-                    .narrow(3, x, self.crop);
+            let y = (rng.next_u64() % (src.loaded.height - size + 1) as u64) as i64;
+            if src.loaded.all_valid(x, y, size) {
+                return src.loaded.image.narrow(2, y, size).narrow(3, x, size);
             }
         }
-        panic!("no crop of {} pixels without nodata found", self.crop);
+        panic!("no crop of {size} pixels without nodata found");
     }
 }
 
@@ -619,11 +712,12 @@ mod tests {
             sources: vec![Source {
                 loaded,
                 x_ranges: vec![(0, 5)],
+                zoom_ranges: Vec::new(),
                 fraction: 1.0,
                 gray: false,
             }],
             crop: 4,
-            gray_fraction: 0.0,
+            augment: Augment::gray(0.0),
         };
         let mut rng = SplitMix64::new(7);
         let batch = set.batch(&mut rng, 64);
@@ -645,6 +739,7 @@ mod tests {
                 height: 8,
             },
             x_ranges: vec![(0, 5)],
+            zoom_ranges: Vec::new(),
             fraction: 1.0,
             gray,
         };
@@ -653,7 +748,7 @@ mod tests {
             let set = TrainSet {
                 sources: vec![make(gray_source)],
                 crop: 4,
-                gray_fraction: 1.0,
+                augment: Augment::gray(1.0),
             };
             let batch = set.batch(&mut rng, 4);
             for (c, want) in expect.iter().enumerate() {
@@ -663,6 +758,157 @@ mod tests {
                     .double_value(&[]);
                 assert!((got - want).abs() < 1e-6, "channel {c}: {got} vs {want}");
             }
+        }
+    }
+
+    /// A 64² horizontal ramp rising 1/256 per pixel, as a training set
+    /// of 16² crops zoomed out up to 2×.
+    fn ramp_set(zoom_max: f64, zoom_fraction: f64) -> TrainSet {
+        let ramp = Tensor::arange(64, (Kind::Float, tch::Device::Cpu)) / 256.0;
+        let image = ramp
+            .view([1, 1, 1, 64])
+            .expand([1, 3, 64, 64], false)
+            .contiguous();
+        TrainSet {
+            sources: vec![Source {
+                loaded: Loaded {
+                    image,
+                    valid: None,
+                    width: 64,
+                    height: 64,
+                },
+                x_ranges: vec![(0, 49)],
+                zoom_ranges: vec![(0, 33)],
+                fraction: 1.0,
+                gray: false,
+            }],
+            crop: 16,
+            augment: Augment {
+                gray_fraction: 0.0,
+                zoom_max,
+                zoom_fraction,
+            },
+        }
+    }
+
+    /// Each crop's ramp slope in pixels of the source, from the mean step
+    /// between interior neighbours along either axis (crops are rotated).
+    fn zooms_of(batch: &Tensor) -> Vec<f64> {
+        let inner = batch.narrow(2, 4, 8).narrow(3, 4, 8);
+        let dx = (inner.narrow(3, 1, 7) - inner.narrow(3, 0, 7)).abs();
+        let dy = (inner.narrow(2, 1, 7) - inner.narrow(2, 0, 7)).abs();
+        (0..batch.size()[0])
+            .map(|i| {
+                let x = dx.get(i).mean(Kind::Float).double_value(&[]);
+                let y = dy.get(i).mean(Kind::Float).double_value(&[]);
+                x.max(y) * 256.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn zoomed_crops_shrink_up_to_zoom_max_times_more_of_the_image() {
+        let mut rng = SplitMix64::new(5);
+        let zooms = zooms_of(&ramp_set(2.0, 1.0).batch(&mut rng, 64));
+        assert!(
+            zooms.iter().all(|&z| (0.97..=2.03).contains(&z)),
+            "{zooms:?}"
+        );
+        assert!(
+            zooms.iter().any(|&z| z > 1.7),
+            "never zoomed far: {zooms:?}"
+        );
+        assert!(
+            zooms.iter().any(|&z| z < 1.2),
+            "never zoomed little: {zooms:?}"
+        );
+
+        let plain = zooms_of(&ramp_set(2.0, 0.0).batch(&mut rng, 64));
+        assert!(plain.iter().all(|&z| (z - 1.0).abs() < 1e-4), "{plain:?}");
+
+        let half = zooms_of(&ramp_set(2.0, 0.5).batch(&mut rng, 200));
+        let unzoomed = half.iter().filter(|&&z| (z - 1.0).abs() < 1e-4).count();
+        assert!((70..=130).contains(&unzoomed), "{unzoomed} of 200 unzoomed");
+    }
+
+    #[test]
+    fn zoom_off_keeps_the_crops_of_runs_without_it() {
+        let crops = |zoom_max, zoom_fraction| {
+            ramp_set(zoom_max, zoom_fraction).batch(&mut SplitMix64::new(9), 16)
+        };
+        let before = crops(1.0, 0.0);
+        assert!(before.equal(&crops(2.0, 0.0)));
+        assert!(before.equal(&crops(1.0, 0.5)));
+        assert!(!before.equal(&crops(2.0, 0.5)));
+    }
+
+    #[test]
+    fn zoomed_crops_avoid_nodata() {
+        // 16×16 ones whose left 3 columns are nodata; zoomed crops of up
+        // to 8 pixels must start in 3..9.
+        let (w, h) = (16, 16);
+        let set = TrainSet {
+            sources: vec![Source {
+                loaded: Loaded {
+                    image: Tensor::ones([1, 3, h, w], (Kind::Float, tch::Device::Cpu)),
+                    valid: Some((0..w * h).map(|i| i % w >= 3).collect()),
+                    width: w,
+                    height: h,
+                },
+                x_ranges: vec![(0, 13)],
+                zoom_ranges: vec![(0, 9)],
+                fraction: 1.0,
+                gray: false,
+            }],
+            crop: 4,
+            augment: Augment {
+                gray_fraction: 0.0,
+                zoom_max: 2.0,
+                zoom_fraction: 1.0,
+            },
+        };
+        let batch = set.batch(&mut SplitMix64::new(3), 64);
+        assert_eq!(batch.size(), [64, 3, 4, 4]);
+        assert!(
+            batch.min().double_value(&[]) > 0.999,
+            "a crop touched nodata"
+        );
+    }
+
+    #[test]
+    fn augment_ranges_are_checked() {
+        let ok = Augment {
+            gray_fraction: 0.3,
+            zoom_max: 2.0,
+            zoom_fraction: 0.5,
+        };
+        ok.validate().expect("valid");
+        Augment::gray(0.0)
+            .validate()
+            .expect("no augmentation is valid");
+        for bad in [
+            Augment {
+                gray_fraction: 1.5,
+                ..ok
+            },
+            Augment {
+                zoom_fraction: -0.1,
+                ..ok
+            },
+            Augment {
+                zoom_max: 0.5,
+                ..ok
+            },
+            Augment {
+                zoom_max: f64::NAN,
+                ..ok
+            },
+            Augment {
+                zoom_max: f64::INFINITY,
+                ..ok
+            },
+        ] {
+            assert!(bad.validate().is_err(), "{bad:?} accepted");
         }
     }
 }

@@ -108,6 +108,15 @@ struct TrainArgs {
     /// replicated), so gray inputs like aero's are not rare.
     #[arg(long, default_value_t = 0.0)]
     gray_fraction: f64,
+    /// Largest zoom-out factor: a zoomed crop takes up to this many times
+    /// the crop's edge from the image and shrinks it (antialiased bicubic),
+    /// so textures also appear finer than the photographs hold them
+    /// (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    zoom_max: f64,
+    /// Probability that a crop is zoomed out (with `--zoom-max` > 1).
+    #[arg(long, default_value_t = 0.5)]
+    zoom_fraction: f64,
     /// Checkpoint every N steps.
     #[arg(long, default_value_t = 250)]
     save_every: u64,
@@ -315,10 +324,15 @@ fn loss_weight(text: &str) -> Result<f64, String> {
 }
 
 fn train(args: &TrainArgs, data_dir: &Path, device: Device) -> Result<()> {
+    let augment = data::Augment {
+        gray_fraction: args.gray_fraction,
+        zoom_max: args.zoom_max,
+        zoom_fraction: args.zoom_fraction,
+    };
+    augment
+        .validate()
+        .context("--gray-fraction / --zoom-max / --zoom-fraction")?;
     std::fs::create_dir_all(&args.out)?;
-    if !(0.0..=1.0).contains(&args.gray_fraction) {
-        bail!("--gray-fraction must be in [0, 1]");
-    }
     let mix = data::parse_mix(&args.mix)?;
     let state_path = args.out.join("state.json");
     let weights = args.out.join("latest.safetensors");
@@ -380,7 +394,7 @@ fn train(args: &TrainArgs, data_dir: &Path, device: Device) -> Result<()> {
         parameter_count(&vs),
         state.step
     );
-    let set = data::TrainSet::load(data_dir, args.crop, &mix, args.gray_fraction)?;
+    let set = data::TrainSet::load(data_dir, args.crop, &mix, augment)?;
     let mut rng = SplitMix64::new(args.seed ^ state.step.wrapping_mul(0x9E37));
     let mut opt = nn::AdamW {
         wd: 1e-4,
@@ -711,7 +725,7 @@ fn fit_linear(
     const BATCH: usize = 64;
     let started = Instant::now();
     let mix = data::parse_mix(&args.linear_mix)?;
-    let set = data::TrainSet::load(data_dir, CROP, &mix, 0.0)?;
+    let set = data::TrainSet::load(data_dir, CROP, &mix, data::Augment::gray(0.0))?;
     let mut rng = SplitMix64::new(args.seed);
     let mut fit = linear::Fit::new(k, scale)?;
     let mut left = args.linear_crops;
