@@ -43,6 +43,23 @@ pub fn low_pass(hr: &Tensor, scale: i64) -> Tensor {
         .to_kind(hr.kind())
 }
 
+/// Where `sr`'s error against `hr` lies: the mean squared error of its
+/// in-band part ([`low_pass`] of the error) and of the rest, over the
+/// pixels `border` in from the edges (as the PSNR is taken). On the whole
+/// image (`border` 0) the two add up to the MSE: the parts are orthogonal.
+pub fn error_split(sr: &Tensor, hr: &Tensor, scale: i64, border: i64) -> (f64, f64) {
+    let error = (sr - hr).to_kind(Kind::Double);
+    let in_band = low_pass(&error, scale);
+    let above = &error - &in_band;
+    let mse = |x: &Tensor| {
+        crate::metrics::shave(x, border)
+            .square()
+            .mean(Kind::Double)
+            .double_value(&[])
+    };
+    (mse(&in_band), mse(&above))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -90,5 +107,22 @@ mod tests {
             max_abs(&(low_pass(&y, scale) - &y)) < 1e-5,
             "not idempotent"
         );
+    }
+
+    #[test]
+    fn the_error_splits_into_orthogonal_in_band_and_above_band_parts() {
+        let (h, w, scale) = (20, 28, 4); // kept: ky < 5, kx < 7
+        let hr = (basis(h, w, 1, 2) * 0.2 + 0.5).to_kind(Kind::Float);
+        let low = basis(h, w, 3, 1) * 0.05;
+        let high = basis(h, w, 8, 9) * 0.03;
+        let sr = (&hr + &low + &high).to_kind(Kind::Float);
+        let energy = |t: &Tensor| t.square().mean(Kind::Double).double_value(&[]);
+        let (inside, above) = error_split(&sr, &hr, scale, 0);
+        assert!((inside - energy(&low)).abs() < 1e-9, "{inside}");
+        assert!((above - energy(&high)).abs() < 1e-9, "{above}");
+        let total = energy(&(&sr - &hr).to_kind(Kind::Double));
+        assert!((inside + above - total).abs() < 1e-9);
+        let (inside, above) = error_split(&hr, &hr, scale, 2);
+        assert!(inside < 1e-15 && above < 1e-15);
     }
 }

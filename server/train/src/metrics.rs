@@ -3,7 +3,8 @@
 
 use tch::{Kind, Tensor};
 
-fn shave(x: &Tensor, border: i64) -> Tensor {
+/// `x` without `border` pixels on every side.
+pub fn shave(x: &Tensor, border: i64) -> Tensor {
     let (_, _, h, w) = x.size4().expect("NCHW");
     x.narrow(2, border, h - 2 * border)
         .narrow(3, border, w - 2 * border)
