@@ -692,33 +692,62 @@ mod tests {
         assert!(px.iter().all(|v| (0.0..=1.0).contains(v)));
     }
 
+    /// A training set of one colour source, `image` `[1, 3, H, W]` with
+    /// data where `valid` says, whose crops start in `x_ranges` (zoomed
+    /// ones in `zoom_ranges`).
+    fn one_source(
+        image: Tensor,
+        valid: Option<Vec<bool>>,
+        x_ranges: Vec<(i64, i64)>,
+        zoom_ranges: Vec<(i64, i64)>,
+        crop: i64,
+        augment: Augment,
+    ) -> TrainSet {
+        let (_, _, height, width) = image.size4().expect("NCHW");
+        TrainSet {
+            sources: vec![Source {
+                loaded: Loaded {
+                    image,
+                    valid,
+                    width,
+                    height,
+                },
+                x_ranges,
+                zoom_ranges,
+                fraction: 1.0,
+                gray: false,
+            }],
+            crop,
+            augment,
+        }
+    }
+
+    /// `size`² ones whose left 3 columns are nodata.
+    fn ones_with_nodata_left(size: i64) -> (Tensor, Option<Vec<bool>>) {
+        let image = Tensor::ones([1, 3, size, size], (Kind::Float, tch::Device::Cpu));
+        (
+            image,
+            Some((0..size * size).map(|i| i % size >= 3).collect()),
+        )
+    }
+
     #[test]
     fn crops_avoid_nodata() {
-        // 8×8 image whose left 3 columns are nodata.
-        let (w, h) = (8, 8);
-        let valid: Vec<bool> = (0..w * h).map(|i| i % w >= 3).collect();
-        let loaded = Loaded {
-            image: Tensor::ones([1, 3, h, w], (Kind::Float, tch::Device::Cpu)),
-            valid: Some(valid),
-            width: w,
-            height: h,
-        };
+        let (image, valid) = ones_with_nodata_left(8);
+        let set = one_source(
+            image,
+            valid,
+            vec![(0, 5)],
+            Vec::new(),
+            4,
+            Augment::gray(0.0),
+        );
+        let loaded = &set.sources[0].loaded;
         assert!(loaded.all_valid(3, 0, 4));
         assert!(loaded.all_valid(4, 4, 4));
         assert!(!loaded.all_valid(2, 0, 4));
         assert!(!loaded.all_valid(0, 4, 4));
 
-        let set = TrainSet {
-            sources: vec![Source {
-                loaded,
-                x_ranges: vec![(0, 5)],
-                zoom_ranges: Vec::new(),
-                fraction: 1.0,
-                gray: false,
-            }],
-            crop: 4,
-            augment: Augment::gray(0.0),
-        };
         let mut rng = SplitMix64::new(7);
         let batch = set.batch(&mut rng, 64);
         assert_eq!(batch.size(), [64, 3, 4, 4]);
@@ -769,26 +798,12 @@ mod tests {
             .view([1, 1, 1, 64])
             .expand([1, 3, 64, 64], false)
             .contiguous();
-        TrainSet {
-            sources: vec![Source {
-                loaded: Loaded {
-                    image,
-                    valid: None,
-                    width: 64,
-                    height: 64,
-                },
-                x_ranges: vec![(0, 49)],
-                zoom_ranges: vec![(0, 33)],
-                fraction: 1.0,
-                gray: false,
-            }],
-            crop: 16,
-            augment: Augment {
-                gray_fraction: 0.0,
-                zoom_max,
-                zoom_fraction,
-            },
-        }
+        let augment = Augment {
+            gray_fraction: 0.0,
+            zoom_max,
+            zoom_fraction,
+        };
+        one_source(image, None, vec![(0, 49)], vec![(0, 33)], 16, augment)
     }
 
     /// Each crop's ramp slope in pixels of the source, from the mean step
@@ -844,29 +859,14 @@ mod tests {
 
     #[test]
     fn zoomed_crops_avoid_nodata() {
-        // 16×16 ones whose left 3 columns are nodata; zoomed crops of up
-        // to 8 pixels must start in 3..9.
-        let (w, h) = (16, 16);
-        let set = TrainSet {
-            sources: vec![Source {
-                loaded: Loaded {
-                    image: Tensor::ones([1, 3, h, w], (Kind::Float, tch::Device::Cpu)),
-                    valid: Some((0..w * h).map(|i| i % w >= 3).collect()),
-                    width: w,
-                    height: h,
-                },
-                x_ranges: vec![(0, 13)],
-                zoom_ranges: vec![(0, 9)],
-                fraction: 1.0,
-                gray: false,
-            }],
-            crop: 4,
-            augment: Augment {
-                gray_fraction: 0.0,
-                zoom_max: 2.0,
-                zoom_fraction: 1.0,
-            },
+        // Zoomed crops of up to 8 pixels must start in 3..9.
+        let (image, valid) = ones_with_nodata_left(16);
+        let augment = Augment {
+            gray_fraction: 0.0,
+            zoom_max: 2.0,
+            zoom_fraction: 1.0,
         };
+        let set = one_source(image, valid, vec![(0, 13)], vec![(0, 9)], 4, augment);
         let batch = set.batch(&mut SplitMix64::new(3), 64);
         assert_eq!(batch.size(), [64, 3, 4, 4]);
         assert!(
