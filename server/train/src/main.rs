@@ -649,13 +649,7 @@ fn eval(args: &EvalArgs, data_dir: &Path, device: Device) -> Result<()> {
             }
             let n = set.images.len() as f64;
             if args.band_split {
-                splits.push(BandSplit {
-                    source: set.name.clone(),
-                    method: method.into(),
-                    steps,
-                    in_band_mse: inside / n,
-                    above_band_mse: above / n,
-                });
+                splits.push((inside / n, above / n));
             }
             let fig = EvalFigure {
                 source: set.name.clone(),
@@ -721,7 +715,7 @@ fn eval(args: &EvalArgs, data_dir: &Path, device: Device) -> Result<()> {
     }
     let mut table = markdown_table(&model, &figures);
     if args.band_split {
-        table.push_str(&split_table(&splits));
+        table.push_str(&split_table(&figures, &splits));
     }
     println!("{table}");
     if let Some(path) = &args.table {
@@ -765,32 +759,25 @@ fn fit_linear(
     Ok((format!("linear {k}×{k} least squares"), fitted))
 }
 
-/// One row of `eval --band-split`: a method's mean squared error inside
-/// and above the band the LR grid carries.
-struct BandSplit {
-    source: String,
-    method: String,
-    steps: Option<u32>,
-    in_band_mse: f64,
-    above_band_mse: f64,
-}
-
-fn split_table(splits: &[BandSplit]) -> String {
+/// The table of `eval --band-split`: for each row of `figures`, its mean
+/// squared error inside and above the band the LR grid carries (`splits`,
+/// in the same order).
+fn split_table(figures: &[EvalFigure], splits: &[(f64, f64)]) -> String {
     let mut out = String::from(
         "\nSquared error by band (×10⁻⁴; in band: below the LR grid's Nyquist limit, \
          DCT-II cut as for the in-band bound; same shaved pixels as the PSNR):\n\n\
          | held-out set | method | DDIM steps | in band | above band | sum |\n\
          |---|---|---|---:|---:|---:|\n",
     );
-    for s in splits {
+    for (f, (inside, above)) in figures.iter().zip(splits) {
         out.push_str(&format!(
             "| {} | {} | {} | {:.3} | {:.3} | {:.3} |\n",
-            s.source,
-            s.method,
-            s.steps.map_or("–".to_owned(), |n| n.to_string()),
-            s.in_band_mse * 1e4,
-            s.above_band_mse * 1e4,
-            (s.in_band_mse + s.above_band_mse) * 1e4
+            f.source,
+            f.method,
+            f.steps.map_or("–".to_owned(), |n| n.to_string()),
+            inside * 1e4,
+            above * 1e4,
+            (inside + above) * 1e4
         ));
     }
     out
