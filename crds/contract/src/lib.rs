@@ -41,6 +41,8 @@ pub mod env {
     pub const PRECISION: &str = "HNDSR_PRECISION";
     /// `true` / `false`: μ as the mean over the 8 flips / 90° rotations.
     pub const SELF_ENSEMBLE: &str = "HNDSR_SELF_ENSEMBLE";
+    /// LR tile edge, in pixels, the `hndsr` backend cuts images into.
+    pub const TILE: &str = "HNDSR_TILE";
     /// CPU cores the server may use (the operator fills it from the pod's
     /// CPU request); unset: what the process is allowed to run on.
     pub const CPUS: &str = "HNDSR_CPUS";
@@ -113,4 +115,14 @@ pub mod defaults {
     pub const DRAIN_SECONDS: u32 = 30;
     /// Default upscaling factor.
     pub const SCALE: u32 = 4;
+}
+
+/// LR tile edges, in pixels, the `hndsr` backend accepts for
+/// [`env::TILE`] (the same bounds as the model crate's and the CRD's).
+pub mod tile {
+    /// Smallest tile edge: below it the tile overlaps would be most of
+    /// every tile.
+    pub const MIN: u32 = 16;
+    /// Largest tile edge (4096² output pixels at ×4).
+    pub const MAX: u32 = 1024;
 }

@@ -211,6 +211,9 @@ fn server_container(ctx: &Ctx<'_>, cfg: &BuildConfig, serving: &EffectiveServing
     if let Some(on) = spec.model.self_ensemble {
         envs.push(env_var(env::SELF_ENSEMBLE, on.to_string()));
     }
+    if let Some(tile) = spec.model.tile {
+        envs.push(env_var(env::TILE, tile.to_string()));
+    }
     if let (Some(path), Some(w)) = (weights_path(ctx), spec.model.weights.as_ref()) {
         envs.push(env_var(env::WEIGHTS_PATH, path));
         envs.push(env_var(env::WEIGHTS_SHA256, w.sha256.clone()));

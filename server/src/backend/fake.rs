@@ -140,6 +140,7 @@ impl Backend for FakeBackend {
             scales: vec![1, 2, 3, 4, 8],
             default_steps: 0,
             self_ensemble: false,
+            tile: None,
         }
     }
 

@@ -74,6 +74,8 @@ pub struct BackendInfo {
     pub default_steps: u32,
     /// Whether μ is a geometric self-ensemble (`hndsr` only).
     pub self_ensemble: bool,
+    /// LR tile edge images are cut into (`hndsr` only).
+    pub tile: Option<u32>,
 }
 
 /// Why a backend call failed.

@@ -14,7 +14,7 @@ use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use hndsr_torch::hndsr::{HndsrError, HndsrModel, Precision};
+use hndsr_torch::hndsr::{DEFAULT_TILE, HndsrError, HndsrModel, Precision};
 use hndsr_torch::tch::{Device, Kind, Tensor};
 use hndsr_torch::{BICUBIC_TILES, BicubicUpscaler, TorchError};
 use sha2::{Digest, Sha256};
@@ -86,6 +86,7 @@ impl TorchBicubic {
             scales: BICUBIC_SCALES.to_vec(),
             default_steps: 0,
             self_ensemble: false,
+            tile: None,
         };
         Ok(Self {
             upscaler,
@@ -201,13 +202,21 @@ impl TorchHndsr {
             .self_ensemble
             .or(manifest.self_ensemble)
             .unwrap_or(false);
+        let tile = cfg
+            .tile
+            .map(i64::from)
+            .or(manifest.tile)
+            .unwrap_or(DEFAULT_TILE);
         tracing::info!(
             default_steps,
             self_ensemble,
+            tile,
             configured_steps = ?cfg.sampling_steps,
             configured_self_ensemble = ?cfg.self_ensemble,
+            configured_tile = ?cfg.tile,
             manifest_steps = ?manifest.default_steps,
             manifest_self_ensemble = ?manifest.self_ensemble,
+            manifest_tile = ?manifest.tile,
             "hndsr serving defaults (configuration, else the weights' manifest)"
         );
         let info = BackendInfo {
@@ -219,8 +228,9 @@ impl TorchHndsr {
             scales: vec![scale],
             default_steps,
             self_ensemble,
+            tile: u32::try_from(tile).ok(),
         };
-        let model = model.with_self_ensemble(self_ensemble);
+        let model = configure(model, &info)?;
         Ok(Self {
             source,
             idle: Mutex::new(vec![model]),
@@ -237,10 +247,7 @@ impl TorchHndsr {
             .pop();
         match idle {
             Some(model) => Ok(model),
-            None => Ok(self
-                .source
-                .load()?
-                .with_self_ensemble(self.info.self_ensemble)),
+            None => configure(self.source.load()?, &self.info),
         }
     }
 
@@ -250,6 +257,16 @@ impl TorchHndsr {
             .unwrap_or_else(PoisonError::into_inner)
             .push(model);
     }
+}
+
+/// Applies the serving choices in `info` (self-ensemble, tile edge) to a
+/// freshly loaded model.
+fn configure(model: HndsrModel, info: &BackendInfo) -> Result<HndsrModel, BackendError> {
+    let tile = info.tile.map_or(DEFAULT_TILE, i64::from);
+    model
+        .with_self_ensemble(info.self_ensemble)
+        .with_tile(tile)
+        .map_err(|e| load_error(&e))
 }
 
 impl Backend for TorchHndsr {
@@ -396,6 +413,7 @@ mod tests {
             weights_sha256: None,
             sampling_steps: Some(20),
             self_ensemble: None,
+            tile: None,
             precision: "fp32".to_owned(),
             torch_threads: NonZeroUsize::MIN,
         }

@@ -123,6 +123,11 @@ pub struct InfoResponse {
     pub sampling_steps: u32,
     /// Whether μ is the mean over the 8 flips / 90° rotations of each tile.
     pub self_ensemble: bool,
+    /// LR tile edge, in pixels, the `hndsr` backend cuts images into
+    /// (`HNDSR_TILE`, else the weights' recommendation); absent for
+    /// backends that do not tile.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tile: Option<u32>,
     /// Limits in force.
     pub limits: InfoLimits,
 }
@@ -357,6 +362,7 @@ pub(super) async fn info(State(state): State<AppState>) -> Json<InfoResponse> {
         default_scale: state.core.default_scale(),
         sampling_steps: i.default_steps,
         self_ensemble: i.self_ensemble,
+        tile: i.tile,
         limits: InfoLimits {
             max_concurrent: l.max_concurrent.get(),
             max_queue_depth: l.max_queue_depth.get(),

@@ -6,7 +6,8 @@ use std::f64::consts::TAU;
 use hndsr_torch::TorchError;
 use hndsr_torch::hndsr::spectral::SpectralConv2d;
 use hndsr_torch::hndsr::{
-    HndsrConfig, HndsrError, HndsrModel, Manifest, Precision, default_tiles, manifest_path,
+    HndsrConfig, HndsrError, HndsrModel, MAX_TILE, MIN_TILE, Manifest, Precision, default_tiles,
+    manifest_path, tiles_for,
 };
 use hndsr_torch::tiling::TileConfig;
 use tch::{Device, Kind, Tensor, nn};
@@ -476,4 +477,30 @@ fn cpu_models_tile_256_one_tile_at_a_time() {
     cuda.validate().unwrap();
     let model = HndsrModel::random(&HndsrConfig::tiny(), Device::Cpu, 1).unwrap();
     assert_eq!(model.tiles(), cpu);
+}
+
+#[test]
+fn small_tiles_keep_a_blendable_overlap_and_batch_by_area() {
+    let t = tiles_for(24, Device::Cpu);
+    assert_eq!((t.tile, t.overlap, t.margin, t.batch), (24, 10, 4, 28));
+    let t = tiles_for(24, Device::Cuda(0));
+    assert_eq!(t.batch, 455, "4 × 256² LR pixels per call");
+    assert_eq!(default_tiles(Device::Cpu).overlap, 16);
+    for edge in MIN_TILE..=MAX_TILE {
+        for device in [Device::Cpu, Device::Cuda(0)] {
+            tiles_for(edge, device).validate().unwrap();
+        }
+    }
+
+    let model = HndsrModel::random(&HndsrConfig::tiny(), Device::Cpu, 1).unwrap();
+    let model = model.with_tile(24).unwrap();
+    assert_eq!(model.tiles(), tiles_for(24, Device::Cpu));
+    for bad in [MIN_TILE - 1, MAX_TILE + 1] {
+        let model = HndsrModel::random(&HndsrConfig::tiny(), Device::Cpu, 1).unwrap();
+        let err = model.with_tile(bad).unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("tile edge {bad} is outside")),
+            "{err}"
+        );
+    }
 }

@@ -24,10 +24,9 @@ use clap::{Args, Parser, Subcommand};
 use hndsr_torch::hndsr::diffusion::{self, SplitMix64};
 use hndsr_torch::hndsr::net;
 use hndsr_torch::hndsr::{
-    EvalFigure, HndsrConfig, HndsrModel, HndsrNet, Manifest, Precision, TrainingInfo,
-    load_weights_from_bytes, manifest_path, parameter_count, save_weights,
+    EvalFigure, HndsrConfig, HndsrModel, HndsrNet, MAX_TILE, MIN_TILE, Manifest, Precision,
+    TrainingInfo, load_weights_from_bytes, manifest_path, parameter_count, save_weights,
 };
-use hndsr_torch::tiling::TileConfig;
 use hndsr_torch::{open_device, upsample_bicubic};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor, nn, nn::OptimizerConfig};
@@ -183,8 +182,10 @@ struct EvalArgs {
     /// (default: all of them).
     #[arg(long, value_delimiter = ',')]
     sources: Vec<String>,
-    /// Also measure steps = 0 through tiles of this many LR pixels
-    /// (overlap 12, margin 4) to show what tiling costs.
+    /// Also measure steps = 0 through tiles of this many LR pixels, as a
+    /// server cuts them (`tiles_for`: overlap 10 or more, margin 4), and
+    /// with `--self-ensemble` the self-ensemble through them too (what a
+    /// server whose manifest recommends this tile serves).
     #[arg(long)]
     tiled: Option<i64>,
     /// Also measure steps = 0 as the mean over the 8 flips / 90° rotations
@@ -240,6 +241,11 @@ struct ExportArgs {
     /// say (written into the manifest).
     #[arg(long)]
     self_ensemble: Option<bool>,
+    /// LR tile edge servers should cut images into when their deployment
+    /// does not say (written into the manifest): the training crops' LR
+    /// size, the domain the Fourier layers learned their modes on.
+    #[arg(long, value_parser = clap::value_parser!(i64).range(MIN_TILE..=MAX_TILE))]
+    tile: Option<i64>,
 }
 
 /// Training progress kept next to the checkpoint.
@@ -530,6 +536,7 @@ fn export(args: &ExportArgs) -> Result<()> {
         },
         default_steps: args.default_steps,
         self_ensemble: args.self_ensemble,
+        tile: args.tile,
         ..Manifest::untrained(&state.config, 0)
     };
     let written = save_weights(&vs, &state.config, &args.out, manifest)?;
@@ -581,17 +588,18 @@ fn eval(args: &EvalArgs, data_dir: &Path, device: Device) -> Result<()> {
     let manifest_path = manifest_path(&args.weights);
     let manifest = Manifest::read(&manifest_path)?;
     let model = HndsrModel::load(&args.weights, &manifest.sha256, device, Precision::Fp32)?;
-    let tiled = match args.tiled {
-        Some(tile) => Some(
-            HndsrModel::load(&args.weights, &manifest.sha256, device, Precision::Fp32)?
-                .with_tiles(TileConfig {
-                    tile,
-                    overlap: 12,
-                    margin: 4,
-                    batch: 4,
-                })?,
-        ),
-        None => None,
+    let tiled = |ensemble: bool| -> Result<Option<HndsrModel>> {
+        let Some(tile) = args.tiled else {
+            return Ok(None);
+        };
+        let model = HndsrModel::load(&args.weights, &manifest.sha256, device, Precision::Fp32)?;
+        Ok(Some(model.with_tile(tile)?.with_self_ensemble(ensemble)))
+    };
+    let tiled_plain = tiled(false)?;
+    let tiled_ensemble = if args.self_ensemble {
+        tiled(true)?
+    } else {
+        None
     };
     let ensemble = if args.self_ensemble {
         Some(
@@ -706,11 +714,13 @@ fn eval(args: &EvalArgs, data_dir: &Path, device: Device) -> Result<()> {
         if let Some((label, linear)) = &linear {
             measure(label, None, &|lr, _| Ok(linear.upscale(lr)))?;
         }
-        if let Some(tiled) = &tiled {
-            let label = format!("hndsr, {}² LR tiles", tiled.tiles().tile);
-            measure(&label, Some(0), &|lr, _| {
-                Ok(tiled.upscale_image(lr, 0, args.seed, &never)?)
-            })?;
+        for (tiled, suffix) in [(&tiled_plain, ""), (&tiled_ensemble, ", ×8 self-ensemble")] {
+            if let Some(tiled) = tiled {
+                let label = format!("hndsr, {}² LR tiles{suffix}", tiled.tiles().tile);
+                measure(&label, Some(0), &|lr, _| {
+                    Ok(tiled.upscale_image(lr, 0, args.seed, &never)?)
+                })?;
+            }
         }
     }
     let mut table = markdown_table(&model, &figures);

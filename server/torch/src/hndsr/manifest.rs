@@ -74,6 +74,12 @@ pub struct Manifest {
     /// their deployment does not say (absent in older manifests: no).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub self_ensemble: Option<bool>,
+    /// LR tile edge servers should cut images into when their deployment
+    /// does not say: the LR size of the training crops, the domain on which
+    /// the Fourier layers learned their modes (absent in older manifests:
+    /// [`super::DEFAULT_TILE`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tile: Option<i64>,
 }
 
 impl Manifest {
@@ -91,6 +97,7 @@ impl Manifest {
             eval: Vec::new(),
             default_steps: None,
             self_ensemble: None,
+            tile: None,
         }
     }
 
@@ -113,6 +120,12 @@ impl Manifest {
                     manifest.model, manifest.scale, manifest.config.scale
                 ),
             });
+        }
+        if let Some(tile) = manifest.tile {
+            super::check_tile(tile).map_err(|message| HndsrError::Manifest {
+                path: path.to_owned(),
+                message,
+            })?;
         }
         Ok(manifest)
     }
@@ -151,5 +164,29 @@ mod tests {
         let back: Manifest = serde_json::from_value(with).unwrap();
         assert_eq!(back.default_steps, Some(0));
         assert_eq!(serde_json::to_value(&back).unwrap()["default_steps"], 0);
+    }
+
+    #[test]
+    fn tile_is_optional_round_trips_and_is_range_checked_on_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.json");
+        let mut m = Manifest::untrained(&HndsrConfig::tiny(), 1);
+        m.write(&path).unwrap();
+        assert!(!std::fs::read_to_string(&path).unwrap().contains("tile"));
+        assert_eq!(Manifest::read(&path).unwrap().tile, None);
+
+        m.tile = Some(24);
+        m.write(&path).unwrap();
+        assert_eq!(Manifest::read(&path).unwrap().tile, Some(24));
+
+        for bad in [0, 15, 1025, -24] {
+            m.tile = Some(bad);
+            m.write(&path).unwrap();
+            let err = Manifest::read(&path).unwrap_err().to_string();
+            assert!(
+                err.contains(&format!("tile edge {bad} is outside [16, 1024]")),
+                "{bad}: {err}"
+            );
+        }
     }
 }

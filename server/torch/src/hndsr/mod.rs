@@ -42,22 +42,71 @@ pub use config::{HndsrConfig, Prediction};
 pub use manifest::{EvalFigure, Manifest, TrainingInfo, manifest_path};
 pub use net::HndsrNet;
 
-/// Default tiling on `device`, in LR pixels: 256² tiles (→ 1024² at ×4),
-/// overlap 16, margin 4. The Fourier layers see the whole tile, so tiled
-/// output is close to but not exactly the whole-image output; the 4-pixel
-/// margin drops the tile borders where the reflect padding differs from the
-/// real neighbourhood. Tiles run in batches of 4 on CUDA and one at a time
-/// on the CPU, where batching costs time (docs/benchmarks.md). 256² rather
-/// than 128²: a 256² input is one tile instead of nine overlapping ones
-/// (measured through the server: half the latency), and larger tiles waste
-/// less on overlaps whatever the image.
+/// LR tile edge of [`default_tiles`]: a 256² input is one tile (→ 1024² at
+/// ×4) instead of nine overlapping 128² ones (measured through the server:
+/// half the latency), and larger tiles waste less on overlaps.
+pub const DEFAULT_TILE: i64 = 256;
+
+/// Smallest LR tile edge a manifest or a server may ask for: below it the
+/// 10-pixel overlap of [`tiles_for`] would be most of every tile.
+pub const MIN_TILE: i64 = 16;
+
+/// Largest LR tile edge a manifest or a server may ask for (4096² HR at ×4).
+pub const MAX_TILE: i64 = 1024;
+
+/// Pixels at each shared tile edge whose output [`tiles_for`] drops: the
+/// tile borders, where the reflect padding differs from the real
+/// neighbourhood.
+const TILE_MARGIN: i64 = 4;
+
+/// LR pixels per model call: tiles are batched up to this area, 4 tiles of
+/// 256² on CUDA. On the CPU, one 256² tile per call (batching large tiles
+/// costs time there, docs/benchmarks.md) but small tiles go in batches of
+/// about 128², which saves the per-call overhead of many small ones.
+const CUDA_BATCH_PIXELS: i64 = 4 * 256 * 256;
+const CPU_BATCH_PIXELS: i64 = 128 * 128;
+
+/// Tiling on `device` for tiles of `edge` LR pixels: overlap 10 (the least
+/// that leaves room to cross-fade past two 4-pixel margins) or edge / 16,
+/// whichever is larger, and as many tiles per model call as fit the
+/// device's batch area. The Fourier layers see the whole tile, so tiled
+/// output is close to but not exactly the whole-image output, and the tile
+/// edge is a quality setting: the layers keep a fixed number of modes, which
+/// span the frequencies the network was trained on only when the tile is
+/// the size of the training crops (a manifest's `tile`;
+/// docs/model.md#tile-size).
+#[must_use]
+pub fn tiles_for(edge: i64, device: Device) -> TileConfig {
+    let budget = if device.is_cuda() {
+        CUDA_BATCH_PIXELS
+    } else {
+        CPU_BATCH_PIXELS
+    };
+    TileConfig {
+        tile: edge,
+        overlap: (2 * TILE_MARGIN + 2).max(edge / 16),
+        margin: TILE_MARGIN,
+        batch: usize::try_from(budget / (edge * edge).max(1))
+            .unwrap_or(1)
+            .max(1),
+    }
+}
+
+/// Default tiling on `device`: [`tiles_for`] [`DEFAULT_TILE`] (overlap 16,
+/// margin 4; batches of 4 on CUDA, 1 on the CPU).
 #[must_use]
 pub fn default_tiles(device: Device) -> TileConfig {
-    TileConfig {
-        tile: 256,
-        overlap: 16,
-        margin: 4,
-        batch: if device.is_cuda() { 4 } else { 1 },
+    tiles_for(DEFAULT_TILE, device)
+}
+
+/// Checks a tile edge asked for by a manifest or a server.
+pub fn check_tile(edge: i64) -> Result<(), String> {
+    if (MIN_TILE..=MAX_TILE).contains(&edge) {
+        Ok(())
+    } else {
+        Err(format!(
+            "tile edge {edge} is outside [{MIN_TILE}, {MAX_TILE}] LR pixels"
+        ))
     }
 }
 
@@ -303,6 +352,14 @@ impl HndsrModel {
         tiles.validate()?;
         self.tiles = tiles;
         Ok(self)
+    }
+
+    /// Cuts images into tiles of `edge` LR pixels: [`tiles_for`] on the
+    /// model's device.
+    pub fn with_tile(self, edge: i64) -> Result<Self, HndsrError> {
+        check_tile(edge).map_err(HndsrError::Config)?;
+        let tiles = tiles_for(edge, self.device());
+        self.with_tiles(tiles)
     }
 
     /// Computes μ as the mean over the 8 flips / 90° rotations of the input
