@@ -37,7 +37,7 @@ server: prereqs ## only the server, on 127.0.0.1:8080 with the bicubic backend
 HNDSR_WEIGHTS ?= server/models/hndsr-medium.safetensors
 
 .PHONY: server-hndsr
-server-hndsr: prereqs ## the server with the trained HNDSR weights (their manifest: steps 0, self-ensemble; docs/model.md), on 127.0.0.1:8080
+server-hndsr: prereqs ## the server with the trained HNDSR weights (their manifest: steps 0, self-ensemble, 24² LR tiles; docs/model.md), on 127.0.0.1:8080
 	$(CARGO) build --release --locked -p hndsr-server --bin hndsr-server
 	./target/release/hndsr-server --listen 127.0.0.1:8080 --backend hndsr \
 	  --weights-path $(HNDSR_WEIGHTS) \

@@ -13,11 +13,16 @@
 #      server's default (all cores) vs the cores divided among the
 #      MAX_CONCURRENT inference threads, at concurrency 1 and MAX_CONCURRENT;
 #      with BENCH_WEIGHTS=path/to/w.safetensors also for the hndsr backend
-#      (steps 0, no self-ensemble).
+#      (steps 0, no self-ensemble);
+#   5. with BENCH_WEIGHTS: the hndsr backend as its manifest serves it
+#      (steps 0, self-ensemble and tile from the manifest) against other
+#      LR tile edges (BENCH_TILES, default "manifest 256"), at concurrency 1
+#      and MAX_CONCURRENT.
 #
 # Knobs (env): BENCH_SECONDS (per level, default 15), BENCH_CLIENTS (default
 # 100000), MAX_CONCURRENT (4), MAX_QUEUE_DEPTH (20), BENCH_WEIGHTS (unset),
-# CARGO_TARGET_DIR.
+# BENCH_TILES, BENCH_SECTIONS (default "load clients threads tiles": 1+2, 3,
+# 4, 5), CARGO_TARGET_DIR.
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -29,6 +34,8 @@ CLIENTS="${BENCH_CLIENTS:-100000}"
 MAX_CONCURRENT="${MAX_CONCURRENT:-4}"
 MAX_QUEUE_DEPTH="${MAX_QUEUE_DEPTH:-20}"
 LEVELS=(1 4 16 64)
+SECTIONS=" ${BENCH_SECTIONS:-load clients threads tiles} "
+want() { [[ "$SECTIONS" == *" $1 "* ]]; }
 
 if [[ "${BENCH_NO_BUILD:-0}" != 1 ]]; then
   (cd "$REPO_ROOT" && cargo build --release --locked -q \
@@ -76,6 +83,12 @@ start_server() {
 
 BACKEND_ARGS=(--backend bicubic)
 
+# info KEY: one field of the running server's /v1/info.
+info() {
+  curl -fsS "http://127.0.0.1:$PORT/v1/info" |
+    python3 -c 'import json, sys; print(json.load(sys.stdin).get(sys.argv[1]))' "$1"
+}
+
 rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$SERVER_PID/status"; }
 
 # Formats one loadgen JSON report as a markdown table row.
@@ -96,12 +109,14 @@ print(f'| {label} | {r["requests"]} | {r["elapsed_s"]:.1f} | {ok / r["elapsed_s"
 PY
 }
 
-# --- 1 and 2: throughput and latency, then overload -------------------------
-start_server "$WORK/server-a.log" --rate-limit-per-hour 0 --request-timeout-s 30
-URL="http://127.0.0.1:$PORT/v1/upscale?scale=4"
 # 256 distinct 256x256 images sent in turn: identical concurrent requests
 # would be coalesced into one computation and flatter the figures.
 BODY=(--png 256 --png-variants 256)
+
+# --- 1 and 2: throughput and latency, then overload -------------------------
+if want load; then
+start_server "$WORK/server-a.log" --rate-limit-per-hour 0 --request-timeout-s 30
+URL="http://127.0.0.1:$PORT/v1/upscale?scale=4"
 # Warm the process (allocator, PNG paths) outside the measurements.
 "$LOADGEN" run --url "$URL" "${BODY[@]}" -c 2 -n 10 >/dev/null
 
@@ -142,8 +157,10 @@ for e in r["error_samples"][:2]:
     print(f'| transport error seen | `{e}` |')
 PY
 stop_server
+fi
 
 # --- 3: rate-limiter memory under many distinct clients ---------------------
+if want clients; then
 # A tiny body that is not an image: the limiter records the client before the
 # image is looked at, so each request adds limiter state without model work.
 printf 'not an image' >"$WORK/garbage.bin"
@@ -172,6 +189,7 @@ print(f'| server VmRSS after | {after / 1024:.1f} MiB |')
 print(f'| growth | {(after - before) / 1024:.1f} MiB ({(after - before) * 1024 / max(r["requests"], 1):.0f} bytes per client) |')
 PY
 stop_server
+fi
 
 # --- 4: libtorch threads per inference thread --------------------------------
 CORES="$(nproc)"
@@ -199,10 +217,41 @@ threads_section() {
     stop_server
   done
 }
-threads_section bicubic
 if [[ -n "${BENCH_WEIGHTS:-}" ]]; then
   SHA="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["sha256"])' "${BENCH_WEIGHTS%.safetensors}.json")"
-  BACKEND_ARGS=(--backend hndsr --weights-path "$BENCH_WEIGHTS" --weights-sha256 "$SHA"
-    --sampling-steps 0 --self-ensemble false)
-  threads_section "hndsr $(basename "$BENCH_WEIGHTS"), steps 0"
+  HNDSR_ARGS=(--backend hndsr --weights-path "$BENCH_WEIGHTS" --weights-sha256 "$SHA" --sampling-steps 0)
+fi
+if want threads; then
+  threads_section bicubic
+  if [[ -n "${BENCH_WEIGHTS:-}" ]]; then
+    BACKEND_ARGS=("${HNDSR_ARGS[@]}" --self-ensemble false)
+    threads_section "hndsr $(basename "$BENCH_WEIGHTS"), steps 0"
+  fi
+fi
+
+# --- 5: hndsr tile size, served as the manifest says -------------------------
+if want tiles && [[ -n "${BENCH_WEIGHTS:-}" ]]; then
+  BACKEND_ARGS=("${HNDSR_ARGS[@]}")
+  echo
+  echo "## hndsr tile size: $(basename "$BENCH_WEIGHTS"), steps 0, 256x256 PNG, scale 4, CPU"
+  echo
+  echo "Self-ensemble as the manifest says; \"manifest\" is the manifest's tile (/v1/info tile)."
+  echo "MAX_CONCURRENT=$MAX_CONCURRENT, ${SECONDS_PER_LEVEL} s per row, default threads."
+  echo
+  echo "| LR tile, concurrency | requests | seconds | 200/s | p50 ms (200) | p90 ms (200) | p99 ms (200) | % 200 | other statuses |"
+  echo "|---|---:|---:|---:|---:|---:|---:|---:|---|"
+  for tile in ${BENCH_TILES:-manifest 256}; do
+    args=(--rate-limit-per-hour 0 --request-timeout-s 120)
+    [[ "$tile" == manifest ]] || args+=(--tile "$tile")
+    start_server "$WORK/server-tile-$tile.log" "${args[@]}"
+    shown="$(info tile)², self-ensemble $(info self_ensemble)"
+    [[ "$tile" == manifest ]] && shown="manifest: $shown"
+    URL="http://127.0.0.1:$PORT/v1/upscale?scale=4"
+    "$LOADGEN" run --url "$URL" "${BODY[@]}" -c "$MAX_CONCURRENT" -n "$((2 * MAX_CONCURRENT))" --timeout 120 >/dev/null
+    for c in 1 "$MAX_CONCURRENT"; do
+      "$LOADGEN" run --url "$URL" "${BODY[@]}" -c "$c" -d "$SECONDS_PER_LEVEL" --timeout 120 --json >"$WORK/tile$tile-c$c.json"
+      row "$shown, $c" "$WORK/tile$tile-c$c.json"
+    done
+    stop_server
+  done
 fi
