@@ -194,6 +194,18 @@ fi
 # --- 4: libtorch threads per inference thread --------------------------------
 CORES="$(nproc)"
 SHARE=$((CORES / MAX_CONCURRENT)); ((SHARE >= 1)) || SHARE=1
+# levels_rows LABEL KEY: against the running server, a warm-up burst, then a
+# table row "LABEL, c" for concurrency 1 and MAX_CONCURRENT (reports kept
+# as $WORK/KEY-c<c>.json).
+levels_rows() {
+  local label="$1" key="$2" c
+  URL="http://127.0.0.1:$PORT/v1/upscale?scale=4"
+  "$LOADGEN" run --url "$URL" "${BODY[@]}" -c "$MAX_CONCURRENT" -n "$((2 * MAX_CONCURRENT))" --timeout 120 >/dev/null
+  for c in 1 "$MAX_CONCURRENT"; do
+    "$LOADGEN" run --url "$URL" "${BODY[@]}" -c "$c" -d "$SECONDS_PER_LEVEL" --timeout 120 --json >"$WORK/$key-c$c.json"
+    row "$label, $c" "$WORK/$key-c$c.json"
+  done
+}
 threads_section() {
   local label="$1"
   echo
@@ -204,16 +216,11 @@ threads_section() {
   echo
   echo "| torch threads, concurrency | requests | seconds | 200/s | p50 ms (200) | p90 ms (200) | p99 ms (200) | % 200 | other statuses |"
   echo "|---|---:|---:|---:|---:|---:|---:|---:|---|"
-  local t c counts=("$CORES")
+  local t counts=("$CORES")
   [[ "$SHARE" == "$CORES" ]] || counts+=("$SHARE")
   for t in "${counts[@]}"; do
     start_server "$WORK/server-t$t.log" --rate-limit-per-hour 0 --request-timeout-s 120 --torch-threads "$t"
-    URL="http://127.0.0.1:$PORT/v1/upscale?scale=4"
-    "$LOADGEN" run --url "$URL" "${BODY[@]}" -c "$MAX_CONCURRENT" -n "$((2 * MAX_CONCURRENT))" >/dev/null
-    for c in 1 "$MAX_CONCURRENT"; do
-      "$LOADGEN" run --url "$URL" "${BODY[@]}" -c "$c" -d "$SECONDS_PER_LEVEL" --timeout 120 --json >"$WORK/t$t-c$c.json"
-      row "$t, $c" "$WORK/t$t-c$c.json"
-    done
+    levels_rows "$t" "t$t"
     stop_server
   done
 }
@@ -246,12 +253,7 @@ if want tiles && [[ -n "${BENCH_WEIGHTS:-}" ]]; then
     start_server "$WORK/server-tile-$tile.log" "${args[@]}"
     shown="$(info tile)², self-ensemble $(info self_ensemble)"
     [[ "$tile" == manifest ]] && shown="manifest: $shown"
-    URL="http://127.0.0.1:$PORT/v1/upscale?scale=4"
-    "$LOADGEN" run --url "$URL" "${BODY[@]}" -c "$MAX_CONCURRENT" -n "$((2 * MAX_CONCURRENT))" --timeout 120 >/dev/null
-    for c in 1 "$MAX_CONCURRENT"; do
-      "$LOADGEN" run --url "$URL" "${BODY[@]}" -c "$c" -d "$SECONDS_PER_LEVEL" --timeout 120 --json >"$WORK/tile$tile-c$c.json"
-      row "$shown, $c" "$WORK/tile$tile-c$c.json"
-    done
+    levels_rows "$shown" "tile$tile"
     stop_server
   done
 fi
