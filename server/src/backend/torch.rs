@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use hndsr_torch::hndsr::{DEFAULT_TILE, HndsrError, HndsrModel, Precision};
 use hndsr_torch::tch::{Device, Kind, Tensor};
+use hndsr_torch::tiling::TileConfig;
 use hndsr_torch::{BICUBIC_TILES, BicubicUpscaler, TorchError};
 use sha2::{Digest, Sha256};
 
@@ -131,6 +132,8 @@ pub struct TorchHndsr {
     source: WeightsSource,
     idle: Mutex<Vec<HndsrModel>>,
     info: BackendInfo,
+    /// The tiling every replica uses (checked once, when the first loads).
+    tiles: TileConfig,
     torch_threads: NonZeroUsize,
 }
 
@@ -230,11 +233,16 @@ impl TorchHndsr {
             self_ensemble,
             tile: u32::try_from(tile).ok(),
         };
-        let model = configure(model, &info)?;
+        let model = model
+            .with_self_ensemble(self_ensemble)
+            .with_tile(tile)
+            .map_err(|e| load_error(&e))?;
+        let tiles = model.tiles();
         Ok(Self {
             source,
             idle: Mutex::new(vec![model]),
             info,
+            tiles,
             torch_threads: cfg.torch_threads,
         })
     }
@@ -247,7 +255,12 @@ impl TorchHndsr {
             .pop();
         match idle {
             Some(model) => Ok(model),
-            None => configure(self.source.load()?, &self.info),
+            None => self
+                .source
+                .load()?
+                .with_self_ensemble(self.info.self_ensemble)
+                .with_tiles(self.tiles)
+                .map_err(|e| load_error(&e)),
         }
     }
 
@@ -257,16 +270,6 @@ impl TorchHndsr {
             .unwrap_or_else(PoisonError::into_inner)
             .push(model);
     }
-}
-
-/// Applies the serving choices in `info` (self-ensemble, tile edge) to a
-/// freshly loaded model.
-fn configure(model: HndsrModel, info: &BackendInfo) -> Result<HndsrModel, BackendError> {
-    let tile = info.tile.map_or(DEFAULT_TILE, i64::from);
-    model
-        .with_self_ensemble(info.self_ensemble)
-        .with_tile(tile)
-        .map_err(|e| load_error(&e))
 }
 
 impl Backend for TorchHndsr {
