@@ -4,7 +4,7 @@
 # docs/benchmarks.md). Builds the release hndsr-server and hndsr-loadgen
 # itself (incremental; BENCH_NO_BUILD=1 skips it); needs python3 and curl.
 #
-#   1. 256x256 PNG, scale 4, concurrency 1, 4, 16, 64 (rate limit off);
+#   1. EDGE x EDGE PNG (256), scale 4, concurrency 1, 4, 16, 64 (rate limit off);
 #   2. overload: concurrency 10 x MAX_QUEUE_DEPTH: share of 503s, p99 of the
 #      503s and of the admitted requests;
 #   3. 100k requests from 100k distinct client addresses via a trusted
@@ -21,8 +21,8 @@
 #
 # Knobs (env): BENCH_SECONDS (per level, default 15), BENCH_CLIENTS (default
 # 100000), MAX_CONCURRENT (4), MAX_QUEUE_DEPTH (20), BENCH_WEIGHTS (unset),
-# BENCH_TILES, BENCH_SECTIONS (default "load clients threads tiles": 1+2, 3,
-# 4, 5), CARGO_TARGET_DIR.
+# BENCH_TILES, BENCH_EDGE (the input PNGs' edge, default 256), BENCH_SECTIONS
+# (default "load clients threads tiles": 1+2, 3, 4, 5), CARGO_TARGET_DIR.
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -33,6 +33,7 @@ SECONDS_PER_LEVEL="${BENCH_SECONDS:-15}"
 CLIENTS="${BENCH_CLIENTS:-100000}"
 MAX_CONCURRENT="${MAX_CONCURRENT:-4}"
 MAX_QUEUE_DEPTH="${MAX_QUEUE_DEPTH:-20}"
+EDGE="${BENCH_EDGE:-256}"
 LEVELS=(1 4 16 64)
 SECTIONS=" ${BENCH_SECTIONS:-load clients threads tiles} "
 want() { [[ "$SECTIONS" == *" $1 "* ]]; }
@@ -109,9 +110,9 @@ print(f'| {label} | {r["requests"]} | {r["elapsed_s"]:.1f} | {ok / r["elapsed_s"
 PY
 }
 
-# 256 distinct 256x256 images sent in turn: identical concurrent requests
+# 256 distinct EDGE x EDGE images sent in turn: identical concurrent requests
 # would be coalesced into one computation and flatter the figures.
-BODY=(--png 256 --png-variants 256)
+BODY=(--png "$EDGE" --png-variants 256)
 
 # --- 1 and 2: throughput and latency, then overload -------------------------
 if want load; then
@@ -120,7 +121,7 @@ URL="http://127.0.0.1:$PORT/v1/upscale?scale=4"
 # Warm the process (allocator, PNG paths) outside the measurements.
 "$LOADGEN" run --url "$URL" "${BODY[@]}" -c 2 -n 10 >/dev/null
 
-echo "## Throughput and latency: 256x256 PNG, scale 4, bicubic, CPU"
+echo "## Throughput and latency: ${EDGE}x${EDGE} PNG, scale 4, bicubic, CPU"
 echo
 echo "MAX_CONCURRENT=$MAX_CONCURRENT, MAX_QUEUE_DEPTH=$MAX_QUEUE_DEPTH, rate limit off, ${SECONDS_PER_LEVEL} s per level."
 echo "\"error\": no HTTP response (the server answered 503 before reading the body and closed"
@@ -209,7 +210,7 @@ levels_rows() {
 threads_section() {
   local label="$1"
   echo
-  echo "## libtorch threads per inference thread: $label, 256x256 PNG, scale 4, CPU"
+  echo "## libtorch threads per inference thread: $label, ${EDGE}x${EDGE} PNG, scale 4, CPU"
   echo
   echo "$CORES cores, MAX_CONCURRENT=$MAX_CONCURRENT, ${SECONDS_PER_LEVEL} s per row. $CORES threads is the"
   echo "server's default here (all cores); $SHARE is the cores divided among the inference threads."
@@ -240,7 +241,7 @@ fi
 if want tiles && [[ -n "${BENCH_WEIGHTS:-}" ]]; then
   BACKEND_ARGS=("${HNDSR_ARGS[@]}")
   echo
-  echo "## hndsr tile size: $(basename "$BENCH_WEIGHTS"), steps 0, 256x256 PNG, scale 4, CPU"
+  echo "## hndsr tile size: $(basename "$BENCH_WEIGHTS"), steps 0, ${EDGE}x${EDGE} PNG, scale 4, CPU"
   echo
   echo "Self-ensemble as the manifest says; \"manifest\" is the manifest's tile (/v1/info tile)."
   echo "MAX_CONCURRENT=$MAX_CONCURRENT, ${SECONDS_PER_LEVEL} s per row, default threads."

@@ -40,10 +40,28 @@ pub fn build(cfg: &ModelConfig) -> Result<Arc<dyn Backend>, BackendError> {
         torch_threads = cfg.torch_threads.get(),
         "libtorch intra-op threads per inference thread"
     );
-    match cfg.backend {
-        BackendKind::Bicubic => Ok(Arc::new(TorchBicubic::new(cfg)?)),
-        BackendKind::Hndsr => Ok(Arc::new(TorchHndsr::new(cfg)?)),
-    }
+    // Loading runs libtorch kernels, and the first parallel kernel on a
+    // thread gives that thread an OpenMP worker pool for the life of the
+    // thread. Left on the caller (the main thread), that pool would count
+    // against the cores beside every inference thread's own, and OpenMP then
+    // parks idle workers at once instead of spinning: many small kernels
+    // (24² tiles) pay a wake-up each, ≈25% of a 64² request on 2 cores
+    // (docs/benchmarks.md). A thread that ends takes its pool with it.
+    std::thread::scope(|scope| {
+        std::thread::Builder::new()
+            .name("hndsr-load".to_owned())
+            .spawn_scoped(scope, || match cfg.backend {
+                BackendKind::Bicubic => Ok(Arc::new(TorchBicubic::new(cfg)?) as Arc<dyn Backend>),
+                BackendKind::Hndsr => Ok(Arc::new(TorchHndsr::new(cfg)?) as Arc<dyn Backend>),
+            })
+            .map_err(|e| BackendError::Load(format!("cannot start the loading thread: {e}")))?
+            .join()
+            .unwrap_or_else(|_| {
+                Err(BackendError::Load(
+                    "the backend panicked while loading".to_owned(),
+                ))
+            })
+    })
 }
 
 /// Bicubic interpolation with libtorch's `upsample_bicubic2d`, tiled for
