@@ -9,10 +9,14 @@
 //!   the (zero-initialised) second conv;
 //! - more Fourier blocks (`blocks`), appended after the trained ones: every
 //!   branch that feeds a new block's sum starts at zero, so the block is the
-//!   identity (`x + gelu(0)`) while its gradients are not zero.
+//!   identity (`x + gelu(0)`) while its gradients are not zero;
+//! - more Fourier modes (`modes`): the trained frequencies keep their
+//!   weights (rows `0..m` and `−m..−1`, columns `0..m`), the new ones start
+//!   at zero, so on every grid the layer first passes exactly the spectrum
+//!   it passed before.
 //!
-//! Width, modes, scale and the denoiser's shape cannot grow this way (they
-//! change what the trained layers see) and are rejected.
+//! Width, scale and the denoiser's shape cannot grow this way (they change
+//! what the trained layers see) and are rejected.
 
 use std::path::Path;
 
@@ -20,25 +24,29 @@ use anyhow::{Context, Result, bail};
 use hndsr_torch::hndsr::{HndsrConfig, HndsrNet, Manifest, load_weights_from_bytes};
 use tch::{Device, Tensor, nn};
 
-/// Checks that `grown` only differs from `base` in `blocks` / `local`, and
-/// not downwards.
+/// Checks that `grown` only differs from `base` in `blocks` / `local` /
+/// `modes`, and not downwards.
 pub fn check_growth(base: &HndsrConfig, grown: &HndsrConfig) -> Result<()> {
-    if grown.blocks < base.blocks || grown.local < base.local {
+    if grown.blocks < base.blocks || grown.local < base.local || grown.modes < base.modes {
         bail!(
-            "can only grow: the initial weights have {} blocks and local {}, asked for {} and {}",
+            "can only grow: the initial weights have {} blocks, local {} and {} modes, \
+             asked for {}, {} and {}",
             base.blocks,
             base.local,
+            base.modes,
             grown.blocks,
-            grown.local
+            grown.local,
+            grown.modes
         );
     }
     let same_rest = HndsrConfig {
         blocks: base.blocks,
         local: base.local,
+        modes: base.modes,
         ..grown.clone()
     };
     if &same_rest != base {
-        bail!("only blocks and local can grow from initial weights");
+        bail!("only blocks, local and modes can grow from initial weights");
     }
     Ok(())
 }
@@ -53,6 +61,7 @@ pub fn init_from(vs: &nn::VarStore, init: &Path, manifest: &Manifest) -> Result<
     load_weights_from_bytes(&old, &bytes, init)?;
     let old = old.variables();
     let old_blocks = manifest.config.blocks;
+    let old_modes = manifest.config.modes;
     let _no_grad = tch::no_grad_guard();
     let mut fresh = Vec::new();
     for (name, mut var) in vs.variables() {
@@ -68,7 +77,11 @@ pub fn init_from(vs: &nn::VarStore, init: &Path, manifest: &Manifest) -> Result<
                         init.display()
                     );
                 }
-                leading_slice(&var, &old_size).copy_(src);
+                if is_spectral_weight(&name) {
+                    copy_modes(&mut var, src, old_modes);
+                } else {
+                    leading_slice(&var, &old_size).copy_(src);
+                }
             }
             None => {
                 if silenced_in_new_block(&name, old_blocks) {
@@ -80,6 +93,23 @@ pub fn init_from(vs: &nn::VarStore, init: &Path, manifest: &Manifest) -> Result<
     }
     fresh.sort();
     Ok(fresh)
+}
+
+/// Whether `name` is a spectral weight, `[in, out, 2·modes, modes]`.
+fn is_spectral_weight(name: &str) -> bool {
+    name.ends_with(".spectral.w_re") || name.ends_with(".spectral.w_im")
+}
+
+/// Copies spectral weights of `old_modes` modes into `var`, which has more:
+/// the non-negative rows `0..m` to the top, the negative rows `−m..−1` to
+/// the bottom of `var`'s `2·modes` rows, columns `0..m`; every new
+/// frequency is zero.
+fn copy_modes(var: &mut Tensor, src: &Tensor, old_modes: i64) {
+    let rows = var.size()[2];
+    let _ = var.zero_();
+    let corner = |t: &Tensor, start: i64| t.narrow(2, start, old_modes).narrow(3, 0, old_modes);
+    corner(var, 0).copy_(&src.narrow(2, 0, old_modes));
+    corner(var, rows - old_modes).copy_(&src.narrow(2, old_modes, old_modes));
 }
 
 /// The `[0..size[0], 0..size[1], …]` view of `t`.
@@ -116,7 +146,7 @@ mod tests {
     use tch::Kind;
 
     #[test]
-    fn growth_is_only_more_blocks_or_wider_local_branches() {
+    fn growth_is_only_more_blocks_wider_local_branches_or_more_modes() {
         let base = HndsrConfig::tiny();
         let deeper = HndsrConfig {
             blocks: base.blocks + 2,
@@ -135,7 +165,12 @@ mod tests {
             ..base.clone()
         };
         let err = check_growth(&base, &wider).unwrap_err().to_string();
-        assert!(err.contains("only blocks and local"), "{err}");
+        assert!(err.contains("only blocks, local and modes"), "{err}");
+        let fewer_modes = HndsrConfig {
+            modes: base.modes - 1,
+            ..base.clone()
+        };
+        assert!(check_growth(&base, &fewer_modes).is_err());
     }
 
     #[test]
@@ -158,6 +193,7 @@ mod tests {
         let grown = HndsrConfig {
             blocks: base.blocks + 2,
             local: base.local + 8,
+            modes: base.modes + 3,
             ..base.clone()
         };
         check_growth(&base, &grown).unwrap();
@@ -171,11 +207,17 @@ mod tests {
         );
         assert!(!fresh.is_empty());
 
-        let lr = Tensor::rand([2, 3, 12, 10], (Kind::Float, Device::Cpu));
-        let (before, _) = tch::no_grad(|| old_net.regress(&lr));
+        // On a grid with room for the new modes, and on one too small for
+        // even the old ones.
+        for (h, w) in [(6, 5), (30, 26)] {
+            let lr = Tensor::rand([2, 3, h, w], (Kind::Float, Device::Cpu));
+            let (before, _) = tch::no_grad(|| old_net.regress(&lr));
+            let (after, _) = tch::no_grad(|| net.regress(&lr));
+            let diff = (&after - &before).abs().max().double_value(&[]);
+            assert!(diff < 1e-5, "{h}x{w}: grown output differs by {diff}");
+        }
+        let lr = Tensor::rand([2, 3, 30, 26], (Kind::Float, Device::Cpu));
         let (after, _) = net.regress(&lr);
-        let diff = (&after - &before).abs().max().double_value(&[]);
-        assert!(diff < 1e-5, "grown output differs by {diff}");
 
         // The new parts get gradients, so training can use them.
         after.square().mean(Kind::Float).backward();
@@ -183,6 +225,7 @@ mod tests {
         for name in [
             "encoder.block3.pointwise.weight",
             "encoder.block0.local2.weight",
+            "encoder.block0.spectral.w_re",
         ] {
             let grad = vars[name].grad();
             assert!(
@@ -193,5 +236,11 @@ mod tests {
         let widened = &vars["encoder.block0.local2.weight"];
         let new_slice = widened.narrow(1, base.local, 8);
         assert_eq!(new_slice.abs().sum(Kind::Float).double_value(&[]), 0.0);
+        // The new modes start at zero and learn: their gradient is not zero.
+        let spectral = &vars["encoder.block0.spectral.w_re"];
+        let new_rows = spectral.narrow(2, base.modes, 6);
+        assert_eq!(new_rows.abs().sum(Kind::Float).double_value(&[]), 0.0);
+        let new_grad = spectral.grad().narrow(2, base.modes, 6);
+        assert!(new_grad.abs().sum(Kind::Float).double_value(&[]) > 0.0);
     }
 }

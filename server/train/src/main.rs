@@ -145,6 +145,11 @@ struct TrainArgs {
     /// appended after the trained ones and starting as the identity.
     #[arg(long, requires = "init")]
     blocks: Option<i64>,
+    /// With `--init`: keep this many Fourier modes per axis (the new, higher
+    /// frequencies start at zero, so the output starts exactly as the initial
+    /// weights' output).
+    #[arg(long, requires = "init")]
+    modes: Option<i64>,
     /// Run the cosine decay over this run's wall time (`--minutes`) instead
     /// of its steps, so a run on a machine of unknown speed still ends at the
     /// low learning rate.
@@ -362,6 +367,9 @@ fn train(args: &TrainArgs, data_dir: &Path, device: Device) -> Result<()> {
         }
         if let Some(blocks) = args.blocks {
             config.blocks = blocks;
+        }
+        if let Some(modes) = args.modes {
+            config.modes = modes;
         }
         config.validate().map_err(anyhow::Error::msg)?;
         grow::check_growth(&m.config, &config)?;
