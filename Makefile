@@ -85,6 +85,9 @@ CARGO_DENY_VERSION := 0.20.2
 
 .PHONY: deny
 deny: ## licences, banned crates and sources (cargo-deny, cached under ~/.cache/hndsr/tools)
+	@# cargo-deny runs offline and reads every crate of Cargo.lock, those of
+	@# other platforms too, which builds on this one never download.
+	@$(CARGO) fetch --locked -q
 	@deny=$$(bash server/scripts/install-tool.sh cargo-deny $(CARGO_DENY_VERSION)) && $$deny --offline --log-level error check licenses bans sources
 
 .PHONY: unit
