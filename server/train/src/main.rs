@@ -98,6 +98,12 @@ struct TrainArgs {
     /// pushes the plain output towards what the self-ensemble averages to).
     #[arg(long, default_value_t = 0.0, value_parser = loss_weight, allow_hyphen_values = true)]
     equivariance: f64,
+    /// Train what self-ensembling servers serve: the regression loss is
+    /// taken on μ averaged over the 8 flips / 90° rotations of the batch,
+    /// each mapped back (8× the regression work per step), so the network
+    /// is free to make the eight disagree where their mean gains.
+    #[arg(long, conflicts_with_all = ["equivariance", "freeze_regressor"])]
+    ensemble_loss: bool,
     /// Training sources and their share of the crops, `name=weight,...`
     /// (aero, bluemarble, landsat, rgbn, oblique1, oblique3, yell_meadow,
     /// yell_road; weights are normalised).
@@ -454,6 +460,8 @@ fn train(args: &TrainArgs, data_dir: &Path, device: Device) -> Result<()> {
         let lr_img = data::degrade(&hr, cfg.scale);
         let (mu, features) = if args.freeze_regressor {
             tch::no_grad(|| net.regress(&lr_img))
+        } else if args.ensemble_loss {
+            net.regress_self_ensemble(&lr_img)
         } else {
             net.regress(&lr_img)
         };
@@ -912,6 +920,20 @@ mod tests {
                 let err = parse(flag, bad).unwrap_err().to_string();
                 assert!(err.contains(flag), "{flag} {bad}: {err}");
             }
+        }
+    }
+
+    #[test]
+    fn the_ensemble_loss_excludes_the_equivariance_term_and_a_frozen_regressor() {
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["hndsr-train", "train", "--out", "ck", "--ensemble-loss"];
+            argv.extend_from_slice(extra);
+            Cli::try_parse_from(argv)
+        };
+        assert!(parse(&[]).is_ok());
+        for extra in [&["--equivariance", "0.1"][..], &["--freeze-regressor"]] {
+            let err = parse(extra).unwrap_err().to_string();
+            assert!(err.contains("cannot be used with"), "{extra:?}: {err}");
         }
     }
 
