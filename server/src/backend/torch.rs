@@ -50,10 +50,7 @@ pub fn build(cfg: &ModelConfig) -> Result<Arc<dyn Backend>, BackendError> {
     std::thread::scope(|scope| {
         std::thread::Builder::new()
             .name("hndsr-load".to_owned())
-            .spawn_scoped(scope, || match cfg.backend {
-                BackendKind::Bicubic => Ok(Arc::new(TorchBicubic::new(cfg)?) as Arc<dyn Backend>),
-                BackendKind::Hndsr => Ok(Arc::new(TorchHndsr::new(cfg)?) as Arc<dyn Backend>),
-            })
+            .spawn_scoped(scope, || load(cfg))
             .map_err(|e| BackendError::Load(format!("cannot start the loading thread: {e}")))?
             .join()
             .unwrap_or_else(|_| {
@@ -62,6 +59,14 @@ pub fn build(cfg: &ModelConfig) -> Result<Arc<dyn Backend>, BackendError> {
                 ))
             })
     })
+}
+
+/// Builds the configured backend on the calling thread.
+fn load(cfg: &ModelConfig) -> Result<Arc<dyn Backend>, BackendError> {
+    match cfg.backend {
+        BackendKind::Bicubic => Ok(Arc::new(TorchBicubic::new(cfg)?)),
+        BackendKind::Hndsr => Ok(Arc::new(TorchHndsr::new(cfg)?)),
+    }
 }
 
 /// Bicubic interpolation with libtorch's `upsample_bicubic2d`, tiled for
