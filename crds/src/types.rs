@@ -231,7 +231,13 @@ impl PullPolicy {
     validation = Rule::new("!has(self.uri) || self.uri.startsWith('https://') || self.uri.startsWith('http://')")
         .message("weights.uri must be an http(s) URL"),
     validation = Rule::new("!has(self.file) || (!self.file.startsWith('/') && !self.file.contains('..'))")
-        .message("weights.file must be a relative path without '..'")
+        .message("weights.file must be a relative path without '..'"),
+    validation = Rule::new("!has(self.manifestUri) || has(self.uri)")
+        .message("weights.manifestUri goes with weights.uri"),
+    validation = Rule::new("!has(self.manifestUri) || self.manifestUri.startsWith('https://') || self.manifestUri.startsWith('http://')")
+        .message("weights.manifestUri must be an http(s) URL"),
+    validation = Rule::new("!has(self.uri) || has(self.manifestUri) || self.uri.matches('^[^?#]*[.]safetensors([?#].*)?$')")
+        .message("weights.uri does not end in .safetensors: set weights.manifestUri to its JSON manifest")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct WeightsSpec {
@@ -247,8 +253,15 @@ pub struct WeightsSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 2048))]
     pub uri: Option<String>,
+    /// With `uri`: the http(s) URL of the weights' JSON manifest, which the
+    /// server reads beside the weights. Unset: `uri` with its `.safetensors`
+    /// ending replaced by `.json` (query and fragment kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 2048))]
+    pub manifest_uri: Option<String>,
     /// Path of the safetensors file inside the `pvc` or `image` volume
-    /// (default `model.safetensors`). Ignored for `uri`.
+    /// (default `model.safetensors`); its JSON manifest must sit beside it
+    /// (`model.json`). Ignored for `uri`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 1024))]
     pub file: Option<String>,

@@ -123,6 +123,24 @@ async fn invalid_hndsrservice_is_rejected_with_the_cel_message() -> anyhow::Resu
         "{err}"
     );
 
+    let bad = hndsr_service(
+        "uri-without-manifest",
+        serde_json::json!({ "model": {
+            "image": "hndsr/server:e2e",
+            "backend": "hndsr",
+            "weights": { "uri": "https://models.example/blob/42", "sha256": "a".repeat(64) },
+        } }),
+    )?;
+    let err = api
+        .create(&PostParams::default(), &bad)
+        .await
+        .expect_err("a weights.uri with no way to its manifest must be rejected");
+    assert!(
+        err.to_string()
+            .contains("weights.uri does not end in .safetensors: set weights.manifestUri"),
+        "{err}"
+    );
+
     // The same object made valid is accepted.
     let good = hndsr_service(
         "valid",

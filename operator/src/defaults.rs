@@ -8,7 +8,7 @@
 use hndsr_contract::defaults as contract;
 use hndsr_crds::{
     AutoscalingMetric, AutoscalingProvider, Backend, EffectiveAutoscaling, EffectiveServing,
-    HndsrServiceSpec, Precision, PullPolicy,
+    HndsrServiceSpec, Precision, PullPolicy, WeightsSpec,
 };
 use k8s_openapi::api::autoscaling::v2::{
     HPAScalingPolicy, HPAScalingRules, HorizontalPodAutoscalerBehavior,
@@ -123,6 +123,24 @@ pub fn weights_file(spec: &HndsrServiceSpec) -> &str {
         .as_ref()
         .and_then(|w| w.file.as_deref())
         .unwrap_or(WEIGHTS_FILE)
+}
+
+/// Name of the weights' JSON manifest beside [`WEIGHTS_FILE`] (the server
+/// reads `<weights path>` with the extension `json`).
+pub const MANIFEST_FILE: &str = "model.json";
+
+/// Where the init container downloads the weights' manifest from for
+/// `weights.uri`: `weights.manifestUri`, else `uri` with its `.safetensors`
+/// ending (before any query or fragment) replaced by `.json`; `None` when
+/// neither applies (validation refuses that spec).
+pub fn manifest_uri(w: &WeightsSpec) -> Option<String> {
+    if let Some(m) = &w.manifest_uri {
+        return Some(m.clone());
+    }
+    let uri = w.uri.as_deref()?;
+    let end = uri.find(['?', '#']).unwrap_or(uri.len());
+    let stem = uri[..end].strip_suffix(".safetensors")?;
+    Some(format!("{stem}.json{}", &uri[end..]))
 }
 
 /// Whether an autoscaler (of either provider) owns the replica count.
@@ -316,6 +334,29 @@ mod tests {
 
     fn spec(y: &str) -> HndsrServiceSpec {
         serde_yaml::from_str(&format!("model:\n  image: x\n  backend: bicubic\n{y}")).unwrap()
+    }
+
+    #[test]
+    fn manifest_uri_defaults_to_the_weights_uri_with_a_json_ending() {
+        let w = |y: &str| -> WeightsSpec { serde_yaml::from_str(y).unwrap() };
+        let sha = format!("sha256: {}\n", "a".repeat(64));
+        let m = |y: &str| manifest_uri(&w(&format!("{y}\n{sha}")));
+        assert_eq!(
+            m("uri: https://h/v1/model.safetensors").as_deref(),
+            Some("https://h/v1/model.json")
+        );
+        assert_eq!(
+            m("uri: https://h/m.safetensors?sig=a.safetensors#x").as_deref(),
+            Some("https://h/m.json?sig=a.safetensors#x"),
+            "the query and fragment are kept as they are"
+        );
+        assert_eq!(m("uri: https://h/blob/123"), None);
+        assert_eq!(
+            m("uri: https://h/blob/123\nmanifestUri: https://h/blob/124").as_deref(),
+            Some("https://h/blob/124"),
+            "an explicit manifest URL wins"
+        );
+        assert_eq!(m("pvc:\n  claimName: c"), None);
     }
 
     #[test]

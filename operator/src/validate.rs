@@ -152,6 +152,26 @@ pub fn validate(svc: &HndsrService) -> Result<(), InvalidSpec> {
             {
                 add("spec.model.weights.uri", "must be an http(s) URL".into());
             }
+            if let Some(m) = &w.manifest_uri {
+                if w.uri.is_none() {
+                    add(
+                        "spec.model.weights.manifestUri",
+                        "goes with weights.uri".into(),
+                    );
+                }
+                if !(m.starts_with("https://") || m.starts_with("http://")) {
+                    add(
+                        "spec.model.weights.manifestUri",
+                        "must be an http(s) URL".into(),
+                    );
+                }
+            } else if w.uri.is_some() && defaults::manifest_uri(w).is_none() {
+                add(
+                    "spec.model.weights.uri",
+                    "does not end in .safetensors: set weights.manifestUri to its JSON manifest"
+                        .into(),
+                );
+            }
             if let Some(file) = &w.file
                 && (file.starts_with('/') || file.contains("..") || file.is_empty())
             {

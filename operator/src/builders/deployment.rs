@@ -368,11 +368,17 @@ fn weights_volumes(ctx: &Ctx<'_>, cfg: &BuildConfig) -> (Vec<Volume>, Vec<Contai
     } else if let Some(uri) = &w.uri {
         vol.empty_dir = Some(EmptyDirVolumeSource::default());
         let target = format!("{WEIGHTS_DIR}/{}", defaults::WEIGHTS_FILE);
-        // Download to a temporary name and verify before the final rename, so
-        // a restarted init container never sees a half-written file.
+        let manifest_target = format!("{WEIGHTS_DIR}/{}", defaults::MANIFEST_FILE);
+        // Validation refuses a `uri` without a manifest URL before any build.
+        let manifest_uri = defaults::manifest_uri(w).unwrap_or_default();
+        // Download to temporary names and verify before the final renames, so
+        // a restarted init container never leaves a half-written file. The
+        // server checks that the manifest names the same sha256.
         let script = "set -eu; \
+             wget -q -O \"$MANIFEST.part\" \"$MANIFEST_URI\"; \
              wget -q -O \"$TARGET.part\" \"$WEIGHTS_URI\"; \
              echo \"$WEIGHTS_SHA256  $TARGET.part\" | sha256sum -c -; \
+             mv \"$MANIFEST.part\" \"$MANIFEST\"; \
              mv \"$TARGET.part\" \"$TARGET\"";
         init.push(Container {
             name: FETCH_CONTAINER.to_owned(),
@@ -382,6 +388,8 @@ fn weights_volumes(ctx: &Ctx<'_>, cfg: &BuildConfig) -> (Vec<Volume>, Vec<Contai
                 env_var("WEIGHTS_URI", uri.clone()),
                 env_var("WEIGHTS_SHA256", w.sha256.clone()),
                 env_var("TARGET", target),
+                env_var("MANIFEST_URI", manifest_uri),
+                env_var("MANIFEST", manifest_target),
             ]),
             resources: Some(ResourceRequirements {
                 requests: Some(BTreeMap::from([
