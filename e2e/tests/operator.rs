@@ -234,6 +234,54 @@ async fn hndsrservice_becomes_ready_with_its_deployment_and_pods() -> anyhow::Re
 }
 
 #[tokio::test]
+async fn turning_autoscaling_on_keeps_the_running_replicas() -> anyhow::Result<()> {
+    let mut env = Env::start("e2e-op-handover").await?;
+    env.create("sr", bicubic(3, 0)).await?;
+    env.wait_status("sr", "Ready with 3 ready replicas", |s| {
+        is_ready(s) && s.status.as_ref().and_then(|st| st.ready_replicas) == Some(3)
+    })
+    .await?;
+
+    // Autoscaling on: the operator stops applying spec.replicas. Dropping a
+    // field its only applier no longer sends would reset it to 1.
+    env.services()
+        .patch(
+            "sr",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({
+                "spec": { "replicas": null, "autoscaling": { "minReplicas": 2, "maxReplicas": 5 } },
+            })),
+        )
+        .await?;
+    let api = env.deployments();
+    let deployment = wait::until(
+        "the operator's apply without spec.replicas",
+        TIMEOUT,
+        || async {
+            let d = api.get("sr").await?;
+            let ours_has_replicas = d.managed_fields().iter().any(|e| {
+                e.manager.as_deref() == Some(hndsr_crds::FIELD_MANAGER)
+                    && e.operation.as_deref() == Some("Apply")
+                    && e.fields_v1
+                        .as_ref()
+                        .and_then(|f| f.0.get("f:spec"))
+                        .and_then(|s| s.get("f:replicas"))
+                        .is_some()
+            });
+            Ok::<_, kube::Error>((!ours_has_replicas).then_some(d))
+        },
+    )
+    .await?;
+    assert_eq!(
+        deployment.spec.replicas,
+        Some(3),
+        "the running count survives the handover to the HPA"
+    );
+    env.operator.check_running()?;
+    Ok(())
+}
+
+#[tokio::test]
 async fn manual_edits_of_the_deployment_are_reverted() -> anyhow::Result<()> {
     let mut env = Env::start("e2e-op-drift").await?;
     env.create("sr", bicubic(1, 1)).await?;

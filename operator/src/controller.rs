@@ -19,7 +19,10 @@ use std::{sync::Arc, time::Duration};
 use hndsr_crds::{HndsrService, HndsrServiceStatus, conditions, labels};
 use k8s_openapi::{
     NamespaceResourceScope,
-    api::core::v1::{ObjectReference, Pod},
+    api::{
+        apps::v1::Deployment,
+        core::v1::{ObjectReference, Pod},
+    },
     apimachinery::pkg::apis::meta::v1::Condition,
     jiff::Timestamp,
 };
@@ -209,14 +212,14 @@ async fn apply_children(
     } = children;
     let name = svc.name_any();
     let stores = &ctx.stores;
-    apply_one(
-        svc,
-        ctx,
-        ns,
-        deployment,
-        get_cached(&stores.deployments, ns, &name),
-    )
-    .await?;
+    let live_deployment = get_cached(&stores.deployments, ns, &name);
+    if deployment.spec.replicas.is_none()
+        && let Some(live) = &live_deployment
+        && controlled_by(live, svc)
+    {
+        hand_over_replicas(ctx, ns, live).await?;
+    }
+    apply_one(svc, ctx, ns, deployment, live_deployment).await?;
     apply_one(
         svc,
         ctx,
@@ -303,6 +306,38 @@ where
         publish(ctx, svc, EventType::Normal, reason, "Apply", note).await;
     }
     Ok(outcome)
+}
+
+/// Before the first apply without `spec.replicas` (an autoscaler takes the
+/// count over), applies the live count under the handover field manager,
+/// so dropping our claim does not reset the Deployment to 1 replica while
+/// warm pods serve ([`ssa::owns_replicas`]).
+async fn hand_over_replicas(ctx: &Context, ns: &str, live: &Deployment) -> Result<()> {
+    if !ssa::owns_replicas(live.meta().managed_fields.as_deref().unwrap_or_default()) {
+        return Ok(());
+    }
+    let Some(replicas) = live.spec.replicas else {
+        return Ok(());
+    };
+    let name = live.name_any();
+    let patch = serde_json::json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": { "name": name, "namespace": ns },
+        "spec": { "replicas": replicas },
+    });
+    let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), ns);
+    let params = PatchParams::apply(ssa::REPLICAS_HANDOVER_MANAGER).force();
+    api.patch(&name, &params, &Patch::Apply(&patch))
+        .await
+        .map_err(|source| Error::Apply {
+            kind: "Deployment",
+            namespace: ns.to_owned(),
+            name: name.clone(),
+            source,
+        })?;
+    tracing::info!(%name, namespace = %ns, replicas, "handed spec.replicas over to the autoscaler");
+    Ok(())
 }
 
 /// Whether `obj` has a controller owner reference to `svc` (by uid).

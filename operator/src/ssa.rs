@@ -72,6 +72,30 @@ fn is_ours(entry: &ManagedFieldsEntry) -> bool {
         && entry.subresource.as_deref().is_none_or(str::is_empty)
 }
 
+/// Field manager of the one-field apply that hands a Deployment's
+/// `spec.replicas` over to an autoscaler (see [`owns_replicas`]).
+pub const REPLICAS_HANDOVER_MANAGER: &str = "hndsr-operator-replicas-handover";
+
+/// Whether our apply entry in `managed` owns `spec.replicas`. Server-side
+/// apply deletes a field its only owner stops applying, and the API server
+/// then defaults `replicas` to 1: before the first apply that leaves the
+/// count to an autoscaler, the operator applies the live count under
+/// [`REPLICAS_HANDOVER_MANAGER`], which keeps it until the autoscaler's
+/// first scale takes the field over (the handover the Kubernetes docs
+/// describe for HPAs).
+#[must_use]
+pub fn owns_replicas(managed: &[ManagedFieldsEntry]) -> bool {
+    managed
+        .iter()
+        .filter(|e| is_ours(e))
+        .filter_map(|e| e.fields_v1.as_ref())
+        .any(|f| {
+            f.0.get("f:spec")
+                .and_then(|s| s.get("f:replicas"))
+                .is_some()
+        })
+}
+
 /// Whether `FIELD_MANAGER`'s apply entry in `managed` owns every field set in
 /// `desired` (the JSON of the desired object). `apiVersion`, `kind`,
 /// `metadata.name` and `metadata.namespace` are identity, not owned fields.

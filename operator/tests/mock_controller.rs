@@ -338,10 +338,9 @@ fn converge(h: &mut Harness, svc: &mut HndsrService) {
     });
     put(&mut h.caches.deployments, dep.clone());
     put(&mut h.caches.services, live(c.service.clone()));
-    put(
-        &mut h.caches.hpas,
-        live(c.hpa.clone().expect("autoscaling fixture has an HPA")),
-    );
+    if let Some(hpa) = c.hpa.clone() {
+        put(&mut h.caches.hpas, live(hpa));
+    }
     put(
         &mut h.caches.pdbs,
         live(c.pdb.clone().expect("PDB is on by default")),
@@ -659,6 +658,67 @@ async fn turning_autoscaling_off_deletes_the_hpa() {
         "the operator owns replicas again"
     );
     assert!(event_reasons(&calls).contains(&"Deleted".to_owned()));
+}
+
+#[tokio::test]
+async fn turning_autoscaling_on_hands_the_live_replica_count_over() {
+    let mut h = harness();
+    let mut svc = service("img:1", 1);
+    svc.spec.autoscaling = None;
+    svc.spec.replicas = Some(6);
+    converge(&mut h, &mut svc);
+    let mut on = svc.clone();
+    on.spec.autoscaling = service("img:1", 1).spec.autoscaling;
+    on.metadata.generation = Some(2);
+    let (result, calls) = h.reconcile(&on, Scenario::Accept).await;
+    result.unwrap();
+    let deployment_patches: Vec<&Call> = calls
+        .iter()
+        .filter(|c| c.short() == "PATCH deployments")
+        .collect();
+    assert_eq!(deployment_patches.len(), 2, "{:?}", api_calls(&calls));
+    let (handover, apply) = (deployment_patches[0], deployment_patches[1]);
+    assert!(
+        handover
+            .query
+            .contains(&format!("fieldManager={}", ssa::REPLICAS_HANDOVER_MANAGER)),
+        "{}",
+        handover.query
+    );
+    assert_eq!(
+        handover.body["spec"],
+        json!({"replicas": 6}),
+        "the handover applies the live count and nothing else"
+    );
+    assert!(
+        apply
+            .query
+            .contains(&format!("fieldManager={FIELD_MANAGER}"))
+    );
+    assert!(
+        apply.body["spec"].get("replicas").is_none(),
+        "the autoscaler owns the count now"
+    );
+    assert!(api_calls(&calls).contains(&"PATCH horizontalpodautoscalers".to_owned()));
+}
+
+#[tokio::test]
+async fn autoscaled_deployments_need_no_handover() {
+    let mut h = harness();
+    let mut svc = service("img:1", 1);
+    converge(&mut h, &mut svc);
+    let mut bumped = svc.clone();
+    bumped.spec.model.image = "img:2".to_owned();
+    bumped.metadata.generation = Some(2);
+    let (result, calls) = h.reconcile(&bumped, Scenario::Accept).await;
+    result.unwrap();
+    assert!(
+        calls
+            .iter()
+            .all(|c| !c.query.contains(ssa::REPLICAS_HANDOVER_MANAGER)),
+        "we never owned the count, so nothing to hand over: {:?}",
+        api_calls(&calls)
+    );
 }
 
 #[tokio::test]
