@@ -326,7 +326,7 @@ pub struct ServingSpec {
     /// Largest accepted request body in MiB (default 20).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[serde(rename = "maxPayloadMB")]
-    #[schemars(range(min = 1, max = 4096))]
+    #[schemars(range(min = 1, max = hndsr_contract::limits::MAX_PAYLOAD_MB))]
     pub max_payload_mb: Option<i32>,
     /// Seconds a pod drains in-flight requests after SIGTERM (default 30);
     /// the pod's termination grace period covers it.

@@ -234,6 +234,15 @@ spec:
 "#;
 
 #[test]
+fn max_payload_is_bounded_by_what_the_server_accepts() {
+    let mb = &schema()["properties"]["spec"]["properties"]["serving"]["properties"]["maxPayloadMB"];
+    assert_eq!(
+        mb["maximum"].as_f64(),
+        Some(f64::from(hndsr_contract::limits::MAX_PAYLOAD_MB))
+    );
+}
+
+#[test]
 fn tile_is_bounded_by_the_contract() {
     let tile = &schema()["properties"]["spec"]["properties"]["model"]["properties"]["tile"];
     let bound = |key: &str| tile[key].as_f64();

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use hndsr_contract::{defaults, env, tile};
+use hndsr_contract::{defaults, env, limits, tile};
 use ipnet::IpNet;
 
 /// Largest upscaling factor the server accepts from any backend; it bounds
@@ -291,10 +291,11 @@ impl Args {
                 ))
             })?;
         let payload_mb = positive(env::MAX_PAYLOAD_MB, self.max_payload_mb.into())?;
-        if payload_mb > 1024 {
+        if payload_mb > u64::from(limits::MAX_PAYLOAD_MB) {
             return Err(ConfigError::new(format!(
-                "{} ({payload_mb}) must be <= 1024",
-                env::MAX_PAYLOAD_MB
+                "{} ({payload_mb}) must be <= {}",
+                env::MAX_PAYLOAD_MB,
+                limits::MAX_PAYLOAD_MB
             )));
         }
         if !(1..=MAX_SCALE).contains(&self.scale) {

@@ -117,6 +117,13 @@ pub mod defaults {
     pub const SCALE: u32 = 4;
 }
 
+/// Upper bounds the server enforces at start-up (the CRD's schema uses the
+/// same, so a spec the API server admits never crash-loops its pods).
+pub mod limits {
+    /// Largest [`super::env::MAX_PAYLOAD_MB`].
+    pub const MAX_PAYLOAD_MB: u32 = 1024;
+}
+
 /// LR tile edges, in pixels, the `hndsr` backend accepts for
 /// [`env::TILE`] (the same bounds as the model crate's and the CRD's).
 pub mod tile {
