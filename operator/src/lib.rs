@@ -13,5 +13,6 @@ pub mod error;
 pub mod http;
 pub mod leader;
 pub mod metrics;
+pub mod quantity;
 pub mod ssa;
 pub mod watches;

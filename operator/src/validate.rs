@@ -11,7 +11,7 @@ use std::fmt;
 use hndsr_crds::{HndsrService, Precision};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
-use crate::defaults;
+use crate::{defaults, quantity};
 
 /// One problem with a spec: the field and what is wrong, in words a user can act on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -201,6 +201,37 @@ pub fn validate(svc: &HndsrService) -> Result<(), InvalidSpec> {
             "spec.resources.gpuResourceName",
             "must be a domain-qualified extended resource, e.g. nvidia.com/gpu".into(),
         );
+    }
+    let resources = spec.resources.as_ref();
+    for (field, amount) in [
+        ("spec.resources.cpu", resources.and_then(|r| r.cpu.as_ref())),
+        (
+            "spec.resources.memory",
+            resources.and_then(|r| r.memory.as_ref()),
+        ),
+    ] {
+        let Some(amount) = amount else { continue };
+        for (part, q) in [("request", &amount.request), ("limit", &amount.limit)] {
+            if let Some(q) = q
+                && quantity::value(q).is_none()
+            {
+                add(
+                    &format!("{field}.{part}"),
+                    format!(
+                        "{:?} is not a Kubernetes quantity such as 2, 500m or 8Gi",
+                        q.0
+                    ),
+                );
+            }
+        }
+        if let (Some(request), Some(limit)) = (&amount.request, &amount.limit)
+            && quantity::exceeds(request, limit)
+        {
+            add(
+                &format!("{field}.request"),
+                format!("{} must not exceed the limit ({})", request.0, limit.0),
+            );
+        }
     }
 
     let serving = defaults::serving(spec);

@@ -19,7 +19,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::{BuildConfig, Ctx, serving_selector};
-use crate::defaults;
+use crate::{defaults, quantity};
 
 /// Name of the server container.
 pub const SERVER_CONTAINER: &str = "server";
@@ -314,17 +314,33 @@ fn resources(ctx: &Ctx<'_>) -> ResourceRequirements {
     let mem = res.memory.unwrap_or_default();
     let q = |s: &str| Quantity(s.to_owned());
 
+    // A default never contradicts what the spec sets: a default request
+    // stays at or below a given limit, a default limit at or above a given
+    // request (the API server refuses a request above its limit).
+    let request_or_default = |given: Option<Quantity>, default: &str, limit: Option<&Quantity>| {
+        given.unwrap_or_else(|| match limit {
+            Some(l) if quantity::exceeds(&q(default), l) => l.clone(),
+            _ => q(default),
+        })
+    };
     let mut requests = BTreeMap::new();
     let mut limits = BTreeMap::new();
-    requests.insert("cpu".to_owned(), cpu.request.unwrap_or_else(|| q(cpu_req)));
+    requests.insert(
+        "cpu".to_owned(),
+        request_or_default(cpu.request, cpu_req, cpu.limit.as_ref()),
+    );
     if let Some(l) = cpu.limit {
         limits.insert("cpu".to_owned(), l);
     }
+    let mem_limit = mem.limit.clone().unwrap_or_else(|| match &mem.request {
+        Some(r) if quantity::exceeds(r, &q(mem_lim)) => r.clone(),
+        _ => q(mem_lim),
+    });
     requests.insert(
         "memory".to_owned(),
-        mem.request.unwrap_or_else(|| q(mem_req)),
+        request_or_default(mem.request, mem_req, mem.limit.as_ref()),
     );
-    limits.insert("memory".to_owned(), mem.limit.unwrap_or_else(|| q(mem_lim)));
+    limits.insert("memory".to_owned(), mem_limit);
     if gpu > 0 {
         let name = defaults::gpu_resource_name(spec).to_owned();
         requests.insert(name.clone(), Quantity(gpu.to_string()));
