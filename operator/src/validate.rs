@@ -114,6 +114,19 @@ pub fn validate(svc: &HndsrService) -> Result<(), InvalidSpec> {
             "must start with a lowercase letter (it names the Service)".into(),
         );
     }
+    // The rest of a DNS-1035 label: a resource name may hold dots, a
+    // Service name may not.
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        || name.ends_with('-')
+    {
+        add(
+            "metadata.name",
+            "must be lowercase letters, digits and '-', ending in a letter or digit (it names the Service)"
+                .into(),
+        );
+    }
 
     if spec.model.image.trim().is_empty() {
         add("spec.model.image", "must name the server image".into());
