@@ -93,6 +93,9 @@ pub mod conditions {
         pub const LOADING_MODEL: &str = "LoadingModel";
         /// A container is crash-looping or cannot pull its image.
         pub const POD_FAILING: &str = "PodFailing";
+        /// The Deployment cannot create pods (`ReplicaFailure`: a quota,
+        /// a missing PriorityClass, Pod Security admission, ...).
+        pub const POD_CREATION_FAILED: &str = "PodCreationFailed";
         /// The autoscaler wants more replicas than `maxReplicas` allows.
         pub const SCALING_LIMITED: &str = "ScalingLimited";
         /// Autoscaling provider `keda` was requested but is not reconciled yet.

@@ -280,6 +280,16 @@ fn conditions_for(
                     && c.reason.as_deref() == Some("ProgressDeadlineExceeded")
             })
         });
+    // The ReplicaSet controller could not create pods: nothing else will
+    // show (there are no pods to look at), so quote its message.
+    let creation_failure = dep
+        .and_then(|d| d.status.as_ref()?.conditions.as_ref())
+        .and_then(|cs| {
+            cs.iter().find(|c| {
+                c.type_.as_deref() == Some("ReplicaFailure") && c.status.as_deref() == Some("True")
+            })
+        })
+        .map(|c| c.message.clone().unwrap_or_default());
     let rolling = dep_lagging || updated < want || replicas > updated;
     let converged = dep.is_some() && !rolling && ready >= want && replicas == want;
     let limited = observed.hpa.as_ref().is_some_and(scaling_limited);
@@ -426,6 +436,13 @@ fn conditions_for(
             true,
             reasons::POD_FAILING,
             failing_msg(),
+        )
+    } else if let Some(message) = &creation_failure {
+        cond(
+            conditions::DEGRADED,
+            true,
+            reasons::POD_CREATION_FAILED,
+            format!("pods cannot be created: {message}"),
         )
     } else if down && pods.gpu_pending > 0 {
         cond(
@@ -711,6 +728,31 @@ mod tests {
                 s3(DEGRADED, "False", reasons::HEALTHY),
             ]
         );
+    }
+
+    #[test]
+    fn pods_that_cannot_be_created_are_degraded() {
+        use k8s_openapi::api::apps::v1::DeploymentCondition;
+        let s = svc("  replicas: 2\n");
+        let mut dep = deployment(2, 0, 0, 0);
+        dep.status.as_mut().unwrap().conditions = Some(vec![DeploymentCondition {
+            type_: Some("ReplicaFailure".into()),
+            status: Some("True".into()),
+            reason: Some("FailedCreate".into()),
+            message: Some("pods \"sr-abc\" is forbidden: exceeded quota: gpus".into()),
+            ..DeploymentCondition::default()
+        }]);
+        let obs = Observed {
+            deployment: Some(dep),
+            ..Observed::default()
+        };
+        let st = run(&s, &obs, 10);
+        let degraded = get(&st, DEGRADED);
+        assert_eq!(
+            (degraded.status.as_str(), degraded.reason.as_str()),
+            ("True", reasons::POD_CREATION_FAILED)
+        );
+        assert!(degraded.message.contains("exceeded quota: gpus"), "{}", degraded.message);
     }
 
     #[test]

@@ -20,8 +20,12 @@ if obj.status.conditions ~= nil then
   end
 end
 -- Problems a human must fix. Waiting for GPU capacity stays Progressing:
--- node autoscaling usually resolves it.
-local broken = { InvalidSpec = true, PodFailing = true, Unschedulable = true, AutoscalerNotSupported = true }
+-- node autoscaling usually resolves it. Degraded carries RollingOut only
+-- once the Deployment has exceeded its progress deadline.
+local broken = {
+  InvalidSpec = true, PodFailing = true, PodCreationFailed = true, Unschedulable = true,
+  RollingOut = true, AutoscalerNotSupported = true,
+}
 if degraded ~= nil and degraded.status == "True" and broken[degraded.reason] then
   hs.status = "Degraded"
   hs.message = degraded.reason .. ": " .. (degraded.message or "")
