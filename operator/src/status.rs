@@ -752,7 +752,11 @@ mod tests {
             (degraded.status.as_str(), degraded.reason.as_str()),
             ("True", reasons::POD_CREATION_FAILED)
         );
-        assert!(degraded.message.contains("exceeded quota: gpus"), "{}", degraded.message);
+        assert!(
+            degraded.message.contains("exceeded quota: gpus"),
+            "{}",
+            degraded.message
+        );
     }
 
     #[test]

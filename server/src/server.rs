@@ -8,7 +8,7 @@
 //! `DRAIN_SECONDS`), then the listener closes and `run` returns.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use axum::Router;
@@ -118,21 +118,24 @@ impl Server {
         let state = self.state;
         let drain = state.core.limits().drain;
 
+        // A failed warm-up is kept here *before* it triggers the shutdown, so
+        // the exit status cannot depend on which task the runtime finishes first.
+        let warm_up_failure = Arc::new(Mutex::new(None));
         let warm_up = {
             let (state, shutdown) = (state.clone(), shutdown.clone());
+            let failure = Arc::clone(&warm_up_failure);
             tokio::spawn(async move {
-                let result = state.core.warm_up().await;
-                match &result {
+                match state.core.warm_up().await {
                     Ok(()) => {
                         state.lifecycle.mark_warmed();
                         tracing::info!("warm-up done; ready");
                     }
                     Err(e) => {
                         tracing::error!(error = %e, "warm-up failed; shutting down");
+                        *failure.lock().unwrap_or_else(PoisonError::into_inner) = Some(e);
                         shutdown.cancel();
                     }
                 }
-                result
             })
         };
 
@@ -182,12 +185,13 @@ impl Server {
         }
         tracing::info!("stopped");
 
-        if warm_up.is_finished() {
-            if let Ok(Err(e)) = warm_up.await {
-                return Err(e.into());
-            }
-        } else {
-            warm_up.abort();
+        warm_up.abort();
+        if let Some(e) = warm_up_failure
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        {
+            return Err(e.into());
         }
         Ok(())
     }

@@ -525,6 +525,24 @@ async fn readyz_waits_for_warm_up() {
 }
 
 #[tokio::test]
+async fn a_failed_warm_up_always_ends_the_server_with_an_error() {
+    // The exit status once depended on whether the warm-up task or the
+    // HTTP server finished first; repeat to give that race its chances.
+    for _ in 0..20 {
+        let backend = std::sync::Arc::new(FakeBackend::new(Duration::ZERO));
+        backend.fail_warm_up(true);
+        let s = start_unready(&[], backend).await;
+        let result = tokio::time::timeout(common::WAIT, s.handle)
+            .await
+            .expect("the server stops by itself");
+        let err = result
+            .unwrap()
+            .expect_err("a failed warm-up is an error exit");
+        assert!(err.to_string().contains("the fake warm-up failed"), "{err}");
+    }
+}
+
+#[tokio::test]
 async fn every_inference_thread_is_prepared_before_it_takes_work() {
     let backend = std::sync::Arc::new(FakeBackend::new(Duration::ZERO));
     let s = start_unready(&["--max-concurrent", "3"], backend.clone()).await;

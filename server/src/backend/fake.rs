@@ -41,6 +41,7 @@ pub struct FakeBackend {
     warm_ups: AtomicUsize,
     thread_inits: AtomicUsize,
     hold_warm_up: AtomicBool,
+    fail_warm_up: AtomicBool,
 }
 
 /// Step between cancel-token checks, like a tile or a diffusion step.
@@ -60,7 +61,13 @@ impl FakeBackend {
             warm_ups: AtomicUsize::new(0),
             thread_inits: AtomicUsize::new(0),
             hold_warm_up: AtomicBool::new(false),
+            fail_warm_up: AtomicBool::new(false),
         }
+    }
+
+    /// While `true`, `warm_up` fails with [`BackendError::Load`].
+    pub fn fail_warm_up(&self, fail: bool) {
+        self.fail_warm_up.store(fail, Ordering::SeqCst);
     }
 
     /// While `true`, `warm_up` does not return (checked every few ms).
@@ -148,6 +155,9 @@ impl Backend for FakeBackend {
         self.warm_ups.fetch_add(1, Ordering::SeqCst);
         while self.hold_warm_up.load(Ordering::SeqCst) {
             std::thread::sleep(STEP);
+        }
+        if self.fail_warm_up.load(Ordering::SeqCst) {
+            return Err(BackendError::Load("the fake warm-up failed".to_owned()));
         }
         Ok(())
     }
