@@ -693,6 +693,24 @@ async fn json_endpoint_round_trips() {
         "nearest-neighbour fake"
     );
 
+    // Line-wrapped base64, as `base64` writes it (76 columns), is accepted.
+    let big = png(40, 30, 3);
+    let wrapped: String = BASE64
+        .encode(&big)
+        .as_bytes()
+        .chunks(76)
+        .map(|line| format!("{}\n", std::str::from_utf8(line).unwrap()))
+        .collect();
+    assert!(wrapped.matches('\n').count() > 1);
+    let res = s
+        .client
+        .post(s.url("/upscale"))
+        .json(&serde_json::json!({ "image": wrapped, "scale": 2 }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+
     let res = s
         .client
         .post(s.url("/upscale"))
