@@ -485,6 +485,11 @@ async fn shutdown_drains_in_flight_requests_and_turns_unready() {
     .await;
     let res = s.upscale(png(4, 4, 9), "").await;
     assert_eq!(res.status(), 503, "no new work while draining");
+    assert_eq!(
+        res.headers().get("connection").map(|v| v.as_bytes()),
+        Some(&b"close"[..]),
+        "keep-alive clients are told to reconnect elsewhere"
+    );
     assert_eq!(error_type(res).await, "unavailable");
     assert!(!s.handle.is_finished(), "still draining");
 

@@ -1,12 +1,12 @@
-//! Middleware of the upscale routes: metrics tracking, the body-size check
-//! and the per-client rate limit.
+//! Middleware: metrics tracking, the body-size check and the per-client
+//! rate limit of the upscale routes; `Connection: close` while draining.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
-use axum::http::{HeaderValue, header};
+use axum::http::{HeaderValue, Version, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use hndsr_contract::http as paths;
@@ -49,6 +49,25 @@ pub(super) async fn track(State(state): State<AppState>, req: Request, next: Nex
     state
         .metrics
         .record_request(outcome, rejection, pending.started.elapsed());
+    res
+}
+
+/// While the server drains, every HTTP/1 response carries `Connection:
+/// close`: a keep-alive client (or a proxy's pooled connection) then
+/// reconnects, through the Service, to a pod that is not going away,
+/// instead of collecting 503s here until the drain ends. hyper closes the
+/// connection once such a response is written.
+pub(super) async fn close_when_draining(
+    State(state): State<AppState>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let http1 = req.version() <= Version::HTTP_11;
+    let mut res = next.run(req).await;
+    if http1 && state.lifecycle.readiness() == crate::lifecycle::Readiness::Draining {
+        res.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     res
 }
 

@@ -411,10 +411,7 @@ fn parse_json_request(raw: &[u8]) -> Result<UpscaleRequest, Error> {
         .map_or(req.image.as_str(), |(_, data)| data);
     // `base64` wraps its output at 76 columns; decoders like Python's skip
     // the line breaks, and so does this one (any ASCII whitespace).
-    let compact: Vec<u8> = b64
-        .bytes()
-        .filter(|b| !b.is_ascii_whitespace())
-        .collect();
+    let compact: Vec<u8> = b64.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
     let image = BASE64
         .decode(&compact)
         .map_err(|e| Error::BadRequest(format!("`image` is not valid base64: {e}")))?;

@@ -101,6 +101,7 @@ pub fn router(state: AppState) -> Router {
         );
     }
     router
+        .layer(from_fn_with_state(state.clone(), edge::close_when_draining))
         .layer(PropagateRequestIdLayer::new(request_id.clone()))
         .layer(
             TraceLayer::new_for_http()
