@@ -293,6 +293,21 @@ fn safetensors_round_trip_and_digest_refusal() {
     assert!(matches!(err, HndsrError::DigestMismatch { .. }), "{err}");
     manifest.write(&manifest_path(&weights)).unwrap();
 
+    // A manifest whose config describes a smaller network than the file
+    // holds (every variable it asks for exists, with the right shape) would
+    // load a truncated model: refused.
+    let mut fewer = manifest.clone();
+    fewer.config.blocks -= 1;
+    fewer.write(&manifest_path(&weights)).unwrap();
+    let err =
+        HndsrModel::load(&weights, &manifest.sha256, Device::Cpu, Precision::Fp32).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("the manifest does not describe these weights"),
+        "{err}"
+    );
+    manifest.write(&manifest_path(&weights)).unwrap();
+
     // One flipped byte in the weights.
     let mut bytes = std::fs::read(&weights).unwrap();
     let last = bytes.len() - 1;

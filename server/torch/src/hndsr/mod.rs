@@ -638,8 +638,28 @@ pub fn load_weights_from_bytes(
         message,
     };
     let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| bad(e.to_string()))?;
+    // Every tensor of the file must be a variable of the network the
+    // manifest describes: a manifest naming fewer blocks, no local branch or
+    // a smaller U-Net than the file holds would otherwise load a truncated
+    // network without complaint (its variables all exist in the file).
+    let variables = vs.variables();
+    let mut extra: Vec<String> = st
+        .names()
+        .into_iter()
+        .filter(|n| !variables.contains_key(*n))
+        .map(ToOwned::to_owned)
+        .collect();
+    if !extra.is_empty() {
+        extra.sort();
+        let shown = extra.iter().take(5).cloned().collect::<Vec<_>>().join(", ");
+        return Err(bad(format!(
+            "{} tensor(s) the manifest's config has no place for ({shown}{}): the manifest does not describe these weights",
+            extra.len(),
+            if extra.len() > 5 { ", ..." } else { "" }
+        )));
+    }
     let _no_grad = tch::no_grad_guard();
-    for (name, mut var) in vs.variables() {
+    for (name, mut var) in variables {
         let view = st.tensor(&name).map_err(|e| bad(format!("{name}: {e}")))?;
         if view.dtype() != safetensors::Dtype::F32 {
             return Err(bad(format!(

@@ -258,13 +258,18 @@ impl HndsrNet {
         let r = &self.regressor;
         let (_, _, h, w) = lr.size4().expect("regress input is NCHW");
         let s = self.cfg.scale;
-        let pad = self.cfg.pad.min(h - 1).min(w - 1).max(0);
-        let x = (lr - 0.5).reflection_pad2d([pad, pad, pad, pad]);
+        // Reflect padding needs fewer pixels than the axis has; a thin image
+        // pads its long axis in full all the same.
+        let (ph, pw) = (
+            self.cfg.pad.min(h - 1).max(0),
+            self.cfg.pad.min(w - 1).max(0),
+        );
+        let x = (lr - 0.5).reflection_pad2d([pw, pw, ph, ph]);
         let mut f = r.lift.forward(&x);
         for block in &r.blocks {
             f = block.forward(&f);
         }
-        let f = f.narrow(2, pad, h).narrow(3, pad, w);
+        let f = f.narrow(2, ph, h).narrow(3, pw, w);
         let detail = r
             .dec2
             .forward(&r.dec1.forward(&f).gelu("none"))
