@@ -294,11 +294,17 @@ pub struct ImageWeights {
 /// Admission limits of the inference server. Unset fields take the server
 /// defaults, which `status.serving` reports.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
-#[x_kube(validation = Rule::new(format!(
-    "(has(self.maxQueueDepth) ? self.maxQueueDepth : {}) >= (has(self.maxConcurrent) ? self.maxConcurrent : {})",
-    defaults::MAX_QUEUE_DEPTH,
-    defaults::MAX_CONCURRENT
-)).message("maxQueueDepth (running + waiting) must be at least maxConcurrent"))]
+#[x_kube(
+    validation = Rule::new(format!(
+        "(has(self.maxQueueDepth) ? self.maxQueueDepth : {}) >= (has(self.maxConcurrent) ? self.maxConcurrent : {})",
+        defaults::MAX_QUEUE_DEPTH,
+        defaults::MAX_CONCURRENT
+    )).message("maxQueueDepth (running + waiting) must be at least maxConcurrent"),
+    validation = Rule::new("!has(self.corsOrigins) || self.corsOrigins.all(o, o.matches('^https?://[^/*,]+$'))")
+        .message("serving.corsOrigins must be explicit origins such as https://app.example (no '*', path or comma)"),
+    validation = Rule::new("!has(self.trustedProxies) || self.trustedProxies.all(p, p.matches('^[0-9a-fA-F.:]+(/[0-9]{1,3})?$'))")
+        .message("serving.trustedProxies must be IP addresses or CIDRs such as 10.0.0.0/8")
+)]
 #[serde(rename_all = "camelCase")]
 pub struct ServingSpec {
     /// Requests running on the model at once per pod (GPU permits; default 4).
@@ -333,6 +339,18 @@ pub struct ServingSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 3600))]
     pub drain_seconds: Option<i32>,
+    /// Addresses or CIDRs of the proxies in front of the pods (ingress
+    /// controllers, gateways, load balancers) whose `X-Forwarded-For` header
+    /// names the client for the rate limit. Unset: none is trusted, and
+    /// every client behind a proxy shares the proxy's limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64), inner(length(min = 1, max = 64)))]
+    pub trusted_proxies: Option<Vec<String>>,
+    /// Origins (`scheme://host[:port]`) allowed to call the API from a
+    /// browser (CORS). Unset: none. `*` is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64), inner(length(min = 1, max = 253)))]
+    pub cors_origins: Option<Vec<String>>,
 }
 
 /// Per-pod resources and scheduling.

@@ -141,12 +141,33 @@ async fn invalid_hndsrservice_is_rejected_with_the_cel_message() -> anyhow::Resu
         "{err}"
     );
 
+    let bad = hndsr_service(
+        "cors-wildcard",
+        serde_json::json!({
+            "model": { "image": "hndsr/server:e2e", "backend": "bicubic" },
+            "serving": { "corsOrigins": ["*"], "trustedProxies": ["10.0.0.0/8"] },
+        }),
+    )?;
+    let err = api
+        .create(&PostParams::default(), &bad)
+        .await
+        .expect_err("a CORS wildcard must be rejected");
+    assert!(
+        err.to_string()
+            .contains("serving.corsOrigins must be explicit origins"),
+        "{err}"
+    );
+
     // The same object made valid is accepted.
     let good = hndsr_service(
         "valid",
         serde_json::json!({
             "model": { "image": "hndsr/server:e2e", "backend": "bicubic" },
             "autoscaling": { "minReplicas": 1, "maxReplicas": 2 },
+            "serving": {
+                "corsOrigins": ["https://app.example:8443"],
+                "trustedProxies": ["10.0.0.0/8", "fd00::1", "192.168.1.7"],
+            },
         }),
     )?;
     api.create(&PostParams::default(), &good)

@@ -235,6 +235,22 @@ fn server_container(ctx: &Ctx<'_>, cfg: &BuildConfig, serving: &EffectiveServing
         env_var(env::LOG_JSON, cfg.log_json.to_string()),
         cpus_from_request(),
     ]);
+    // Lists only when set: the server's defaults are empty lists.
+    let listed = spec.serving.as_ref();
+    for (name, list) in [
+        (
+            env::TRUSTED_PROXIES,
+            listed.and_then(|s| s.trusted_proxies.as_ref()),
+        ),
+        (
+            env::CORS_ORIGINS,
+            listed.and_then(|s| s.cors_origins.as_ref()),
+        ),
+    ] {
+        if let Some(list) = list.filter(|l| !l.is_empty()) {
+            envs.push(env_var(name, list.join(",")));
+        }
+    }
 
     let mut mounts = vec![VolumeMount {
         name: TMP_VOLUME.to_owned(),
