@@ -70,7 +70,7 @@ async fn chart_lints_dry_runs_and_installs() -> anyhow::Result<()> {
         helm(ns.shared, home.path()).arg("lint").arg(&chart).args([
             "--strict",
             "--set",
-            "prometheusAdapterRules.enabled=true,grafanaDashboard.enabled=true,argocdHealthCheck.enabled=true",
+            "prometheusAdapterRules.enabled=true,grafanaDashboard.enabled=true,argocdHealthCheck.enabled=true,metrics.serviceMonitor.enabled=true,metrics.podMonitor.enabled=true",
         ]),
         None,
     )?;
