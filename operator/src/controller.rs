@@ -128,7 +128,8 @@ async fn reconcile_inner(svc: &HndsrService, ctx: &Context) -> Result<Action> {
     };
 
     // 3. apply
-    apply_children(svc, ctx, &ns, children.clone()).await?;
+    let mut observed = observed;
+    observed.deployment_written = apply_children(svc, ctx, &ns, children.clone()).await?;
 
     // 4. status
     let new = status::compute(svc, Ok(&children), &observed, now);
@@ -179,6 +180,7 @@ pub fn observe(stores: &crate::context::Stores, ns: &str, name: &str) -> Observe
         deployment,
         hpa,
         pods,
+        deployment_written: false,
     }
 }
 
@@ -197,12 +199,13 @@ where
         .map(|k| (*k).clone())
 }
 
+/// Applies every child; `true` when a new Deployment spec was applied.
 async fn apply_children(
     svc: &HndsrService,
     ctx: &Context,
     ns: &str,
     children: Children,
-) -> Result<()> {
+) -> Result<bool> {
     let Children {
         deployment,
         service,
@@ -219,7 +222,11 @@ async fn apply_children(
     {
         hand_over_replicas(ctx, ns, live).await?;
     }
-    apply_one(svc, ctx, ns, deployment, live_deployment).await?;
+    // A new spec (not a reverted edit) starts a rollout the cache cannot show yet.
+    let deployment_written = matches!(
+        apply_one(svc, ctx, ns, deployment, live_deployment).await?,
+        Outcome::Created | Outcome::Updated
+    );
     apply_one(
         svc,
         ctx,
@@ -240,7 +247,7 @@ async fn apply_children(
         }
         None => delete_if_owned(svc, ctx, ns, get_cached(&stores.pdbs, ns, &name)).await?,
     }
-    Ok(())
+    Ok(deployment_written)
 }
 
 async fn apply_one<K>(

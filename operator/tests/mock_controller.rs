@@ -349,6 +349,7 @@ fn converge(h: &mut Harness, svc: &mut HndsrService) {
         deployment: Some(dep),
         hpa: None,
         pods: vec![],
+        deployment_written: false,
     };
     svc.status = Some(status::compute(svc, Ok(&c), &observed, Timestamp::now()));
 }
@@ -459,6 +460,25 @@ async fn spec_change_applies_only_the_changed_children() {
         "img:2"
     );
     assert!(event_reasons(&calls).contains(&"Updated".to_owned()));
+    // The cached Deployment predates that apply: the new generation's
+    // status must not claim the rollout is already done.
+    let status = &calls
+        .iter()
+        .find(|c| c.path.ends_with("/status"))
+        .unwrap()
+        .body["status"];
+    assert_eq!(status["observedGeneration"], 2);
+    let progressing = status["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Progressing")
+        .unwrap();
+    assert_eq!(
+        (&progressing["status"], &progressing["reason"]),
+        (&json!("True"), &json!("RollingOut")),
+        "{progressing}"
+    );
 }
 
 #[tokio::test]
