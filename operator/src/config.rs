@@ -66,6 +66,16 @@ pub struct Args {
     /// Emit JSON logs.
     #[arg(long, env = "HNDSR_LOG_JSON", default_value_t = false, action = clap::ArgAction::Set)]
     pub log_json: bool,
+
+    /// Image of the init container that downloads `weights.uri` (needs
+    /// `sh`, `wget` with TLS and `sha256sum`); a mirror for air-gapped
+    /// clusters.
+    #[arg(long, env = "HNDSR_FETCHER_IMAGE", default_value = crate::builders::DEFAULT_FETCHER_IMAGE)]
+    pub fetcher_image: String,
+
+    /// The cluster's DNS domain, for `status.endpoint`.
+    #[arg(long, env = "HNDSR_CLUSTER_DOMAIN", default_value = crate::builders::DEFAULT_CLUSTER_DOMAIN)]
+    pub cluster_domain: String,
 }
 
 /// Leader-election settings.
@@ -98,6 +108,10 @@ pub struct Config {
     pub identity: String,
     /// JSON logs.
     pub log_json: bool,
+    /// Image of the `weights.uri` fetcher.
+    pub fetcher_image: String,
+    /// Cluster DNS domain.
+    pub cluster_domain: String,
 }
 
 /// Invalid combinations of flags, reported at start-up.
@@ -131,6 +145,9 @@ pub enum ConfigError {
     /// Durations of zero make no sense.
     #[error("lease durations must be positive")]
     ZeroDuration,
+    /// A setting that names something must not be empty.
+    #[error("{0} must not be empty")]
+    Empty(&'static str),
 }
 
 impl Args {
@@ -179,12 +196,22 @@ impl Args {
         } else {
             None
         };
+        let fetcher_image = self.fetcher_image.trim().to_owned();
+        if fetcher_image.is_empty() {
+            return Err(ConfigError::Empty("--fetcher-image"));
+        }
+        let cluster_domain = self.cluster_domain.trim().trim_matches('.').to_owned();
+        if cluster_domain.is_empty() {
+            return Err(ConfigError::Empty("--cluster-domain"));
+        }
         Ok(Config {
             watch_namespace: self.watch_namespace.filter(|ns| !ns.is_empty()),
             metrics_addr: self.metrics_addr,
             leader,
             identity,
             log_json: self.log_json,
+            fetcher_image,
+            cluster_domain,
         })
     }
 }
@@ -215,6 +242,29 @@ mod tests {
         assert_eq!(leader.lease_duration, Duration::from_secs(15));
         assert_eq!(cfg.metrics_addr, "0.0.0.0:8081".parse().unwrap());
         assert_eq!(cfg.watch_namespace, None);
+        assert_eq!(cfg.fetcher_image, "busybox:1.37");
+        assert_eq!(cfg.cluster_domain, "cluster.local");
+    }
+
+    #[test]
+    fn fetcher_image_and_cluster_domain_are_settings() {
+        let cfg = parse(&[
+            "--fetcher-image",
+            "mirror.example/busybox:1.37",
+            "--cluster-domain",
+            "corp.internal.",
+        ])
+        .into_config(env)
+        .unwrap();
+        assert_eq!(cfg.fetcher_image, "mirror.example/busybox:1.37");
+        assert_eq!(
+            cfg.cluster_domain, "corp.internal",
+            "a trailing dot is dropped"
+        );
+        let err = parse(&["--fetcher-image", " "])
+            .into_config(env)
+            .unwrap_err();
+        assert_eq!(err, ConfigError::Empty("--fetcher-image"));
     }
 
     #[test]

@@ -152,7 +152,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
         stores,
         BuildConfig {
             log_json: config.log_json,
-            ..BuildConfig::default()
+            fetcher_image: config.fetcher_image.clone(),
+            cluster_domain: config.cluster_domain.clone(),
         },
     );
     let hsvc: Api<HndsrService> = watches::scoped_api(client.clone(), ns);

@@ -24,6 +24,11 @@ use kube::Resource as _;
 use crate::defaults;
 pub use crate::validate::{InvalidSpec, Problem};
 
+/// Default of [`BuildConfig::fetcher_image`] (`--fetcher-image`).
+pub const DEFAULT_FETCHER_IMAGE: &str = "busybox:1.37";
+/// Default of [`BuildConfig::cluster_domain`] (`--cluster-domain`).
+pub const DEFAULT_CLUSTER_DOMAIN: &str = "cluster.local";
+
 /// Operator-wide settings the builders need (not part of any spec).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BuildConfig {
@@ -39,8 +44,8 @@ pub struct BuildConfig {
 impl Default for BuildConfig {
     fn default() -> Self {
         Self {
-            fetcher_image: "busybox:1.37".to_owned(),
-            cluster_domain: "cluster.local".to_owned(),
+            fetcher_image: DEFAULT_FETCHER_IMAGE.to_owned(),
+            cluster_domain: DEFAULT_CLUSTER_DOMAIN.to_owned(),
             log_json: true,
         }
     }
