@@ -189,6 +189,9 @@ pub struct ModelConfig {
     pub tile: Option<u32>,
     /// libtorch intra-op threads each inference thread uses.
     pub torch_threads: NonZeroUsize,
+    /// Model replicas to load before serving: one per inference thread
+    /// (`MAX_CONCURRENT`), so no request waits for a load.
+    pub replicas: NonZeroUsize,
 }
 
 /// Admission, size and time limits of the request path.
@@ -399,6 +402,7 @@ impl Args {
                 self_ensemble: self.self_ensemble,
                 tile: self.tile,
                 torch_threads: torch_threads(self.torch_threads, self.cpus),
+                replicas: to_nonzero(max_concurrent),
             },
             log_json: self.log_json,
         })

@@ -261,13 +261,30 @@ impl TorchHndsr {
             .with_tile(tile)
             .map_err(|e| load_error(&e))?;
         let tiles = model.tiles();
-        Ok(Self {
+        let backend = Self {
             source,
             idle: Mutex::new(vec![model]),
             info,
             tiles,
             torch_threads: cfg.torch_threads,
-        })
+        };
+        // One replica per inference thread, loaded (and digest-checked)
+        // before `/readyz` can turn true: a request never pays for a load,
+        // and a load that fails (device memory, weights changed on the
+        // volume) stops the start-up instead of failing requests later.
+        for _ in 1..cfg.replicas.get() {
+            let replica = backend.load_replica()?;
+            backend.checkin(replica);
+        }
+        Ok(backend)
+    }
+
+    fn load_replica(&self) -> Result<HndsrModel, BackendError> {
+        self.source
+            .load()?
+            .with_self_ensemble(self.info.self_ensemble)
+            .with_tiles(self.tiles)
+            .map_err(|e| load_error(&e))
     }
 
     fn checkout(&self) -> Result<HndsrModel, BackendError> {
@@ -278,12 +295,9 @@ impl TorchHndsr {
             .pop();
         match idle {
             Some(model) => Ok(model),
-            None => self
-                .source
-                .load()?
-                .with_self_ensemble(self.info.self_ensemble)
-                .with_tiles(self.tiles)
-                .map_err(|e| load_error(&e)),
+            // Not reached while replicas = MAX_CONCURRENT; kept so a pool
+            // that ever runs short loads rather than fails.
+            None => self.load_replica(),
         }
     }
 
@@ -442,6 +456,7 @@ mod tests {
             tile: None,
             precision: "fp32".to_owned(),
             torch_threads: NonZeroUsize::MIN,
+            replicas: NonZeroUsize::MIN,
         }
     }
 
@@ -498,6 +513,29 @@ mod tests {
             .unwrap();
             assert_eq!(threads, 3);
         }
+    }
+
+    #[test]
+    fn every_inference_thread_has_a_model_replica_before_serving() {
+        use hndsr_torch::hndsr::{HndsrConfig, Manifest};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tiny.safetensors");
+        let tiny = HndsrConfig::tiny();
+        let model = HndsrModel::random(&tiny, Device::Cpu, 3).unwrap();
+        let manifest = model
+            .save(&path, Manifest::untrained(&tiny, model.parameter_count()))
+            .unwrap();
+        let hndsr = |replicas: usize| ModelConfig {
+            backend: BackendKind::Hndsr,
+            weights_path: Some(path.clone()),
+            weights_sha256: Some(manifest.sha256.clone()),
+            replicas: NonZeroUsize::new(replicas).unwrap(),
+            ..cfg()
+        };
+        let backend = TorchHndsr::new(&hndsr(3)).expect("tiny weights");
+        assert_eq!(backend.idle.lock().unwrap().len(), 3);
+        let one = TorchHndsr::new(&hndsr(1)).expect("tiny weights");
+        assert_eq!(one.idle.lock().unwrap().len(), 1);
     }
 
     #[test]
