@@ -314,19 +314,7 @@ impl HndsrModel {
         let mut vs = nn::VarStore::new(device);
         let net = HndsrNet::new(&vs.root(), &manifest.config);
         load_weights_from_bytes(&vs, &bytes, weights)?;
-        match precision {
-            Precision::Fp32 => {}
-            Precision::Fp16 => vs.half(),
-            Precision::Bf16 => vs.bfloat16(),
-        }
-        if precision != Precision::Fp32 {
-            // Spectral weights stay fp32: the FFTs run in fp32.
-            for (name, mut var) in vs.variables() {
-                if name.contains("spectral") {
-                    tch::no_grad(|| var.set_data(&var.to_kind(Kind::Float)));
-                }
-            }
-        }
+        cast_keeping_spectral(&mut vs, precision);
         Ok(Self {
             vs,
             net,
@@ -626,6 +614,33 @@ pub fn save_weights(
     Ok(manifest)
 }
 
+/// Casts every float variable of `vs` to `precision` except the spectral
+/// weights, which stay exactly as loaded (fp32; the FFTs run in fp32). The
+/// cast rounds every variable, so exact copies of the spectral ones are
+/// kept across it.
+fn cast_keeping_spectral(vs: &mut nn::VarStore, precision: Precision) {
+    let spectral: Vec<(String, Tensor)> = if precision == Precision::Fp32 {
+        Vec::new()
+    } else {
+        vs.variables()
+            .into_iter()
+            .filter(|(name, _)| name.contains("spectral"))
+            .map(|(name, var)| (name, tch::no_grad(|| var.copy())))
+            .collect()
+    };
+    match precision {
+        Precision::Fp32 => {}
+        Precision::Fp16 => vs.half(),
+        Precision::Bf16 => vs.bfloat16(),
+    }
+    let mut variables = vs.variables();
+    for (name, exact) in &spectral {
+        if let Some(var) = variables.get_mut(name) {
+            tch::no_grad(|| var.set_data(exact));
+        }
+    }
+}
+
 /// Copies every variable of `vs` from the safetensors `bytes`; every
 /// variable must be present with its exact shape, as f32.
 pub fn load_weights_from_bytes(
@@ -680,4 +695,36 @@ pub fn load_weights_from_bytes(
         var.f_copy_(&src).map_err(|e| bad(format!("{name}: {e}")))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reduced_precision_keeps_the_spectral_weights_exact() {
+        for precision in [Precision::Fp16, Precision::Bf16] {
+            let mut vs = nn::VarStore::new(Device::Cpu);
+            let _net = HndsrNet::new(&vs.root(), &HndsrConfig::tiny());
+            let before: Vec<(String, Tensor)> = vs
+                .variables()
+                .into_iter()
+                .map(|(n, v)| (n, tch::no_grad(|| v.copy())))
+                .collect();
+            cast_keeping_spectral(&mut vs, precision);
+            let after = vs.variables();
+            let mut spectral = 0;
+            for (name, exact) in &before {
+                let var = &after[name];
+                if name.contains("spectral") {
+                    spectral += 1;
+                    assert_eq!(var.kind(), Kind::Float, "{name}");
+                    assert!(var.equal(exact), "{name} was rounded by the cast");
+                } else {
+                    assert_ne!(var.kind(), Kind::Float, "{name} is cast");
+                }
+            }
+            assert!(spectral > 0, "the tiny network has spectral weights");
+        }
+    }
 }
