@@ -395,6 +395,13 @@ fn cancellation_stops_within_one_step() {
     // Through the tiled path: cancelled before the first tile batch.
     let err = model.upscale_image(&x, 10, 0, &|| true).unwrap_err();
     assert!(matches!(err, TorchError::Cancelled), "{err:?}");
+
+    // Self-ensembled (8 forward passes on the CPU): checked before each.
+    let model = model.with_self_ensemble(true);
+    calls.set(0);
+    let err = model.upscale(&x, 0, 0, &cancel).unwrap_err();
+    assert!(matches!(err, TorchError::Cancelled), "{err:?}");
+    assert_eq!(calls.get(), 3, "two of the eight passes ran");
 }
 
 #[test]

@@ -467,7 +467,9 @@ impl HndsrModel {
         guarded("hndsr forward", || {
             let x = x.to_kind(self.precision.kind());
             let (mu, features) = if self.self_ensemble {
-                self.net.regress_self_ensemble(&x)
+                self.net
+                    .regress_self_ensemble_checked(&x, cancel)
+                    .ok_or(TorchError::Cancelled)?
             } else {
                 self.net.regress(&x)
             };
@@ -519,7 +521,7 @@ impl HndsrModel {
     /// [`TileConfig::batch`] at a time. Gray is run as three equal channels
     /// and averaged back; alpha is upscaled bicubically. Returns
     /// `[1, C, s·H, s·W]` f32 in [0, 1] on the CPU. `cancel` is checked
-    /// between tile batches and between DDIM steps.
+    /// between tile batches, self-ensemble passes and DDIM steps.
     pub fn upscale_image(
         &self,
         image: &Tensor,

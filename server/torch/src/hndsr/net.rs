@@ -285,8 +285,20 @@ impl HndsrNet {
     /// transforms of each grid orientation run as one batch; on the CPU one
     /// at a time (measured: batching them doubled the CPU time per tile).
     pub fn regress_self_ensemble(&self, lr: &Tensor) -> (Tensor, Tensor) {
+        self.regress_self_ensemble_checked(lr, &|| false)
+            .expect("never cancelled")
+    }
+
+    /// [`HndsrNet::regress_self_ensemble`] that checks `cancel` before each
+    /// forward call and returns `None` once it says stop: a self-ensembled
+    /// 256² tile is seconds of CPU work.
+    pub fn regress_self_ensemble_checked(
+        &self,
+        lr: &Tensor,
+        cancel: &dyn Fn() -> bool,
+    ) -> Option<(Tensor, Tensor)> {
         let per_call = if lr.device().is_cuda() { 4 } else { 1 };
-        self.regress_self_ensemble_in(lr, per_call)
+        self.ensemble(lr, per_call, cancel)
     }
 
     /// [`HndsrNet::regress_self_ensemble`] with `per_call` (1, 2 or 4)
@@ -296,6 +308,18 @@ impl HndsrNet {
     /// When `per_call` is not 1, 2 or 4 (the transforms of one call must
     /// share a grid shape).
     pub fn regress_self_ensemble_in(&self, lr: &Tensor, per_call: usize) -> (Tensor, Tensor) {
+        self.ensemble(lr, per_call, &|| false)
+            .expect("never cancelled")
+    }
+
+    /// The 8-symmetry mean, `per_call` transforms per forward call, `cancel`
+    /// checked before each call.
+    fn ensemble(
+        &self,
+        lr: &Tensor,
+        per_call: usize,
+        cancel: &dyn Fn() -> bool,
+    ) -> Option<(Tensor, Tensor)> {
         assert!(
             matches!(per_call, 1 | 2 | 4),
             "per_call must be 1, 2 or 4, got {per_call}"
@@ -309,6 +333,9 @@ impl HndsrNet {
             .flat_map(|rot| [(rot, false), (rot, true)])
             .collect();
         for variants in all.chunks(per_call) {
+            if cancel() {
+                return None;
+            }
             let inputs: Vec<Tensor> = variants
                 .iter()
                 .map(|&(rot, flip)| transform(lr, rot, flip))
@@ -326,7 +353,7 @@ impl HndsrNet {
             }
         }
         let mu = sum.expect("eight variants") / 8.0;
-        (mu, features.expect("the identity pass ran"))
+        Some((mu, features.expect("the identity pass ran")))
     }
 
     /// The denoiser's conditioning: encoder features and the unshuffled μ.
