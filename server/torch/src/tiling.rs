@@ -29,7 +29,8 @@ use crate::error::{TchResultExt, TorchError};
 /// How an image is cut into tiles. All sizes are in input pixels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TileConfig {
-    /// Tile edge length. Images no larger than this in both dimensions are
+    /// Tile edge length. An axis no longer than `tile + overlap` is not
+    /// cut (see [`axis_tile`]); an image like that in both dimensions is
     /// processed whole.
     pub tile: i64,
     /// Minimum overlap between neighbouring tiles.
@@ -72,6 +73,15 @@ impl TileConfig {
         }
         Ok(())
     }
+}
+
+/// The tile length along an axis of `len` pixels: `len` itself when it
+/// exceeds `tile` by no more than `overlap` (two tiles would overlap by
+/// nearly a whole tile: a 257-pixel axis with 256-pixel tiles would cost two
+/// tiles, four for a 257² image, instead of one), else `tile`.
+#[must_use]
+pub fn axis_tile(len: i64, tile: i64, overlap: i64) -> i64 {
+    if len <= tile + overlap { len } else { tile }
 }
 
 /// Start offsets of the tiles along an axis of `len` pixels: as few tiles as
@@ -159,9 +169,20 @@ where
         )));
     }
 
-    let (th, tw) = (h.min(cfg.tile), w.min(cfg.tile));
-    let ys = tile_starts(h, cfg.tile, cfg.overlap);
-    let xs = tile_starts(w, cfg.tile, cfg.overlap);
+    let (th, tw) = (
+        axis_tile(h, cfg.tile, cfg.overlap),
+        axis_tile(w, cfg.tile, cfg.overlap),
+    );
+    let ys = tile_starts(h, th, cfg.overlap);
+    let xs = tile_starts(w, tw, cfg.overlap);
+    // Tiles stretched by `axis_tile` are up to (1 + overlap / tile)² the
+    // area of a tile: fewer of them per call keeps the pixels of a call.
+    let batch = if th * tw <= cfg.tile * cfg.tile {
+        cfg.batch
+    } else {
+        let tile_area = i64::try_from(cfg.batch).unwrap_or(i64::MAX) * cfg.tile * cfg.tile;
+        usize::try_from(tile_area / (th * tw)).unwrap_or(1).max(1)
+    };
 
     if ys.len() == 1 && xs.len() == 1 {
         if is_cancelled() {
@@ -190,7 +211,7 @@ where
     let mut wsum = Tensor::f_zeros([1, 1, h * scale, w * scale], (Kind::Float, device))
         .op("allocate tile weight sum")?;
 
-    for batch in tiles.chunks(cfg.batch) {
+    for batch in tiles.chunks(batch) {
         if is_cancelled() {
             return Err(TorchError::Cancelled);
         }
@@ -270,8 +291,8 @@ mod tests {
     fn starts_cover_the_axis_with_at_least_the_overlap() {
         for len in [1, 7, 64, 65, 100, 511, 512, 513, 1000, 4097] {
             for (tile, overlap) in [(64, 8), (48, 16), (512, 32), (10, 0)] {
-                let starts = tile_starts(len, tile, overlap);
-                let t = len.min(tile);
+                let t = axis_tile(len, tile, overlap);
+                let starts = tile_starts(len, t, overlap);
                 assert_eq!(starts[0], 0);
                 assert_eq!(*starts.last().unwrap() + t, len, "len {len} tile {tile}");
                 for pair in starts.windows(2) {
@@ -280,6 +301,16 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn an_axis_just_over_the_tile_is_not_cut() {
+        assert_eq!(axis_tile(257, 256, 16), 257);
+        assert_eq!(tile_starts(257, axis_tile(257, 256, 16), 16), [0]);
+        assert_eq!(axis_tile(272, 256, 16), 272);
+        assert_eq!(axis_tile(273, 256, 16), 256, "past the overlap: cut");
+        assert_eq!(tile_starts(273, 256, 16).len(), 2);
+        assert_eq!(axis_tile(100, 256, 16), 100);
     }
 
     #[test]
