@@ -266,6 +266,29 @@ async fn oversized_bodies_get_413() {
 }
 
 #[tokio::test]
+async fn a_client_expecting_100_continue_is_refused_without_being_asked_to_upload() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let backend = std::sync::Arc::new(FakeBackend::new(Duration::ZERO));
+    backend.hold_warm_up(true);
+    let s = start_unready(&[], backend.clone()).await;
+    eventually("warm-up started", || async { backend.warm_ups() == 1 }).await;
+    // Warming up: admission answers 503. The client waits for 100 Continue
+    // before it sends its 5 MB; it must get the 503 instead.
+    let mut tcp = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    let head = "POST /v1/upscale HTTP/1.1\r\nhost: t\r\ncontent-type: image/png\r\n\
+                content-length: 5000000\r\nexpect: 100-continue\r\n\r\n";
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(common::WAIT, tcp.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(!answer.contains("100 Continue"), "{answer}");
+    backend.hold_warm_up(false);
+    s.wait_ready().await;
+    s.stop().await;
+}
+
+#[tokio::test]
 async fn decompression_bomb_header_is_refused_before_decoding() {
     let s = start(&[], Duration::ZERO).await;
     let res = s.upscale(png_bomb_header(100_000, 100_000), "").await;

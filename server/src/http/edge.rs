@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
-use axum::http::{HeaderValue, Version, header};
+use axum::http::{HeaderMap, HeaderValue, Version, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use hndsr_contract::http as paths;
@@ -119,7 +119,8 @@ pub(super) async fn rate_limit(
         let client = client_ip(peer, req.headers(), &state.http.trusted_proxies);
         if let Err(e) = limiter.check(client) {
             tracing::debug!(%client, "rate limited");
-            return reject_unread(req.into_body(), e).await;
+            let (parts, body) = req.into_parts();
+            return reject_unread(&parts.headers, body, e).await;
         }
     }
     next.run(req).await
@@ -137,8 +138,20 @@ const DISCARD_TIME: Duration = Duration::from_secs(2);
 /// Retry-After). So a cheap rejection first reads and discards a bounded
 /// amount of body; past that bound the connection is closed on purpose
 /// (`Connection: close`). Clients that send `Expect: 100-continue` never
-/// send the body at all. Hand-written: tower-http has no lingering close.
-pub(super) async fn reject_unread(body: Body, error: Error) -> Response {
+/// send the body at all: for them nothing is read (hyper would answer the
+/// first read with `100 Continue`, inviting the upload) and the connection
+/// closes after the answer. Hand-written: tower-http has no lingering close.
+pub(super) async fn reject_unread(headers: &HeaderMap, body: Body, error: Error) -> Response {
+    let expects_continue = headers
+        .get(header::EXPECT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("100-continue"));
+    if expects_continue {
+        let mut res = error.into_response();
+        res.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return res;
+    }
     let drained = tokio::time::timeout(DISCARD_TIME, discard(body, DISCARD_LIMIT))
         .await
         .unwrap_or(false);

@@ -9,7 +9,7 @@ use axum::Json;
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -226,15 +226,19 @@ fn with_answer_headers(mut res: Response, answer: &Answer) -> Response {
 pub(super) async fn upscale_raw(
     State(state): State<AppState>,
     query: Result<Query<UpscaleQuery>, QueryRejection>,
+    headers: HeaderMap,
     body: Body,
 ) -> Result<Response, Error> {
     let q = match query {
         Ok(Query(q)) => q,
-        Err(e) => return Ok(reject_unread(body, Error::BadRequest(e.body_text())).await),
+        Err(e) => {
+            let error = Error::BadRequest(e.body_text());
+            return Ok(reject_unread(&headers, body, error).await);
+        }
     };
     let ticket = match admit(&state) {
         Ok(ticket) => ticket,
-        Err(e) => return Ok(reject_unread(body, e).await),
+        Err(e) => return Ok(reject_unread(&headers, body, e).await),
     };
     let limit = body_limit(&state, paths::UPSCALE_PATH);
     let answer = with_deadline(&state, async {
@@ -273,11 +277,12 @@ pub(super) async fn upscale_raw(
 )]
 pub(super) async fn upscale_json(
     State(state): State<AppState>,
+    headers: HeaderMap,
     body: Body,
 ) -> Result<Response, Error> {
     let ticket = match admit(&state) {
         Ok(ticket) => ticket,
-        Err(e) => return Ok(reject_unread(body, e).await),
+        Err(e) => return Ok(reject_unread(&headers, body, e).await),
     };
     let limit = body_limit(&state, LEGACY_UPSCALE_PATH);
     let answer = with_deadline(&state, async {
