@@ -77,6 +77,8 @@ pub struct Metrics {
     pub active_requests: IntGauge,
     /// Admitted computations waiting for a backend permit.
     pub queue_depth: IntGauge,
+    /// Requests holding an admission slot (uploading, waiting or running).
+    pub admitted_requests: IntGauge,
     request_duration: Histogram,
     queue_wait: Histogram,
     inference: Histogram,
@@ -111,6 +113,11 @@ impl Metrics {
             queue_depth: IntGauge::new(
                 names::QUEUE_DEPTH,
                 "Admitted requests waiting for a backend permit.",
+            )
+            .expect("valid gauge"),
+            admitted_requests: IntGauge::new(
+                names::ADMITTED_REQUESTS,
+                "Requests holding an admission slot: uploading, waiting or running (MAX_QUEUE_DEPTH bounds it).",
             )
             .expect("valid gauge"),
             request_duration: hist(
@@ -167,9 +174,10 @@ impl Metrics {
         for reason in ALL_REASONS {
             m.rejections.with_label_values(&[*reason]);
         }
-        let collectors: [Box<dyn prometheus::core::Collector>; 10] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 11] = [
             Box::new(m.active_requests.clone()),
             Box::new(m.queue_depth.clone()),
+            Box::new(m.admitted_requests.clone()),
             Box::new(m.request_duration.clone()),
             Box::new(m.queue_wait.clone()),
             Box::new(m.inference.clone()),

@@ -82,6 +82,9 @@ pub mod metrics {
     pub const ACTIVE_REQUESTS: &str = "hndsr_active_requests";
     /// Gauge: admitted requests waiting for a backend permit. Autoscaling signal.
     pub const QUEUE_DEPTH: &str = "hndsr_queue_depth";
+    /// Gauge: requests holding an admission slot (still uploading, waiting
+    /// or running); `MAX_QUEUE_DEPTH` bounds it.
+    pub const ADMITTED_REQUESTS: &str = "hndsr_admitted_requests";
     /// Histogram: whole request duration in seconds.
     pub const REQUEST_DURATION_SECONDS: &str = "hndsr_request_duration_seconds";
     /// Buckets of [`REQUEST_DURATION_SECONDS`].

@@ -92,6 +92,7 @@ pub struct Ticket {
 impl Drop for Ticket {
     fn drop(&mut self) {
         self.inner.in_flight.fetch_sub(1, Ordering::SeqCst);
+        self.inner.metrics.admitted_requests.dec();
     }
 }
 
@@ -208,8 +209,11 @@ impl Core {
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
                 (n < max).then_some(n + 1)
             })
-            .map(|_| Ticket {
-                inner: Arc::clone(&self.inner),
+            .map(|_| {
+                self.inner.metrics.admitted_requests.inc();
+                Ticket {
+                    inner: Arc::clone(&self.inner),
+                }
             })
             .map_err(|_| Error::Overloaded {
                 retry_after: jittered_retry_after(),
@@ -380,8 +384,11 @@ mod tests {
             err.retry_after()
                 .is_some_and(|d| (1..=3).contains(&d.as_secs()))
         );
+        let admitted = || core.inner.metrics.admitted_requests.get();
+        assert_eq!(admitted(), 2, "a refusal holds no slot");
         drop(a);
         assert_eq!(core.in_flight(), 1);
+        assert_eq!(admitted(), 1);
         assert!(core.admit().is_ok());
     }
 
