@@ -131,7 +131,7 @@ pub struct Args {
     pub cors_origins: Vec<String>,
 
     /// Emit JSON logs.
-    #[arg(long, env = env::LOG_JSON, default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    #[arg(long, env = env::LOG_JSON, default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
     pub log_json: bool,
 }
 
@@ -467,9 +467,40 @@ fn parse_origin(s: &str) -> Result<String, ConfigError> {
     }
 }
 
+/// Where a refused value came from, for a clap error: clap names the flag
+/// (`--cpus`) even when the value was read from its environment variable,
+/// and a pod has no flags, only the env vars the operator set. `None` when
+/// the error names no argument, or the argument's variable is not set.
+#[must_use]
+pub fn env_source(err: &clap::Error, lookup: impl Fn(&str) -> bool) -> Option<String> {
+    let clap::error::ContextValue::String(arg) = err.get(clap::error::ContextKind::InvalidArg)?
+    else {
+        return None;
+    };
+    let long = arg.split_whitespace().next()?.trim_start_matches('-');
+    let command = <Args as clap::CommandFactory>::command();
+    let env = command
+        .get_arguments()
+        .find(|a| a.get_long() == Some(long))?
+        .get_env()?
+        .to_str()?
+        .to_owned();
+    lookup(&env).then(|| format!("the value came from the environment variable {env}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bad_value_from_the_environment_names_its_variable() {
+        let err = Args::try_parse_from(["hndsr-server", "--cpus", "0"]).unwrap_err();
+        assert_eq!(
+            env_source(&err, |name| name == env::CPUS).as_deref(),
+            Some("the value came from the environment variable HNDSR_CPUS")
+        );
+        assert_eq!(env_source(&err, |_| false), None, "given as a flag");
+    }
 
     fn parse(args: &[&str]) -> Result<Config, ConfigError> {
         let mut argv = vec!["hndsr-server"];
@@ -490,6 +521,21 @@ mod tests {
         assert_eq!(c.model.sampling_steps, None, "unset: the weights decide");
         assert_eq!(c.model.self_ensemble, None, "unset: the weights decide");
         assert_eq!(c.model.tile, None, "unset: the weights decide");
+    }
+
+    #[test]
+    fn log_json_reads_the_usual_spellings_of_a_boolean() {
+        for (value, want) in [
+            ("true", true),
+            ("1", true),
+            ("yes", true),
+            ("off", false),
+            ("0", false),
+        ] {
+            let c = parse(&[&format!("--log-json={value}")]).unwrap();
+            assert_eq!(c.log_json, want, "{value}");
+        }
+        assert!(parse(&["--log-json"]).unwrap().log_json, "bare flag");
     }
 
     #[test]

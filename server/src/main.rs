@@ -11,7 +11,19 @@ use hndsr_server::config::{Args, Command, Config};
 use hndsr_server::server::{Server, build_backend};
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let args = match Args::try_parse() {
+        Ok(args) => args,
+        Err(e) => {
+            let code = e.exit_code();
+            let _ = e.print();
+            if let Some(source) =
+                hndsr_server::config::env_source(&e, |name| std::env::var_os(name).is_some())
+            {
+                eprintln!("note: {source}");
+            }
+            return ExitCode::from(u8::try_from(code).unwrap_or(2));
+        }
+    };
     if let Some(Command::Openapi) = args.command {
         print!("{}", hndsr_server::http::openapi::json());
         return ExitCode::SUCCESS;
