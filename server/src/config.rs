@@ -122,6 +122,14 @@ pub struct Args {
     #[arg(long, env = env::TORCH_THREADS)]
     pub torch_threads: Option<NonZeroUsize>,
 
+    /// Host memory (MiB) the server may commit to the image buffers of
+    /// running and waiting requests at once (decoded input, blended output,
+    /// encoder). A request waits for its share; one that needs more than
+    /// the whole budget is refused with 413. 0: no budget. Unset: 60% of
+    /// the container's memory limit (cgroup), no budget without a limit.
+    #[arg(long, env = env::MEMORY_BUDGET_MB)]
+    pub memory_budget_mb: Option<u64>,
+
     /// Comma-separated CIDRs whose X-Forwarded-For header is trusted.
     #[arg(long, env = env::TRUSTED_PROXIES, value_delimiter = ',')]
     pub trusted_proxies: Vec<String>,
@@ -211,6 +219,9 @@ pub struct Limits {
     pub max_payload_bytes: usize,
     /// How long shutdown waits for in-flight requests.
     pub drain: Duration,
+    /// Host memory (MiB) for the image buffers of all requests at once;
+    /// `None`: no budget.
+    pub memory_budget_mib: Option<u64>,
 }
 
 impl Limits {
@@ -385,6 +396,7 @@ impl Args {
                 max_output_pixels,
                 max_payload_bytes: usize::try_from(payload_mb * MIB).unwrap_or(usize::MAX),
                 drain: Duration::from_secs(self.drain_seconds.into()),
+                memory_budget_mib: memory_budget_mib(self.memory_budget_mb, cgroup_memory_limit()),
             },
             http: HttpConfig {
                 rate_limit_per_hour: NonZeroU32::new(self.rate_limit_per_hour),
@@ -407,6 +419,34 @@ impl Args {
             log_json: self.log_json,
         })
     }
+}
+
+/// The memory budget in MiB: `explicit` (0 = none), else 60% of the
+/// container's memory limit in bytes (`cgroup_limit`), else none.
+#[must_use]
+pub fn memory_budget_mib(explicit: Option<u64>, cgroup_limit: Option<u64>) -> Option<u64> {
+    match explicit {
+        Some(0) => None,
+        Some(mib) => Some(mib),
+        None => cgroup_limit
+            .map(|bytes| bytes / 10 * 6 / MIB)
+            .filter(|&mib| mib > 0),
+    }
+}
+
+/// The memory limit of this process's cgroup in bytes (v2 `memory.max`,
+/// else v1 `memory.limit_in_bytes`); `None` without one ("max", or v1's
+/// page-rounded "unlimited").
+#[must_use]
+pub fn cgroup_memory_limit() -> Option<u64> {
+    let read = |path: &str| std::fs::read_to_string(path).ok();
+    let bytes: u64 = read("/sys/fs/cgroup/memory.max")
+        .or_else(|| read("/sys/fs/cgroup/memory/memory.limit_in_bytes"))?
+        .trim()
+        .parse()
+        .ok()?;
+    // v1 reports "unlimited" as the largest page-aligned i64.
+    (bytes < 1 << 62).then_some(bytes)
 }
 
 /// libtorch threads per inference thread: `explicit`, else the cores
@@ -521,6 +561,19 @@ mod tests {
         assert_eq!(c.model.sampling_steps, None, "unset: the weights decide");
         assert_eq!(c.model.self_ensemble, None, "unset: the weights decide");
         assert_eq!(c.model.tile, None, "unset: the weights decide");
+    }
+
+    #[test]
+    fn the_memory_budget_defaults_to_most_of_the_container_limit() {
+        let gib = 1024 * MIB;
+        assert_eq!(memory_budget_mib(None, Some(4 * gib)), Some(2457));
+        assert_eq!(memory_budget_mib(None, None), None, "no limit, no budget");
+        assert_eq!(memory_budget_mib(Some(512), Some(4 * gib)), Some(512));
+        assert_eq!(
+            memory_budget_mib(Some(0), Some(4 * gib)),
+            None,
+            "0 turns it off"
+        );
     }
 
     #[test]

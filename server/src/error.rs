@@ -37,6 +37,17 @@ pub enum Error {
         /// The budget.
         limit: u64,
     },
+    /// Decoding, upscaling and encoding the image would need more host
+    /// memory than the server's whole budget (`HNDSR_MEMORY_BUDGET_MB`).
+    #[error(
+        "this image needs about {needed_mib} MiB of server memory at this scale; the server's budget for all requests is {budget_mib} MiB"
+    )]
+    MemoryBudget {
+        /// Estimated need.
+        needed_mib: u64,
+        /// The whole budget.
+        budget_mib: u64,
+    },
     /// The decoder hit its memory limits (a decompression bomb).
     #[error("decoding the image exceeds the decoder memory limit: {0}")]
     DecodeLimit(String),
@@ -129,9 +140,10 @@ impl Error {
     #[must_use]
     pub const fn status(&self) -> StatusCode {
         match self {
-            Self::PayloadTooLarge { .. } | Self::ImageTooLarge { .. } | Self::DecodeLimit(_) => {
-                StatusCode::PAYLOAD_TOO_LARGE
-            }
+            Self::PayloadTooLarge { .. }
+            | Self::ImageTooLarge { .. }
+            | Self::MemoryBudget { .. }
+            | Self::DecodeLimit(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedFormat(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::CorruptImage(_) | Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
@@ -154,7 +166,7 @@ impl Error {
     pub const fn reason(&self) -> &'static str {
         match self {
             Self::PayloadTooLarge { .. } => "payload_too_large",
-            Self::ImageTooLarge { .. } => "image_too_large",
+            Self::ImageTooLarge { .. } | Self::MemoryBudget { .. } => "image_too_large",
             Self::DecodeLimit(_) => "decode_limit",
             Self::UnsupportedFormat(_) => "unsupported_media_type",
             Self::CorruptImage(_) => "invalid_image",
@@ -182,6 +194,7 @@ impl Error {
             self,
             Self::PayloadTooLarge { .. }
                 | Self::ImageTooLarge { .. }
+                | Self::MemoryBudget { .. }
                 | Self::DecodeLimit(_)
                 | Self::UnsupportedFormat(_)
                 | Self::CorruptImage(_)

@@ -266,6 +266,40 @@ async fn oversized_bodies_get_413() {
 }
 
 #[tokio::test]
+async fn the_memory_budget_refuses_what_cannot_fit_and_queues_what_can() {
+    // 60x60 at x4: about 4 MiB of buffers; 100x100: about 11 MiB.
+    let run_two = |args: &'static [&'static str]| async move {
+        let s = start(args, Duration::from_millis(300)).await;
+        let (a, b) = tokio::join!(
+            s.upscale(png(60, 60, 1), "scale=4"),
+            s.upscale(png(60, 60, 2), "scale=4")
+        );
+        assert_eq!((a.status().as_u16(), b.status().as_u16()), (200, 200));
+        let most = s.backend.max_running();
+        let too_big = s.upscale(png(100, 100, 3), "scale=4").await;
+        s.stop().await;
+        (most, too_big)
+    };
+
+    let (most, too_big) = run_two(&["--memory-budget-mb", "6"]).await;
+    assert_eq!(most, 1, "the second request waited for the first's memory");
+    assert_eq!(too_big.status(), 413);
+    let body: Value = too_big.json().await.unwrap();
+    assert_eq!(body["type"], "image_too_large", "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("budget for all requests is 6 MiB"),
+        "{body}"
+    );
+
+    let (most, too_big) = run_two(&["--memory-budget-mb", "0"]).await;
+    assert_eq!(most, 2, "no budget: both ran at once");
+    assert_eq!(too_big.status(), 200);
+}
+
+#[tokio::test]
 async fn a_client_expecting_100_continue_is_refused_without_being_asked_to_upload() {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let backend = std::sync::Arc::new(FakeBackend::new(Duration::ZERO));

@@ -48,6 +48,10 @@ pub mod env {
     pub const CPUS: &str = "HNDSR_CPUS";
     /// libtorch intra-op threads per inference thread; unset: `HNDSR_CPUS`.
     pub const TORCH_THREADS: &str = "HNDSR_TORCH_THREADS";
+    /// Host memory (MiB) the server commits to the image buffers of its
+    /// requests at once; 0: no budget; unset: 60% of the container's
+    /// memory limit.
+    pub const MEMORY_BUDGET_MB: &str = "HNDSR_MEMORY_BUDGET_MB";
     /// Comma-separated CIDRs whose X-Forwarded-For is trusted.
     pub const TRUSTED_PROXIES: &str = "HNDSR_TRUSTED_PROXIES";
     /// Comma-separated origins allowed by CORS (explicit; `*` is refused).

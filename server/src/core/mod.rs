@@ -109,6 +109,8 @@ struct Inner {
     info: BackendInfo,
     in_flight: AtomicUsize,
     permits: Arc<Semaphore>,
+    /// `HNDSR_MEMORY_BUDGET_MB` as MiB permits; `None`: no budget.
+    memory: Option<Arc<Semaphore>>,
     executor: Executor,
     flights: Arc<Coalescer<Upscaled>>,
     metrics: Metrics,
@@ -148,6 +150,10 @@ impl Core {
         Ok(Self {
             inner: Arc::new(Inner {
                 permits: Arc::new(Semaphore::new(threads)),
+                memory: limits.memory_budget_mib.map(|mib| {
+                    let mib = usize::try_from(mib).unwrap_or(usize::MAX);
+                    Arc::new(Semaphore::new(mib.min(Semaphore::MAX_PERMITS)))
+                }),
                 flights: Arc::new(Coalescer::new(limits.max_queue_depth.get())),
                 in_flight: AtomicUsize::new(0),
                 default_scale,
@@ -252,6 +258,16 @@ impl Core {
             });
         }
 
+        let need_mib = memory_need_mib(probe.pixels(), out_pixels);
+        if let Some(budget_mib) = inner.limits.memory_budget_mib
+            && need_mib > budget_mib
+        {
+            return Err(Error::MemoryBudget {
+                needed_mib: need_mib,
+                budget_mib,
+            });
+        }
+
         let key = self.key(&req, scale).await?;
         match inner.flights.join(key) {
             Joined::Follower(waiter) => {
@@ -266,7 +282,9 @@ impl Core {
                 let token = flight.token.clone();
                 let inner = Arc::clone(inner);
                 tokio::spawn(async move {
-                    let result = compute(&inner, req, scale, token).await.map(Arc::new);
+                    let result = compute(&inner, req, scale, need_mib, token)
+                        .await
+                        .map(Arc::new);
                     flight.publish(result);
                 });
                 let upscaled = waiter.wait().await?;
@@ -301,17 +319,49 @@ impl Core {
     }
 }
 
-/// One flight: wait for a permit (or for every waiter to leave), then run
-/// on an inference thread.
+/// Host bytes a request holds per input pixel: the decoded planar f32
+/// samples and their tensor (4 channels at most, 4 bytes each, twice).
+const INPUT_BYTES_PER_PIXEL: u64 = 32;
+/// Host bytes per output pixel: the blend accumulator and its normalised
+/// copy (4 × f32 each), the weight sum (f32), the planar copy (4 × f32)
+/// and the encoder's samples (up to 4 × u16), rounded up.
+const OUTPUT_BYTES_PER_PIXEL: u64 = 64;
+
+/// The share of the memory budget a request waits for, in MiB (at least 1).
+fn memory_need_mib(in_pixels: u64, out_pixels: u64) -> u64 {
+    let bytes = in_pixels
+        .saturating_mul(INPUT_BYTES_PER_PIXEL)
+        .saturating_add(out_pixels.saturating_mul(OUTPUT_BYTES_PER_PIXEL));
+    bytes.div_ceil(1024 * 1024).max(1)
+}
+
+/// One flight: wait for its share of the memory budget and a permit (or
+/// for every waiter to leave), then run on an inference thread.
 async fn compute(
     inner: &Inner,
     req: UpscaleRequest,
     scale: u32,
+    need_mib: u64,
     cancel: CancellationToken,
 ) -> Result<Upscaled, Error> {
     let queued_at = Instant::now();
     inner.metrics.queue_depth.inc();
     let queued = Queued(inner.metrics.queue_depth.clone());
+    // Memory before the permit, always in that order: a request that holds
+    // a permit never waits for memory, so the two cannot deadlock.
+    let _memory = match &inner.memory {
+        None => None,
+        Some(budget) => {
+            let need = u32::try_from(need_mib).unwrap_or(u32::MAX);
+            Some(tokio::select! {
+                biased;
+                () = cancel.cancelled() => return Err(Error::Cancelled),
+                share = Arc::clone(budget).acquire_many_owned(need) => {
+                    share.map_err(|_| Error::Internal("the memory semaphore is closed".to_owned()))?
+                }
+            })
+        }
+    };
     let permit = tokio::select! {
         biased;
         () = cancel.cancelled() => return Err(Error::Cancelled),
@@ -368,6 +418,7 @@ mod tests {
             max_output_pixels: 16_000,
             max_payload_bytes: 1 << 20,
             drain: Duration::from_secs(1),
+            memory_budget_mib: None,
         };
         let backend = Arc::new(FakeBackend::new(Duration::ZERO));
         Core::start(backend, limits, 2, Metrics::new()).expect("core starts")

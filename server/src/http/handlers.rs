@@ -96,6 +96,10 @@ pub struct InfoLimits {
     pub max_payload_bytes: usize,
     /// Requests per client per hour; 0 = unlimited.
     pub rate_limit_per_hour: u32,
+    /// Host memory (MiB) for the image buffers of all requests at once;
+    /// absent: no budget.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_budget_mb: Option<u64>,
 }
 
 /// Answer of `/v1/info`.
@@ -376,6 +380,7 @@ pub(super) async fn info(State(state): State<AppState>) -> Json<InfoResponse> {
             max_output_pixels: l.max_output_pixels,
             max_payload_bytes: l.max_payload_bytes,
             rate_limit_per_hour: state.http.rate_limit_per_hour.map_or(0, |n| n.get()),
+            memory_budget_mb: l.memory_budget_mib,
         },
     })
 }

@@ -39,6 +39,11 @@ pub fn config(args: &[&str]) -> Config {
     if !args.contains(&"--rate-limit-per-hour") {
         argv.extend_from_slice(&["--rate-limit-per-hour", "0"]);
     }
+    // Not whatever the test machine's cgroup allows: tests that want a
+    // memory budget ask for one.
+    if !args.contains(&"--memory-budget-mb") {
+        argv.extend_from_slice(&["--memory-budget-mb", "0"]);
+    }
     argv.extend_from_slice(args);
     Args::try_parse_from(argv)
         .expect("args parse")
