@@ -377,6 +377,27 @@ async fn corrupt_and_unsupported_images_are_refused() {
 }
 
 #[tokio::test]
+async fn refusals_for_readiness_are_not_charged_to_the_rate_limit() {
+    let backend = std::sync::Arc::new(FakeBackend::new(Duration::ZERO));
+    backend.hold_warm_up(true);
+    let s = start_unready(&["--rate-limit-per-hour", "1"], backend.clone()).await;
+    eventually("warm-up started", || async { backend.warm_ups() == 1 }).await;
+    for i in 0..3 {
+        let res = s.upscale(png(2, 2, i), "").await;
+        assert_eq!(res.status(), 503, "warming up");
+    }
+    backend.hold_warm_up(false);
+    s.wait_ready().await;
+    assert_eq!(
+        s.upscale(png(2, 2, 9), "").await.status(),
+        200,
+        "the one request of the hour is still there"
+    );
+    assert_eq!(s.upscale(png(2, 2, 10), "").await.status(), 429);
+    s.stop().await;
+}
+
+#[tokio::test]
 async fn rate_limit_answers_429_with_retry_after() {
     let s = start(&["--rate-limit-per-hour", "2"], Duration::ZERO).await;
     assert_eq!(s.upscale(png(2, 2, 1), "").await.status(), 200);

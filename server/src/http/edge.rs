@@ -15,6 +15,7 @@ use http_body_util::BodyExt as _;
 use super::AppState;
 use super::rate_limit::client_ip;
 use crate::error::{Error, Failure};
+use crate::lifecycle::Readiness;
 use crate::metrics::{Metrics, Outcome};
 
 /// The largest body accepted on `path`.
@@ -64,7 +65,7 @@ pub(super) async fn close_when_draining(
 ) -> Response {
     let http1 = req.version() <= Version::HTTP_11;
     let mut res = next.run(req).await;
-    if http1 && state.lifecycle.readiness() == crate::lifecycle::Readiness::Draining {
+    if http1 && state.lifecycle.readiness() == Readiness::Draining {
         res.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
@@ -105,13 +106,18 @@ pub(super) async fn content_length(
     next.run(req).await
 }
 
-/// Applies the per-client rate limit.
+/// Applies the per-client rate limit. A request that admission is about to
+/// refuse (warming up, draining, every slot taken) is not charged: a client
+/// that honours the 503's Retry-After would otherwise spend its hourly
+/// budget on refusals.
 pub(super) async fn rate_limit(
     State(state): State<AppState>,
     req: Request,
     next: Next,
 ) -> Response {
-    if let Some(limiter) = &state.limiter {
+    let refused_anyway = state.lifecycle.readiness() != Readiness::Ready
+        || state.core.in_flight() >= state.core.limits().max_queue_depth.get();
+    if let Some(limiter) = state.limiter.as_ref().filter(|_| !refused_anyway) {
         let peer = req
             .extensions()
             .get::<ConnectInfo<SocketAddr>>()
