@@ -122,7 +122,7 @@ impl Metrics {
             .expect("valid gauge"),
             request_duration: hist(
                 names::REQUEST_DURATION_SECONDS,
-                "Whole upscale request duration in seconds.",
+                "Whole upscale request duration in seconds (admitted requests; rejections are not timed).",
                 names::REQUEST_DURATION_BUCKETS,
             ),
             queue_wait: hist(
@@ -205,7 +205,11 @@ impl Metrics {
         if let Some(reason) = rejection_reason {
             self.rejections.with_label_values(&[reason]).inc();
         }
-        self.request_duration.observe(took.as_secs_f64());
+        // Rejections take microseconds: counted above, they would pull the
+        // latency quantiles down exactly when the pod is overloaded.
+        if outcome != Outcome::Rejected {
+            self.request_duration.observe(took.as_secs_f64());
+        }
     }
 
     /// Records the time a computation waited for its permit.
@@ -236,5 +240,24 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejections_are_counted_but_not_timed() {
+        let m = Metrics::new();
+        m.record_request(
+            Outcome::Rejected,
+            Some("overloaded"),
+            Duration::from_micros(40),
+        );
+        m.record_request(Outcome::Ok, None, Duration::from_secs(2));
+        m.record_request(Outcome::Timeout, None, Duration::from_secs(30));
+        assert_eq!(m.request_duration.get_sample_count(), 2);
+        assert_eq!(m.requests.with_label_values(&["rejected"]).get(), 1);
     }
 }
