@@ -22,7 +22,7 @@
 //! exactly what the whole image would. Weights are normalised by their sum,
 //! which also covers pixels that three or more tiles reach.
 
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use crate::error::{TchResultExt, TorchError};
 
@@ -135,7 +135,9 @@ fn axis_weights(starts: &[i64], tile_len: i64, scale: i64, margin: i64) -> Vec<V
 
 /// Runs `model` over `input` (shape `[1, C, H, W]`) tile by tile and blends
 /// the results into one `[1, C', H * scale, W * scale]` tensor (f32, on the
-/// input's device).
+/// CPU). The blend happens on the host, one tile batch at a time, so a GPU
+/// holds the input and one batch, never whole-output buffers (a 16 MP ×4
+/// RGB output is 3 GB per buffer); the output must reach the host anyway.
 ///
 /// `model` receives a batch `[B, C, t, t]` and must return
 /// `[B, C', t * scale, t * scale]`. `is_cancelled` is called before each
@@ -190,10 +192,13 @@ where
         }
         let out = model(input.shallow_clone())?;
         check_output(&out, 1, th * scale, tw * scale)?;
-        return out.f_to_kind(Kind::Float).op("tile output to f32");
+        return out
+            .f_to_kind(Kind::Float)
+            .and_then(|o| o.f_to_device(Device::Cpu))
+            .op("tile output to the host");
     }
 
-    let device = input.device();
+    let device = Device::Cpu;
     let weights_1d = |starts: &[i64], len: i64| -> Result<Vec<Tensor>, TorchError> {
         axis_weights(starts, len, scale, cfg.margin)
             .iter()
@@ -223,7 +228,10 @@ where
         let stacked = Tensor::f_cat(&crops, 0).op("batch tiles")?;
         let out = model(stacked)?;
         check_output(&out, batch.len() as i64, th * scale, tw * scale)?;
-        let out = out.f_to_kind(Kind::Float).op("tile output to f32")?;
+        let out = out
+            .f_to_kind(Kind::Float)
+            .and_then(|o| o.f_to_device(device))
+            .op("tile output to the host")?;
 
         // Allocated on the first batch: the model decides the channel count.
         let acc = match acc_slot.take() {

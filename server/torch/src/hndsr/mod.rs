@@ -569,7 +569,12 @@ impl HndsrModel {
             up
         };
         if c == 2 || c == 4 {
-            let alpha = x.f_narrow(1, c - 1, 1).op("split alpha")?;
+            // On the host, like the blended colour: a whole-image alpha
+            // plane at the output size stays off the GPU.
+            let alpha = image
+                .f_narrow(1, c - 1, 1)
+                .and_then(|a| a.f_to_device(Device::Cpu))
+                .op("split alpha")?;
             let alpha = crate::bicubic::upsample_bicubic(&alpha, scale)?
                 .f_clamp(0.0, 1.0)
                 .op("clamp alpha")?;
