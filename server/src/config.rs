@@ -130,6 +130,14 @@ pub struct Args {
     #[arg(long, env = env::MEMORY_BUDGET_MB)]
     pub memory_budget_mb: Option<u64>,
 
+    /// Seconds a connection may take to send a request's line and headers
+    /// (also how long an idle keep-alive connection waits for its next
+    /// request); past it the connection is closed. Guards against clients
+    /// that open connections and never finish a request (slowloris).
+    #[arg(long, env = env::HEADER_READ_TIMEOUT_S, default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub header_read_timeout_s: u64,
+
     /// Comma-separated CIDRs whose X-Forwarded-For header is trusted.
     #[arg(long, env = env::TRUSTED_PROXIES, value_delimiter = ',')]
     pub trusted_proxies: Vec<String>,
@@ -242,6 +250,8 @@ pub struct HttpConfig {
     pub trusted_proxies: Vec<IpNet>,
     /// Origins allowed by CORS; empty disables CORS.
     pub cors_origins: Vec<String>,
+    /// Longest wait for a request's line and headers.
+    pub header_read_timeout: Duration,
 }
 
 /// The validated configuration of a serving process.
@@ -402,6 +412,7 @@ impl Args {
                 rate_limit_per_hour: NonZeroU32::new(self.rate_limit_per_hour),
                 trusted_proxies,
                 cors_origins,
+                header_read_timeout: Duration::from_secs(self.header_read_timeout_s),
             },
             model: ModelConfig {
                 backend: self.backend,

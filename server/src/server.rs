@@ -7,7 +7,6 @@
 //! false, new upscale requests get 503, in-flight requests finish (up to
 //! `DRAIN_SECONDS`), then the listener closes and `run` returns.
 
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -170,17 +169,15 @@ impl Server {
             }
         };
 
-        let app = http::router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
+        let app = http::router(state.clone());
         tracing::info!(addr = %listener.local_addr()?, "listening");
-        let serve = axum::serve(listener, app)
-            .with_graceful_shutdown(drained)
-            .into_future();
+        let serve = http::serve::serve(listener, app, state.http.header_read_timeout, drained);
         let deadline = async {
             shutdown.cancelled().await;
             tokio::time::sleep(drain + CLOSE_GRACE).await;
         };
         tokio::select! {
-            result = serve => result?,
+            () = serve => {}
             () = deadline => tracing::warn!("connections still open after the drain; closing them"),
         }
         tracing::info!("stopped");

@@ -300,6 +300,29 @@ async fn the_memory_budget_refuses_what_cannot_fit_and_queues_what_can() {
 }
 
 #[tokio::test]
+async fn a_client_that_never_finishes_its_headers_is_disconnected() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let s = start(&["--header-read-timeout-s", "1"], Duration::ZERO).await;
+    for partial in ["POST /v1/upscale HTTP/1.1\r\nhost: t\r\n", ""] {
+        let mut tcp = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+        tcp.write_all(partial.as_bytes()).await.unwrap();
+        let started = std::time::Instant::now();
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut rest))
+            .await
+            .unwrap_or_else(|_| panic!("still open after 5 s with {partial:?}"))
+            .ok();
+        assert!(
+            started.elapsed() >= Duration::from_millis(900),
+            "closed only after the timeout"
+        );
+    }
+    // A client that does finish its request is served as before.
+    assert_eq!(s.upscale(png(2, 2, 1), "").await.status(), 200);
+    s.stop().await;
+}
+
+#[tokio::test]
 async fn a_client_expecting_100_continue_is_refused_without_being_asked_to_upload() {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let backend = std::sync::Arc::new(FakeBackend::new(Duration::ZERO));

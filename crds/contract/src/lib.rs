@@ -52,6 +52,8 @@ pub mod env {
     /// requests at once; 0: no budget; unset: 60% of the container's
     /// memory limit.
     pub const MEMORY_BUDGET_MB: &str = "HNDSR_MEMORY_BUDGET_MB";
+    /// Seconds a connection may take to send a request's line and headers.
+    pub const HEADER_READ_TIMEOUT_S: &str = "HNDSR_HEADER_READ_TIMEOUT_S";
     /// Comma-separated CIDRs whose X-Forwarded-For is trusted.
     pub const TRUSTED_PROXIES: &str = "HNDSR_TRUSTED_PROXIES";
     /// Comma-separated origins allowed by CORS (explicit; `*` is refused).

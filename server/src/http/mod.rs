@@ -11,6 +11,7 @@ mod edge;
 mod handlers;
 pub mod openapi;
 pub mod rate_limit;
+pub(crate) mod serve;
 
 use std::sync::Arc;
 

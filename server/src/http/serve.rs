@@ -1,0 +1,98 @@
+//! The accept loop: axum's `serve`, plus the header-read timeout it lacks.
+//!
+//! axum 0.8's `serve` builds hyper connections without a timer, and hyper
+//! then leaves its request-head timeout inert: a client that opens a
+//! connection and dribbles (or never finishes) its request line and headers
+//! holds a socket and a task for as long as it likes, and a graceful
+//! shutdown waits on it. This loop serves each connection with hyper-util's
+//! HTTP/1 + HTTP/2 builder, a tokio timer and `header_read_timeout`, hands
+//! the router the peer address as axum's `ConnectInfo`, and on `stop` stops
+//! accepting and lets every connection finish its request before closing
+//! (hyper-util's `GracefulShutdown`, what axum's graceful shutdown does).
+//! Hand-written because axum 0.8.9 exposes no builder to configure.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::ConnectInfo;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto::Builder;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Pause after an accept error (out of file descriptors, say) before the
+/// next accept, so the loop does not spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Serves `app` on `listener` until `stop` completes, then waits for the
+/// open connections to finish their requests and close.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    app: Router,
+    header_read_timeout: Duration,
+    stop: impl Future<Output = ()>,
+) {
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_read_timeout);
+    let graceful = GracefulShutdown::new();
+    // Fired when accepting stops: connections that have not sent a byte yet
+    // are dropped then (they hold a graceful-shutdown watcher, which the
+    // final wait would otherwise wait on for a whole header-read timeout).
+    let closing = CancellationToken::new();
+    tokio::pin!(stop);
+    loop {
+        let (stream, peer) = tokio::select! {
+            () = &mut stop => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    continue;
+                }
+            },
+        };
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY");
+        }
+        let service = TowerToHyperService::new(
+            app.clone()
+                .layer(axum::Extension(ConnectInfo::<SocketAddr>(peer))),
+        );
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        let closing = closing.clone();
+        tokio::spawn(async move {
+            // The builder reads the first bytes to tell HTTP/1 from HTTP/2
+            // before any hyper timeout runs: a connection that sends
+            // nothing is dropped here.
+            // (`peek`, not `readable`: readiness can be reported early.)
+            let mut first = [0u8; 1];
+            tokio::select! {
+                () = closing.cancelled() => return,
+                peeked = tokio::time::timeout(header_read_timeout, stream.peek(&mut first)) => {
+                    if peeked.is_err() {
+                        tracing::debug!(%peer, "no request within the header-read timeout");
+                        return;
+                    }
+                }
+            }
+            let connection = builder
+                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                .into_owned();
+            if let Err(e) = watcher.watch(connection).await {
+                tracing::debug!(error = %e, %peer, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    closing.cancel();
+    graceful.shutdown().await;
+}
