@@ -8,7 +8,7 @@ use std::{
     time::Duration,
 };
 
-use hndsr_crds::HndsrService;
+use hndsr_crds::{HndsrService, HndsrServiceStatus};
 use k8s_openapi::api::{
     apps::v1::Deployment,
     autoscaling::v2::HorizontalPodAutoscaler,
@@ -119,12 +119,7 @@ impl Backoff {
     /// Forgets an object the controller found gone when its retry came due
     /// (deleted while failing: no reconcile will ever reset it).
     pub fn forget_deleted(&self, gone: &ObjectRef<DynamicObject>) {
-        let key = ObjectRef::<HndsrService>::new(&gone.name);
-        let key = match &gone.namespace {
-            Some(ns) => key.within(ns),
-            None => key,
-        };
-        self.reset(&key);
+        self.reset(&typed(gone));
     }
 
     /// Objects with failures on record.
@@ -134,6 +129,78 @@ impl Backoff {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .len()
+    }
+}
+
+/// The status each object was last patched to, with the status that patch
+/// replaced, until the watch cache shows the write. A reconcile that runs
+/// on a cached object from before the write (a pod event right after it)
+/// would otherwise compute the same transition again: a second identical
+/// status patch, new `lastTransitionTime`s and the same event twice.
+#[derive(Debug, Default)]
+pub struct WrittenStatuses {
+    map: Mutex<WrittenMap>,
+}
+
+type WrittenMap =
+    HashMap<ObjectRef<HndsrService>, (Option<HndsrServiceStatus>, HndsrServiceStatus)>;
+
+impl WrittenStatuses {
+    fn map(&self) -> std::sync::MutexGuard<'_, WrittenMap> {
+        self.map
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The status to reconcile from: what was last written when the cache
+    /// still shows the status that write replaced; else `seen` (and the
+    /// record goes: the cache has caught up or moved on).
+    #[must_use]
+    pub fn current(
+        &self,
+        key: &ObjectRef<HndsrService>,
+        seen: Option<&HndsrServiceStatus>,
+    ) -> Option<HndsrServiceStatus> {
+        let mut map = self.map();
+        match map.get(key) {
+            Some((before, written)) if before.as_ref() == seen => Some(written.clone()),
+            Some(_) => {
+                map.remove(key);
+                seen.cloned()
+            }
+            None => seen.cloned(),
+        }
+    }
+
+    /// Records a status patch of `key` from `before` to `written`.
+    pub fn record(
+        &self,
+        key: ObjectRef<HndsrService>,
+        before: Option<HndsrServiceStatus>,
+        written: HndsrServiceStatus,
+    ) {
+        self.map().insert(key, (before, written));
+    }
+
+    /// Forgets `key` (deleted).
+    pub fn forget(&self, key: &ObjectRef<HndsrService>) {
+        self.map().remove(key);
+    }
+
+    /// Objects with a write the cache has not shown yet.
+    #[must_use]
+    pub fn tracked(&self) -> usize {
+        self.map().len()
+    }
+}
+
+/// The `HndsrService` key of an object reference the controller reports.
+#[must_use]
+pub fn typed(gone: &ObjectRef<DynamicObject>) -> ObjectRef<HndsrService> {
+    let key = ObjectRef::<HndsrService>::new(&gone.name);
+    match &gone.namespace {
+        Some(ns) => key.within(ns),
+        None => key,
     }
 }
 
@@ -151,6 +218,8 @@ pub struct Context {
     pub build: BuildConfig,
     /// Per-object error backoff.
     pub backoff: Backoff,
+    /// Status writes the watch cache has not shown yet.
+    pub written: WrittenStatuses,
 }
 
 impl std::fmt::Debug for Context {
@@ -187,6 +256,7 @@ impl Context {
             stores,
             build,
             backoff: Backoff::default(),
+            written: WrittenStatuses::default(),
         })
     }
 }

@@ -85,6 +85,19 @@ pub fn error_policy(svc: Arc<HndsrService>, _err: &Error, ctx: Arc<Context>) -> 
 }
 
 async fn reconcile_inner(svc: &HndsrService, ctx: &Context) -> Result<Action> {
+    // The status to reconcile from: our own last write when the cache does
+    // not show it yet (see `WrittenStatuses`).
+    let key = ObjectRef::from_obj(svc);
+    let current = ctx.written.current(&key, svc.status.as_ref());
+    let refreshed;
+    let svc = if current == svc.status {
+        svc
+    } else {
+        let mut copy = svc.clone();
+        copy.status = current;
+        refreshed = copy;
+        &refreshed
+    };
     let name = svc.name_any();
     let ns = svc
         .namespace()
@@ -431,6 +444,8 @@ async fn patch_status_if_changed(
         source,
     })?;
     ctx.metrics.status_patches.inc();
+    ctx.written
+        .record(ObjectRef::from_obj(svc), svc.status.clone(), new.clone());
     Ok(())
 }
 

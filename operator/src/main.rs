@@ -13,7 +13,7 @@ use hndsr_crds::HndsrService;
 use hndsr_operator::{
     builders::BuildConfig,
     config::{Args, Config},
-    context::Context,
+    context::{self, Context},
     controller::{error_policy, reconcile},
     http::{self, HttpState},
     leader::LeaderElector,
@@ -177,6 +177,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
                     // A retry came due for an object deleted meanwhile.
                     Err(controller::Error::ObjectNotFound(gone)) => {
                         ctx.backoff.forget_deleted(&gone);
+                        ctx.written.forget(&context::typed(&gone));
                         tracing::debug!(name = %gone.name, namespace = ?gone.namespace, "gone before its retry");
                     }
                     Err(error) => tracing::warn!(%error, "controller"),

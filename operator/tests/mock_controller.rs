@@ -124,14 +124,23 @@ impl Scenario {
     }
 }
 
-/// Serves requests, recording each call, until the test aborts it.
+/// Serves requests, recording each call, until `stop` fires; hands the
+/// mock back for the next reconcile.
 async fn api_server(
     mut handle: Handle,
     scenario: Scenario,
     svc_json: Value,
     calls: Arc<Mutex<Vec<Call>>>,
-) {
-    while let Some((req, send)) = handle.next_request().await {
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+) -> Handle {
+    loop {
+        let next = tokio::select! {
+            _ = &mut stop => return handle,
+            next = handle.next_request() => next,
+        };
+        let Some((req, send)) = next else {
+            return handle;
+        };
         let (parts, body) = req.into_parts();
         let bytes = body.collect().await.unwrap().to_bytes();
         let call = Call {
@@ -227,18 +236,30 @@ impl Harness {
         scenario: Scenario,
     ) -> (Result<Action, Error>, Vec<Call>) {
         let svc_json = serde_json::to_value(svc).unwrap();
-        let handle = self.handle.take().expect("one reconcile per harness");
+        let handle = self
+            .handle
+            .take()
+            .expect("the mock is back from the last reconcile");
         let calls = Arc::new(Mutex::new(Vec::new()));
-        let server = tokio::spawn(api_server(handle, scenario, svc_json, calls.clone()));
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        let server = tokio::spawn(api_server(
+            handle,
+            scenario,
+            svc_json,
+            calls.clone(),
+            stopped,
+        ));
         let result =
             tokio::time::timeout(TIMEOUT, reconcile(Arc::new(svc.clone()), self.ctx.clone()))
                 .await
                 .expect("reconcile against the mock timed out");
         // Every request has been answered once reconcile returned.
-        server.abort();
-        let _ = tokio::time::timeout(TIMEOUT, server)
+        let _ = stop.send(());
+        let handle = tokio::time::timeout(TIMEOUT, server)
             .await
-            .expect("mock API server did not stop");
+            .expect("mock API server did not stop")
+            .expect("mock API server panicked");
+        self.handle = Some(handle);
         let calls = calls.lock().unwrap().clone();
         (result, calls)
     }
@@ -739,6 +760,43 @@ async fn autoscaled_deployments_need_no_handover() {
         "we never owned the count, so nothing to hand over: {:?}",
         api_calls(&calls)
     );
+}
+
+#[tokio::test]
+async fn a_stale_cache_does_not_repeat_a_status_write_or_its_events() {
+    let mut h = harness();
+    let mut svc = service("img:1", 1);
+    converge(&mut h, &mut svc);
+    // The object as cached before the operator's first status write.
+    let mut stale = svc.clone();
+    stale.status = None;
+    let (result, first) = h.reconcile(&stale, Scenario::Accept).await;
+    result.unwrap();
+    assert!(api_calls(&first).contains(&"PATCH hndsrservices/status".to_owned()));
+    assert!(
+        !event_reasons(&first).is_empty(),
+        "the transitions are announced"
+    );
+
+    // A pod event reconciles the same cached object before the watch has
+    // delivered the write: nothing to write, nothing to announce again.
+    let (result, second) = h.reconcile(&stale, Scenario::Accept).await;
+    result.unwrap();
+    assert!(second.is_empty(), "{:?}", api_calls(&second));
+
+    // Once the cache shows the write, the record goes.
+    let written = &first
+        .iter()
+        .find(|c| c.path.ends_with("/status"))
+        .unwrap()
+        .body["status"];
+    let mut fresh = svc.clone();
+    fresh.status = Some(serde_json::from_value(written.clone()).unwrap());
+    assert_eq!(h.ctx.written.tracked(), 1);
+    let (result, third) = h.reconcile(&fresh, Scenario::Accept).await;
+    result.unwrap();
+    assert!(third.is_empty(), "{:?}", api_calls(&third));
+    assert_eq!(h.ctx.written.tracked(), 0);
 }
 
 #[tokio::test]
