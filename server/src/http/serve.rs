@@ -23,6 +23,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tower::Layer as _;
 
 /// Pause after an accept error (out of file descriptors, say) before the
 /// next accept, so the loop does not spin.
@@ -62,9 +63,10 @@ pub(crate) async fn serve(
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "TCP_NODELAY");
         }
+        // Wraps the router (no per-route re-layering), as axum's own
+        // `into_make_service_with_connect_info` does.
         let service = TowerToHyperService::new(
-            app.clone()
-                .layer(axum::Extension(ConnectInfo::<SocketAddr>(peer))),
+            axum::Extension(ConnectInfo::<SocketAddr>(peer)).layer(app.clone()),
         );
         let builder = builder.clone();
         let watcher = graceful.watcher();
