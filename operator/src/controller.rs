@@ -432,20 +432,26 @@ async fn patch_status_if_changed(
             source,
         })?;
     let api: Api<HndsrService> = Api::namespaced(ctx.client.clone(), ns);
-    api.patch_status(
-        &svc.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(&patch),
-    )
-    .await
-    .map_err(|source| Error::PatchStatus {
-        namespace: ns.to_owned(),
-        name: svc.name_any(),
-        source,
-    })?;
+    let patched = api
+        .patch_status(
+            &svc.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+        .map_err(|source| Error::PatchStatus {
+            namespace: ns.to_owned(),
+            name: svc.name_any(),
+            source,
+        })?;
     ctx.metrics.status_patches.inc();
-    ctx.written
-        .record(ObjectRef::from_obj(svc), svc.status.clone(), new.clone());
+    // The server's form of what was written (timestamps in whole seconds),
+    // which is what the watch cache will show.
+    ctx.written.record(
+        ObjectRef::from_obj(svc),
+        svc.status.clone(),
+        patched.status.unwrap_or_else(|| new.clone()),
+    );
     Ok(())
 }
 

@@ -90,6 +90,20 @@ pub fn parse_milli(q: &Quantity) -> Option<i64> {
     Some(milli)
 }
 
+/// `10.0.0.0/8`, `fd00::/8`, `192.168.1.7`: an address, with an optional
+/// prefix no longer than the address.
+fn is_address_or_cidr(s: &str) -> bool {
+    let (addr, prefix) = match s.split_once('/') {
+        Some((a, p)) => (a, Some(p)),
+        None => (s, None),
+    };
+    let Ok(addr) = addr.parse::<std::net::IpAddr>() else {
+        return false;
+    };
+    let bits = if addr.is_ipv4() { 32 } else { 128 };
+    prefix.is_none_or(|p| p.parse::<u8>().is_ok_and(|n| n <= bits))
+}
+
 /// Checks `svc`; `Ok(())` or every problem found.
 pub fn validate(svc: &HndsrService) -> Result<(), InvalidSpec> {
     let mut p = Vec::new();
@@ -226,12 +240,12 @@ pub fn validate(svc: &HndsrService) -> Result<(), InvalidSpec> {
         let Some(amount) = amount else { continue };
         for (part, q) in [("request", &amount.request), ("limit", &amount.limit)] {
             if let Some(q) = q
-                && quantity::value(q).is_none()
+                && quantity::value(q).is_none_or(|v| v < 0.0)
             {
                 add(
                     &format!("{field}.{part}"),
                     format!(
-                        "{:?} is not a Kubernetes quantity such as 2, 500m or 8Gi",
+                        "{:?} is not a non-negative Kubernetes quantity such as 2, 500m or 8Gi",
                         q.0
                     ),
                 );
@@ -243,6 +257,22 @@ pub fn validate(svc: &HndsrService) -> Result<(), InvalidSpec> {
             add(
                 &format!("{field}.request"),
                 format!("{} must not exceed the limit ({})", request.0, limit.0),
+            );
+        }
+    }
+
+    // What the server parses at start-up (the schema's pattern only keeps
+    // out what is plainly not an address): a bad entry would crash-loop it.
+    for proxy in spec
+        .serving
+        .as_ref()
+        .and_then(|s| s.trusted_proxies.as_deref())
+        .unwrap_or_default()
+    {
+        if !is_address_or_cidr(proxy) {
+            add(
+                "spec.serving.trustedProxies",
+                format!("{proxy:?} is not an IP address or CIDR such as 10.0.0.0/8"),
             );
         }
     }
@@ -430,6 +460,29 @@ pub fn validate(svc: &HndsrService) -> Result<(), InvalidSpec> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn addresses_and_cidrs_are_what_the_server_accepts() {
+        for good in [
+            "10.0.0.0/8",
+            "192.168.1.7",
+            "fd00::1",
+            "fd00::/8",
+            "0.0.0.0/0",
+        ] {
+            assert!(is_address_or_cidr(good), "{good}");
+        }
+        for bad in [
+            "10.0.0.0/99",
+            "300.1.1.1",
+            "1.2.3",
+            "fd00::/129",
+            "10.0.0.0/",
+            "x",
+        ] {
+            assert!(!is_address_or_cidr(bad), "{bad}");
+        }
+    }
 
     #[test]
     fn parses_plain_quantities() {

@@ -73,7 +73,9 @@ fn a_request_above_its_limit_or_a_bad_quantity_is_refused() {
         "{err}"
     );
     assert!(
-        err.contains("spec.resources.memory.limit: \"lots\" is not a Kubernetes quantity"),
+        err.contains(
+            "spec.resources.memory.limit: \"lots\" is not a non-negative Kubernetes quantity"
+        ),
         "{err}"
     );
 }

@@ -303,7 +303,8 @@ async fn the_memory_budget_refuses_what_cannot_fit_and_queues_what_can() {
 async fn a_client_that_never_finishes_its_headers_is_disconnected() {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let s = start(&["--header-read-timeout-s", "1"], Duration::ZERO).await;
-    for partial in ["POST /v1/upscale HTTP/1.1\r\nhost: t\r\n", ""] {
+    // Partial headers; the first byte of an HTTP/2 preface; nothing at all.
+    for partial in ["POST /v1/upscale HTTP/1.1\r\nhost: t\r\n", "P", ""] {
         let mut tcp = tokio::net::TcpStream::connect(s.addr).await.unwrap();
         tcp.write_all(partial.as_bytes()).await.unwrap();
         let started = std::time::Instant::now();

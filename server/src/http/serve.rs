@@ -5,7 +5,7 @@
 //! connection and dribbles (or never finishes) its request line and headers
 //! holds a socket and a task for as long as it likes, and a graceful
 //! shutdown waits on it. This loop serves each connection with hyper-util's
-//! HTTP/1 + HTTP/2 builder, a tokio timer and `header_read_timeout`, hands
+//! builder (HTTP/1), a tokio timer and `header_read_timeout`, hands
 //! the router the peer address as axum's `ConnectInfo`, and on `stop` stops
 //! accepting and lets every connection finish its request before closing
 //! (hyper-util's `GracefulShutdown`, what axum's graceful shutdown does).
@@ -37,7 +37,10 @@ pub(crate) async fn serve(
     header_read_timeout: Duration,
     stop: impl Future<Output = ()>,
 ) {
-    let mut builder = Builder::new(TokioExecutor::new());
+    // HTTP/1 only: the auto builder's HTTP/2 detection reads up to 24 bytes
+    // with no timeout (a client sending "P" and nothing more would hold the
+    // connection), and nothing here needs prior-knowledge HTTP/2.
+    let mut builder = Builder::new(TokioExecutor::new()).http1_only();
     builder
         .http1()
         .timer(TokioTimer::new())
@@ -72,10 +75,9 @@ pub(crate) async fn serve(
         let watcher = graceful.watcher();
         let closing = closing.clone();
         tokio::spawn(async move {
-            // The builder reads the first bytes to tell HTTP/1 from HTTP/2
-            // before any hyper timeout runs: a connection that sends
-            // nothing is dropped here.
-            // (`peek`, not `readable`: readiness can be reported early.)
+            // hyper's header timer starts with the first byte: a connection
+            // that sends nothing is dropped here. (`peek`, not `readable`:
+            // readiness can be reported early.)
             let mut first = [0u8; 1];
             tokio::select! {
                 () = closing.cancelled() => return,
@@ -87,7 +89,7 @@ pub(crate) async fn serve(
                 }
             }
             let connection = builder
-                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                .serve_connection(TokioIo::new(stream), service)
                 .into_owned();
             if let Err(e) = watcher.watch(connection).await {
                 tracing::debug!(error = %e, %peer, "connection ended with an error");
