@@ -236,8 +236,8 @@ impl PullPolicy {
         .message("weights.manifestUri goes with weights.uri"),
     validation = Rule::new("!has(self.manifestUri) || self.manifestUri.startsWith('https://') || self.manifestUri.startsWith('http://')")
         .message("weights.manifestUri must be an http(s) URL"),
-    validation = Rule::new("!has(self.uri) || has(self.manifestUri) || self.uri.matches('^[^?#]*[.]safetensors([?#].*)?$')")
-        .message("weights.uri does not end in .safetensors: set weights.manifestUri to its JSON manifest")
+    validation = Rule::new("!has(self.uri) || has(self.manifestUri) || self.uri.matches('^[^?#]*[.]safetensors$')")
+        .message("weights.uri does not end in .safetensors, or has a query (a signed URL): set weights.manifestUri to its JSON manifest")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct WeightsSpec {
@@ -255,7 +255,8 @@ pub struct WeightsSpec {
     pub uri: Option<String>,
     /// With `uri`: the http(s) URL of the weights' JSON manifest, which the
     /// server reads beside the weights. Unset: `uri` with its `.safetensors`
-    /// ending replaced by `.json` (query and fragment kept).
+    /// ending replaced by `.json`; required when `uri` has a query (a
+    /// pre-signed URL signs its own path only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 2048))]
     pub manifest_uri: Option<String>,

@@ -137,7 +137,7 @@ async fn invalid_hndsrservice_is_rejected_with_the_cel_message() -> anyhow::Resu
         .expect_err("a weights.uri with no way to its manifest must be rejected");
     assert!(
         err.to_string()
-            .contains("weights.uri does not end in .safetensors: set weights.manifestUri"),
+            .contains("weights.uri does not end in .safetensors, or has a query"),
         "{err}"
     );
 

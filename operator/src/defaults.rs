@@ -131,16 +131,19 @@ pub const MANIFEST_FILE: &str = "model.json";
 
 /// Where the init container downloads the weights' manifest from for
 /// `weights.uri`: `weights.manifestUri`, else `uri` with its `.safetensors`
-/// ending (before any query or fragment) replaced by `.json`; `None` when
-/// neither applies (validation refuses that spec).
+/// ending replaced by `.json`. Not derived for a `uri` with a query or
+/// fragment: a pre-signed URL's signature covers its path, so the derived
+/// URL would be refused. `None` then (validation refuses that spec).
 pub fn manifest_uri(w: &WeightsSpec) -> Option<String> {
     if let Some(m) = &w.manifest_uri {
         return Some(m.clone());
     }
     let uri = w.uri.as_deref()?;
-    let end = uri.find(['?', '#']).unwrap_or(uri.len());
-    let stem = uri[..end].strip_suffix(".safetensors")?;
-    Some(format!("{stem}.json{}", &uri[end..]))
+    if uri.contains(['?', '#']) {
+        return None;
+    }
+    let stem = uri.strip_suffix(".safetensors")?;
+    Some(format!("{stem}.json"))
 }
 
 /// Whether an autoscaler (of either provider) owns the replica count.
@@ -346,9 +349,9 @@ mod tests {
             Some("https://h/v1/model.json")
         );
         assert_eq!(
-            m("uri: https://h/m.safetensors?sig=a.safetensors#x").as_deref(),
-            Some("https://h/m.json?sig=a.safetensors#x"),
-            "the query and fragment are kept as they are"
+            m("uri: https://h/m.safetensors?X-Amz-Signature=abc"),
+            None,
+            "a signed URL's signature would not cover the derived path"
         );
         assert_eq!(m("uri: https://h/blob/123"), None);
         assert_eq!(

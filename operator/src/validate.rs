@@ -195,7 +195,7 @@ pub fn validate(svc: &HndsrService) -> Result<(), InvalidSpec> {
             } else if w.uri.is_some() && defaults::manifest_uri(w).is_none() {
                 add(
                     "spec.model.weights.uri",
-                    "does not end in .safetensors: set weights.manifestUri to its JSON manifest"
+                    "does not end in .safetensors, or has a query (a signed URL): set weights.manifestUri to its JSON manifest"
                         .into(),
                 );
             }
