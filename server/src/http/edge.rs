@@ -109,7 +109,9 @@ pub(super) async fn content_length(
 /// Applies the per-client rate limit. A request that admission is about to
 /// refuse (warming up, draining, every slot taken) is not charged: a client
 /// that honours the 503's Retry-After would otherwise spend its hourly
-/// budget on refusals.
+/// budget on refusals. The look at admission is taken just before it
+/// happens, so a slot that frees or fills in between can tip that one
+/// request either way; nothing else depends on it.
 pub(super) async fn rate_limit(
     State(state): State<AppState>,
     req: Request,

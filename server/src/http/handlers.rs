@@ -421,7 +421,11 @@ fn parse_json_request(raw: &[u8]) -> Result<UpscaleRequest, Error> {
         .map_or(req.image.as_str(), |(_, data)| data);
     // `base64` wraps its output at 76 columns; decoders like Python's skip
     // the line breaks, and so does this one (any ASCII whitespace).
-    let compact: Vec<u8> = b64.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
+    let compact: std::borrow::Cow<'_, [u8]> = if b64.bytes().any(|b| b.is_ascii_whitespace()) {
+        b64.bytes().filter(|b| !b.is_ascii_whitespace()).collect()
+    } else {
+        b64.as_bytes().into()
+    };
     let image = BASE64
         .decode(&compact)
         .map_err(|e| Error::BadRequest(format!("`image` is not valid base64: {e}")))?;

@@ -192,9 +192,10 @@ where
         }
         let out = model(input.shallow_clone())?;
         check_output(&out, 1, th * scale, tw * scale)?;
+        // To the host first: a reduced-precision output crosses at its size.
         return out
-            .f_to_kind(Kind::Float)
-            .and_then(|o| o.f_to_device(Device::Cpu))
+            .f_to_device(Device::Cpu)
+            .and_then(|o| o.f_to_kind(Kind::Float))
             .op("tile output to the host");
     }
 
@@ -229,8 +230,8 @@ where
         let out = model(stacked)?;
         check_output(&out, batch.len() as i64, th * scale, tw * scale)?;
         let out = out
-            .f_to_kind(Kind::Float)
-            .and_then(|o| o.f_to_device(device))
+            .f_to_device(device)
+            .and_then(|o| o.f_to_kind(Kind::Float))
             .op("tile output to the host")?;
 
         // Allocated on the first batch: the model decides the channel count.
@@ -274,11 +275,13 @@ where
             cfg.tile, cfg.overlap, cfg.margin
         )));
     }
-    let acc = acc_slot.ok_or_else(|| TorchError::InvalidInput("no tiles".to_owned()))?;
+    let mut acc = acc_slot.ok_or_else(|| TorchError::InvalidInput("no tiles".to_owned()))?;
     // The weights of a pixel's tiles sum to 1 except where three or more
-    // tiles meet; normalising everywhere keeps one code path.
+    // tiles meet; normalising everywhere keeps one code path. In place: no
+    // second output-sized buffer.
     wsum = wsum.f_clamp_min(f64::MIN_POSITIVE).op("normalise tiles")?;
-    acc.f_div(&wsum).op("normalise tiles")
+    let _ = acc.f_div_(&wsum).op("normalise tiles")?;
+    Ok(acc)
 }
 
 fn check_output(out: &Tensor, batch: i64, h: i64, w: i64) -> Result<(), TorchError> {
