@@ -322,9 +322,10 @@ impl Core {
 /// Host bytes a request holds per input pixel: the decoded planar f32
 /// samples and their tensor (4 channels at most, 4 bytes each, twice).
 const INPUT_BYTES_PER_PIXEL: u64 = 32;
-/// Host bytes per output pixel: the blend accumulator and its normalised
-/// copy (4 × f32 each), the weight sum (f32), the planar copy (4 × f32)
-/// and the encoder's samples (up to 4 × u16), rounded up.
+/// Host bytes per output pixel: the blend accumulator (4 × f32), the
+/// weight sum (f32), the planar copy (4 × f32), the encoder's samples (up
+/// to 4 × u16) and the alpha and gray intermediates, rounded up (measured:
+/// 1.75–1.9× what an RGB request takes, docs/benchmarks.md).
 const OUTPUT_BYTES_PER_PIXEL: u64 = 64;
 
 /// The share of the memory budget a request waits for, in MiB (at least 1).
