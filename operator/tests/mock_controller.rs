@@ -375,6 +375,15 @@ fn converge(h: &mut Harness, svc: &mut HndsrService) {
     svc.status = Some(status::compute(svc, Ok(&c), &observed, Timestamp::now()));
 }
 
+/// The status the reconcile wrote (the body of its status patch).
+fn written_status(calls: &[Call]) -> &Value {
+    &calls
+        .iter()
+        .find(|c| c.path.ends_with("/status"))
+        .expect("a status patch")
+        .body["status"]
+}
+
 /// Every non-event request, as `METHOD plural[/sub]`.
 fn api_calls(calls: &[Call]) -> Vec<String> {
     calls
@@ -483,11 +492,7 @@ async fn spec_change_applies_only_the_changed_children() {
     assert!(event_reasons(&calls).contains(&"Updated".to_owned()));
     // The cached Deployment predates that apply: the new generation's
     // status must not claim the rollout is already done.
-    let status = &calls
-        .iter()
-        .find(|c| c.path.ends_with("/status"))
-        .unwrap()
-        .body["status"];
+    let status = written_status(&calls);
     assert_eq!(status["observedGeneration"], 2);
     let progressing = status["conditions"]
         .as_array()
@@ -569,11 +574,7 @@ async fn invalid_spec_sets_a_condition_and_waits_for_a_change() {
         ["PATCH hndsrservices/status"],
         "no child is applied"
     );
-    let status = &calls
-        .iter()
-        .find(|c| c.path.ends_with("/status"))
-        .unwrap()
-        .body["status"];
+    let status = written_status(&calls);
     let ready = status["conditions"]
         .as_array()
         .unwrap()
@@ -785,11 +786,7 @@ async fn a_stale_cache_does_not_repeat_a_status_write_or_its_events() {
     assert!(second.is_empty(), "{:?}", api_calls(&second));
 
     // Once the cache shows the write, the record goes.
-    let written = &first
-        .iter()
-        .find(|c| c.path.ends_with("/status"))
-        .unwrap()
-        .body["status"];
+    let written = written_status(&first);
     let mut fresh = svc.clone();
     fresh.status = Some(serde_json::from_value(written.clone()).unwrap());
     assert_eq!(h.ctx.written.tracked(), 1);
