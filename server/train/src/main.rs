@@ -5,6 +5,7 @@
 //! hndsr-train train  --config small --out ckpt/ --steps 4000 [--resume]
 //! hndsr-train eval   --weights ckpt/latest.safetensors --steps 0,4,20,50 --table eval.md
 //! hndsr-train export --checkpoint ckpt/ --out server/models/hndsr-medium.safetensors
+//! hndsr-train soup   --weights a.safetensors,b.safetensors --out soup.safetensors --version 1.0.0
 //! ```
 
 mod bandlimit;
@@ -15,6 +16,7 @@ mod linear;
 mod metrics;
 mod probe;
 mod project;
+mod soup;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -55,6 +57,9 @@ enum Command {
     Eval(EvalArgs),
     /// Copy a checkpoint's weights out with a full manifest.
     Export(ExportArgs),
+    /// Average weights of one shape variable by variable (a model soup),
+    /// e.g. runs fine-tuned from one parent with different seeds.
+    Soup(soup::SoupArgs),
     /// Latency per tile at several DDIM step counts and batch sizes.
     Bench(bench::BenchArgs),
     /// Denoiser error per noise level on the held-out data (x̂₀ from one
@@ -207,8 +212,9 @@ struct EvalArgs {
     /// the time of many-step runs on a CPU.
     #[arg(long)]
     max_tiles: Option<usize>,
-    /// Also measure steps = 0 (and the self-ensemble) projected onto the
-    /// images that degrade exactly to the input, with this many CG steps.
+    /// Also measure steps = 0 (and the self-ensemble, and with `--tiled`
+    /// the tiled rows) projected onto the images that degrade exactly to
+    /// the input, with this many CG steps.
     #[arg(long)]
     project: Option<usize>,
     /// Also measure a learned linear baseline: per HR position, one K×K
@@ -307,6 +313,11 @@ fn main() -> Result<()> {
         Command::Train(args) => train(&args, &data, device),
         Command::Eval(args) => eval(&args, &data, device),
         Command::Export(args) => export(&args),
+        Command::Soup(args) => {
+            let m = soup::soup(&args)?;
+            println!("{} sha256 {}", m.version, m.sha256);
+            Ok(())
+        }
         Command::Bench(args) => bench::bench(&args, device, cli.threads),
         Command::Probe(args) => probe::probe(&args, &data, device),
     }
@@ -736,6 +747,16 @@ fn eval(args: &EvalArgs, data_dir: &Path, device: Device) -> Result<()> {
                 measure(&label, Some(0), &|lr, _| {
                     Ok(tiled.upscale_image(lr, 0, args.seed, &never)?)
                 })?;
+                if let Some(iters) = args.project {
+                    measure(
+                        &format!("{label}, projected ({iters} CG)"),
+                        Some(0),
+                        &|lr, _| {
+                            let y = tiled.upscale_image(lr, 0, args.seed, &never)?;
+                            Ok(project::project(&y, lr, scale, iters))
+                        },
+                    )?;
+                }
             }
         }
     }
