@@ -142,7 +142,12 @@ async fn reconcile_inner(svc: &HndsrService, ctx: &Context) -> Result<Action> {
 
     // 3. apply
     let mut observed = observed;
-    observed.deployment_written = apply_children(svc, ctx, &ns, children.clone()).await?;
+    // An applied Deployment is newer than the cache's: when its spec changed,
+    // its generation is ahead of its status, which is a rollout the cache
+    // cannot show yet.
+    if let Some(applied) = apply_children(svc, ctx, &ns, children.clone()).await? {
+        observed.deployment = Some(applied);
+    }
 
     // 4. status
     let new = status::compute(svc, Ok(&children), &observed, now);
@@ -193,7 +198,6 @@ pub fn observe(stores: &crate::context::Stores, ns: &str, name: &str) -> Observe
         deployment,
         hpa,
         pods,
-        deployment_written: false,
     }
 }
 
@@ -212,13 +216,14 @@ where
         .map(|k| (*k).clone())
 }
 
-/// Applies every child; `true` when a new Deployment spec was applied.
+/// Applies every child; returns the Deployment as the API server answered
+/// its apply, if it was applied.
 async fn apply_children(
     svc: &HndsrService,
     ctx: &Context,
     ns: &str,
     children: Children,
-) -> Result<bool> {
+) -> Result<Option<Deployment>> {
     let Children {
         deployment,
         service,
@@ -235,11 +240,7 @@ async fn apply_children(
     {
         hand_over_replicas(ctx, ns, live).await?;
     }
-    // A new spec (not a reverted edit) starts a rollout the cache cannot show yet.
-    let deployment_written = matches!(
-        apply_one(svc, ctx, ns, deployment, live_deployment).await?,
-        Outcome::Created | Outcome::Updated
-    );
+    let applied_deployment = apply_one(svc, ctx, ns, deployment, live_deployment).await?;
     apply_one(
         svc,
         ctx,
@@ -260,7 +261,7 @@ async fn apply_children(
         }
         None => delete_if_owned(svc, ctx, ns, get_cached(&stores.pdbs, ns, &name)).await?,
     }
-    Ok(deployment_written)
+    Ok(applied_deployment)
 }
 
 async fn apply_one<K>(
@@ -269,7 +270,7 @@ async fn apply_one<K>(
     ns: &str,
     desired: K,
     live: Option<K>,
-) -> Result<Outcome>
+) -> Result<Option<K>>
 where
     K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
         + Serialize
@@ -301,17 +302,18 @@ where
             name,
         });
     }
-    let outcome = ssa::ensure(&api, desired, live.as_ref())
-        .await
-        .map_err(|e| match e {
-            EnsureError::Serialize(source) => Error::Serialize { kind, source },
-            EnsureError::Api(source) => Error::Apply {
-                kind,
-                namespace: ns.to_owned(),
-                name: name.clone(),
-                source,
-            },
-        })?;
+    let (outcome, applied) =
+        ssa::ensure(&api, desired, live.as_ref())
+            .await
+            .map_err(|e| match e {
+                EnsureError::Serialize(source) => Error::Serialize { kind, source },
+                EnsureError::Api(source) => Error::Apply {
+                    kind,
+                    namespace: ns.to_owned(),
+                    name: name.clone(),
+                    source,
+                },
+            })?;
     if outcome.wrote() {
         ctx.metrics.applies.with_label_values(&[kind]).inc();
         let (reason, note) = match outcome {
@@ -325,7 +327,7 @@ where
         tracing::info!(%kind, %name, namespace = %ns, reason, "applied child");
         publish(ctx, svc, EventType::Normal, reason, "Apply", note).await;
     }
-    Ok(outcome)
+    Ok(applied)
 }
 
 /// Before the first apply without `spec.replicas` (an autoscaler takes the

@@ -225,7 +225,9 @@ where
 }
 
 /// Applies `desired` with server-side apply (force, our field manager)
-/// unless [`plan`] says the live child already matches.
+/// unless [`plan`] says the live child already matches. Returns what was
+/// done and, when it wrote, the object as the API server answered the
+/// apply (its `metadata.generation` says whether the spec changed).
 ///
 /// # Errors
 /// Serialisation or the API call failed.
@@ -233,18 +235,20 @@ pub async fn ensure<K>(
     api: &Api<K>,
     mut desired: K,
     live: Option<&K>,
-) -> Result<Outcome, EnsureError>
+) -> Result<(Outcome, Option<K>), EnsureError>
 where
     K: Resource<Scope = NamespaceResourceScope> + Serialize + DeserializeOwned + Clone + Debug,
 {
     let outcome = plan(&mut desired, live).map_err(EnsureError::Serialize)?;
-    if outcome.wrote() {
-        let params = PatchParams::apply(FIELD_MANAGER).force();
-        api.patch(&desired.name_any(), &params, &Patch::Apply(&desired))
-            .await
-            .map_err(EnsureError::Api)?;
+    if !outcome.wrote() {
+        return Ok((outcome, None));
     }
-    Ok(outcome)
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    let applied = api
+        .patch(&desired.name_any(), &params, &Patch::Apply(&desired))
+        .await
+        .map_err(EnsureError::Api)?;
+    Ok((outcome, Some(applied)))
 }
 
 /// Why [`ensure`] failed (the caller adds the kind and name).

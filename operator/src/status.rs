@@ -26,11 +26,6 @@ pub struct Observed {
     pub hpa: Option<HorizontalPodAutoscaler>,
     /// The serving pods (selected by the serving selector).
     pub pods: Vec<Pod>,
-    /// Whether this reconcile has just applied a new Deployment spec (not a
-    /// reverted edit): the
-    /// `deployment` above was read before that write, so it cannot say the
-    /// rollout is done.
-    pub deployment_written: bool,
 }
 
 /// Container waiting reasons that mean "this will not fix itself soon".
@@ -267,16 +262,15 @@ fn conditions_for(
     let spec = &svc.spec;
     let gpu_name = defaults::gpu_resource_name(spec);
     let dep = observed.deployment.as_ref();
-    let dep_lagging = observed.deployment_written
-        || dep.is_some_and(|d| {
-            let generation = d.metadata.generation.unwrap_or(0);
-            let seen = d
-                .status
-                .as_ref()
-                .and_then(|s| s.observed_generation)
-                .unwrap_or(0);
-            seen < generation
-        });
+    let dep_lagging = dep.is_some_and(|d| {
+        let generation = d.metadata.generation.unwrap_or(0);
+        let seen = d
+            .status
+            .as_ref()
+            .and_then(|s| s.observed_generation)
+            .unwrap_or(0);
+        seen < generation
+    });
     let deadline_exceeded = dep
         .and_then(|d| d.status.as_ref()?.conditions.as_ref())
         .is_some_and(|cs| {

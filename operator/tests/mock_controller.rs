@@ -88,7 +88,13 @@ enum Scenario {
 }
 
 impl Scenario {
-    fn respond(self, call: &Call, svc_json: &Value) -> (StatusCode, Value) {
+    /// `live_deployment`: the cached Deployment, which an apply updates.
+    fn respond(
+        self,
+        call: &Call,
+        svc_json: &Value,
+        live_deployment: Option<&Value>,
+    ) -> (StatusCode, Value) {
         if self == Self::DeploymentApplyFails
             && call.method == Method::PATCH
             && call.path.contains("/deployments/")
@@ -120,8 +126,30 @@ impl Scenario {
             // The reconciler ignores the body; answer with the object.
             return (StatusCode::OK, svc_json.clone());
         }
+        if call.path.contains("/deployments/") {
+            return (StatusCode::OK, applied(&call.body, live_deployment));
+        }
         (StatusCode::OK, call.body.clone())
     }
+}
+
+/// What the API server answers an apply of Deployment `body` with: the
+/// body, with the live object's status, and its generation moved on only if
+/// the spec changed.
+fn applied(body: &Value, live: Option<&Value>) -> Value {
+    let mut out = body.clone();
+    let generation = match live {
+        None => 1,
+        Some(live) => {
+            let old = live["metadata"]["generation"].as_i64().unwrap_or(1);
+            old + i64::from(live["spec"] != body["spec"])
+        }
+    };
+    out["metadata"]["generation"] = json!(generation);
+    if let Some(status) = live.map(|l| &l["status"]).filter(|s| !s.is_null()) {
+        out["status"] = status.clone();
+    }
+    out
 }
 
 /// Serves requests, recording each call, until `stop` fires; hands the
@@ -130,6 +158,7 @@ async fn api_server(
     mut handle: Handle,
     scenario: Scenario,
     svc_json: Value,
+    live_deployment: Option<Value>,
     calls: Arc<Mutex<Vec<Call>>>,
     mut stop: tokio::sync::oneshot::Receiver<()>,
 ) -> Handle {
@@ -158,7 +187,7 @@ async fn api_server(
                 serde_json::from_slice(&bytes).unwrap()
             },
         };
-        let (code, body) = scenario.respond(&call, &svc_json);
+        let (code, body) = scenario.respond(&call, &svc_json, live_deployment.as_ref());
         calls.lock().unwrap().push(call);
         send.send_response(
             Response::builder()
@@ -236,6 +265,13 @@ impl Harness {
         scenario: Scenario,
     ) -> (Result<Action, Error>, Vec<Call>) {
         let svc_json = serde_json::to_value(svc).unwrap();
+        let live_deployment = self
+            .ctx
+            .stores
+            .deployments
+            .state()
+            .first()
+            .map(|d| serde_json::to_value(&**d).unwrap());
         let handle = self
             .handle
             .take()
@@ -246,6 +282,7 @@ impl Harness {
             handle,
             scenario,
             svc_json,
+            live_deployment,
             calls.clone(),
             stopped,
         ));
@@ -370,7 +407,6 @@ fn converge(h: &mut Harness, svc: &mut HndsrService) {
         deployment: Some(dep),
         hpa: None,
         pods: vec![],
-        deployment_written: false,
     };
     svc.status = Some(status::compute(svc, Ok(&c), &observed, Timestamp::now()));
 }
@@ -382,6 +418,17 @@ fn written_status(calls: &[Call]) -> &Value {
         .find(|c| c.path.ends_with("/status"))
         .expect("a status patch")
         .body["status"]
+}
+
+/// Status and reason of the Progressing condition the reconcile wrote.
+fn progressing(calls: &[Call]) -> [String; 2] {
+    let c = written_status(calls)["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Progressing")
+        .expect("a Progressing condition");
+    [&c["status"], &c["reason"]].map(|v| v.as_str().unwrap().to_owned())
 }
 
 /// Every non-event request, as `METHOD plural[/sub]`.
@@ -492,19 +539,27 @@ async fn spec_change_applies_only_the_changed_children() {
     assert!(event_reasons(&calls).contains(&"Updated".to_owned()));
     // The cached Deployment predates that apply: the new generation's
     // status must not claim the rollout is already done.
-    let status = written_status(&calls);
-    assert_eq!(status["observedGeneration"], 2);
-    let progressing = status["conditions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["type"] == "Progressing")
-        .unwrap();
-    assert_eq!(
-        (&progressing["status"], &progressing["reason"]),
-        (&json!("True"), &json!("RollingOut")),
-        "{progressing}"
-    );
+    assert_eq!(written_status(&calls)["observedGeneration"], 2);
+    assert_eq!(progressing(&calls), ["True", "RollingOut"]);
+}
+
+#[tokio::test]
+async fn an_apply_that_leaves_the_spec_alone_is_no_rollout() {
+    let mut h = harness();
+    let mut svc = service("img:1", 1);
+    converge(&mut h, &mut svc);
+    // The live Deployment was applied by another operator version, whose
+    // hash differs although it wrote the same spec (only metadata moves).
+    let mut dep = (*h.ctx.stores.deployments.state()[0]).clone();
+    dep.annotations_mut()
+        .insert(SPEC_HASH.to_owned(), "from-an-older-operator".into());
+    put(&mut h.caches.deployments, dep);
+    let (result, calls) = h.reconcile(&svc, Scenario::Accept).await;
+    result.unwrap();
+    // The API server kept the generation, so the Deployment's status still
+    // describes it: nothing rolls out, and the status stays as it was.
+    assert_eq!(api_calls(&calls), ["PATCH deployments"]);
+    assert_eq!(event_reasons(&calls), ["Updated"]);
 }
 
 #[tokio::test]
@@ -541,11 +596,19 @@ async fn manual_edit_of_the_deployment_is_reverted() {
         )),
         ..ManagedFieldsEntry::default()
     });
+    // The edit made a new generation, which the Deployment rolled out.
+    dep.metadata.generation = Some(2);
+    dep.status.as_mut().unwrap().observed_generation = Some(2);
     put(&mut h.caches.deployments, dep);
     let (result, calls) = h.reconcile(&svc, Scenario::Accept).await;
     result.unwrap();
-    assert_eq!(api_calls(&calls), ["PATCH deployments"]);
+    assert_eq!(
+        api_calls(&calls),
+        ["PATCH deployments", "PATCH hndsrservices/status"]
+    );
     assert_eq!(event_reasons(&calls), ["DriftReverted"]);
+    // Restoring the image is a rollout too.
+    assert_eq!(progressing(&calls), ["True", "RollingOut"]);
 }
 
 #[tokio::test]
