@@ -5,6 +5,8 @@
 //! - [`tiling`]: overlapping tiles, batched, blended without seams, with a
 //!   cancellation check between batches; generic over the model.
 //! - [`bicubic`]: the bicubic upscaler (`upsample_bicubic2d`).
+//! - [`consistency`]: the training degradation and the projection of an
+//!   upscaled image onto the images that degrade exactly to its input.
 //! - [`error`]: one error type; out-of-memory is its own variant.
 //!
 //! Threading: `tch::Tensor` is `Send` but not `Sync`, and grad mode is
@@ -17,6 +19,7 @@
 //! [`TorchError::OutOfMemory`] the device is as free as before the call.
 
 pub mod bicubic;
+pub mod consistency;
 pub mod device;
 pub mod error;
 pub mod hndsr;

@@ -526,3 +526,51 @@ fn small_tiles_keep_a_blendable_overlap_and_batch_by_area() {
         );
     }
 }
+
+#[test]
+fn projected_outputs_downsample_to_their_input() {
+    use hndsr_torch::consistency::downsample;
+    // An input that some image in [0, 1] degrades to exactly.
+    let hr = image(1, 48, 40, 0.3);
+    let rgb = downsample(&hr, 4).unwrap();
+    let gray_alpha = Tensor::cat(&[rgb.narrow(1, 0, 1), rgb.narrow(1, 2, 1)], 1);
+    for x in [rgb, gray_alpha] {
+        let c = x.size()[1];
+        let colour = if c >= 3 { 3 } else { 1 };
+        let plain = tiny_with(23, 0.1, 0.002)
+            .upscale_image(&x, 0, 0, NEVER)
+            .unwrap();
+        let model = tiny_with(23, 0.1, 0.002).with_projection_steps(30).unwrap();
+        assert_eq!(model.projection_steps(), 30);
+        let projected = model.upscale_image(&x, 0, 0, NEVER).unwrap();
+        assert_eq!(projected.size(), plain.size());
+        let off = |y: &Tensor| {
+            max_abs_diff(
+                &downsample(&y.narrow(1, 0, colour), 4).unwrap(),
+                &x.narrow(1, 0, colour),
+            )
+        };
+        assert!(
+            off(&plain) > 1e-2,
+            "the untrained network is not consistent: {}",
+            off(&plain)
+        );
+        assert!(
+            off(&projected) < 2e-3,
+            "{c} channels: off by {}",
+            off(&projected)
+        );
+        if c == 2 {
+            let alpha = |y: &Tensor| y.narrow(1, 1, 1);
+            assert!(
+                max_abs_diff(&alpha(&plain), &alpha(&projected)) < 1e-6,
+                "alpha untouched"
+            );
+        }
+    }
+    let err = tiny(23).with_projection_steps(101).unwrap_err();
+    assert!(
+        err.to_string().contains("above the maximum of 100"),
+        "{err}"
+    );
+}

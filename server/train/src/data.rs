@@ -317,10 +317,11 @@ pub fn degrade(hr: &Tensor, scale: i64) -> Tensor {
     downsample(hr, scale).clamp(0.0, 1.0)
 }
 
-/// The linear part of the degradation: antialiased bicubic ÷`scale`.
+/// The linear part of the degradation: antialiased bicubic ÷`scale`, the
+/// one the server's LR-consistency projection inverts
+/// ([`hndsr_torch::consistency::downsample`]).
 pub fn downsample(hr: &Tensor, scale: i64) -> Tensor {
-    let (_, _, h, w) = hr.size4().expect("NCHW");
-    hr.internal_upsample_bicubic2d_aa([h / scale, w / scale], false, None::<f64>, None::<f64>)
+    hndsr_torch::consistency::downsample(hr, scale).expect("an NCHW batch")
 }
 
 /// One training image with the column ranges crops may start in.

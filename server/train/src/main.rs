@@ -15,7 +15,6 @@ mod grow;
 mod linear;
 mod metrics;
 mod probe;
-mod project;
 mod soup;
 
 use std::path::{Path, PathBuf};
@@ -26,10 +25,11 @@ use clap::{Args, Parser, Subcommand};
 use hndsr_torch::hndsr::diffusion::{self, SplitMix64};
 use hndsr_torch::hndsr::net;
 use hndsr_torch::hndsr::{
-    EvalFigure, HndsrConfig, HndsrModel, HndsrNet, MAX_TILE, MIN_TILE, Manifest, Precision,
-    TrainingInfo, load_weights_from_bytes, manifest_path, parameter_count, save_weights,
+    EvalFigure, HndsrConfig, HndsrModel, HndsrNet, MAX_PROJECTION_STEPS, MAX_TILE, MIN_TILE,
+    Manifest, Precision, TrainingInfo, load_weights_from_bytes, manifest_path, parameter_count,
+    save_weights,
 };
-use hndsr_torch::{open_device, upsample_bicubic};
+use hndsr_torch::{consistency, open_device, upsample_bicubic};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor, nn, nn::OptimizerConfig};
 
@@ -214,9 +214,10 @@ struct EvalArgs {
     max_tiles: Option<usize>,
     /// Also measure steps = 0 (and the self-ensemble, and with `--tiled`
     /// the tiled rows) projected onto the images that degrade exactly to
-    /// the input, with this many CG steps.
-    #[arg(long)]
-    project: Option<usize>,
+    /// the input, with this many CG steps (what a server does with
+    /// `projection_steps`).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_PROJECTION_STEPS)))]
+    project: Option<u32>,
     /// Also measure a learned linear baseline: per HR position, one K×K
     /// filter over the LR pixels, fitted by least squares to crops of the
     /// training regions of `--linear-mix` (K odd, e.g. 9).
@@ -263,6 +264,11 @@ struct ExportArgs {
     /// size, the domain the Fourier layers learned their modes on.
     #[arg(long, value_parser = clap::value_parser!(i64).range(MIN_TILE..=MAX_TILE))]
     tile: Option<i64>,
+    /// Conjugate-gradient steps of the LR-consistency projection servers
+    /// should run when their deployment does not say (written into the
+    /// manifest).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(0..=i64::from(MAX_PROJECTION_STEPS)))]
+    projection_steps: Option<u32>,
 }
 
 /// Training progress kept next to the checkpoint.
@@ -564,6 +570,7 @@ fn export(args: &ExportArgs) -> Result<()> {
         default_steps: args.default_steps,
         self_ensemble: args.self_ensemble,
         tile: args.tile,
+        projection_steps: args.projection_steps,
         ..Manifest::untrained(&state.config, 0)
     };
     let written = save_weights(&vs, &state.config, &args.out, manifest)?;
@@ -694,7 +701,7 @@ fn eval(args: &EvalArgs, data_dir: &Path, device: Device) -> Result<()> {
                 ssim: s / n,
             };
             println!(
-                "{} | {} {:?} | PSNR {:.2} dB | SSIM {:.4} | {:.1} s",
+                "{} | {} {:?} | PSNR {:.3} dB | SSIM {:.4} | {:.1} s",
                 fig.source,
                 fig.method,
                 fig.steps,
@@ -726,7 +733,7 @@ fn eval(args: &EvalArgs, data_dir: &Path, device: Device) -> Result<()> {
                     Some(0),
                     &|lr, _| {
                         let y = m.upscale_image(lr, 0, args.seed, &never)?;
-                        Ok(project::project(&y, lr, scale, iters))
+                        Ok(consistency::project(&y, lr, scale, iters, &never)?)
                     },
                 )?;
             }
@@ -753,7 +760,7 @@ fn eval(args: &EvalArgs, data_dir: &Path, device: Device) -> Result<()> {
                         Some(0),
                         &|lr, _| {
                             let y = tiled.upscale_image(lr, 0, args.seed, &never)?;
-                            Ok(project::project(&y, lr, scale, iters))
+                            Ok(consistency::project(&y, lr, scale, iters, &never)?)
                         },
                     )?;
                 }

@@ -147,6 +147,7 @@ pub fn soup(args: &SoupArgs) -> Result<Manifest> {
         default_steps: first.default_steps,
         self_ensemble: first.self_ensemble,
         tile: first.tile,
+        projection_steps: first.projection_steps,
         ..Manifest::untrained(&cfg, 0)
     };
     Ok(save_weights(&out, &cfg, &args.out, manifest)?)

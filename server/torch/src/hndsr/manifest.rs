@@ -80,6 +80,11 @@ pub struct Manifest {
     /// [`super::DEFAULT_TILE`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tile: Option<i64>,
+    /// Conjugate-gradient steps of the LR-consistency projection servers
+    /// should run when their deployment does not say (absent in older
+    /// manifests: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub projection_steps: Option<u32>,
 }
 
 impl Manifest {
@@ -98,6 +103,7 @@ impl Manifest {
             default_steps: None,
             self_ensemble: None,
             tile: None,
+            projection_steps: None,
         }
     }
 
@@ -123,6 +129,12 @@ impl Manifest {
         }
         if let Some(tile) = manifest.tile {
             super::check_tile(tile).map_err(|message| HndsrError::Manifest {
+                path: path.to_owned(),
+                message,
+            })?;
+        }
+        if let Some(steps) = manifest.projection_steps {
+            super::check_projection_steps(steps).map_err(|message| HndsrError::Manifest {
                 path: path.to_owned(),
                 message,
             })?;
@@ -188,5 +200,26 @@ mod tests {
                 "{bad}: {err}"
             );
         }
+    }
+
+    #[test]
+    fn projection_steps_are_optional_round_trip_and_are_range_checked_on_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.json");
+        let mut m = Manifest::untrained(&HndsrConfig::tiny(), 1);
+        m.write(&path).unwrap();
+        assert!(
+            !std::fs::read_to_string(&path)
+                .unwrap()
+                .contains("projection")
+        );
+        assert_eq!(Manifest::read(&path).unwrap().projection_steps, None);
+        m.projection_steps = Some(20);
+        m.write(&path).unwrap();
+        assert_eq!(Manifest::read(&path).unwrap().projection_steps, Some(20));
+        m.projection_steps = Some(101);
+        m.write(&path).unwrap();
+        let err = Manifest::read(&path).unwrap_err().to_string();
+        assert!(err.contains("above the maximum of 100"), "{err}");
     }
 }

@@ -54,6 +54,21 @@ pub const MIN_TILE: i64 = 16;
 /// Largest LR tile edge a manifest or a server may ask for (4096² HR at ×4).
 pub const MAX_TILE: i64 = 1024;
 
+/// Most conjugate-gradient steps a manifest or a server may ask the
+/// LR-consistency projection for ([`HndsrModel::with_projection_steps`]).
+pub const MAX_PROJECTION_STEPS: u32 = 100;
+
+/// Checks a projection step count asked for by a manifest or a server.
+pub fn check_projection_steps(steps: u32) -> Result<(), String> {
+    if steps <= MAX_PROJECTION_STEPS {
+        Ok(())
+    } else {
+        Err(format!(
+            "projection steps {steps} is above the maximum of {MAX_PROJECTION_STEPS}"
+        ))
+    }
+}
+
 /// Pixels at each shared tile edge whose output [`tiles_for`] drops: the
 /// tile borders, where the reflect padding differs from the real
 /// neighbourhood.
@@ -250,6 +265,7 @@ pub struct HndsrModel {
     precision: Precision,
     tiles: TileConfig,
     self_ensemble: bool,
+    projection_steps: u32,
 }
 
 impl HndsrModel {
@@ -268,6 +284,7 @@ impl HndsrModel {
             precision: Precision::Fp32,
             tiles: default_tiles(device),
             self_ensemble: false,
+            projection_steps: 0,
         })
     }
 
@@ -322,6 +339,7 @@ impl HndsrModel {
             precision,
             tiles: default_tiles(device),
             self_ensemble: false,
+            projection_steps: 0,
         })
     }
 
@@ -362,6 +380,23 @@ impl HndsrModel {
     /// Whether μ is a self-ensemble.
     pub fn self_ensemble(&self) -> bool {
         self.self_ensemble
+    }
+
+    /// Projects every upscaled image onto the images that degrade exactly
+    /// to its input ([`crate::consistency::project`]) with `steps`
+    /// conjugate-gradient steps (0 = off, at most
+    /// [`MAX_PROJECTION_STEPS`]): the output then agrees with the input in
+    /// the band the input carries. On the whole image, on the CPU, after
+    /// the tiles are blended.
+    pub fn with_projection_steps(mut self, steps: u32) -> Result<Self, HndsrError> {
+        check_projection_steps(steps).map_err(HndsrError::Config)?;
+        self.projection_steps = steps;
+        Ok(self)
+    }
+
+    /// Conjugate-gradient steps of the LR-consistency projection (0 = off).
+    pub fn projection_steps(&self) -> u32 {
+        self.projection_steps
     }
 
     /// Changes the tiling used by [`HndsrModel::upscale_image`] in place.
@@ -519,9 +554,12 @@ impl HndsrModel {
     /// Upscales one image `[1, C, H, W]` (C = 1 gray, 2 gray+alpha, 3 RGB,
     /// 4 RGBA; f32 in [0, 1], any device) through overlapping tiles, batched
     /// [`TileConfig::batch`] at a time. Gray is run as three equal channels
-    /// and averaged back; alpha is upscaled bicubically. Returns
+    /// and averaged back; alpha is upscaled bicubically; with
+    /// [`HndsrModel::with_projection_steps`] the colour is then projected
+    /// onto the images that degrade to the input. Returns
     /// `[1, C, s·H, s·W]` f32 in [0, 1] on the CPU. `cancel` is checked
-    /// between tile batches, self-ensemble passes and DDIM steps.
+    /// between tile batches, self-ensemble passes, DDIM steps and
+    /// projection steps.
     pub fn upscale_image(
         &self,
         image: &Tensor,
@@ -568,6 +606,20 @@ impl HndsrModel {
         } else {
             up
         };
+        if self.projection_steps > 0 {
+            let input = image
+                .f_narrow(1, 0, colour_channels)
+                .and_then(|x| x.f_to_device(Device::Cpu))
+                .op("copy input to host")?;
+            let estimate = up.f_to_device(Device::Cpu).op("copy output to host")?;
+            up = crate::consistency::project(
+                &estimate,
+                &input,
+                scale,
+                self.projection_steps,
+                cancel,
+            )?;
+        }
         if c == 2 || c == 4 {
             // On the host, like the blended colour: a whole-image alpha
             // plane at the output size stays off the GPU.
