@@ -191,6 +191,7 @@ spec:
     scale: 4
     samplingSteps: 20
     tile: 24
+    projectionSteps: 20
     precision: bf16
   serving:
     maxConcurrent: 4
@@ -248,6 +249,17 @@ fn tile_is_bounded_by_the_contract() {
     let bound = |key: &str| tile[key].as_f64();
     assert_eq!(bound("minimum"), Some(f64::from(hndsr_contract::tile::MIN)));
     assert_eq!(bound("maximum"), Some(f64::from(hndsr_contract::tile::MAX)));
+}
+
+#[test]
+fn projection_steps_are_bounded_by_the_contract() {
+    let steps =
+        &schema()["properties"]["spec"]["properties"]["model"]["properties"]["projectionSteps"];
+    assert_eq!(steps["minimum"].as_f64(), Some(0.0));
+    assert_eq!(
+        steps["maximum"].as_f64(),
+        Some(f64::from(hndsr_contract::projection::MAX_STEPS))
+    );
 }
 
 #[test]

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use hndsr_contract::{defaults, env, limits, tile};
+use hndsr_contract::{defaults, env, limits, projection, tile};
 use ipnet::IpNet;
 
 /// Largest upscaling factor the server accepts from any backend; it bounds
@@ -111,6 +111,12 @@ pub struct Args {
     #[arg(long, env = env::TILE, value_parser = clap::value_parser!(u32).range(i64::from(tile::MIN)..=i64::from(tile::MAX)))]
     pub tile: Option<u32>,
 
+    /// Conjugate-gradient steps of the `hndsr` backend's projection of each
+    /// output onto the images that downsample exactly to the input (0:
+    /// off); unset: the weights manifest's `projection_steps`, else 0.
+    #[arg(long, env = env::PROJECTION_STEPS, value_parser = clap::value_parser!(u32).range(0..=i64::from(projection::MAX_STEPS)))]
+    pub projection_steps: Option<u32>,
+
     /// CPU cores this server may use; unset: the cores the process may run
     /// on (cgroup quota and affinity included).
     #[arg(long, env = env::CPUS)]
@@ -203,6 +209,9 @@ pub struct ModelConfig {
     /// LR tile edge, when configured (the backend falls back to the
     /// weights' recommendation).
     pub tile: Option<u32>,
+    /// Projection steps, when configured (the backend falls back to the
+    /// weights' recommendation).
+    pub projection_steps: Option<u32>,
     /// libtorch intra-op threads each inference thread uses.
     pub torch_threads: NonZeroUsize,
     /// Model replicas to load before serving: one per inference thread
@@ -424,6 +433,7 @@ impl Args {
                 precision,
                 self_ensemble: self.self_ensemble,
                 tile: self.tile,
+                projection_steps: self.projection_steps,
                 torch_threads: torch_threads(self.torch_threads, self.cpus),
                 replicas: to_nonzero(max_concurrent),
             },
@@ -610,6 +620,24 @@ mod tests {
             let arg = format!("--tile={bad}");
             let e = Args::try_parse_from(["hndsr-server", &arg]).unwrap_err();
             assert!(e.to_string().contains("--tile"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn projection_steps_outside_the_contract_range_are_refused() {
+        assert_eq!(parse(&[]).unwrap().model.projection_steps, None);
+        let steps = |v: &str| {
+            parse(&["--projection-steps", v])
+                .unwrap()
+                .model
+                .projection_steps
+        };
+        assert_eq!(steps("0"), Some(0));
+        assert_eq!(steps("100"), Some(100));
+        for bad in ["101", "-1", "many"] {
+            let arg = format!("--projection-steps={bad}");
+            let e = Args::try_parse_from(["hndsr-server", &arg]).unwrap_err();
+            assert!(e.to_string().contains("--projection-steps"), "{bad}: {e}");
         }
     }
 

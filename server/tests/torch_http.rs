@@ -132,6 +132,23 @@ fn hndsr_serving_defaults_come_from_the_config_else_the_manifest() {
         "the configuration wins"
     );
     assert_eq!(tile(None, &[]), Some(256), "neither: the default");
+
+    let projection = |recommended: Option<u32>, args: &[&str]| {
+        hndsr_info(|m| m.projection_steps = recommended, args)
+            .unwrap()
+            .projection_steps
+    };
+    assert_eq!(
+        projection(Some(20), &[]),
+        20,
+        "the manifest's recommendation"
+    );
+    assert_eq!(
+        projection(Some(20), &["--projection-steps", "0"]),
+        0,
+        "the configuration wins"
+    );
+    assert_eq!(projection(None, &[]), 0, "neither: off");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -148,6 +165,8 @@ async fn hndsr_tiny_model_upscales_over_http() {
             "true",
             "--tile",
             "16",
+            "--projection-steps",
+            "5",
             "--max-concurrent",
             "2",
         ],
@@ -163,6 +182,7 @@ async fn hndsr_tiny_model_upscales_over_http() {
         info["tile"], 16,
         "a 20-pixel-wide input is cut into two tiles"
     );
+    assert_eq!(info["projection_steps"], 5);
 
     for query in ["scale=4", "scale=4&steps=0", "scale=4&steps=2&seed=3"] {
         let res = s.upscale(png(20, 12, 5), query).await;
@@ -193,4 +213,12 @@ fn the_contract_tile_range_is_the_model_crates() {
     use hndsr_torch::hndsr::{MAX_TILE, MIN_TILE};
     assert_eq!(i64::from(hndsr_contract::tile::MIN), MIN_TILE);
     assert_eq!(i64::from(hndsr_contract::tile::MAX), MAX_TILE);
+}
+
+#[test]
+fn the_contract_projection_bound_is_the_model_crates() {
+    assert_eq!(
+        hndsr_contract::projection::MAX_STEPS,
+        hndsr_torch::hndsr::MAX_PROJECTION_STEPS
+    );
 }

@@ -43,6 +43,9 @@ pub mod env {
     pub const SELF_ENSEMBLE: &str = "HNDSR_SELF_ENSEMBLE";
     /// LR tile edge, in pixels, the `hndsr` backend cuts images into.
     pub const TILE: &str = "HNDSR_TILE";
+    /// Conjugate-gradient steps of the `hndsr` backend's projection of each
+    /// output onto the images that downsample exactly to the input (0: off).
+    pub const PROJECTION_STEPS: &str = "HNDSR_PROJECTION_STEPS";
     /// CPU cores the server may use (the operator fills it from the pod's
     /// CPU request); unset: what the process is allowed to run on.
     pub const CPUS: &str = "HNDSR_CPUS";
@@ -141,4 +144,12 @@ pub mod tile {
     pub const MIN: u32 = 16;
     /// Largest tile edge (4096² output pixels at ×4).
     pub const MAX: u32 = 1024;
+}
+
+/// Conjugate-gradient steps the `hndsr` backend accepts for
+/// [`env::PROJECTION_STEPS`] (the same bound as the model crate's and the
+/// CRD's).
+pub mod projection {
+    /// Most steps (20 reach the input to within 10⁻³ on real images).
+    pub const MAX_STEPS: u32 = 100;
 }

@@ -214,6 +214,9 @@ fn server_container(ctx: &Ctx<'_>, cfg: &BuildConfig, serving: &EffectiveServing
     if let Some(tile) = spec.model.tile {
         envs.push(env_var(env::TILE, tile.to_string()));
     }
+    if let Some(steps) = spec.model.projection_steps {
+        envs.push(env_var(env::PROJECTION_STEPS, steps.to_string()));
+    }
     if let (Some(path), Some(w)) = (weights_path(ctx), spec.model.weights.as_ref()) {
         envs.push(env_var(env::WEIGHTS_PATH, path));
         envs.push(env_var(env::WEIGHTS_SHA256, w.sha256.clone()));

@@ -148,6 +148,7 @@ impl Backend for FakeBackend {
             default_steps: 0,
             self_ensemble: false,
             tile: None,
+            projection_steps: 0,
         }
     }
 

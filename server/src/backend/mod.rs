@@ -76,6 +76,9 @@ pub struct BackendInfo {
     pub self_ensemble: bool,
     /// LR tile edge images are cut into (`hndsr` only).
     pub tile: Option<u32>,
+    /// Conjugate-gradient steps of the projection onto the images that
+    /// downsample to the input (0: off; `hndsr` only).
+    pub projection_steps: u32,
 }
 
 /// Why a backend call failed.

@@ -111,6 +111,7 @@ impl TorchBicubic {
             default_steps: 0,
             self_ensemble: false,
             tile: None,
+            projection_steps: 0,
         };
         Ok(Self {
             upscaler,
@@ -233,16 +234,23 @@ impl TorchHndsr {
             .map(i64::from)
             .or(manifest.tile)
             .unwrap_or(DEFAULT_TILE);
+        let projection_steps = cfg
+            .projection_steps
+            .or(manifest.projection_steps)
+            .unwrap_or(0);
         tracing::info!(
             default_steps,
             self_ensemble,
             tile,
+            projection_steps,
             configured_steps = ?cfg.sampling_steps,
             configured_self_ensemble = ?cfg.self_ensemble,
             configured_tile = ?cfg.tile,
+            configured_projection_steps = ?cfg.projection_steps,
             manifest_steps = ?manifest.default_steps,
             manifest_self_ensemble = ?manifest.self_ensemble,
             manifest_tile = ?manifest.tile,
+            manifest_projection_steps = ?manifest.projection_steps,
             "hndsr serving defaults (configuration, else the weights' manifest)"
         );
         let info = BackendInfo {
@@ -255,10 +263,12 @@ impl TorchHndsr {
             default_steps,
             self_ensemble,
             tile: u32::try_from(tile).ok(),
+            projection_steps,
         };
         let model = model
             .with_self_ensemble(self_ensemble)
             .with_tile(tile)
+            .and_then(|m| m.with_projection_steps(projection_steps))
             .map_err(|e| load_error(&e))?;
         let tiles = model.tiles();
         let backend = Self {
@@ -284,6 +294,7 @@ impl TorchHndsr {
             .load()?
             .with_self_ensemble(self.info.self_ensemble)
             .with_tiles(self.tiles)
+            .and_then(|m| m.with_projection_steps(self.info.projection_steps))
             .map_err(|e| load_error(&e))
     }
 
@@ -454,6 +465,7 @@ mod tests {
             sampling_steps: Some(20),
             self_ensemble: None,
             tile: None,
+            projection_steps: None,
             precision: "fp32".to_owned(),
             torch_threads: NonZeroUsize::MIN,
             replicas: NonZeroUsize::MIN,

@@ -258,7 +258,7 @@ impl Core {
             });
         }
 
-        let need_mib = memory_need_mib(probe.pixels(), out_pixels);
+        let need_mib = memory_need_mib(probe.pixels(), out_pixels, inner.info.projection_steps > 0);
         if let Some(budget_mib) = inner.limits.memory_budget_mib
             && need_mib > budget_mib
         {
@@ -327,12 +327,23 @@ const INPUT_BYTES_PER_PIXEL: u64 = 32;
 /// to 4 × u16) and the alpha and gray intermediates, rounded up (measured:
 /// 1.75–1.9× what an RGB request takes, docs/benchmarks.md).
 const OUTPUT_BYTES_PER_PIXEL: u64 = 64;
+/// More host bytes per output pixel with the LR-consistency projection on:
+/// `Dᵀp` each step, then the correction `Dᵀz` and the corrected image,
+/// beside the estimate (2 × 3 × f32; measured: 16 B per output pixel for
+/// RGB, docs/benchmarks.md).
+const PROJECTION_BYTES_PER_PIXEL: u64 = 24;
 
 /// The share of the memory budget a request waits for, in MiB (at least 1).
-fn memory_need_mib(in_pixels: u64, out_pixels: u64) -> u64 {
+fn memory_need_mib(in_pixels: u64, out_pixels: u64, projection: bool) -> u64 {
+    let per_output_pixel = OUTPUT_BYTES_PER_PIXEL
+        + if projection {
+            PROJECTION_BYTES_PER_PIXEL
+        } else {
+            0
+        };
     let bytes = in_pixels
         .saturating_mul(INPUT_BYTES_PER_PIXEL)
-        .saturating_add(out_pixels.saturating_mul(OUTPUT_BYTES_PER_PIXEL));
+        .saturating_add(out_pixels.saturating_mul(per_output_pixel));
     bytes.div_ceil(1024 * 1024).max(1)
 }
 
@@ -409,6 +420,15 @@ mod tests {
 
     use super::*;
     use crate::backend::fake::FakeBackend;
+
+    #[test]
+    fn the_memory_charge_covers_the_projection_when_it_is_on() {
+        // 1024² in, ×4 out.
+        let (input, output) = (1 << 20, 16 << 20);
+        assert_eq!(memory_need_mib(input, output, false), 32 + 16 * 64);
+        assert_eq!(memory_need_mib(input, output, true), 32 + 16 * (64 + 24));
+        assert_eq!(memory_need_mib(1, 16, true), 1, "at least 1 MiB");
+    }
 
     fn core(max_concurrent: usize, max_queue_depth: usize) -> Core {
         let limits = Limits {

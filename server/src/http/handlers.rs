@@ -132,6 +132,10 @@ pub struct InfoResponse {
     /// backends that do not tile.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tile: Option<u32>,
+    /// Conjugate-gradient steps of the projection of each output onto the
+    /// images that downsample exactly to the input (`HNDSR_PROJECTION_STEPS`,
+    /// else the weights' recommendation; 0: off).
+    pub projection_steps: u32,
     /// Limits in force.
     pub limits: InfoLimits,
 }
@@ -372,6 +376,7 @@ pub(super) async fn info(State(state): State<AppState>) -> Json<InfoResponse> {
         sampling_steps: i.default_steps,
         self_ensemble: i.self_ensemble,
         tile: i.tile,
+        projection_steps: i.projection_steps,
         limits: InfoLimits {
             max_concurrent: l.max_concurrent.get(),
             max_queue_depth: l.max_queue_depth.get(),
