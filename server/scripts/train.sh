@@ -90,13 +90,14 @@ regress "$neon_min" 8 96 3e-4 "$mix_neon"
 #    the self-ensemble either way).
 regress "$zoom_min" 8 96 2e-4 "$mix_zoom" --zoom-max 2 --zoom-fraction 0.5
 # 8. Weights + manifest (servers: DDIM steps $DEFAULT_STEPS, self-ensemble on,
-#    24² LR tiles: the LR size of the 96² training crops), then the
-#    evaluation figures into that manifest.
+#    24² LR tiles: the LR size of the 96² training crops, 5 steps of the
+#    LR-consistency projection), then the evaluation figures into that
+#    manifest.
 weights="$out/hndsr-$(basename "$config" .json).safetensors"
 run "$bin" export --checkpoint "$out/ckpt" --out "$weights" --version "$version" \
-  --default-steps "$default_steps" --self-ensemble true --tile 24
+  --default-steps "$default_steps" --self-ensemble true --tile 24 --projection-steps 5
 run "$bin" --device "$device" eval --weights "$weights" --steps 0 --tiled 24 --self-ensemble \
-  --band-limit --update-manifest --table "$out/eval-steps0.md"
+  --band-limit --project 5 --update-manifest --table "$out/eval-steps0.md"
 if [[ "$eval_steps" != 0 ]]; then
   run "$bin" --device "$device" eval --weights "$weights" --steps "$eval_steps" --max-tiles 4 \
     --update-manifest --table "$out/eval-steps.md"
