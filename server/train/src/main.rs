@@ -212,10 +212,10 @@ struct EvalArgs {
     /// the time of many-step runs on a CPU.
     #[arg(long)]
     max_tiles: Option<usize>,
-    /// Also measure steps = 0 (and the self-ensemble, and with `--tiled`
-    /// the tiled rows) projected onto the images that degrade exactly to
-    /// the input, with this many CG steps (what a server does with
-    /// `projection_steps`).
+    /// Also measure every step count (and the self-ensemble, and with
+    /// `--tiled` the tiled rows) projected onto the images that degrade
+    /// exactly to the input, with this many CG steps (what a server does
+    /// with `projection_steps`).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_PROJECTION_STEPS)))]
     project: Option<u32>,
     /// Also measure a learned linear baseline: per HR position, one K×K
@@ -719,6 +719,17 @@ fn eval(args: &EvalArgs, data_dir: &Path, device: Device) -> Result<()> {
             measure("hndsr", Some(steps), &|lr, _| {
                 Ok(model.upscale_image(lr, steps, args.seed, &never)?)
             })?;
+            // Steps 0 are projected below, beside the self-ensemble.
+            if let Some(iters) = args.project.filter(|_| steps > 0) {
+                measure(
+                    &format!("hndsr, projected ({iters} CG)"),
+                    Some(steps),
+                    &|lr, _| {
+                        let y = model.upscale_image(lr, steps, args.seed, &never)?;
+                        Ok(consistency::project(&y, lr, scale, iters, &never)?)
+                    },
+                )?;
+            }
         }
         if let Some(ensemble) = &ensemble {
             measure("hndsr, ×8 self-ensemble", Some(0), &|lr, _| {
