@@ -662,6 +662,15 @@ fn eval(args: &EvalArgs, data_dir: &Path, device: Device) -> Result<()> {
         }
     }
     let never = || false;
+    // One model's output, projected with `iters` CG steps when given (what
+    // a server with `projection_steps` returns).
+    let run = |m: &HndsrModel, lr: &Tensor, steps: u32, iters: Option<u32>| -> Result<Tensor> {
+        let y = m.upscale_image(lr, steps, args.seed, &never)?;
+        Ok(match iters {
+            Some(n) => consistency::project(&y, lr, scale, n, &never)?,
+            None => y,
+        })
+    };
     let mut figures = Vec::new();
     let mut splits = Vec::new();
     for set in &sets {
@@ -716,37 +725,25 @@ fn eval(args: &EvalArgs, data_dir: &Path, device: Device) -> Result<()> {
             Ok(upsample_bicubic(lr, scale)?.clamp(0.0, 1.0))
         })?;
         for &steps in &args.steps {
-            measure("hndsr", Some(steps), &|lr, _| {
-                Ok(model.upscale_image(lr, steps, args.seed, &never)?)
-            })?;
+            measure("hndsr", Some(steps), &|lr, _| run(&model, lr, steps, None))?;
             // Steps 0 are projected below, beside the self-ensemble.
             if let Some(iters) = args.project.filter(|_| steps > 0) {
-                measure(
-                    &format!("hndsr, projected ({iters} CG)"),
-                    Some(steps),
-                    &|lr, _| {
-                        let y = model.upscale_image(lr, steps, args.seed, &never)?;
-                        Ok(consistency::project(&y, lr, scale, iters, &never)?)
-                    },
-                )?;
+                let label = format!("hndsr, projected ({iters} CG)");
+                measure(&label, Some(steps), &|lr, _| {
+                    run(&model, lr, steps, Some(iters))
+                })?;
             }
         }
         if let Some(ensemble) = &ensemble {
             measure("hndsr, ×8 self-ensemble", Some(0), &|lr, _| {
-                Ok(ensemble.upscale_image(lr, 0, args.seed, &never)?)
+                run(ensemble, lr, 0, None)
             })?;
         }
         if let Some(iters) = args.project {
             let plain = std::iter::once(("hndsr", &model));
             for (name, m) in plain.chain(ensemble.as_ref().map(|e| ("hndsr, ×8", e))) {
-                measure(
-                    &format!("{name}, projected ({iters} CG)"),
-                    Some(0),
-                    &|lr, _| {
-                        let y = m.upscale_image(lr, 0, args.seed, &never)?;
-                        Ok(consistency::project(&y, lr, scale, iters, &never)?)
-                    },
-                )?;
+                let label = format!("{name}, projected ({iters} CG)");
+                measure(&label, Some(0), &|lr, _| run(m, lr, 0, Some(iters)))?;
             }
         }
         if args.band_limit {
@@ -762,18 +759,10 @@ fn eval(args: &EvalArgs, data_dir: &Path, device: Device) -> Result<()> {
         for (tiled, suffix) in [(&tiled_plain, ""), (&tiled_ensemble, ", ×8 self-ensemble")] {
             if let Some(tiled) = tiled {
                 let label = format!("hndsr, {}² LR tiles{suffix}", tiled.tiles().tile);
-                measure(&label, Some(0), &|lr, _| {
-                    Ok(tiled.upscale_image(lr, 0, args.seed, &never)?)
-                })?;
+                measure(&label, Some(0), &|lr, _| run(tiled, lr, 0, None))?;
                 if let Some(iters) = args.project {
-                    measure(
-                        &format!("{label}, projected ({iters} CG)"),
-                        Some(0),
-                        &|lr, _| {
-                            let y = tiled.upscale_image(lr, 0, args.seed, &never)?;
-                            Ok(consistency::project(&y, lr, scale, iters, &never)?)
-                        },
-                    )?;
+                    let projected = format!("{label}, projected ({iters} CG)");
+                    measure(&projected, Some(0), &|lr, _| run(tiled, lr, 0, Some(iters)))?;
                 }
             }
         }
