@@ -351,6 +351,10 @@ pub struct Augment {
     pub zoom_max: f64,
     /// Probability that a crop is zoomed out (when `zoom_max` > 1).
     pub zoom_fraction: f64,
+    /// Probability that a crop is negated (`1 − c`). The degradation is
+    /// linear, so a negated pair is as valid a pair as the original; the
+    /// network sees tones and shadows it would not otherwise.
+    pub negate_fraction: f64,
 }
 
 impl Augment {
@@ -360,6 +364,7 @@ impl Augment {
             gray_fraction,
             zoom_max: 1.0,
             zoom_fraction: 0.0,
+            negate_fraction: 0.0,
         }
     }
 
@@ -369,6 +374,12 @@ impl Augment {
             bail!(
                 "gray fraction must be in [0, 1], not {}",
                 self.gray_fraction
+            );
+        }
+        if !(0.0..=1.0).contains(&self.negate_fraction) {
+            bail!(
+                "negate fraction must be in [0, 1], not {}",
+                self.negate_fraction
             );
         }
         if !(0.0..=1.0).contains(&self.zoom_fraction) {
@@ -466,7 +477,8 @@ impl TrainSet {
     }
 
     /// A batch `[B, 3, crop, crop]` of random crops with random flips and
-    /// 90° rotations, zoomed out and turned gray as [`Augment`] says.
+    /// 90° rotations, zoomed out, turned gray and negated as [`Augment`]
+    /// says.
     pub fn batch(&self, rng: &mut SplitMix64, size: usize) -> Tensor {
         let crops: Vec<Tensor> = (0..size)
             .map(|_| {
@@ -502,6 +514,10 @@ impl TrainSet {
                 c = c.rot90((r >> 1) as i64 % 4, [2, 3]);
                 if !src.gray && unit(rng) < self.augment.gray_fraction {
                     c = luma(&c).expand([-1, 3, -1, -1], false);
+                }
+                // No draw when negation is off: earlier runs keep their crops.
+                if self.augment.negate_fraction > 0.0 && unit(rng) < self.augment.negate_fraction {
+                    c = 1.0 - c;
                 }
                 c
             })
@@ -803,6 +819,7 @@ mod tests {
             gray_fraction: 0.0,
             zoom_max,
             zoom_fraction,
+            negate_fraction: 0.0,
         };
         one_source(image, None, vec![(0, 49)], vec![(0, 33)], 16, augment)
     }
@@ -859,6 +876,36 @@ mod tests {
     }
 
     #[test]
+    fn negated_crops_are_the_plain_crops_turned_over() {
+        // One crop per seed: the negation draw comes after the crop's own
+        // draws, so each crop is comparable with and without it.
+        let crops = |negate_fraction| {
+            let set = TrainSet {
+                augment: Augment {
+                    negate_fraction,
+                    ..Augment::gray(0.0)
+                },
+                ..ramp_set(1.0, 0.0)
+            };
+            let crops: Vec<Tensor> = (0..32)
+                .map(|seed| set.batch(&mut SplitMix64::new(seed), 1))
+                .collect();
+            Tensor::cat(&crops, 0)
+        };
+        let plain = crops(0.0);
+        assert!(crops(1.0).allclose(&(1.0 - &plain), 0.0, 1e-6, false));
+        let half = crops(0.5);
+        let turned = (0..32)
+            .filter(|&i| {
+                let (got, kept) = (half.get(i), plain.get(i));
+                assert!(got.equal(&kept) || got.allclose(&(1.0 - &kept), 0.0, 1e-6, false));
+                !got.equal(&kept)
+            })
+            .count();
+        assert!((6..=26).contains(&turned), "{turned} of 32 negated");
+    }
+
+    #[test]
     fn zoomed_crops_avoid_nodata() {
         // Zoomed crops of up to 8 pixels must start in 3..9.
         let (image, valid) = ones_with_nodata_left(16);
@@ -866,6 +913,7 @@ mod tests {
             gray_fraction: 0.0,
             zoom_max: 2.0,
             zoom_fraction: 1.0,
+            negate_fraction: 0.0,
         };
         let set = one_source(image, valid, vec![(0, 13)], vec![(0, 9)], 4, augment);
         let batch = set.batch(&mut SplitMix64::new(3), 64);
@@ -882,6 +930,7 @@ mod tests {
             gray_fraction: 0.3,
             zoom_max: 2.0,
             zoom_fraction: 0.5,
+            negate_fraction: 0.5,
         };
         ok.validate().expect("valid");
         Augment::gray(0.0)
@@ -894,6 +943,10 @@ mod tests {
             },
             Augment {
                 zoom_fraction: -0.1,
+                ..ok
+            },
+            Augment {
+                negate_fraction: 1.01,
                 ..ok
             },
             Augment {

@@ -127,6 +127,10 @@ struct TrainArgs {
     /// Probability that a crop is zoomed out (with `--zoom-max` > 1).
     #[arg(long, default_value_t = 0.5)]
     zoom_fraction: f64,
+    /// Probability that a crop is negated (`1 − crop`; the degradation is
+    /// linear, so the pair stays exact).
+    #[arg(long, default_value_t = 0.0)]
+    negate_fraction: f64,
     /// Checkpoint every N steps.
     #[arg(long, default_value_t = 250)]
     save_every: u64,
@@ -188,6 +192,11 @@ struct EvalArgs {
     /// Sampling seed.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Precision of the network's convolutions (the FFTs stay fp32).
+    /// fp16 / bf16 also run on the CPU, slowly, which measures the
+    /// quality they cost without a GPU.
+    #[arg(long, default_value = "fp32")]
+    precision: Precision,
     /// Write the Markdown table here.
     #[arg(long)]
     table: Option<PathBuf>,
@@ -366,10 +375,11 @@ fn train(args: &TrainArgs, data_dir: &Path, device: Device) -> Result<()> {
         gray_fraction: args.gray_fraction,
         zoom_max: args.zoom_max,
         zoom_fraction: args.zoom_fraction,
+        negate_fraction: args.negate_fraction,
     };
     augment
         .validate()
-        .context("--gray-fraction / --zoom-max / --zoom-fraction")?;
+        .context("--gray-fraction / --zoom-max / --zoom-fraction / --negate-fraction")?;
     std::fs::create_dir_all(&args.out)?;
     let mix = data::parse_mix(&args.mix)?;
     let state_path = args.out.join("state.json");
@@ -621,12 +631,12 @@ fn training_data(state: &TrainState) -> Vec<String> {
 fn eval(args: &EvalArgs, data_dir: &Path, device: Device) -> Result<()> {
     let manifest_path = manifest_path(&args.weights);
     let manifest = Manifest::read(&manifest_path)?;
-    let model = HndsrModel::load(&args.weights, &manifest.sha256, device, Precision::Fp32)?;
+    let model = HndsrModel::load(&args.weights, &manifest.sha256, device, args.precision)?;
     let tiled = |ensemble: bool| -> Result<Option<HndsrModel>> {
         let Some(tile) = args.tiled else {
             return Ok(None);
         };
-        let model = HndsrModel::load(&args.weights, &manifest.sha256, device, Precision::Fp32)?;
+        let model = HndsrModel::load(&args.weights, &manifest.sha256, device, args.precision)?;
         Ok(Some(model.with_tile(tile)?.with_self_ensemble(ensemble)))
     };
     let tiled_plain = tiled(false)?;
@@ -637,7 +647,7 @@ fn eval(args: &EvalArgs, data_dir: &Path, device: Device) -> Result<()> {
     };
     let ensemble = if args.self_ensemble {
         Some(
-            HndsrModel::load(&args.weights, &manifest.sha256, device, Precision::Fp32)?
+            HndsrModel::load(&args.weights, &manifest.sha256, device, args.precision)?
                 .with_self_ensemble(true),
         )
     } else {
@@ -704,7 +714,12 @@ fn eval(args: &EvalArgs, data_dir: &Path, device: Device) -> Result<()> {
             }
             let fig = EvalFigure {
                 source: set.name.clone(),
-                method: method.into(),
+                // Only the network's rows depend on the precision.
+                method: if args.precision == Precision::Fp32 || !method.starts_with("hndsr") {
+                    method.into()
+                } else {
+                    format!("{method} ({})", args.precision)
+                },
                 steps,
                 psnr_db: p / n,
                 ssim: s / n,
