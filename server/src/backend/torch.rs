@@ -200,6 +200,13 @@ impl TorchHndsr {
             .map_err(|e: HndsrError| load_error(&e))?;
         let device =
             hndsr_torch::open_device(&cfg.device).map_err(|e| BackendError::Load(e.to_string()))?;
+        // libtorch has CPU kernels for fp16 / bf16, but they are slower
+        // than fp32 there and cost quality: nothing to serve with.
+        if precision != Precision::Fp32 && device == Device::Cpu {
+            return Err(BackendError::Load(format!(
+                "precision {precision} needs a CUDA device; use fp32 on the CPU"
+            )));
+        }
         let source = WeightsSource {
             path,
             sha256,
@@ -527,27 +534,47 @@ mod tests {
         }
     }
 
-    #[test]
-    fn every_inference_thread_has_a_model_replica_before_serving() {
+    /// Tiny random weights in `dir`, and an hndsr configuration for them.
+    fn tiny_hndsr(dir: &std::path::Path) -> ModelConfig {
         use hndsr_torch::hndsr::{HndsrConfig, Manifest};
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("tiny.safetensors");
+        let path = dir.join("tiny.safetensors");
         let tiny = HndsrConfig::tiny();
         let model = HndsrModel::random(&tiny, Device::Cpu, 3).unwrap();
         let manifest = model
             .save(&path, Manifest::untrained(&tiny, model.parameter_count()))
             .unwrap();
-        let hndsr = |replicas: usize| ModelConfig {
+        ModelConfig {
             backend: BackendKind::Hndsr,
-            weights_path: Some(path.clone()),
-            weights_sha256: Some(manifest.sha256.clone()),
-            replicas: NonZeroUsize::new(replicas).unwrap(),
+            weights_path: Some(path),
+            weights_sha256: Some(manifest.sha256),
             ..cfg()
+        }
+    }
+
+    #[test]
+    fn every_inference_thread_has_a_model_replica_before_serving() {
+        let dir = tempfile::tempdir().unwrap();
+        let hndsr = |replicas: usize| ModelConfig {
+            replicas: NonZeroUsize::new(replicas).unwrap(),
+            ..tiny_hndsr(dir.path())
         };
         let backend = TorchHndsr::new(&hndsr(3)).expect("tiny weights");
         assert_eq!(backend.idle.lock().unwrap().len(), 3);
         let one = TorchHndsr::new(&hndsr(1)).expect("tiny weights");
         assert_eq!(one.idle.lock().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn hndsr_refuses_reduced_precision_on_the_cpu() {
+        let dir = tempfile::tempdir().unwrap();
+        for precision in ["fp16", "bf16"] {
+            let err = TorchHndsr::new(&ModelConfig {
+                precision: precision.to_owned(),
+                ..tiny_hndsr(dir.path())
+            })
+            .expect_err("refused");
+            assert_matches!(&err, BackendError::Load(msg) if msg.contains("needs a CUDA device"), "{err}");
+        }
     }
 
     #[test]

@@ -26,7 +26,8 @@ pub struct BenchArgs {
     /// Tiles per forward call.
     #[arg(long, value_delimiter = ',', default_value = "1,8")]
     batch: Vec<i64>,
-    /// Precisions (fp16 / bf16 only on CUDA).
+    /// Precisions (fp16 / bf16 are meant for CUDA; on the CPU they run,
+    /// slower than fp32).
     #[arg(long, value_delimiter = ',', default_value = "fp32")]
     precision: Vec<Precision>,
     /// Self-ensemble settings (`false,true` measures both).
