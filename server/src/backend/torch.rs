@@ -200,8 +200,9 @@ impl TorchHndsr {
             .map_err(|e: HndsrError| load_error(&e))?;
         let device =
             hndsr_torch::open_device(&cfg.device).map_err(|e| BackendError::Load(e.to_string()))?;
-        // libtorch has CPU kernels for fp16 / bf16, but they are slower
-        // than fp32 there and cost quality: nothing to serve with.
+        // libtorch has CPU kernels for fp16 / bf16 (hndsr-train measures
+        // their quality with them), but they are slower than fp32 there:
+        // nothing to serve with.
         if precision != Precision::Fp32 && device == Device::Cpu {
             return Err(BackendError::Load(format!(
                 "precision {precision} needs a CUDA device; use fp32 on the CPU"

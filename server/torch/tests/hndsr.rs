@@ -574,8 +574,8 @@ fn projected_outputs_downsample_to_their_input() {
 /// fp16 / bf16 on the CPU: libtorch has the kernels, so every path a GPU
 /// runs in reduced precision (the casts around the fp32 FFTs, the
 /// self-ensemble, DDIM, the tiling) runs here too, and a tensor left in
-/// the wrong dtype fails here without a GPU. Tolerances: 5× the mean
-/// difference measured (bf16 ≤ 1.9e-3, fp16 ≤ 2.2e-4).
+/// the wrong dtype fails here without a GPU. Tolerances: about 5× the
+/// mean difference measured (bf16 ≤ 1.9e-3, fp16 ≤ 2.2e-4).
 #[test]
 fn reduced_precision_runs_every_path_close_to_fp32() {
     let dir = tempfile::tempdir().unwrap();
