@@ -93,7 +93,7 @@ regress "$neon_min" 8 96 3e-4 "$mix_neon"
 #    the self-ensemble either way).
 regress "$zoom_min" 8 96 2e-4 "$mix_zoom" --zoom-max 2 --zoom-fraction 0.5
 # 8. The same with half the crops negated (held-out aero as served +0.975 ->
-#    +1.003 dB in the shipped run, which had one thread: 15,783 steps).
+#    +1.002 dB in the shipped run, which had one thread: 15,783 steps).
 regress "$negate_min" 8 96 2e-4 "$mix_zoom" --zoom-max 2 --zoom-fraction 0.5 \
   --negate-fraction 0.5
 # 9. Weights + manifest (servers: DDIM steps $DEFAULT_STEPS, self-ensemble on,
