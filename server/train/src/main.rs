@@ -714,8 +714,9 @@ fn eval(args: &EvalArgs, data_dir: &Path, device: Device) -> Result<()> {
             }
             let fig = EvalFigure {
                 source: set.name.clone(),
-                // Only the network's rows depend on the precision.
-                method: if args.precision == Precision::Fp32 || !method.starts_with("hndsr") {
+                // Only the network's rows (those with a step count) depend
+                // on the precision.
+                method: if args.precision == Precision::Fp32 || steps.is_none() {
                     method.into()
                 } else {
                     format!("{method} ({})", args.precision)
