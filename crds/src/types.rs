@@ -137,23 +137,34 @@ pub struct ModelSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 2, max = 8))]
     pub scale: Option<i32>,
+    /// Serving profile: `fast` (one network pass per 256² tile, no
+    /// self-ensemble, no diffusion, no projection: about a second for a
+    /// 256² image on two CPU cores) or `quality` (what the weights' manifest
+    /// recommends: tens of times the work for about +0.1 dB). Unset: `fast`
+    /// on CPU pods (`resources.gpu` 0), `quality` on GPU pods.
+    /// `samplingSteps`, `selfEnsemble`, `tile` and `projectionSteps`, when
+    /// set, win over the profile. Backend `hndsr` only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<ServingProfile>,
     /// DDIM sampling steps of the diffusion refinement (0 returns the neural
-    /// operator estimate). Unset: the steps the weights' manifest recommends
-    /// (`default_steps`), else 20. Backend `hndsr` only.
+    /// operator estimate). Unset: the profile's (`fast`: 0; `quality`: what
+    /// the weights' manifest recommends, `default_steps`, else 20). Backend
+    /// `hndsr` only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 1000))]
     pub sampling_steps: Option<i32>,
     /// Compute the neural operator estimate as the mean over the 8 flips /
     /// 90° rotations of each tile ("geometric self-ensemble"): better PSNR
-    /// for 8× that part's work. Unset: what the weights' manifest recommends
-    /// (`self_ensemble`), else off. Backend `hndsr` only.
+    /// for 8× that part's work. Unset: the profile's (`fast`: off;
+    /// `quality`: what the weights' manifest recommends, `self_ensemble`,
+    /// else off). Backend `hndsr` only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub self_ensemble: Option<bool>,
     /// Edge, in low-resolution pixels, of the tiles the server cuts each
     /// image into (16 to 1024; overlapping, cross-faded). A quality setting:
     /// the model scores best on tiles the size of its training crops. Unset:
-    /// what the weights' manifest recommends (`tile`), else 256. Backend
-    /// `hndsr` only.
+    /// the profile's (`fast`: 256; `quality`: what the weights' manifest
+    /// recommends, `tile`, else 256). Backend `hndsr` only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = hndsr_contract::tile::MIN, max = hndsr_contract::tile::MAX))]
     pub tile: Option<i32>,
@@ -161,8 +172,9 @@ pub struct ModelSpec {
     /// projects each output onto the images that downsample exactly to the
     /// input: the output then agrees with the input in the band the input
     /// carries (better PSNR and SSIM, for a few milliseconds per megapixel).
-    /// Unset: what the weights' manifest recommends (`projection_steps`),
-    /// else off. Backend `hndsr` only.
+    /// Unset: the profile's (`fast`: off; `quality`: what the weights'
+    /// manifest recommends, `projection_steps`, else off). Backend `hndsr`
+    /// only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = hndsr_contract::projection::MAX_STEPS))]
     pub projection_steps: Option<i32>,
@@ -187,6 +199,24 @@ impl Backend {
         match self {
             Backend::Hndsr => "hndsr",
             Backend::Bicubic => "bicubic",
+        }
+    }
+}
+
+/// Serving profile of the `hndsr` backend: `fast` or `quality`.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ServingProfile {
+    Fast,
+    Quality,
+}
+
+impl ServingProfile {
+    /// The value the server's `HNDSR_PROFILE` env var takes.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServingProfile::Fast => hndsr_contract::profile::FAST,
+            ServingProfile::Quality => hndsr_contract::profile::QUALITY,
         }
     }
 }

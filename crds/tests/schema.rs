@@ -189,6 +189,7 @@ spec:
       file: v1/model.safetensors
       sha256: 0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef
     scale: 4
+    profile: quality
     samplingSteps: 20
     tile: 24
     projectionSteps: 20
@@ -260,6 +261,18 @@ fn projection_steps_are_bounded_by_the_contract() {
         steps["maximum"].as_f64(),
         Some(f64::from(hndsr_contract::projection::MAX_STEPS))
     );
+}
+
+#[test]
+fn profiles_are_the_contracts() {
+    let profile = &schema()["properties"]["spec"]["properties"]["model"]["properties"]["profile"];
+    let names: Vec<&str> = profile["enum"]
+        .as_array()
+        .expect("an enum")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert_eq!(names, hndsr_contract::profile::ALL);
 }
 
 #[test]

@@ -14,6 +14,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 use hndsr_contract::{defaults, env, limits, projection, tile};
 use ipnet::IpNet;
 
+use crate::profile::Profile;
+
 /// Largest upscaling factor the server accepts from any backend; it bounds
 /// the output pixel budget (see [`Limits::max_output_pixels`]).
 pub const MAX_SCALE: u32 = 8;
@@ -24,9 +26,6 @@ pub const OUTPUT_PIXELS_FACTOR: u64 = 16;
 
 /// Largest accepted `--sampling-steps` and per-request `steps`.
 pub const MAX_SAMPLING_STEPS: u32 = 1000;
-/// Default DDIM steps when neither the configuration nor the weights'
-/// manifest names any.
-pub const FALLBACK_SAMPLING_STEPS: u32 = 20;
 
 /// The HNDSR inference server.
 #[derive(Debug, Clone, Parser)]
@@ -88,9 +87,16 @@ pub struct Args {
     #[arg(long, env = env::WEIGHTS_SHA256)]
     pub weights_sha256: Option<String>,
 
+    /// Serving profile of the `hndsr` backend: `fast` (256² tiles, one
+    /// pass, no diffusion, no projection) or `quality` (the weights
+    /// manifest's recommendations). Unset: `fast` on the CPU, `quality` on
+    /// CUDA. The four knobs below, when set, win over the profile.
+    #[arg(long, env = env::PROFILE, value_enum)]
+    pub profile: Option<Profile>,
+
     /// DDIM sampling steps of the `hndsr` backend (0 = neural operator
-    /// only); unset: the weights manifest's `default_steps`, else
-    /// [`FALLBACK_SAMPLING_STEPS`].
+    /// only); unset: the profile's (`fast`: 0; `quality`: the weights
+    /// manifest's `default_steps`, else 20).
     #[arg(long, env = env::SAMPLING_STEPS)]
     pub sampling_steps: Option<u32>,
 
@@ -99,21 +105,23 @@ pub struct Args {
     pub precision: String,
 
     /// `true`: the `hndsr` backend averages μ over the 8 flips / 90°
-    /// rotations of each tile (8× the regression work); unset: the weights
-    /// manifest's `self_ensemble`, else `false`.
+    /// rotations of each tile (8× the regression work); unset: the
+    /// profile's (`fast`: false; `quality`: the weights manifest's
+    /// `self_ensemble`, else false).
     #[arg(long, env = env::SELF_ENSEMBLE, value_parser = clap::builder::BoolishValueParser::new())]
     pub self_ensemble: Option<bool>,
 
     /// LR tile edge, in pixels, the `hndsr` backend cuts images into (with
-    /// overlapping, cross-faded borders); unset: the weights manifest's
-    /// `tile` (the training crops' LR size, where the model scores best),
-    /// else 256.
+    /// overlapping, cross-faded borders); unset: the profile's (`fast`:
+    /// 256; `quality`: the weights manifest's `tile`, the training crops'
+    /// LR size where the model scores best, else 256).
     #[arg(long, env = env::TILE, value_parser = clap::value_parser!(u32).range(i64::from(tile::MIN)..=i64::from(tile::MAX)))]
     pub tile: Option<u32>,
 
     /// Conjugate-gradient steps of the `hndsr` backend's projection of each
     /// output onto the images that downsample exactly to the input (0:
-    /// off); unset: the weights manifest's `projection_steps`, else 0.
+    /// off); unset: the profile's (`fast`: 0; `quality`: the weights
+    /// manifest's `projection_steps`, else 0).
     #[arg(long, env = env::PROJECTION_STEPS, value_parser = clap::value_parser!(u32).range(0..=i64::from(projection::MAX_STEPS)))]
     pub projection_steps: Option<u32>,
 
@@ -143,6 +151,18 @@ pub struct Args {
     #[arg(long, env = env::HEADER_READ_TIMEOUT_S, default_value_t = 30,
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub header_read_timeout_s: u64,
+
+    /// Slowest accepted request upload, KiB per second, after the first 2
+    /// seconds; a client that falls behind gets 408 and loses its slot
+    /// (0: no minimum).
+    #[arg(long, env = env::MIN_UPLOAD_KIB_S, default_value_t = 64)]
+    pub min_upload_kib_s: u64,
+
+    /// Most open client connections; further connections wait in the
+    /// listen queue until one closes.
+    #[arg(long, env = env::MAX_CONNECTIONS, default_value_t = 1024,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_connections: u64,
 
     /// Comma-separated CIDRs whose X-Forwarded-For header is trusted.
     #[arg(long, env = env::TRUSTED_PROXIES, value_delimiter = ',')]
@@ -198,8 +218,11 @@ pub struct ModelConfig {
     pub weights_path: Option<PathBuf>,
     /// Expected sha256 of the weights, lower-case hex.
     pub weights_sha256: Option<String>,
+    /// Serving profile, when configured (the backend falls back to the
+    /// device's, [`Profile::default_for`]).
+    pub profile: Option<Profile>,
     /// Default DDIM sampling steps, when configured (the backend falls back
-    /// to the weights' recommendation).
+    /// to the profile's).
     pub sampling_steps: Option<u32>,
     /// `fp32`, `fp16` or `bf16`.
     pub precision: String,
@@ -261,6 +284,10 @@ pub struct HttpConfig {
     pub cors_origins: Vec<String>,
     /// Longest wait for a request's line and headers.
     pub header_read_timeout: Duration,
+    /// Slowest accepted upload after the grace period; 0: no minimum.
+    pub min_upload_bytes_per_s: u64,
+    /// Most open connections.
+    pub max_connections: usize,
 }
 
 /// The validated configuration of a serving process.
@@ -422,11 +449,14 @@ impl Args {
                 trusted_proxies,
                 cors_origins,
                 header_read_timeout: Duration::from_secs(self.header_read_timeout_s),
+                min_upload_bytes_per_s: self.min_upload_kib_s.saturating_mul(1024),
+                max_connections: usize::try_from(self.max_connections).unwrap_or(usize::MAX),
             },
             model: ModelConfig {
                 backend: self.backend,
                 scale: self.scale,
                 device,
+                profile: self.profile,
                 weights_path: self.weights_path,
                 weights_sha256,
                 sampling_steps: self.sampling_steps,
@@ -582,6 +612,21 @@ mod tests {
         assert_eq!(c.model.sampling_steps, None, "unset: the weights decide");
         assert_eq!(c.model.self_ensemble, None, "unset: the weights decide");
         assert_eq!(c.model.tile, None, "unset: the weights decide");
+        assert_eq!(c.model.profile, None, "unset: the device decides");
+    }
+
+    #[test]
+    fn the_profile_is_read_by_name() {
+        assert_eq!(
+            parse(&["--profile", "quality"]).unwrap().model.profile,
+            Some(Profile::Quality)
+        );
+        assert_eq!(
+            parse(&["--profile", "fast"]).unwrap().model.profile,
+            Some(Profile::Fast)
+        );
+        let e = Args::try_parse_from(["hndsr-server", "--profile", "best"]).unwrap_err();
+        assert!(e.to_string().contains("--profile"), "{e}");
     }
 
     #[test]

@@ -87,6 +87,53 @@ pub enum Error {
         /// Jittered back-off hint.
         retry_after: Duration,
     },
+    /// The work ahead of this request and its own estimated service time
+    /// would not fit in what is left of its deadline; nothing was queued.
+    #[error(
+        "the server would need about {:.1}s for this request (queue ahead included) and {:.1}s are left of its deadline; retry after {}s",
+        .estimate.as_secs_f64(), .remaining.as_secs_f64(), .retry_after.as_secs()
+    )]
+    DeadlineWait {
+        /// Estimated wait + service.
+        estimate: Duration,
+        /// What was left of the deadline.
+        remaining: Duration,
+        /// When the queue ahead should have drained enough.
+        retry_after: Duration,
+    },
+    /// This request alone would take longer than its deadline on this
+    /// server, whatever the queue.
+    #[error(
+        "this request would take about {:.1}s on this server ({out_width}x{out_height} output pixels), over its deadline of {:.1}s{}",
+        .estimate.as_secs_f64(), .limit.as_secs_f64(),
+        if .limit < .server_max { format!("; a longer {} (up to {} ms) or a smaller image would fit", crate::http::TIMEOUT_HEADER, .server_max.as_millis()) } else { "; send a smaller image".to_owned() }
+    )]
+    DeadlineTooSlow {
+        /// Estimated service time.
+        estimate: Duration,
+        /// The request's deadline.
+        limit: Duration,
+        /// The server's longest deadline (`REQUEST_TIMEOUT_S`).
+        server_max: Duration,
+        /// Output width.
+        out_width: u64,
+        /// Output height.
+        out_height: u64,
+    },
+    /// The client sent its body slower than the minimum upload rate.
+    #[error(
+        "the request body arrived slower than {min_bytes_per_s} bytes/s; the connection is closed"
+    )]
+    SlowUpload {
+        /// The minimum rate.
+        min_bytes_per_s: u64,
+    },
+    /// The device is lost (sticky CUDA error); the process is restarting.
+    #[error("the server's device failed; retry after {}s (another replica will answer)", .retry_after.as_secs())]
+    DeviceLost {
+        /// Back-off hint.
+        retry_after: Duration,
+    },
     /// The whole-request deadline passed; the work was cancelled.
     #[error("the request did not finish within {}s and was cancelled", .timeout.as_secs())]
     Timeout {
@@ -126,6 +173,10 @@ pub const ALL_REASONS: &[&str] = &[
     "overloaded",
     "unavailable",
     "out_of_memory",
+    "deadline_wait",
+    "deadline_too_slow",
+    "slow_upload",
+    "device_lost",
     "timeout",
     "backend_panic",
     "backend_error",
@@ -148,9 +199,13 @@ impl Error {
             Self::CorruptImage(_) | Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            Self::Overloaded { .. } | Self::Unavailable { .. } | Self::OutOfMemory { .. } => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Self::Overloaded { .. }
+            | Self::Unavailable { .. }
+            | Self::OutOfMemory { .. }
+            | Self::DeadlineWait { .. }
+            | Self::DeviceLost { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::DeadlineTooSlow { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::SlowUpload { .. } => StatusCode::REQUEST_TIMEOUT,
             Self::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
@@ -176,6 +231,10 @@ impl Error {
             Self::Overloaded { .. } => "overloaded",
             Self::Unavailable { .. } => "unavailable",
             Self::OutOfMemory { .. } => "out_of_memory",
+            Self::DeadlineWait { .. } => "deadline_wait",
+            Self::DeadlineTooSlow { .. } => "deadline_too_slow",
+            Self::SlowUpload { .. } => "slow_upload",
+            Self::DeviceLost { .. } => "device_lost",
             Self::Timeout { .. } => "timeout",
             Self::BackendPanic => "backend_panic",
             Self::Backend(_) => "backend_error",
@@ -203,6 +262,9 @@ impl Error {
                 | Self::RateLimited { .. }
                 | Self::Overloaded { .. }
                 | Self::Unavailable { .. }
+                | Self::DeadlineWait { .. }
+                | Self::DeadlineTooSlow { .. }
+                | Self::SlowUpload { .. }
                 | Self::NotFound
                 | Self::MethodNotAllowed
         )
@@ -215,7 +277,9 @@ impl Error {
             Self::RateLimited { retry_after }
             | Self::Overloaded { retry_after }
             | Self::Unavailable { retry_after }
-            | Self::OutOfMemory { retry_after } => Some(*retry_after),
+            | Self::OutOfMemory { retry_after }
+            | Self::DeadlineWait { retry_after, .. }
+            | Self::DeviceLost { retry_after } => Some(*retry_after),
             _ => None,
         }
     }
@@ -229,6 +293,12 @@ impl Error {
                 retry_after: jittered_retry_after(),
             },
             BackendError::InvalidInput(m) => Self::Unprocessable(m),
+            BackendError::DeviceLost(m) => {
+                tracing::error!(error = %m, "the device is lost; /healthz fails from now on");
+                Self::DeviceLost {
+                    retry_after: jittered_retry_after(),
+                }
+            }
             BackendError::Load(m) | BackendError::Internal(m) => Self::Backend(m),
         }
     }
@@ -241,14 +311,51 @@ pub fn jittered_retry_after() -> Duration {
     Duration::from_secs(rand::random_range(1..=3))
 }
 
+tokio::task_local! {
+    /// The id of the request the current task serves (`X-Request-Id`), set
+    /// by the HTTP layer, so an error answer can name it.
+    pub static REQUEST_ID: String;
+}
+
 /// The JSON error body.
 #[derive(Debug, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct ErrorBody {
-    /// Human-readable message.
+    /// Human-readable message. For server-side failures a stable text: the
+    /// details (libtorch's message, file paths) are in the server's log
+    /// under the request id.
     pub error: String,
     /// Machine-readable, bounded error type (e.g. `overloaded`).
     #[serde(rename = "type")]
     pub kind: String,
+    /// The request's `X-Request-Id`, to find it in the server's log.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+}
+
+impl Error {
+    /// Whether the message carries server internals (libtorch text, paths,
+    /// states) that stay in the log.
+    const fn is_internal(&self) -> bool {
+        matches!(
+            self,
+            Self::BackendPanic | Self::Backend(_) | Self::Internal(_)
+        )
+    }
+
+    /// What the client reads: the message, or a stable text for internal
+    /// failures.
+    #[must_use]
+    pub fn public_message(&self) -> String {
+        match self {
+            Self::BackendPanic | Self::Backend(_) => {
+                "the model failed on this request; the server log has the details under its request id".to_owned()
+            }
+            Self::Internal(_) => {
+                "internal server error; the server log has the details under the request id".to_owned()
+            }
+            other => other.to_string(),
+        }
+    }
 }
 
 /// Stored in the response extensions so the metrics middleware can count
@@ -263,9 +370,14 @@ pub struct Failure {
 
 impl IntoResponse for Error {
     fn into_response(self) -> Response {
+        let request_id = REQUEST_ID.try_with(Clone::clone).ok();
+        if self.is_internal() {
+            tracing::error!(error = %self, reason = self.reason(), "request failed");
+        }
         let body = ErrorBody {
-            error: self.to_string(),
+            error: self.public_message(),
             kind: self.reason().to_owned(),
+            request_id,
         };
         let mut res = (self.status(), Json(body)).into_response();
         if let Some(after) = self.retry_after() {
@@ -273,6 +385,11 @@ impl IntoResponse for Error {
             let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
             res.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+        }
+        if matches!(self, Self::SlowUpload { .. }) {
+            // The rest of the body is not worth waiting for.
+            res.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         res.extensions_mut().insert(Failure {
             reason: self.reason(),
@@ -301,6 +418,41 @@ mod tests {
         for e in samples {
             assert!(ALL_REASONS.contains(&e.reason()), "{}", e.reason());
         }
+    }
+
+    #[tokio::test]
+    async fn internal_failures_answer_a_stable_message_and_the_request_id() {
+        use http_body_util::BodyExt as _;
+        let leaky = Error::Backend(
+            "torch error during conv: /opt/libtorch/include/ATen/core.h:12 shape mismatch"
+                .to_owned(),
+        );
+        let res = REQUEST_ID
+            .scope("req-42".to_owned(), async { leaky.into_response() })
+            .await;
+        assert_eq!(res.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let bytes = res.into_body().collect().await.unwrap().to_bytes();
+        let body: ErrorBody = serde_json::from_slice(&bytes).unwrap();
+        assert!(
+            !body.error.contains("torch") && !body.error.contains('/'),
+            "{}",
+            body.error
+        );
+        assert_eq!(body.kind, "backend_error");
+        assert_eq!(body.request_id.as_deref(), Some("req-42"));
+        for e in [
+            Error::Internal("state x at src/core.rs".to_owned()),
+            Error::BackendPanic,
+        ] {
+            assert!(
+                !e.public_message().contains("src/"),
+                "{}",
+                e.public_message()
+            );
+        }
+        // A client's own mistake keeps its explanation.
+        let bad = Error::Unprocessable("scale 5 is not supported".to_owned());
+        assert!(bad.public_message().contains("scale 5"));
     }
 
     #[test]

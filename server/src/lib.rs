@@ -14,6 +14,7 @@ pub mod error;
 pub mod http;
 pub mod lifecycle;
 pub mod metrics;
+pub mod profile;
 pub mod server;
 
 pub use crate::error::Error;

@@ -24,8 +24,16 @@ pub const STAGE_BUCKETS: &[f64] = &[
 pub const COALESCED_TOTAL: &str = "hndsr_coalesced_requests_total";
 /// Gauge: clients tracked by the rate limiter.
 pub const RATE_LIMITER_CLIENTS: &str = "hndsr_rate_limiter_clients";
-/// Counter: times the rate limiter's table hit its cap and was reset.
-pub const RATE_LIMITER_RESETS_TOTAL: &str = "hndsr_rate_limiter_resets_total";
+/// Counter: clients the rate limiter forgot to make room (least recently
+/// seen first) while its table was full.
+pub const RATE_LIMITER_EVICTIONS_TOTAL: &str = "hndsr_rate_limiter_evictions_total";
+/// Gauge: open client connections.
+pub const OPEN_CONNECTIONS: &str = "hndsr_open_connections";
+/// Histogram: measured ÷ estimated service time of finished computations.
+pub const ESTIMATE_RATIO: &str = "hndsr_service_estimate_ratio";
+/// Buckets of [`ESTIMATE_RATIO`].
+pub const ESTIMATE_RATIO_BUCKETS: &[f64] =
+    &[0.25, 0.5, 0.67, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 4.0];
 
 /// How a request ended (label `outcome` of `hndsr_requests_total`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,8 +95,11 @@ pub struct Metrics {
     coalesced: IntCounter,
     /// Clients tracked by the rate limiter.
     pub rate_limiter_clients: IntGauge,
-    /// Rate limiter table resets.
-    pub rate_limiter_resets: IntCounter,
+    /// Clients evicted from the rate limiter's full table.
+    pub rate_limiter_evictions: IntCounter,
+    /// Open client connections.
+    pub open_connections: IntGauge,
+    estimate_ratio: Histogram,
 }
 
 impl Metrics {
@@ -161,11 +172,18 @@ impl Metrics {
                 "Clients currently tracked by the rate limiter.",
             )
             .expect("valid gauge"),
-            rate_limiter_resets: IntCounter::new(
-                RATE_LIMITER_RESETS_TOTAL,
-                "Times the rate limiter's client table reached its cap and was reset.",
+            rate_limiter_evictions: IntCounter::new(
+                RATE_LIMITER_EVICTIONS_TOTAL,
+                "Clients the rate limiter forgot, least recently seen first, to make room in its full table.",
             )
             .expect("valid counter"),
+            open_connections: IntGauge::new(OPEN_CONNECTIONS, "Open client connections.")
+                .expect("valid gauge"),
+            estimate_ratio: hist(
+                ESTIMATE_RATIO,
+                "Measured / estimated service time (decode + inference + encode) of finished computations.",
+                ESTIMATE_RATIO_BUCKETS,
+            ),
             registry,
         };
         for outcome in Outcome::ALL {
@@ -174,7 +192,7 @@ impl Metrics {
         for reason in ALL_REASONS {
             m.rejections.with_label_values(&[*reason]);
         }
-        let collectors: [Box<dyn prometheus::core::Collector>; 11] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 13] = [
             Box::new(m.active_requests.clone()),
             Box::new(m.queue_depth.clone()),
             Box::new(m.admitted_requests.clone()),
@@ -185,7 +203,9 @@ impl Metrics {
             Box::new(m.rejections.clone()),
             Box::new(m.coalesced.clone()),
             Box::new(m.rate_limiter_clients.clone()),
-            Box::new(m.rate_limiter_resets.clone()),
+            Box::new(m.rate_limiter_evictions.clone()),
+            Box::new(m.open_connections.clone()),
+            Box::new(m.estimate_ratio.clone()),
         ];
         for c in collectors {
             m.registry.register(c).expect("distinct metric names");
@@ -220,6 +240,15 @@ impl Metrics {
     /// Records the time a computation spent in the backend.
     pub fn observe_inference(&self, took: Duration) {
         self.inference.observe(took.as_secs_f64());
+    }
+
+    /// Records how far a computation's estimate was from its measured
+    /// service time (nothing before the estimator is calibrated).
+    pub fn observe_estimate(&self, estimate: Duration, measured: Duration) {
+        if !estimate.is_zero() {
+            self.estimate_ratio
+                .observe(measured.as_secs_f64() / estimate.as_secs_f64());
+        }
     }
 
     /// Counts a request that joined another's computation.

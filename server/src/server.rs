@@ -20,7 +20,7 @@ use crate::http::{self, AppState, RateLimiter};
 use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
 
-/// How often the rate limiter forgets idle clients.
+/// How often the rate limiter forgets clients whose budget is whole again.
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
 
 /// How often the drain checks for remaining in-flight requests.
@@ -171,7 +171,12 @@ impl Server {
 
         let app = http::router(state.clone());
         tracing::info!(addr = %listener.local_addr()?, "listening");
-        let serve = http::serve::serve(listener, app, state.http.header_read_timeout, drained);
+        let policy = http::serve::ConnectionPolicy {
+            header_read_timeout: state.http.header_read_timeout,
+            max_connections: state.http.max_connections,
+            open: state.metrics.open_connections.clone(),
+        };
+        let serve = http::serve::serve(listener, app, policy, drained);
         let deadline = async {
             shutdown.cancelled().await;
             tokio::time::sleep(drain + CLOSE_GRACE).await;

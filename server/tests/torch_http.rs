@@ -87,10 +87,59 @@ fn hndsr_info(edit: impl FnOnce(&mut Manifest), args: &[&str]) -> Result<Backend
         .map_err(|e| e.to_string())
 }
 
+/// As [`hndsr_info`] with the `quality` profile (the manifest's settings).
+fn quality_info(edit: impl FnOnce(&mut Manifest), args: &[&str]) -> Result<BackendInfo, String> {
+    let mut argv = vec!["--profile", "quality"];
+    argv.extend_from_slice(args);
+    hndsr_info(edit, &argv)
+}
+
+/// Tiny weights whose manifest recommends what the shipped weights do.
+fn like_shipped(m: &mut Manifest) {
+    m.default_steps = Some(0);
+    m.self_ensemble = Some(true);
+    m.tile = Some(24);
+    m.projection_steps = Some(5);
+}
+
 #[test]
-fn hndsr_serving_defaults_come_from_the_config_else_the_manifest() {
+fn the_cpu_serves_the_fast_profile_unless_told_otherwise() {
+    let fast = hndsr_info(like_shipped, &[]).unwrap();
+    assert_eq!(fast.profile.as_deref(), Some("fast"), "the CPU's default");
+    assert_eq!(
+        (
+            fast.default_steps,
+            fast.self_ensemble,
+            fast.tile,
+            fast.projection_steps
+        ),
+        (0, false, Some(256), 0),
+        "the manifest's slow settings are not served"
+    );
+    let quality = hndsr_info(like_shipped, &["--profile", "quality"]).unwrap();
+    assert_eq!(quality.profile.as_deref(), Some("quality"));
+    assert_eq!(
+        (
+            quality.default_steps,
+            quality.self_ensemble,
+            quality.tile,
+            quality.projection_steps
+        ),
+        (0, true, Some(24), 5)
+    );
+    let tuned = hndsr_info(like_shipped, &["--projection-steps", "3"]).unwrap();
+    assert_eq!(
+        (tuned.profile.as_deref(), tuned.projection_steps, tuned.tile),
+        (Some("fast"), 3, Some(256)),
+        "a knob set on its own wins over the profile"
+    );
+}
+
+#[test]
+fn hndsr_quality_settings_come_from_the_config_else_the_manifest() {
+    let hndsr_info = |edit: &dyn Fn(&mut Manifest), args: &[&str]| quality_info(|m| edit(m), args);
     let steps = |recommended: Option<u32>, args: &[&str]| {
-        hndsr_info(|m| m.default_steps = recommended, args)
+        hndsr_info(&|m: &mut Manifest| m.default_steps = recommended, args)
             .unwrap()
             .default_steps
     };
@@ -102,11 +151,11 @@ fn hndsr_serving_defaults_come_from_the_config_else_the_manifest() {
     );
     assert_eq!(steps(None, &["--sampling-steps", "0"]), 0);
     assert_eq!(steps(None, &[]), 20, "neither: the fallback");
-    let err = hndsr_info(|m| m.default_steps = Some(5000), &[]).unwrap_err();
+    let err = hndsr_info(&|m: &mut Manifest| m.default_steps = Some(5000), &[]).unwrap_err();
     assert!(err.contains("5000"), "{err}");
 
     let ensemble = |recommended: Option<bool>, args: &[&str]| {
-        hndsr_info(|m| m.self_ensemble = recommended, args)
+        hndsr_info(&|m: &mut Manifest| m.self_ensemble = recommended, args)
             .unwrap()
             .self_ensemble
     };
@@ -119,7 +168,9 @@ fn hndsr_serving_defaults_come_from_the_config_else_the_manifest() {
     assert!(!ensemble(None, &[]), "neither: off");
 
     let tile = |recommended: Option<i64>, args: &[&str]| {
-        hndsr_info(|m| m.tile = recommended, args).unwrap().tile
+        hndsr_info(&|m: &mut Manifest| m.tile = recommended, args)
+            .unwrap()
+            .tile
     };
     assert_eq!(
         tile(Some(24), &[]),
@@ -134,7 +185,7 @@ fn hndsr_serving_defaults_come_from_the_config_else_the_manifest() {
     assert_eq!(tile(None, &[]), Some(256), "neither: the default");
 
     let projection = |recommended: Option<u32>, args: &[&str]| {
-        hndsr_info(|m| m.projection_steps = recommended, args)
+        hndsr_info(&|m: &mut Manifest| m.projection_steps = recommended, args)
             .unwrap()
             .projection_steps
     };
@@ -175,6 +226,7 @@ async fn hndsr_tiny_model_upscales_over_http() {
     let s = start_with_backend(cfg, backend).await;
     let info = s.info().await;
     assert_eq!(info["backend"], "hndsr");
+    assert_eq!(info["profile"], "fast", "the CPU's default");
     assert_eq!(info["model_digest"], sha256.as_str());
     assert_eq!(info["sampling_steps"], 2, "the configured default");
     assert_eq!(info["self_ensemble"], true);

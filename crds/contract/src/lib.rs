@@ -46,6 +46,9 @@ pub mod env {
     /// Conjugate-gradient steps of the `hndsr` backend's projection of each
     /// output onto the images that downsample exactly to the input (0: off).
     pub const PROJECTION_STEPS: &str = "HNDSR_PROJECTION_STEPS";
+    /// Serving profile of the `hndsr` backend: `fast` or `quality` (see
+    /// [`super::profile`]); unset: `fast` on the CPU, `quality` on CUDA.
+    pub const PROFILE: &str = "HNDSR_PROFILE";
     /// CPU cores the server may use (the operator fills it from the pod's
     /// CPU request); unset: what the process is allowed to run on.
     pub const CPUS: &str = "HNDSR_CPUS";
@@ -57,6 +60,10 @@ pub mod env {
     pub const MEMORY_BUDGET_MB: &str = "HNDSR_MEMORY_BUDGET_MB";
     /// Seconds a connection may take to send a request's line and headers.
     pub const HEADER_READ_TIMEOUT_S: &str = "HNDSR_HEADER_READ_TIMEOUT_S";
+    /// Slowest accepted request upload in KiB/s after a 2 s grace (0: none).
+    pub const MIN_UPLOAD_KIB_S: &str = "HNDSR_MIN_UPLOAD_KIB_S";
+    /// Most open client connections of one server.
+    pub const MAX_CONNECTIONS: &str = "HNDSR_MAX_CONNECTIONS";
     /// Comma-separated CIDRs whose X-Forwarded-For is trusted.
     pub const TRUSTED_PROXIES: &str = "HNDSR_TRUSTED_PROXIES";
     /// Comma-separated origins allowed by CORS (explicit; `*` is refused).
@@ -152,4 +159,16 @@ pub mod tile {
 pub mod projection {
     /// Most steps (20 reach the input to within 10⁻³ on real images).
     pub const MAX_STEPS: u32 = 100;
+}
+
+/// Serving profiles of the `hndsr` backend ([`env::PROFILE`]): named
+/// settings of its latency/quality knobs.
+pub mod profile {
+    /// One network pass per 256² LR tile: no self-ensemble, no diffusion,
+    /// no projection.
+    pub const FAST: &str = "fast";
+    /// What the weights' manifest recommends.
+    pub const QUALITY: &str = "quality";
+    /// Every profile name.
+    pub const ALL: &[&str] = &[FAST, QUALITY];
 }

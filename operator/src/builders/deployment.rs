@@ -205,6 +205,9 @@ fn server_container(ctx: &Ctx<'_>, cfg: &BuildConfig, serving: &EffectiveServing
         env_var(env::DEVICE, defaults::device(spec)),
         env_var(env::PRECISION, defaults::precision(spec).as_str()),
     ];
+    if let Some(profile) = spec.model.profile {
+        envs.push(env_var(env::PROFILE, profile.as_str()));
+    }
     if let Some(steps) = spec.model.sampling_steps {
         envs.push(env_var(env::SAMPLING_STEPS, steps.to_string()));
     }

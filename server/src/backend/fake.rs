@@ -26,6 +26,8 @@ pub enum Failure {
     Panic,
     /// Return [`BackendError::Internal`].
     Internal,
+    /// Return [`BackendError::DeviceLost`], as a CUDA context that is gone.
+    DeviceLost,
 }
 
 /// The fake backend. Share it as `Arc<FakeBackend>` and keep a clone to
@@ -33,6 +35,7 @@ pub enum Failure {
 #[derive(Debug)]
 pub struct FakeBackend {
     delay: Mutex<Duration>,
+    per_output_mpx: Mutex<Duration>,
     failures: Mutex<VecDeque<Failure>>,
     calls: AtomicUsize,
     running: AtomicUsize,
@@ -53,6 +56,7 @@ impl FakeBackend {
     pub fn new(delay: Duration) -> Self {
         Self {
             delay: Mutex::new(delay),
+            per_output_mpx: Mutex::new(Duration::ZERO),
             failures: Mutex::new(VecDeque::new()),
             calls: AtomicUsize::new(0),
             running: AtomicUsize::new(0),
@@ -81,9 +85,23 @@ impl FakeBackend {
         *self.delay.lock() = delay;
     }
 
+    /// Adds `per_mpx` to each call's delay per megapixel (10⁶ pixels) of
+    /// its output, as a real model's time grows with the image.
+    pub fn set_delay_per_output_megapixel(&self, per_mpx: Duration) {
+        *self.per_output_mpx.lock() = per_mpx;
+    }
+
     /// Makes the next call fail this way (failures queue up in order).
     pub fn fail_next(&self, failure: Failure) {
         self.failures.lock().push_back(failure);
+    }
+
+    /// Zeroes the call, concurrency and cancellation counts (after the
+    /// server's start-up calibration, so a test counts its own calls).
+    pub fn reset_counts(&self) {
+        self.calls.store(0, Ordering::SeqCst);
+        self.max_running.store(0, Ordering::SeqCst);
+        self.cancelled.store(0, Ordering::SeqCst);
     }
 
     /// `upscale` calls so far.
@@ -145,6 +163,7 @@ impl Backend for FakeBackend {
             device: "cpu".to_owned(),
             precision: "fp32".to_owned(),
             scales: vec![1, 2, 3, 4, 8],
+            profile: None,
             default_steps: 0,
             self_ensemble: false,
             tile: None,
@@ -178,17 +197,25 @@ impl Backend for FakeBackend {
             Some(Failure::Internal) => {
                 return Err(BackendError::Internal("fake failure".to_owned()));
             }
+            Some(Failure::DeviceLost) => {
+                return Err(BackendError::DeviceLost(
+                    "fake: CUDA error: an illegal memory access was encountered".to_owned(),
+                ));
+            }
             Some(Failure::Panic) => panic!("fake backend panic"),
             None => {}
         }
 
         let started = Instant::now();
+        let out_mpx =
+            f64::from(job.image.width * job.scale) * f64::from(job.image.height * job.scale) / 1e6;
+        let per_size = self.per_output_mpx.lock().mul_f64(out_mpx);
         loop {
             if cancel.is_cancelled() {
                 self.cancelled.fetch_add(1, Ordering::SeqCst);
                 return Err(BackendError::Cancelled);
             }
-            let left = self.delay.lock().saturating_sub(started.elapsed());
+            let left = (*self.delay.lock() + per_size).saturating_sub(started.elapsed());
             if left.is_zero() {
                 break;
             }

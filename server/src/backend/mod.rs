@@ -69,6 +69,9 @@ pub struct BackendInfo {
     pub precision: String,
     /// Upscaling factors this backend accepts.
     pub scales: Vec<u32>,
+    /// Serving profile in force (`fast`, `quality`); `None` for backends
+    /// without knobs (`bicubic`).
+    pub profile: Option<String>,
     /// DDIM steps used when a request names none (0 for backends without
     /// diffusion).
     pub default_steps: u32,
@@ -96,6 +99,11 @@ pub enum BackendError {
     /// Loading or warming up the model failed.
     #[error("loading the model failed: {0}")]
     Load(String),
+    /// The device is unusable for good (a lost CUDA context, an illegal
+    /// memory access, a device-side assert): every later call would fail
+    /// too, so the process must be restarted (`/healthz` fails).
+    #[error("the device is lost: {0}")]
+    DeviceLost(String),
     /// Anything else the backend reports.
     #[error("backend failure: {0}")]
     Internal(String),

@@ -14,14 +14,15 @@ use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use hndsr_torch::hndsr::{DEFAULT_TILE, HndsrError, HndsrModel, Precision};
+use hndsr_torch::hndsr::{HndsrError, HndsrModel, Precision};
 use hndsr_torch::tch::{Device, Kind, Tensor};
 use hndsr_torch::tiling::TileConfig;
 use hndsr_torch::{BICUBIC_TILES, BicubicUpscaler, TorchError};
 use sha2::{Digest, Sha256};
 
 use super::{Backend, BackendError, BackendInfo, CancellationToken, Job, Planar};
-use crate::config::{BackendKind, FALLBACK_SAMPLING_STEPS, MAX_SAMPLING_STEPS, ModelConfig};
+use crate::config::{BackendKind, MAX_SAMPLING_STEPS, ModelConfig};
+use crate::profile::{self, Knobs, Profile};
 
 /// Upscaling factors the bicubic backend accepts.
 pub const BICUBIC_SCALES: [u32; 4] = [2, 3, 4, 8];
@@ -108,6 +109,7 @@ impl TorchBicubic {
             device: hndsr_torch::device_name(device),
             precision: "fp32".to_owned(),
             scales: BICUBIC_SCALES.to_vec(),
+            profile: None,
             default_steps: 0,
             self_ensemble: false,
             tile: None,
@@ -224,42 +226,43 @@ impl TorchHndsr {
             )));
         }
         let manifest = model.manifest();
-        let default_steps = cfg
-            .sampling_steps
-            .or(manifest.default_steps)
-            .unwrap_or(FALLBACK_SAMPLING_STEPS);
+        let profile = cfg
+            .profile
+            .unwrap_or_else(|| Profile::default_for(&cfg.device));
+        let configured = Knobs {
+            steps: cfg.sampling_steps,
+            self_ensemble: cfg.self_ensemble,
+            tile: cfg.tile,
+            projection_steps: cfg.projection_steps,
+        };
+        let recommended = Knobs {
+            steps: manifest.default_steps,
+            self_ensemble: manifest.self_ensemble,
+            tile: manifest.tile.and_then(|t| u32::try_from(t).ok()),
+            projection_steps: manifest.projection_steps,
+        };
+        let settings = profile::resolve(profile, configured, recommended);
+        let default_steps = settings.steps;
         if default_steps > MAX_SAMPLING_STEPS {
             return Err(BackendError::Load(format!(
                 "the weights' manifest asks for {default_steps} default steps; at most {MAX_SAMPLING_STEPS} are allowed"
             )));
         }
-        let self_ensemble = cfg
-            .self_ensemble
-            .or(manifest.self_ensemble)
-            .unwrap_or(false);
-        let tile = cfg
-            .tile
-            .map(i64::from)
-            .or(manifest.tile)
-            .unwrap_or(DEFAULT_TILE);
-        let projection_steps = cfg
-            .projection_steps
-            .or(manifest.projection_steps)
-            .unwrap_or(0);
+        let (self_ensemble, tile, projection_steps) = (
+            settings.self_ensemble,
+            i64::from(settings.tile),
+            settings.projection_steps,
+        );
         tracing::info!(
+            profile = profile.as_str(),
+            configured_profile = ?cfg.profile.map(Profile::as_str),
             default_steps,
             self_ensemble,
             tile,
             projection_steps,
-            configured_steps = ?cfg.sampling_steps,
-            configured_self_ensemble = ?cfg.self_ensemble,
-            configured_tile = ?cfg.tile,
-            configured_projection_steps = ?cfg.projection_steps,
-            manifest_steps = ?manifest.default_steps,
-            manifest_self_ensemble = ?manifest.self_ensemble,
-            manifest_tile = ?manifest.tile,
-            manifest_projection_steps = ?manifest.projection_steps,
-            "hndsr serving defaults (configuration, else the weights' manifest)"
+            configured = ?configured,
+            manifest = ?recommended,
+            "hndsr serving settings (configuration, else the profile; quality's are the weights' manifest)"
         );
         let info = BackendInfo {
             backend: "hndsr".to_owned(),
@@ -268,6 +271,7 @@ impl TorchHndsr {
             device: hndsr_torch::device_name(device),
             precision: cfg.precision.clone(),
             scales: vec![scale],
+            profile: Some(profile.as_str().to_owned()),
             default_steps,
             self_ensemble,
             tile: u32::try_from(tile).ok(),
@@ -396,6 +400,7 @@ fn backend_error(e: TorchError) -> BackendError {
     match e {
         TorchError::Cancelled => BackendError::Cancelled,
         TorchError::OutOfMemory { .. } => BackendError::OutOfMemory(e.to_string()),
+        TorchError::DeviceLost { .. } => BackendError::DeviceLost(e.to_string()),
         TorchError::InvalidInput(msg) => BackendError::InvalidInput(msg),
         TorchError::InvalidDevice { .. } | TorchError::CudaUnavailable { .. } => {
             BackendError::Load(e.to_string())
@@ -470,6 +475,7 @@ mod tests {
             device: "cpu".to_owned(),
             weights_path: None,
             weights_sha256: None,
+            profile: None,
             sampling_steps: Some(20),
             self_ensemble: None,
             tile: None,

@@ -10,7 +10,7 @@
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -82,6 +82,8 @@ pub(crate) struct Executor {
     tx: Sender<Work>,
     threads: usize,
     alive: Arc<AtomicUsize>,
+    /// Set for good once the backend reports its device lost.
+    device_lost: Arc<AtomicBool>,
 }
 
 /// Decrements the live-thread count however the thread ends.
@@ -103,23 +105,32 @@ impl Executor {
         // Every queued task holds a permit, so `threads` slots always suffice.
         let (tx, rx) = crossbeam_channel::bounded::<Work>(threads);
         let alive = Arc::new(AtomicUsize::new(0));
+        let device_lost = Arc::new(AtomicBool::new(false));
         for i in 0..threads {
             let (rx, backend, metrics) = (rx.clone(), Arc::clone(&backend), metrics.clone());
+            let lost = Arc::clone(&device_lost);
             alive.fetch_add(1, Ordering::SeqCst);
             let guard = Alive(Arc::clone(&alive));
             std::thread::Builder::new()
                 .name(format!("hndsr-infer-{i}"))
                 .spawn(move || {
                     let _alive = guard;
-                    worker(&rx, backend.as_ref(), &metrics);
+                    worker(&rx, backend.as_ref(), &metrics, &lost);
                 })?;
         }
-        Ok(Self { tx, threads, alive })
+        Ok(Self {
+            tx,
+            threads,
+            alive,
+            device_lost,
+        })
     }
 
-    /// Whether every inference thread is still running.
+    /// Whether every inference thread is still running and the device has
+    /// not been lost.
     pub(crate) fn healthy(&self) -> bool {
         self.alive.load(Ordering::SeqCst) == self.threads
+            && !self.device_lost.load(Ordering::SeqCst)
     }
 
     /// Runs `Backend::warm_up` on one inference thread.
@@ -146,7 +157,7 @@ impl Executor {
     }
 }
 
-fn worker(rx: &Receiver<Work>, backend: &dyn Backend, metrics: &Metrics) {
+fn worker(rx: &Receiver<Work>, backend: &dyn Backend, metrics: &Metrics, device_lost: &AtomicBool) {
     backend.init_thread();
     while let Ok(work) = rx.recv() {
         match work {
@@ -177,7 +188,15 @@ fn worker(rx: &Receiver<Work>, backend: &dyn Backend, metrics: &Metrics) {
                         steps,
                         seed,
                     };
-                    run(backend, metrics, &image, params, &cancel, permit)
+                    run(
+                        backend,
+                        metrics,
+                        &image,
+                        params,
+                        &cancel,
+                        permit,
+                        device_lost,
+                    )
                 }))
                 .unwrap_or_else(|_| {
                     tracing::error!("the backend panicked; the inference thread goes on");
@@ -206,6 +225,7 @@ fn run(
     params: Params,
     cancel: &CancellationToken,
     permit: Permit,
+    device_lost: &AtomicBool,
 ) -> Result<Output, Error> {
     if cancel.is_cancelled() {
         return Err(Error::Cancelled);
@@ -227,6 +247,11 @@ fn run(
     // The backend has returned: only now may another call start.
     drop(permit);
     metrics.observe_inference(inference);
+    if matches!(result, Err(BackendError::DeviceLost(_))) {
+        // Sticky: `/healthz` fails from now on and the kubelet restarts the
+        // container; a new process gets a new CUDA context.
+        device_lost.store(true, Ordering::SeqCst);
+    }
     let out = result.map_err(Error::from_backend)?;
     drop(job);
 

@@ -2,14 +2,18 @@
 //!
 //! A request goes [`Core::admit`] (in-flight counter against
 //! `MAX_QUEUE_DEPTH`; full → 503 at once, nothing queued) →
-//! [`Core::upscale`]: header probe and budgets → coalescing (identical
-//! concurrent requests share one flight) → the flight waits for one of
+//! [`Core::upscale`]: header probe and budgets → deadline check (the
+//! estimated wait for the work ahead plus the request's own estimated
+//! service time must fit what is left of its deadline, see [`estimate`]) →
+//! coalescing (identical concurrent requests share one flight) → the
+//! flight waits for one of
 //! `MAX_CONCURRENT` permits → an inference thread decodes, runs the backend
 //! with the flight's cancel token, releases the permit when the backend has
 //! returned, and encodes. Dropping the `upscale` future (timeout, client
 //! disconnect) leaves the flight; the last waiter leaving cancels it.
 
 mod coalesce;
+pub mod estimate;
 mod executor;
 
 use std::sync::Arc;
@@ -21,8 +25,9 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{Semaphore, oneshot};
 
 use self::coalesce::{Coalescer, Joined};
+use self::estimate::{Backlog, Entry, Estimator};
 use self::executor::{Executor, Permit, Task};
-use crate::backend::{Backend, BackendError, BackendInfo, CancellationToken};
+use crate::backend::{Backend, BackendError, BackendInfo, CancellationToken, Planar};
 use crate::codec;
 use crate::config::{Limits, MAX_SAMPLING_STEPS};
 use crate::error::{Error, jittered_retry_after};
@@ -30,6 +35,45 @@ use crate::metrics::Metrics;
 
 /// Bodies above this are hashed on a blocking thread, not a tokio worker.
 const INLINE_HASH_BYTES: usize = 256 * 1024;
+
+/// Estimates are multiplied by this before they are held against a
+/// deadline: admission refuses a little early rather than burn a deadline
+/// it could have predicted (the estimator's error, docs/benchmarks.md).
+pub const DEADLINE_MARGIN: f64 = 1.2;
+
+/// Input edges the warm-up calibration times, smallest first: it stops at
+/// the first one that takes [`CALIBRATION_TARGET`] (a slow profile on a
+/// CPU) and fits the estimator through the last two.
+const CALIBRATION_SIDES: [u32; 4] = [32, 64, 128, 256];
+/// See [`CALIBRATION_SIDES`].
+const CALIBRATION_TARGET: Duration = Duration::from_millis(500);
+
+/// When a request must be answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deadline {
+    /// The instant.
+    pub at: Instant,
+    /// Its length from the request's arrival (the server's
+    /// `REQUEST_TIMEOUT_S`, or shorter when the client asked).
+    pub length: Duration,
+}
+
+impl Deadline {
+    /// A deadline `length` from now.
+    #[must_use]
+    pub fn after(length: Duration) -> Self {
+        Self {
+            at: Instant::now() + length,
+            length,
+        }
+    }
+
+    /// What is left of it.
+    #[must_use]
+    pub fn remaining(&self) -> Duration {
+        self.at.saturating_duration_since(Instant::now())
+    }
+}
 
 /// One upscale request, as the HTTP layer hands it over.
 #[derive(Debug, Clone)]
@@ -42,6 +86,8 @@ pub struct UpscaleRequest {
     pub steps: Option<u32>,
     /// Seed of the stochastic parts.
     pub seed: u64,
+    /// When the answer is due.
+    pub deadline: Deadline,
 }
 
 /// Where the time of a computation went.
@@ -55,6 +101,16 @@ pub struct Timings {
     pub inference: Duration,
     /// Encoding the output.
     pub encode: Duration,
+    /// The service time admission estimated (decode + inference + encode).
+    pub estimate: Duration,
+}
+
+impl Timings {
+    /// Time on the inference thread: decode + inference + encode.
+    #[must_use]
+    pub fn service(&self) -> Duration {
+        self.decode + self.inference + self.encode
+    }
 }
 
 /// A finished upscale.
@@ -113,6 +169,8 @@ struct Inner {
     memory: Option<Arc<Semaphore>>,
     executor: Executor,
     flights: Arc<Coalescer<Upscaled>>,
+    estimator: Estimator,
+    backlog: Arc<Backlog>,
     metrics: Metrics,
 }
 
@@ -156,6 +214,8 @@ impl Core {
                 }),
                 flights: Arc::new(Coalescer::new(limits.max_queue_depth.get())),
                 in_flight: AtomicUsize::new(0),
+                estimator: Estimator::new(),
+                backlog: Backlog::new(),
                 default_scale,
                 info,
                 executor,
@@ -165,18 +225,77 @@ impl Core {
         })
     }
 
-    /// Runs the backend's warm-up on an inference thread.
+    /// Runs the backend's warm-up on an inference thread, then calibrates
+    /// the service-time estimator by timing the request path (decode,
+    /// backend, PNG encode) on inputs of growing size.
     ///
     /// # Errors
-    /// What the backend's `warm_up` returns.
+    /// What the backend's `warm_up` returns, or a failed calibration run.
     pub async fn warm_up(&self) -> Result<(), BackendError> {
-        self.inner.executor.warm_up().await
+        self.inner.executor.warm_up().await?;
+        self.calibrate().await
     }
 
-    /// Whether every inference thread is alive.
+    async fn calibrate(&self) -> Result<(), BackendError> {
+        let inner = &self.inner;
+        let scale = inner.default_scale;
+        let mut points: Vec<(u64, Duration)> = Vec::new();
+        for side in CALIBRATION_SIDES {
+            let image = calibration_png(side)?;
+            let out_pixels = u64::from(side * scale).pow(2);
+            let permit = Arc::clone(&inner.permits)
+                .acquire_owned()
+                .await
+                .map_err(|_| BackendError::Load("the permit semaphore is closed".to_owned()))?;
+            let (reply, answer) = oneshot::channel();
+            inner
+                .executor
+                .upscale(Task {
+                    image,
+                    max_pixels: u64::MAX,
+                    scale,
+                    steps: None,
+                    seed: 0,
+                    cancel: CancellationToken::new(),
+                    permit: Permit::new(permit, inner.metrics.active_requests.clone()),
+                    reply,
+                })
+                .map_err(|e| BackendError::Load(format!("calibration: {e}")))?;
+            let out = answer
+                .await
+                .map_err(|_| BackendError::Load("calibration: no answer".to_owned()))?
+                .map_err(|e| BackendError::Load(format!("calibration at {side}²: {e}")))?;
+            let took = out.decode + out.inference + out.encode;
+            points.push((out_pixels, took));
+            if took >= CALIBRATION_TARGET {
+                break;
+            }
+        }
+        if let [.., small, large] = points[..] {
+            inner.estimator.calibrate(small, large);
+            tracing::info!(
+                small_pixels = small.0,
+                small_ms = small.1.as_millis(),
+                large_pixels = large.0,
+                large_ms = large.1.as_millis(),
+                one_mpx_ms = inner.estimator.service(1_000_000).as_millis(),
+                "service-time estimator calibrated"
+            );
+        }
+        Ok(())
+    }
+
+    /// Whether every inference thread is alive and the device usable.
     #[must_use]
     pub fn healthy(&self) -> bool {
         self.inner.executor.healthy()
+    }
+
+    /// The estimated service time of a request with `out_pixels` output
+    /// pixels (zero before warm-up).
+    #[must_use]
+    pub fn estimate(&self, out_pixels: u64) -> Duration {
+        self.inner.estimator.service(out_pixels)
     }
 
     /// The backend's self-description.
@@ -268,6 +387,8 @@ impl Core {
             });
         }
 
+        let estimate = self.admit_by_estimate(&req, out_pixels, probe, scale)?;
+
         let key = self.key(&req, scale).await?;
         match inner.flights.join(key) {
             Joined::Follower(waiter) => {
@@ -281,10 +402,13 @@ impl Core {
             Joined::Leader { waiter, flight } => {
                 let token = flight.token.clone();
                 let inner = Arc::clone(inner);
+                let cost = Cost {
+                    need_mib,
+                    out_pixels,
+                    estimate,
+                };
                 tokio::spawn(async move {
-                    let result = compute(&inner, req, scale, need_mib, token)
-                        .await
-                        .map(Arc::new);
+                    let result = compute(&inner, req, scale, cost, token).await.map(Arc::new);
                     flight.publish(result);
                 });
                 let upscaled = waiter.wait().await?;
@@ -294,6 +418,45 @@ impl Core {
                 })
             }
         }
+    }
+
+    /// Refuses at once a request that cannot finish within its deadline:
+    /// 422 when its own estimated service time is over the deadline, 503
+    /// when the work ahead is what makes it late. Returns the estimate.
+    fn admit_by_estimate(
+        &self,
+        req: &UpscaleRequest,
+        out_pixels: u64,
+        probe: codec::Probe,
+        scale: u32,
+    ) -> Result<Duration, Error> {
+        let inner = &self.inner;
+        let service = inner.estimator.service(out_pixels);
+        let margin = |d: Duration| d.mul_f64(DEADLINE_MARGIN);
+        if margin(service) > req.deadline.length {
+            return Err(Error::DeadlineTooSlow {
+                estimate: service,
+                limit: req.deadline.length,
+                server_max: inner.limits.request_timeout,
+                out_width: u64::from(probe.width) * u64::from(scale),
+                out_height: u64::from(probe.height) * u64::from(scale),
+            });
+        }
+        let wait = inner
+            .backlog
+            .wait(inner.limits.max_concurrent.get(), Instant::now());
+        let remaining = req.deadline.remaining();
+        if margin(wait + service) > remaining {
+            // Once the queue ahead has shrunk by the excess, it would fit.
+            let excess = margin(wait + service).saturating_sub(remaining);
+            let retry_after = Duration::from_secs(excess.as_secs_f64().ceil().max(1.0) as u64);
+            return Err(Error::DeadlineWait {
+                estimate: wait + service,
+                remaining,
+                retry_after,
+            });
+        }
+        Ok(service)
     }
 
     async fn key(&self, req: &UpscaleRequest, scale: u32) -> Result<coalesce::Key, Error> {
@@ -333,6 +496,44 @@ const OUTPUT_BYTES_PER_PIXEL: u64 = 64;
 /// RGB, docs/benchmarks.md).
 const PROJECTION_BYTES_PER_PIXEL: u64 = 24;
 
+/// A grey-to-colour gradient PNG of `side`², the input the calibration
+/// times (a real image's decode and encode, not a constant's).
+fn calibration_png(side: u32) -> Result<Bytes, BackendError> {
+    let n = side as usize * side as usize;
+    let mut data = Vec::with_capacity(3 * n);
+    for c in 0..3u32 {
+        for i in 0..n {
+            let (x, y) = ((i % side as usize) as u32, (i / side as usize) as u32);
+            let v = ((x * (c + 1) + y * (3 - c)) % 256) as f32 / 255.0;
+            data.push(v);
+        }
+    }
+    let planar = Planar {
+        channels: 3,
+        width: side,
+        height: side,
+        data,
+    };
+    let layout = codec::Layout {
+        format: codec::Container::Png,
+        depth: codec::BitDepth::Eight,
+    };
+    codec::encode(&planar, layout)
+        .map(|e| Bytes::from(e.bytes))
+        .map_err(|e| BackendError::Load(format!("encoding the calibration image: {e}")))
+}
+
+/// What admission decided a computation will cost.
+#[derive(Debug, Clone, Copy)]
+struct Cost {
+    /// Its share of the memory budget.
+    need_mib: u64,
+    /// Output pixels.
+    out_pixels: u64,
+    /// Estimated service time.
+    estimate: Duration,
+}
+
 /// The share of the memory budget a request waits for, in MiB (at least 1).
 fn memory_need_mib(in_pixels: u64, out_pixels: u64, projection: bool) -> u64 {
     let per_output_pixel = OUTPUT_BYTES_PER_PIXEL
@@ -353,12 +554,14 @@ async fn compute(
     inner: &Inner,
     req: UpscaleRequest,
     scale: u32,
-    need_mib: u64,
+    cost: Cost,
     cancel: CancellationToken,
 ) -> Result<Upscaled, Error> {
     let queued_at = Instant::now();
     inner.metrics.queue_depth.inc();
     let queued = Queued(inner.metrics.queue_depth.clone());
+    let backlog: Entry = inner.backlog.enqueue(cost.estimate);
+    let need_mib = cost.need_mib;
     // Memory before the permit, always in that order: a request that holds
     // a permit never waits for memory, so the two cannot deadlock.
     let _memory = match &inner.memory {
@@ -382,6 +585,8 @@ async fn compute(
         }
     };
     drop(queued);
+    backlog.start();
+    let started = Instant::now();
     let queue = queued_at.elapsed();
     inner.metrics.observe_queue_wait(queue);
 
@@ -398,7 +603,23 @@ async fn compute(
     })?;
     let out = answer
         .await
-        .map_err(|_| Error::Internal("the inference thread dropped the request".to_owned()))??;
+        .map_err(|_| Error::Internal("the inference thread dropped the request".to_owned()))?;
+    let out = match out {
+        Ok(out) => out,
+        Err(e) => {
+            if matches!(e, Error::Cancelled) {
+                // It ran this long without finishing: a lower bound.
+                inner
+                    .estimator
+                    .observe_at_least(cost.out_pixels, started.elapsed());
+            }
+            return Err(e);
+        }
+    };
+    drop(backlog);
+    let service = out.decode + out.inference + out.encode;
+    inner.estimator.observe(cost.out_pixels, service);
+    inner.metrics.observe_estimate(cost.estimate, service);
     Ok(Upscaled {
         image: Bytes::from(out.encoded.bytes),
         content_type: out.encoded.content_type,
@@ -410,6 +631,7 @@ async fn compute(
             decode: out.decode,
             inference: out.inference,
             encode: out.encode,
+            estimate: cost.estimate,
         },
     })
 }

@@ -14,7 +14,7 @@ use http_body_util::BodyExt as _;
 
 use super::AppState;
 use super::rate_limit::client_ip;
-use crate::error::{Error, Failure};
+use crate::error::{Error, Failure, REQUEST_ID};
 use crate::lifecycle::Readiness;
 use crate::metrics::{Metrics, Outcome};
 
@@ -70,6 +70,18 @@ pub(super) async fn close_when_draining(
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     res
+}
+
+/// Runs the rest of the stack with the request's id in [`REQUEST_ID`], so
+/// an error answer can name it.
+pub(super) async fn scope_request_id(req: Request, next: Next) -> Response {
+    let id = req
+        .headers()
+        .get(super::REQUEST_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    REQUEST_ID.scope(id, next.run(req)).await
 }
 
 /// Records a disconnect when the request future is dropped unfinished.

@@ -17,9 +17,10 @@ use hndsr_contract::http as paths;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use super::body::read_body;
 use super::edge::{body_limit, reject_unread};
-use super::{AppState, COALESCED_HEADER, LEGACY_UPSCALE_PATH};
-use crate::core::{Answer, Ticket, Timings, UpscaleRequest, Upscaled};
+use super::{AppState, COALESCED_HEADER, LEGACY_UPSCALE_PATH, TIMEOUT_HEADER};
+use crate::core::{Answer, Deadline, Ticket, Timings, UpscaleRequest, Upscaled};
 use crate::error::{Error, ErrorBody, jittered_retry_after};
 use crate::lifecycle::Readiness;
 
@@ -75,7 +76,7 @@ pub struct JsonUpscaleResponse {
 /// Answer of `/readyz`.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ReadyResponse {
-    /// `warming_up`, `ready` or `draining`.
+    /// `warming_up`, `ready`, `draining` or `unhealthy` (device lost).
     pub status: String,
 }
 
@@ -100,6 +101,14 @@ pub struct InfoLimits {
     /// absent: no budget.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_budget_mb: Option<u64>,
+    /// Slowest accepted upload, bytes per second (after a grace period);
+    /// 0: no minimum.
+    pub min_upload_bytes_per_s: u64,
+    /// Most open connections; more wait in the listen queue.
+    pub max_connections: usize,
+    /// Estimated service time of a 1-megapixel output on this pod now,
+    /// seconds (0 before warm-up).
+    pub estimated_seconds_per_output_mpx: f64,
 }
 
 /// Answer of `/v1/info`.
@@ -121,9 +130,14 @@ pub struct InfoResponse {
     pub scales: Vec<u32>,
     /// Factor used when a request names none.
     pub default_scale: u32,
+    /// Serving profile (`fast`, `quality`; `hndsr` only): `HNDSR_PROFILE`,
+    /// else the device's default. The four settings below are its values,
+    /// with any knob configured on its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<String>,
     /// DDIM steps used when a request names none: the configured
-    /// `HNDSR_SAMPLING_STEPS`, else the weights' recommendation; 0 for
-    /// backends without diffusion.
+    /// `HNDSR_SAMPLING_STEPS`, else the profile's; 0 for backends without
+    /// diffusion.
     pub sampling_steps: u32,
     /// Whether μ is the mean over the 8 flips / 90° rotations of each tile.
     pub self_ensemble: bool,
@@ -142,6 +156,11 @@ pub struct InfoResponse {
 
 /// Takes an admission ticket unless the server is not (or no longer) ready.
 fn admit(state: &AppState) -> Result<Ticket, Error> {
+    if !state.core.healthy() {
+        return Err(Error::DeviceLost {
+            retry_after: jittered_retry_after(),
+        });
+    }
     if state.lifecycle.readiness() != Readiness::Ready {
         return Err(Error::Unavailable {
             retry_after: jittered_retry_after(),
@@ -150,28 +169,38 @@ fn admit(state: &AppState) -> Result<Ticket, Error> {
     state.core.admit()
 }
 
-/// Reads the body, failing with 413 past `limit` (chunked bodies included).
-async fn read_body(body: Body, limit: usize) -> Result<Bytes, Error> {
-    axum::body::to_bytes(body, limit).await.map_err(|e| {
-        let too_large = std::error::Error::source(&e)
-            .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
-        if too_large {
-            Error::PayloadTooLarge { limit }
-        } else {
-            Error::BadRequest(format!("reading the request body: {e}"))
-        }
-    })
+/// The request's deadline: the server's `REQUEST_TIMEOUT_S`, or the
+/// shorter one the client asks for in [`TIMEOUT_HEADER`] (a longer one is
+/// cut to the server's).
+fn deadline(state: &AppState, headers: &HeaderMap) -> Result<Deadline, Error> {
+    let max = state.core.limits().request_timeout;
+    let Some(value) = headers.get(TIMEOUT_HEADER) else {
+        return Ok(Deadline::after(max));
+    };
+    let ms = value
+        .to_str()
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .filter(|&ms| ms > 0)
+        .ok_or_else(|| {
+            Error::BadRequest(format!(
+                "{TIMEOUT_HEADER} must be a positive whole number of milliseconds (at most {})",
+                max.as_millis()
+            ))
+        })?;
+    Ok(Deadline::after(Duration::from_millis(ms).min(max)))
 }
 
-/// Runs `work` under the whole-request deadline.
+/// Runs `work` under the request's deadline.
 async fn with_deadline<T>(
-    state: &AppState,
+    deadline: Deadline,
     work: impl Future<Output = Result<T, Error>>,
 ) -> Result<T, Error> {
-    let timeout = state.core.limits().request_timeout;
-    tokio::time::timeout(timeout, work)
+    tokio::time::timeout_at(deadline.at.into(), work)
         .await
-        .map_err(|_| Error::Timeout { timeout })?
+        .map_err(|_| Error::Timeout {
+            timeout: deadline.length,
+        })?
 }
 
 fn ms(d: Duration) -> f64 {
@@ -182,11 +211,12 @@ fn server_timing(t: &Timings) -> String {
     let mut s = String::new();
     let _ = write!(
         s,
-        "queue;dur={:.1}, decode;dur={:.1}, inference;dur={:.1}, encode;dur={:.1}",
+        "queue;dur={:.1}, decode;dur={:.1}, inference;dur={:.1}, encode;dur={:.1}, estimate;dur={:.1}",
         ms(t.queue),
         ms(t.decode),
         ms(t.inference),
-        ms(t.encode)
+        ms(t.encode),
+        ms(t.estimate)
     );
     s
 }
@@ -211,6 +241,7 @@ fn with_answer_headers(mut res: Response, answer: &Answer) -> Response {
         ("scale" = Option<u32>, Query, description = "Upscaling factor; default: the server's HNDSR_SCALE."),
         ("steps" = Option<u32>, Query, description = "Diffusion sampling steps (hndsr backend); default: HNDSR_SAMPLING_STEPS."),
         ("seed" = Option<u64>, Query, description = "Seed of the stochastic parts; default 0."),
+        ("x-request-timeout-ms" = Option<u64>, Header, description = "This request's deadline in milliseconds; default and maximum: the server's REQUEST_TIMEOUT_S (a longer one is cut to it)."),
     ),
     request_body(
         description = "The image: PNG, JPEG or TIFF; 8 or 16 bit; gray, gray+alpha, RGB or RGBA.",
@@ -222,12 +253,13 @@ fn with_answer_headers(mut res: Response, answer: &Answer) -> Response {
             headers(("server-timing" = String, description = "queue, decode, inference, encode durations in ms"),
                     ("x-request-id" = String, description = "Request id"))),
         (status = 400, description = "Corrupt image or malformed request", body = ErrorBody),
+        (status = 408, description = "The body arrived slower than the minimum upload rate (type slow_upload); the connection is closed", body = ErrorBody),
         (status = 413, description = "Body, image or output over its limit, or a decompression bomb", body = ErrorBody),
         (status = 415, description = "Not PNG, JPEG or TIFF", body = ErrorBody),
-        (status = 422, description = "Unsupported scale or steps", body = ErrorBody),
+        (status = 422, description = "Unsupported scale or steps, or the estimated service time alone is over the deadline (type deadline_too_slow)", body = ErrorBody),
         (status = 429, description = "Rate limit exceeded (Retry-After)", body = ErrorBody),
-        (status = 500, description = "Backend failure", body = ErrorBody),
-        (status = 503, description = "At capacity, device out of memory, warming up or draining (Retry-After)", body = ErrorBody),
+        (status = 500, description = "Backend failure (a stable message; details in the server log under the request id)", body = ErrorBody),
+        (status = 503, description = "At capacity, the estimated wait would pass the deadline (type deadline_wait), device out of memory or lost, warming up or draining (Retry-After)", body = ErrorBody),
         (status = 504, description = "Deadline exceeded; the work was cancelled", body = ErrorBody),
     )
 )]
@@ -244,18 +276,24 @@ pub(super) async fn upscale_raw(
             return Ok(reject_unread(&headers, body, error).await);
         }
     };
+    let deadline = match deadline(&state, &headers) {
+        Ok(d) => d,
+        Err(e) => return Ok(reject_unread(&headers, body, e).await),
+    };
     let ticket = match admit(&state) {
         Ok(ticket) => ticket,
         Err(e) => return Ok(reject_unread(&headers, body, e).await),
     };
     let limit = body_limit(&state, paths::UPSCALE_PATH);
-    let answer = with_deadline(&state, async {
-        let image = read_body(body, limit).await?;
+    let min_rate = state.http.min_upload_bytes_per_s;
+    let answer = with_deadline(deadline, async {
+        let image = read_body(body, limit, min_rate).await?;
         let req = UpscaleRequest {
             image,
             scale: q.scale,
             steps: q.steps,
             seed: q.seed.unwrap_or(0),
+            deadline,
         };
         state.core.upscale(&ticket, req).await
     })
@@ -270,16 +308,20 @@ pub(super) async fn upscale_raw(
     post,
     path = LEGACY_UPSCALE_PATH,
     tag = "upscale",
+    params(
+        ("x-request-timeout-ms" = Option<u64>, Header, description = "This request's deadline in milliseconds; default and maximum: the server's REQUEST_TIMEOUT_S."),
+    ),
     request_body = JsonUpscaleRequest,
     responses(
         (status = 200, description = "The upscaled image, base64", body = JsonUpscaleResponse),
         (status = 400, description = "Malformed JSON or base64, or corrupt image", body = ErrorBody),
+        (status = 408, description = "The body arrived slower than the minimum upload rate (type slow_upload); the connection is closed", body = ErrorBody),
         (status = 413, description = "Body, image or output over its limit", body = ErrorBody),
         (status = 415, description = "Not PNG, JPEG or TIFF", body = ErrorBody),
-        (status = 422, description = "Unsupported scale or steps", body = ErrorBody),
+        (status = 422, description = "Unsupported scale or steps, or the estimated service time alone is over the deadline (type deadline_too_slow)", body = ErrorBody),
         (status = 429, description = "Rate limit exceeded (Retry-After)", body = ErrorBody),
-        (status = 500, description = "Backend failure", body = ErrorBody),
-        (status = 503, description = "At capacity, device out of memory, warming up or draining (Retry-After)", body = ErrorBody),
+        (status = 500, description = "Backend failure (a stable message; details in the server log under the request id)", body = ErrorBody),
+        (status = 503, description = "At capacity, the estimated wait would pass the deadline (type deadline_wait), device out of memory or lost, warming up or draining (Retry-After)", body = ErrorBody),
         (status = 504, description = "Deadline exceeded; the work was cancelled", body = ErrorBody),
     )
 )]
@@ -288,16 +330,21 @@ pub(super) async fn upscale_json(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, Error> {
+    let deadline = match deadline(&state, &headers) {
+        Ok(d) => d,
+        Err(e) => return Ok(reject_unread(&headers, body, e).await),
+    };
     let ticket = match admit(&state) {
         Ok(ticket) => ticket,
         Err(e) => return Ok(reject_unread(&headers, body, e).await),
     };
     let limit = body_limit(&state, LEGACY_UPSCALE_PATH);
-    let answer = with_deadline(&state, async {
-        let raw = read_body(body, limit).await?;
+    let min_rate = state.http.min_upload_bytes_per_s;
+    let answer = with_deadline(deadline, async {
+        let raw = read_body(body, limit, min_rate).await?;
         // Parsing and base64-decoding up to MAX_PAYLOAD_MB is CPU work: keep
         // it off the tokio workers.
-        let up = off_worker(move || parse_json_request(&raw)).await??;
+        let up = off_worker(move || parse_json_request(&raw, deadline)).await??;
         state.core.upscale(&ticket, up).await
     })
     .await?;
@@ -310,9 +357,10 @@ pub(super) async fn upscale_json(
     Ok(with_answer_headers(response, &answer))
 }
 
-/// Liveness: the process runs and its inference threads are alive.
+/// Liveness: the process runs, its inference threads are alive and its
+/// device usable.
 #[utoipa::path(get, path = paths::HEALTHZ_PATH, tag = "probes",
-    responses((status = 200, description = "Alive"), (status = 503, description = "An inference thread died")))]
+    responses((status = 200, description = "Alive"), (status = 503, description = "An inference thread died or the device is lost (a sticky CUDA error): restart the process")))]
 pub(super) async fn healthz(State(state): State<AppState>) -> StatusCode {
     if state.core.healthy() {
         StatusCode::OK
@@ -321,18 +369,20 @@ pub(super) async fn healthz(State(state): State<AppState>) -> StatusCode {
     }
 }
 
-/// Readiness: warmed up and not draining.
+/// Readiness: warmed up, healthy and not draining.
 #[utoipa::path(get, path = paths::READYZ_PATH, tag = "probes",
     responses((status = 200, description = "Ready", body = ReadyResponse),
-              (status = 503, description = "Warming up or draining", body = ReadyResponse)))]
+              (status = 503, description = "Warming up, draining or unhealthy", body = ReadyResponse)))]
 pub(super) async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<ReadyResponse>) {
     let r = state.lifecycle.readiness();
+    let healthy = state.core.healthy();
     let status = match r {
+        _ if !healthy => "unhealthy",
         Readiness::Ready => "ready",
         Readiness::WarmingUp => "warming_up",
         Readiness::Draining => "draining",
     };
-    let code = if r == Readiness::Ready {
+    let code = if healthy && r == Readiness::Ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
@@ -373,6 +423,7 @@ pub(super) async fn info(State(state): State<AppState>) -> Json<InfoResponse> {
         precision: i.precision.clone(),
         scales: i.scales.clone(),
         default_scale: state.core.default_scale(),
+        profile: i.profile.clone(),
         sampling_steps: i.default_steps,
         self_ensemble: i.self_ensemble,
         tile: i.tile,
@@ -386,6 +437,9 @@ pub(super) async fn info(State(state): State<AppState>) -> Json<InfoResponse> {
             max_payload_bytes: l.max_payload_bytes,
             rate_limit_per_hour: state.http.rate_limit_per_hour.map_or(0, |n| n.get()),
             memory_budget_mb: l.memory_budget_mib,
+            min_upload_bytes_per_s: state.http.min_upload_bytes_per_s,
+            max_connections: state.http.max_connections,
+            estimated_seconds_per_output_mpx: state.core.estimate(1_000_000).as_secs_f64(),
         },
     })
 }
@@ -417,7 +471,7 @@ async fn off_worker<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -
         .map_err(|e| Error::Internal(format!("a blocking task failed: {e}")))
 }
 
-fn parse_json_request(raw: &[u8]) -> Result<UpscaleRequest, Error> {
+fn parse_json_request(raw: &[u8], deadline: Deadline) -> Result<UpscaleRequest, Error> {
     let req: JsonUpscaleRequest = serde_json::from_slice(raw)
         .map_err(|e| Error::BadRequest(format!("invalid JSON body: {e}")))?;
     let b64 = req
@@ -439,6 +493,7 @@ fn parse_json_request(raw: &[u8]) -> Result<UpscaleRequest, Error> {
         scale: req.scale,
         steps: req.steps,
         seed: req.seed.unwrap_or(0),
+        deadline,
     })
 }
 

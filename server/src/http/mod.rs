@@ -7,6 +7,7 @@
 //! core within the request deadline (504). Every route also gets request
 //! ids (X-Request-Id), tracing and, when configured, CORS.
 
+mod body;
 mod edge;
 mod handlers;
 pub mod openapi;
@@ -37,6 +38,10 @@ pub const LEGACY_UPSCALE_PATH: &str = "/upscale";
 
 /// Header naming the request id.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// Header in which a client asks for a shorter deadline than the server's
+/// `REQUEST_TIMEOUT_S`, in milliseconds.
+pub const TIMEOUT_HEADER: &str = "x-request-timeout-ms";
 
 /// Header set to `true` when a response was shared with an identical request.
 pub const COALESCED_HEADER: &str = "x-hndsr-coalesced";
@@ -92,7 +97,11 @@ pub fn router(state: AppState) -> Router {
             CorsLayer::new()
                 .allow_origin(AllowOrigin::list(origins))
                 .allow_methods([Method::GET, Method::POST])
-                .allow_headers([header::CONTENT_TYPE, request_id.clone()])
+                .allow_headers([
+                    header::CONTENT_TYPE,
+                    request_id.clone(),
+                    HeaderName::from_static(TIMEOUT_HEADER),
+                ])
                 .expose_headers([
                     request_id.clone(),
                     header::RETRY_AFTER,
@@ -103,6 +112,7 @@ pub fn router(state: AppState) -> Router {
     }
     router
         .layer(from_fn_with_state(state.clone(), edge::close_when_draining))
+        .layer(axum::middleware::from_fn(edge::scope_request_id))
         .layer(PropagateRequestIdLayer::new(request_id.clone()))
         .layer(
             TraceLayer::new_for_http()

@@ -1,36 +1,43 @@
-//! Per-client rate limiting (GCRA, `governor`) with bounded memory, and
-//! client identification behind trusted proxies.
+//! Per-client rate limiting (GCRA) with bounded memory, and client
+//! identification behind trusted proxies.
 //!
-//! Memory: a periodic sweep drops clients whose state is back to fresh
-//! (`retain_recent`) and shrinks the table. If the table still holds more
-//! than [`MAX_TRACKED_CLIENTS`] entries (a flood of distinct addresses), it
-//! is replaced by an empty one: every client's budget restarts, which is
-//! counted in `hndsr_rate_limiter_resets_total` and logged. Memory stays
-//! bounded; the limiter is briefly lenient under such a flood, which the
-//! admission limit (`MAX_QUEUE_DEPTH`) still caps.
+//! Each client's state is one instant, its GCRA "theoretical arrival time",
+//! kept in an LRU table of at most [`MAX_TRACKED_CLIENTS`] entries. When the
+//! table is full, a new client takes the place of the least recently seen
+//! one (counted in `hndsr_rate_limiter_evictions_total`): only that client's
+//! budget starts afresh, and a client that keeps sending is never the one
+//! forgotten. A flood of distinct addresses therefore cannot reset the
+//! limit of the clients that are actually active. A periodic sweep drops
+//! clients whose budget is whole again (forgetting them changes nothing).
+//!
+//! The limit is per pod: behind a Service with N replicas a client gets up
+//! to N× `RATE_LIMIT_PER_HOUR` (docs/server.md says how to get a global
+//! limit). Hand-written GCRA over the `lru` crate: `governor`'s keyed
+//! limiter cannot evict by recency, only reset or retain by state.
 
 use std::net::{IpAddr, Ipv6Addr};
 use std::num::NonZeroU32;
-use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use axum::http::HeaderMap;
-use governor::clock::{Clock, DefaultClock};
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter as Governor};
 use ipnet::IpNet;
-use parking_lot::RwLock;
+use lru::LruCache;
+use parking_lot::Mutex;
 
 use crate::error::Error;
 use crate::metrics::Metrics;
 
-/// Most clients tracked at once; about 100 bytes each.
+/// Most clients tracked at once; about 60 bytes each.
 pub const MAX_TRACKED_CLIENTS: usize = 100_000;
 
 /// The per-client limiter.
 #[derive(Debug)]
 pub struct RateLimiter {
-    quota: Quota,
-    limiter: RwLock<Arc<DefaultKeyedRateLimiter<IpAddr>>>,
-    max_clients: usize,
+    /// Time between two requests at the sustained rate.
+    interval: Duration,
+    /// How far ahead of now a client's arrival time may run: the burst.
+    tolerance: Duration,
+    clients: Mutex<LruCache<IpAddr, Instant>>,
     metrics: Metrics,
 }
 
@@ -44,11 +51,12 @@ impl RateLimiter {
     /// As [`RateLimiter::new`] with a custom client cap (tests).
     #[must_use]
     pub fn with_capacity(per_hour: NonZeroU32, max_clients: usize, metrics: Metrics) -> Self {
-        let quota = Quota::per_hour(per_hour);
+        let interval = Duration::from_secs(3600) / per_hour.get();
+        let cap = std::num::NonZeroUsize::new(max_clients).unwrap_or(std::num::NonZeroUsize::MIN);
         Self {
-            quota,
-            limiter: RwLock::new(Arc::new(Governor::keyed(quota))),
-            max_clients,
+            interval,
+            tolerance: interval * (per_hour.get() - 1),
+            clients: Mutex::new(LruCache::new(cap)),
             metrics,
         }
     }
@@ -58,32 +66,45 @@ impl RateLimiter {
     /// # Errors
     /// [`Error::RateLimited`] with the time until the next allowed request.
     pub fn check(&self, client: IpAddr) -> Result<(), Error> {
-        let limiter = Arc::clone(&self.limiter.read());
-        let result = limiter.check_key(&key(client));
-        if limiter.len() > self.max_clients {
-            self.sweep();
-        }
-        result.map_err(|not_until| Error::RateLimited {
-            retry_after: not_until.wait_time_from(DefaultClock::default().now()),
-        })
+        self.check_at(client, Instant::now())
     }
 
-    /// Drops fully replenished clients; resets the table if still over the cap.
-    pub fn sweep(&self) {
-        let limiter = Arc::clone(&self.limiter.read());
-        limiter.retain_recent();
-        limiter.shrink_to_fit();
-        let mut len = limiter.len();
-        if len > self.max_clients {
-            tracing::warn!(
-                clients = len,
-                cap = self.max_clients,
-                "rate limiter table full; resetting it"
-            );
-            *self.limiter.write() = Arc::new(Governor::keyed(self.quota));
-            self.metrics.rate_limiter_resets.inc();
-            len = 0;
+    fn check_at(&self, client: IpAddr, now: Instant) -> Result<(), Error> {
+        let key = key(client);
+        let mut clients = self.clients.lock();
+        let tat = clients.get(&key).copied().map_or(now, |t| t.max(now));
+        let ahead = tat - now;
+        if ahead > self.tolerance {
+            return Err(Error::RateLimited {
+                retry_after: ahead - self.tolerance,
+            });
         }
+        if let Some((evicted, _)) = clients.push(key, tat + self.interval)
+            && evicted != key
+        {
+            self.metrics.rate_limiter_evictions.inc();
+        }
+        drop(clients);
+        Ok(())
+    }
+
+    /// Drops the clients whose budget is whole again and reports the size.
+    pub fn sweep(&self) {
+        self.sweep_at(Instant::now());
+    }
+
+    fn sweep_at(&self, now: Instant) {
+        let mut clients = self.clients.lock();
+        let idle: Vec<IpAddr> = clients
+            .iter()
+            .filter(|(_, tat)| **tat <= now)
+            .map(|(k, _)| *k)
+            .collect();
+        for k in idle {
+            clients.pop(&k);
+        }
+        let len = clients.len();
+        drop(clients);
         self.metrics
             .rate_limiter_clients
             .set(i64::try_from(len).unwrap_or(i64::MAX));
@@ -92,7 +113,7 @@ impl RateLimiter {
     /// Clients currently tracked.
     #[must_use]
     pub fn len(&self) -> usize {
-        self.limiter.read().len()
+        self.clients.lock().len()
     }
 
     /// Whether no client is tracked.
@@ -169,13 +190,71 @@ mod tests {
         assert_eq!(ip, "203.0.113.9".parse::<IpAddr>().expect("ip"));
     }
 
+    fn ip(i: u32) -> IpAddr {
+        IpAddr::from(i.to_be_bytes())
+    }
+
     #[test]
     fn memory_is_bounded() {
-        let limiter = RateLimiter::with_capacity(NonZeroU32::MIN, 1000, Metrics::new());
+        let metrics = Metrics::new();
+        let limiter = RateLimiter::with_capacity(NonZeroU32::MIN, 1000, metrics.clone());
         for i in 0..5000_u32 {
-            let _ = limiter.check(IpAddr::from(i.to_be_bytes()));
+            let _ = limiter.check(ip(i));
         }
-        assert!(limiter.len() <= 1001, "{} clients tracked", limiter.len());
+        assert_eq!(limiter.len(), 1000);
+        assert_eq!(metrics.rate_limiter_evictions.get(), 4000);
+    }
+
+    #[test]
+    fn the_budget_is_a_burst_then_the_sustained_rate() {
+        let limiter = RateLimiter::new(NonZeroU32::new(3).unwrap(), Metrics::new());
+        let now = Instant::now();
+        let a = ip(1);
+        for _ in 0..3 {
+            limiter.check_at(a, now).expect("within the burst");
+        }
+        let Err(Error::RateLimited { retry_after }) = limiter.check_at(a, now) else {
+            panic!("the fourth is over")
+        };
+        assert_eq!(retry_after, Duration::from_secs(1200));
+        limiter
+            .check_at(ip(2), now)
+            .expect("another client has its own budget");
+        limiter
+            .check_at(a, now + Duration::from_secs(1200))
+            .expect("one more after an interval");
+    }
+
+    #[test]
+    fn a_full_table_forgets_the_least_recently_seen_not_everyone() {
+        let metrics = Metrics::new();
+        let limiter = RateLimiter::with_capacity(NonZeroU32::MIN, 10, metrics.clone());
+        let heavy = ip(u32::MAX);
+        limiter.check(heavy).expect("first request");
+        // A flood of new addresses, ten times the table, while the heavy
+        // client keeps trying: it stays limited throughout.
+        for i in 0..100 {
+            let _ = limiter.check(ip(i));
+            assert!(
+                limiter.check(heavy).is_err(),
+                "the active client's budget was reset after {i} new clients"
+            );
+        }
+        assert!(metrics.rate_limiter_evictions.get() >= 90);
+    }
+
+    #[test]
+    fn the_sweep_drops_only_replenished_clients() {
+        let limiter = RateLimiter::new(NonZeroU32::new(60).unwrap(), Metrics::new());
+        let now = Instant::now();
+        limiter.check_at(ip(1), now).unwrap();
+        for _ in 0..30 {
+            limiter.check_at(ip(2), now).unwrap();
+        }
+        // One minute on: client 1's single request is paid back, client
+        // 2's thirty are not.
+        limiter.sweep_at(now + Duration::from_secs(61));
+        assert_eq!(limiter.len(), 1);
     }
 
     #[test]

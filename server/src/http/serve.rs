@@ -9,10 +9,15 @@
 //! the router the peer address as axum's `ConnectInfo`, and on `stop` stops
 //! accepting and lets every connection finish its request before closing
 //! (hyper-util's `GracefulShutdown`, what axum's graceful shutdown does).
-//! Hand-written because axum 0.8.9 exposes no builder to configure.
+//! At most `max_connections` connections are open at once: at the cap the
+//! loop stops accepting, so further clients wait in the kernel's listen
+//! queue (answered once a connection closes) instead of each costing a
+//! task and a socket here. Hand-written because axum 0.8.9 exposes no
+//! builder to configure.
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -21,7 +26,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
+use prometheus::IntGauge;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tower::Layer as _;
 
@@ -29,14 +36,41 @@ use tower::Layer as _;
 /// next accept, so the loop does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
+/// How connections are served.
+#[derive(Debug, Clone)]
+pub(crate) struct ConnectionPolicy {
+    /// Longest wait for a request's line and headers.
+    pub header_read_timeout: Duration,
+    /// Most open connections.
+    pub max_connections: usize,
+    /// Gauge of open connections.
+    pub open: IntGauge,
+}
+
+/// Counts one open connection; frees its slot on drop.
+struct Open {
+    _slot: tokio::sync::OwnedSemaphorePermit,
+    gauge: IntGauge,
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
+}
+
 /// Serves `app` on `listener` until `stop` completes, then waits for the
 /// open connections to finish their requests and close.
 pub(crate) async fn serve(
     listener: TcpListener,
     app: Router,
-    header_read_timeout: Duration,
+    policy: ConnectionPolicy,
     stop: impl Future<Output = ()>,
 ) {
+    let header_read_timeout = policy.header_read_timeout;
+    let slots = Arc::new(Semaphore::new(
+        policy.max_connections.clamp(1, Semaphore::MAX_PERMITS),
+    ));
     // HTTP/1 only: the auto builder's HTTP/2 detection reads up to 24 bytes
     // with no timeout (a client sending "P" and nothing more would hold the
     // connection), and nothing here needs prior-knowledge HTTP/2.
@@ -52,6 +86,14 @@ pub(crate) async fn serve(
     let closing = CancellationToken::new();
     tokio::pin!(stop);
     loop {
+        // A slot first: at the cap, nothing is accepted until one frees.
+        let slot = tokio::select! {
+            () = &mut stop => break,
+            slot = Arc::clone(&slots).acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => break,
+            },
+        };
         let (stream, peer) = tokio::select! {
             () = &mut stop => break,
             accepted = listener.accept() => match accepted {
@@ -74,7 +116,13 @@ pub(crate) async fn serve(
         let builder = builder.clone();
         let watcher = graceful.watcher();
         let closing = closing.clone();
+        policy.open.inc();
+        let open = Open {
+            _slot: slot,
+            gauge: policy.open.clone(),
+        };
         tokio::spawn(async move {
+            let _open = open;
             // hyper's header timer starts with the first byte: a connection
             // that sends nothing is dropped here. (`peek`, not `readable`:
             // readiness can be reported early.)

@@ -51,11 +51,16 @@ pub fn config(args: &[&str]) -> Config {
         .expect("valid config")
 }
 
-/// Starts a server with the fake backend; returns once `/readyz` is 200.
+/// Starts a server with the fake backend; returns once `/readyz` is 200,
+/// with the backend's calls taking `delay` from then on (warm-up and the
+/// estimator's calibration run at full speed, so admission by estimate
+/// stays out of the way of tests about other things).
 pub async fn start(args: &[&str], delay: Duration) -> TestServer {
-    let backend = Arc::new(FakeBackend::new(delay));
+    let backend = Arc::new(FakeBackend::new(Duration::ZERO));
     let ts = start_unready(args, Arc::clone(&backend)).await;
     ts.wait_ready().await;
+    backend.set_delay(delay);
+    backend.reset_counts();
     ts
 }
 

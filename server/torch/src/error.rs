@@ -36,6 +36,17 @@ pub enum TorchError {
         /// libtorch's message.
         message: String,
     },
+    /// The device is unusable for the life of the process: CUDA's
+    /// "sticky" errors (an illegal memory access, a device-side assert, a
+    /// failed launch, an uncorrectable ECC error, a GPU that fell off the
+    /// bus) poison the context, and every later call fails too.
+    #[error("device lost during {op}: {message}")]
+    DeviceLost {
+        /// The operation that failed.
+        op: &'static str,
+        /// libtorch's message.
+        message: String,
+    },
     /// Any other libtorch failure.
     #[error("torch error during {op}: {source}")]
     Torch {
@@ -54,6 +65,8 @@ impl TorchError {
         let message = source.to_string();
         if is_out_of_memory(&message) {
             TorchError::OutOfMemory { op, message }
+        } else if is_device_lost(&message) {
+            TorchError::DeviceLost { op, message }
         } else {
             TorchError::Torch { op, source }
         }
@@ -65,6 +78,29 @@ impl TorchError {
 fn is_out_of_memory(message: &str) -> bool {
     let lower = message.to_ascii_lowercase();
     lower.contains("out of memory") || lower.contains("can't allocate memory")
+}
+
+/// CUDA errors after which the context is unusable (the runtime's sticky
+/// errors, as PyTorch words them, and a GPU gone from the bus).
+const STICKY_CUDA_ERRORS: &[&str] = &[
+    "illegal memory access",
+    "device-side assert",
+    "unspecified launch failure",
+    "illegal instruction",
+    "misaligned address",
+    "invalid program counter",
+    "hardware stack error",
+    "launch timed out",
+    "uncorrectable ecc error",
+    "gpu has fallen off the bus",
+    "gpu is lost",
+    "cuda driver version is insufficient",
+    "context is destroyed",
+];
+
+fn is_device_lost(message: &str) -> bool {
+    let lower = message.to_ascii_lowercase();
+    lower.contains("cuda") && STICKY_CUDA_ERRORS.iter().any(|s| lower.contains(s))
 }
 
 /// Extension to attach the failing operation's name to a tch result.
@@ -108,6 +144,30 @@ mod tests {
             ),
         );
         assert!(matches!(e, TorchError::OutOfMemory { .. }), "{e:?}");
+    }
+
+    #[test]
+    fn sticky_cuda_errors_are_device_lost() {
+        for message in [
+            "CUDA error: an illegal memory access was encountered\nCUDA kernel errors might be asynchronously reported",
+            "CUDA error: device-side assert triggered",
+            "CUDA error: unspecified launch failure",
+            "CUDA error: uncorrectable ECC error encountered",
+        ] {
+            let e = TorchError::from_tch("conv", TchError::Torch(message.into()));
+            assert!(
+                matches!(e, TorchError::DeviceLost { op: "conv", .. }),
+                "{message}: {e:?}"
+            );
+        }
+        let e = TorchError::from_tch(
+            "conv",
+            TchError::Torch("CUDA error: invalid argument".into()),
+        );
+        assert!(
+            matches!(e, TorchError::Torch { .. }),
+            "a plain CUDA error: {e:?}"
+        );
     }
 
     #[test]
