@@ -31,13 +31,13 @@ run: prereqs e2e-binaries ## local control plane + operator + sample HndsrServic
 server: prereqs ## only the server, on 127.0.0.1:8080 with the bicubic backend
 	$(CARGO) build --release --locked -p hndsr-server --bin hndsr-server
 	@echo "hndsr-server on http://127.0.0.1:8080 — try:"
-	@echo "  curl -s --data-binary @docs/samples/aero-64.png -H 'content-type: image/png' 'http://127.0.0.1:8080/v1/upscale?scale=4' -o /tmp/up.png"
+	@echo "  curl -s --data-binary @docs/samples/nile-256.png -H 'content-type: image/png' 'http://127.0.0.1:8080/v1/upscale?scale=4' -o /tmp/up.png"
 	./target/release/hndsr-server --listen 127.0.0.1:8080 --backend bicubic
 
 HNDSR_WEIGHTS ?= server/models/hndsr-medium.safetensors
 
 .PHONY: server-hndsr
-server-hndsr: prereqs ## the server with the trained HNDSR weights (their manifest: steps 0, self-ensemble, 24² LR tiles; docs/model.md), on 127.0.0.1:8080
+server-hndsr: prereqs ## the server with the trained HNDSR weights, on 127.0.0.1:8080 (profile: HNDSR_PROFILE, else fast on the CPU; docs/server.md#serving-profiles)
 	$(CARGO) build --release --locked -p hndsr-server --bin hndsr-server
 	./target/release/hndsr-server --listen 127.0.0.1:8080 --backend hndsr \
 	  --weights-path $(HNDSR_WEIGHTS) \

@@ -43,8 +43,9 @@ echo "    operator log: $state/operator.log; operator metrics: http://127.0.0.1:
 echo "    KUBECONFIG=$PWD/$state/kubeconfig $kubectl_bin get hsvc"
 echo
 
-# The committed HNDSR weights, served as their manifest recommends (steps 0,
-# self-ensemble; docs/model.md); HNDSR_BACKEND=bicubic serves plain bicubic.
+# The committed HNDSR weights, at the device's default serving profile (fast
+# on the CPU; HNDSR_PROFILE=quality serves the manifest's settings,
+# docs/server.md#serving-profiles); HNDSR_BACKEND=bicubic serves plain bicubic.
 backend="${HNDSR_BACKEND:-hndsr}"
 server_args=(--listen 127.0.0.1:8080 --backend "$backend")
 if [[ "$backend" == hndsr ]]; then
@@ -53,7 +54,7 @@ if [[ "$backend" == hndsr ]]; then
   server_args+=(--weights-path "$weights" --weights-sha256 "$digest")
 fi
 echo "==> inference server on http://127.0.0.1:8080 ($backend); in another shell:"
-echo "    curl -s --data-binary @docs/samples/aero-64.png -H 'content-type: image/png' \\"
+echo "    curl -s --data-binary @docs/samples/nile-256.png -H 'content-type: image/png' \\"
 echo "      'http://127.0.0.1:8080/v1/upscale?scale=4' -o /tmp/up.png"
 echo "    curl -s http://127.0.0.1:8080/v1/info"
 "$profile_dir/hndsr-server" "${server_args[@]}"

@@ -17,12 +17,26 @@
 #   5. with BENCH_WEIGHTS: the hndsr backend as its manifest serves it
 #      (steps 0, self-ensemble and tile from the manifest) against other
 #      LR tile edges (BENCH_TILES, default "manifest 256"), at concurrency 1
-#      and MAX_CONCURRENT.
+#      and MAX_CONCURRENT;
+#   6. "profiles", with BENCH_WEIGHTS: the hndsr backend at each profile of
+#      BENCH_PROFILES (default "fast"), the README's 256² sample at
+#      concurrency 1: p50/p99 and /v1/info's settings;
+#   7. "cpu": the bicubic server's CPU time per request (process utime +
+#      stime over sequential requests, 64 distinct bodies), the machine's
+#      limit (cores / CPU per request) and what concurrency 16 reaches of it,
+#      per answer encoding (PNG fast, PNG none, TIFF);
+#   8. "deadline": steady load (concurrency MAX_CONCURRENT, mixed 128²-512²
+#      inputs) then 10x overload on the hndsr fast profile (bicubic without
+#      BENCH_WEIGHTS): the estimator's measured/estimated ratio, refusals by
+#      type, 504s;
+#   9. "soak": BENCH_SOAK_SECONDS (600) at 10x overload, the server's RSS,
+#      open file descriptors and rate-limiter table sampled each minute.
 #
 # Knobs (env): BENCH_SECONDS (per level, default 15), BENCH_CLIENTS (default
 # 100000), MAX_CONCURRENT (4), MAX_QUEUE_DEPTH (20), BENCH_WEIGHTS (unset),
 # BENCH_TILES, BENCH_EDGE (the input PNGs' edge, default 256), BENCH_SECTIONS
-# (default "load clients threads tiles": 1+2, 3, 4, 5), CARGO_TARGET_DIR.
+# (default "load clients threads tiles": 1+2, 3, 4, 5; also "profiles cpu
+# deadline soak"), BENCH_PROFILES, BENCH_SOAK_SECONDS, CARGO_TARGET_DIR.
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -257,4 +271,150 @@ if want tiles && [[ -n "${BENCH_WEIGHTS:-}" ]]; then
     levels_rows "$shown" "tile$tile"
     stop_server
   done
+fi
+
+# --- 6: hndsr serving profiles, the README's 256² sample ---------------------
+SAMPLE="$REPO_ROOT/docs/samples/nile-256.png"
+if want profiles && [[ -n "${BENCH_WEIGHTS:-}" ]]; then
+  BACKEND_ARGS=(--backend hndsr --weights-path "$BENCH_WEIGHTS" --weights-sha256 "$SHA")
+  echo
+  echo "## hndsr profiles: $(basename "$BENCH_WEIGHTS"), $(basename "$SAMPLE") (256x256 RGB), scale 4, concurrency 1, CPU"
+  echo
+  echo "| profile (settings from /v1/info) | requests | seconds | 200/s | p50 ms (200) | p90 ms (200) | p99 ms (200) | % 200 | other statuses |"
+  echo "|---|---:|---:|---:|---:|---:|---:|---:|---|"
+  for profile in ${BENCH_PROFILES:-fast}; do
+    start_server "$WORK/server-profile-$profile.log" --rate-limit-per-hour 0 --request-timeout-s 120 --profile "$profile"
+    shown="$(info profile): tile $(info tile), self-ensemble $(info self_ensemble), projection $(info projection_steps)"
+    URL="http://127.0.0.1:$PORT/v1/upscale?scale=4"
+    "$LOADGEN" run --url "$URL" --body "$SAMPLE" --content-type image/png -c 1 -n 2 --timeout 120 >/dev/null
+    "$LOADGEN" run --url "$URL" --body "$SAMPLE" --content-type image/png -c 1 -d "$SECONDS_PER_LEVEL" -n 20 \
+      --timeout 120 --json >"$WORK/profile-$profile.json"
+    row "$shown" "$WORK/profile-$profile.json"
+    stop_server
+  done
+fi
+
+# proc_cpu_s: the server's user + system CPU seconds so far.
+proc_cpu_s() {
+  python3 - "$SERVER_PID" <<'PY'
+import os, sys
+f = open(f"/proc/{sys.argv[1]}/stat").read().rsplit(")", 1)[1].split()
+print((int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK"))
+PY
+}
+
+# --- 7: CPU per request and the machine's limit (bicubic) --------------------
+if want cpu; then
+  BACKEND_ARGS=(--backend bicubic)
+  CPU_BODY=(--png "$EDGE" --png-variants 64)
+  echo
+  echo "## CPU per request and the machine's limit: bicubic, ${EDGE}x${EDGE} PNG (64 distinct), scale 4"
+  echo
+  echo "CPU = the server process's utime + stime over 100 sequential requests; limit = $CORES cores / CPU per request;"
+  echo "then concurrency 16 for ${SECONDS_PER_LEVEL} s."
+  echo
+  echo "| answer | CPU ms / request | limit req/s | c=16 200/s | share of limit | c=16 p50 / p99 ms | mean answer KiB |"
+  echo "|---|---:|---:|---:|---:|---:|---:|"
+  for enc in png-fast png-none tiff; do
+    start_server "$WORK/server-cpu-$enc.log" --rate-limit-per-hour 0 --request-timeout-s 30
+    q="scale=4"; hdr=()
+    case "$enc" in
+      png-none) q="scale=4&compression=none" ;;
+      tiff) hdr=(-H "accept: image/tiff") ;;
+    esac
+    URL="http://127.0.0.1:$PORT/v1/upscale?$q"
+    "$LOADGEN" run --url "$URL" "${CPU_BODY[@]}" "${hdr[@]}" -c 2 -n 20 >/dev/null
+    size="$(curl -s -o "$WORK/one.out" -w '%{size_download}' "${hdr[@]}" --data-binary @"$SAMPLE" -H 'content-type: image/png' "$URL")"
+    before="$(proc_cpu_s)"
+    "$LOADGEN" run --url "$URL" "${CPU_BODY[@]}" "${hdr[@]}" -c 1 -n 100 --json >"$WORK/cpu-$enc-c1.json"
+    after="$(proc_cpu_s)"
+    "$LOADGEN" run --url "$URL" "${CPU_BODY[@]}" "${hdr[@]}" -c 16 -d "$SECONDS_PER_LEVEL" --json >"$WORK/cpu-$enc-c16.json"
+    python3 - "$enc" "$before" "$after" "$CORES" "$WORK/cpu-$enc-c16.json" "$size" <<'PY'
+import json, sys
+enc, before, after, cores, path, size = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]), sys.argv[5], int(sys.argv[6])
+cpu = (after - before) / 100
+limit = cores / cpu if cpu > 0 else float("inf")
+r = json.load(open(path))
+ok = r["status_counts"].get("200", 0) / r["elapsed_s"]
+l = r["latency_by_status"].get("200", {})
+print(f'| {enc} | {1000 * cpu:.1f} | {limit:.1f} | {ok:.1f} | {100 * ok / limit:.0f} % | '
+      f'{l.get("p50_ms", 0):.0f} / {l.get("p99_ms", 0):.0f} | {size / 1024:.0f} |')
+PY
+    stop_server
+  done
+fi
+
+# --- 8: deadline-aware admission ----------------------------------------------
+if want deadline; then
+  if [[ -n "${BENCH_WEIGHTS:-}" ]]; then
+    BACKEND_ARGS=(--backend hndsr --weights-path "$BENCH_WEIGHTS" --weights-sha256 "$SHA" --profile fast)
+    label="hndsr fast"
+  else
+    BACKEND_ARGS=(--backend bicubic); label=bicubic
+  fi
+  for e in 128 256 384 512; do
+    "$LOADGEN" png --size "$e" --out "$WORK/mix-$e.png"
+  done
+  start_server "$WORK/server-deadline.log" --rate-limit-per-hour 0 --request-timeout-s 10
+  URL="http://127.0.0.1:$PORT/v1/upscale?scale=4"
+  echo
+  echo "## Deadline-aware admission: $label, inputs 128²-512² in turn, scale 4, REQUEST_TIMEOUT_S=10"
+  echo
+  echo "| load | requests | 200 | refused by estimate (503 deadline_wait / 422 deadline_too_slow) | 503 overloaded | 504 | measured/estimated service p10 / p50 / p90 (n) |"
+  echo "|---|---:|---:|---:|---:|---:|---|"
+  for load in "steady:$MAX_CONCURRENT" "overload:$((10 * MAX_QUEUE_DEPTH))"; do
+    c="${load#*:}"
+    pids=()
+    for e in 128 256 384 512; do
+      "$LOADGEN" run --url "$URL" --body "$WORK/mix-$e.png" --content-type image/png \
+        -c "$(( (c + 3) / 4 ))" -d "$((2 * SECONDS_PER_LEVEL))" --timeout 60 --json >"$WORK/dl-${load%%:*}-$e.json" &
+      pids+=($!)
+    done
+    wait "${pids[@]}"
+    python3 - "${load%%:*}, concurrency $c" "$WORK"/dl-"${load%%:*}"-*.json <<'PY'
+import json, sys
+label, paths = sys.argv[1], sys.argv[2:]
+req = ok = t504 = 0; types = {}; n_ratio = 0; p = []
+for path in paths:
+    r = json.load(open(path))
+    req += r["requests"]; ok += r["status_counts"].get("200", 0); t504 += r["status_counts"].get("504", 0)
+    for k, v in r["error_types"].items(): types[k] = types.get(k, 0) + v
+    if r.get("estimate_ratio"): p.append(r["estimate_ratio"])
+ratios = " / ".join("{:.2f}".format(sum(x[k] * x["count"] for x in p) / max(1, sum(x["count"] for x in p))) for k in ("p10", "p50", "p90")) if p else "-"
+n = sum(x["count"] for x in p)
+print(f'| {label} | {req} | {ok} | {types.get("deadline_wait", 0)} / {types.get("deadline_too_slow", 0)} | '
+      f'{types.get("overloaded", 0)} | {t504} | {ratios} ({n}; count-weighted means of the four sizes) |')
+PY
+  done
+  stop_server
+fi
+
+# --- 9: soak at 10x overload ------------------------------------------------------
+if want soak; then
+  BACKEND_ARGS=(--backend bicubic)
+  SOAK="${BENCH_SOAK_SECONDS:-600}"
+  start_server "$WORK/server-soak.log" --rate-limit-per-hour 1000000 --trusted-proxies 127.0.0.1/32
+  URL="http://127.0.0.1:$PORT/v1/upscale?scale=4"
+  "$LOADGEN" run --url "$URL" "${BODY[@]}" -c "$((10 * MAX_QUEUE_DEPTH))" -d "$SOAK" --max-duration "$((SOAK + 60))" \
+    --distinct-clients --json >"$WORK/soak.json" &
+  soak_pid=$!
+  echo
+  echo "## Soak: ${SOAK} s at concurrency $((10 * MAX_QUEUE_DEPTH)) (10x MAX_QUEUE_DEPTH), bicubic, distinct clients"
+  echo
+  echo "| minute | VmRSS MiB | open fds | rate-limiter clients |"
+  echo "|---:|---:|---:|---:|"
+  for ((m = 0; m * 60 <= SOAK; m++)); do
+    clients="$(curl -fsS "http://127.0.0.1:$PORT/metrics" | awk '/^hndsr_rate_limiter_clients / {print $2}')"
+    echo "| $m | $(( $(rss_kib) / 1024 )) | $(ls "/proc/$SERVER_PID/fd" | wc -l) | ${clients:-?} |"
+    ((m * 60 + 60 <= SOAK)) && sleep 60
+  done
+  wait "$soak_pid"
+  echo
+  python3 - "$WORK/soak.json" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+print(f'{r["requests"]} requests; statuses: {", ".join(f"{k}: {v}" for k, v in sorted(r["status_counts"].items()))}; '
+      f'types: {", ".join(f"{k}: {v}" for k, v in sorted(r["error_types"].items())) or "-"}')
+PY
+  stop_server
 fi

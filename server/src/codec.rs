@@ -6,7 +6,9 @@
 //! defence, and turns PNG / JPEG / TIFF in 8 or 16 bits, gray / gray+alpha /
 //! RGB / RGBA into a [`Planar`]. [`encode`] writes the backend's output back
 //! at the input's bit depth and channel layout: PNG, or TIFF for TIFF input
-//! (gray+alpha TIFF comes back as PNG: the TIFF encoder has no such layout).
+//! (gray+alpha TIFF comes back as PNG: the TIFF encoder has no such layout),
+//! unless the client asked otherwise ([`OutputPrefs`]: an uncompressed TIFF,
+//! or another PNG compression level, trade bytes on the wire for CPU time).
 
 use std::io::Cursor;
 
@@ -60,13 +62,65 @@ pub enum BitDepth {
     Sixteen,
 }
 
-/// How the output is to be encoded (mirrors the input).
+/// How the output is to be encoded (mirrors the input unless the client
+/// asked otherwise).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Layout {
     /// Input container; TIFF in → TIFF out, else PNG.
     pub format: Container,
     /// Sample depth.
     pub depth: BitDepth,
+    /// PNG deflate level.
+    pub compression: PngCompression,
+}
+
+impl Layout {
+    /// This layout with the client's preferences applied.
+    #[must_use]
+    pub fn with(self, prefs: OutputPrefs) -> Self {
+        Self {
+            format: prefs.format.unwrap_or(self.format),
+            compression: prefs.compression,
+            ..self
+        }
+    }
+}
+
+/// How fast the PNG answer is deflated: encoding a 1024² output is most of
+/// a bicubic request's CPU time, and a client on a fast link may prefer
+/// larger, cheaper answers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PngCompression {
+    /// Stored blocks, no filtering: the cheapest to produce, ~raw size.
+    None,
+    /// Fast deflate with adaptive filtering (the default).
+    #[default]
+    Fast,
+    /// Best deflate: smallest answer, several times the encode time.
+    Best,
+}
+
+impl PngCompression {
+    /// A stable tag (the coalescing key, logs).
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Fast => "fast",
+            Self::Best => "best",
+        }
+    }
+}
+
+/// What the client asked of the answer's encoding.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OutputPrefs {
+    /// The container, when the client chose one (`Accept`); else the
+    /// input's.
+    pub format: Option<Container>,
+    /// PNG deflate level.
+    pub compression: PngCompression,
 }
 
 /// An encoded image.
@@ -201,7 +255,14 @@ pub fn decode(bytes: &[u8], max_pixels: u64) -> Result<(Planar, Layout), Error> 
             })
         }
     };
-    Ok((planar, Layout { format, depth }))
+    Ok((
+        planar,
+        Layout {
+            format,
+            depth,
+            compression: PngCompression::default(),
+        },
+    ))
 }
 
 /// Interleaved (HWC) samples → planar (CHW) `f32`.
@@ -298,10 +359,15 @@ pub fn encode(p: &Planar, layout: Layout) -> Result<Encoded, Error> {
     let (written, content_type) = if layout.format == Container::Tiff && p.channels != 2 {
         (image.write_to(&mut bytes, ImageFormat::Tiff), "image/tiff")
     } else {
-        // Fast deflate: outputs are large and encoding runs while clients
-        // wait; the size difference to the default level is small for photos.
-        let png =
-            PngEncoder::new_with_quality(&mut bytes, CompressionType::Fast, FilterType::Adaptive);
+        // Fast deflate by default: outputs are large and encoding runs while
+        // clients wait; the size difference to the default level is small
+        // for photos.
+        let (compression, filter) = match layout.compression {
+            PngCompression::None => (CompressionType::Uncompressed, FilterType::NoFilter),
+            PngCompression::Fast => (CompressionType::Fast, FilterType::Adaptive),
+            PngCompression::Best => (CompressionType::Best, FilterType::Adaptive),
+        };
+        let png = PngEncoder::new_with_quality(&mut bytes, compression, filter);
         (image.write_with_encoder(png), "image/png")
     };
     written.map_err(|e| Error::Internal(format!("encoding the output failed: {e}")))?;
@@ -314,6 +380,38 @@ pub fn encode(p: &Planar, layout: Layout) -> Result<Encoded, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_clients_encoding_is_honoured_and_lossless() {
+        let buf = ImageBuffer::from_fn(64, 48, |x, y| {
+            image::Rgb([(x * 4) as u8, (y * 5) as u8, ((x * y) % 251) as u8])
+        });
+        let src = DynamicImage::ImageRgb8(buf);
+        let (planar, layout) = decode(&png(&src), 10_000).expect("decode");
+        let size = |prefs: OutputPrefs| {
+            let out = encode(&planar, layout.with(prefs)).expect("encode");
+            let back = image::load_from_memory(&out.bytes).expect("readable");
+            assert_eq!(back.to_rgb8(), src.to_rgb8(), "{prefs:?}");
+            (out.content_type, out.bytes.len())
+        };
+        let (ct, none) = size(OutputPrefs {
+            compression: PngCompression::None,
+            ..OutputPrefs::default()
+        });
+        assert_eq!(ct, "image/png");
+        assert!(none >= 64 * 48 * 3, "stored: {none}");
+        let (_, fast) = size(OutputPrefs::default());
+        let (_, best) = size(OutputPrefs {
+            compression: PngCompression::Best,
+            ..OutputPrefs::default()
+        });
+        assert!(best <= fast && fast < none, "{best} {fast} {none}");
+        let (ct, _) = size(OutputPrefs {
+            format: Some(Container::Tiff),
+            ..OutputPrefs::default()
+        });
+        assert_eq!(ct, "image/tiff");
+    }
 
     fn png(image: &DynamicImage) -> Vec<u8> {
         let mut out = Cursor::new(Vec::new());

@@ -1021,3 +1021,46 @@ fn backends_not_compiled_in_are_a_start_up_error() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("not compiled into this binary"), "{stderr}");
 }
+
+#[tokio::test]
+async fn clients_choose_a_cheaper_encoding_of_the_same_pixels() {
+    let s = start(&[], Duration::ZERO).await;
+    let body = png(32, 24, 7);
+    let send = |query: &'static str, accept: Option<&'static str>| {
+        let mut req = s
+            .client
+            .post(s.url(&format!("{}?{query}", paths::UPSCALE_PATH)))
+            .body(body.clone());
+        if let Some(a) = accept {
+            req = req.header("accept", a);
+        }
+        req.send()
+    };
+    let fetch = |res: reqwest::Response| async move {
+        assert_eq!(res.status(), 200);
+        let ct = res.headers()["content-type"].to_str().unwrap().to_owned();
+        let bytes = res.bytes().await.unwrap();
+        (
+            ct,
+            bytes.len(),
+            image::load_from_memory(&bytes).unwrap().to_rgb8(),
+        )
+    };
+    let (ct, fast_len, pixels) = fetch(send("scale=4", None).await.unwrap()).await;
+    assert_eq!(ct, "image/png");
+    let (_, none_len, same) = fetch(send("scale=4&compression=none", None).await.unwrap()).await;
+    assert_eq!(same, pixels);
+    assert!(none_len > fast_len, "{none_len} vs {fast_len}");
+    let (ct, _, same) = fetch(
+        send("scale=4", Some("image/tiff, image/png;q=0.5"))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(ct, "image/tiff");
+    assert_eq!(same, pixels);
+    let (ct, _, _) = fetch(send("scale=4", Some("*/*")).await.unwrap()).await;
+    assert_eq!(ct, "image/png", "no preference: the input's container");
+    assert_eq!(send("compression=max", None).await.unwrap().status(), 400);
+    s.stop().await;
+}

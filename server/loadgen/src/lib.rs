@@ -7,6 +7,11 @@
 //! of the response body. Optionally each request carries an
 //! `X-Forwarded-For` with its own synthetic client address (for the rate
 //! limiter's memory under many distinct clients).
+//!
+//! From the server's answers it also keeps the error `type` of every
+//! refusal (so refusals by estimate, `deadline_wait` / `deadline_too_slow`,
+//! are told from `overloaded` and from 504 timeouts) and, from the
+//! `Server-Timing` header of each 200, measured ÷ estimated service time.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
@@ -108,8 +113,66 @@ pub struct Report {
     pub latency: Option<Latency>,
     /// Latency per status code.
     pub latency_by_status: BTreeMap<String, Latency>,
+    /// Error answers by their JSON `type` (`overloaded`, `deadline_wait`, ...).
+    pub error_types: BTreeMap<String, u64>,
+    /// Measured ÷ estimated service time of the 200s whose `Server-Timing`
+    /// has an estimate (the server's deadline estimator's error).
+    pub estimate_ratio: Option<Ratio>,
     /// First few distinct transport errors, for diagnosis.
     pub error_samples: Vec<String>,
+}
+
+/// Distribution of a ratio.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Ratio {
+    /// Number of samples.
+    pub count: u64,
+    /// 10th percentile.
+    pub p10: f64,
+    /// Median.
+    pub p50: f64,
+    /// 90th percentile.
+    pub p90: f64,
+    /// Largest.
+    pub max: f64,
+}
+
+impl Ratio {
+    /// Summarises `samples` (nearest-rank percentiles); `None` if empty.
+    pub fn from_samples(samples: &mut [f64]) -> Option<Self> {
+        if samples.is_empty() {
+            return None;
+        }
+        samples.sort_unstable_by(f64::total_cmp);
+        let n = samples.len();
+        let rank = |p: f64| samples[((p * n as f64).ceil() as usize).clamp(1, n) - 1];
+        Some(Self {
+            count: n as u64,
+            p10: rank(0.10),
+            p50: rank(0.50),
+            p90: rank(0.90),
+            max: samples[n - 1],
+        })
+    }
+}
+
+/// Measured ÷ estimated service time from a `Server-Timing` value
+/// (`decode`, `inference` and `encode` against `estimate`).
+pub fn estimate_ratio(server_timing: &str) -> Option<f64> {
+    let (mut service, mut estimate) = (0.0, None);
+    for entry in server_timing.split(',') {
+        let mut parts = entry.trim().split(';');
+        let name = parts.next()?.trim();
+        let dur = parts
+            .find_map(|p| p.trim().strip_prefix("dur="))
+            .and_then(|v| v.parse::<f64>().ok());
+        match (name, dur) {
+            ("decode" | "inference" | "encode", Some(ms)) => service += ms,
+            ("estimate", Some(ms)) if ms > 0.0 => estimate = Some(ms),
+            _ => {}
+        }
+    }
+    estimate.map(|e| service / e)
 }
 
 impl Report {
@@ -147,6 +210,15 @@ impl Report {
                 100.0 * self.share(status)
             );
         }
+        for (kind, n) in &self.error_types {
+            s += &format!("  type {kind}: {n}\n");
+        }
+        if let Some(r) = &self.estimate_ratio {
+            s += &format!(
+                "  measured/estimated service: n={} p10 {:.2} p50 {:.2} p90 {:.2} max {:.2}\n",
+                r.count, r.p10, r.p50, r.p90, r.max
+            );
+        }
         for e in &self.error_samples {
             s += &format!("  error: {e}\n");
         }
@@ -182,7 +254,18 @@ pub fn client_addr(i: u64) -> Ipv4Addr {
 struct Tally {
     sent: u64,
     by_status: BTreeMap<String, Vec<Duration>>,
+    types: BTreeMap<String, u64>,
+    ratios: Vec<f64>,
     errors: Vec<String>,
+}
+
+/// What one answer told.
+struct Answer {
+    status: u16,
+    /// The JSON error `type` of a non-2xx answer.
+    kind: Option<String>,
+    /// Measured ÷ estimated service time of a 200.
+    ratio: Option<f64>,
 }
 
 /// Runs `plan` to completion and reports.
@@ -232,11 +315,17 @@ pub async fn run(plan: Plan) -> anyhow::Result<Report> {
                             .await;
                     let took = began.elapsed();
                     match outcome {
-                        Ok(Ok(status)) => tally
-                            .by_status
-                            .entry(status.to_string())
-                            .or_default()
-                            .push(took),
+                        Ok(Ok(answer)) => {
+                            tally
+                                .by_status
+                                .entry(answer.status.to_string())
+                                .or_default()
+                                .push(took);
+                            if let Some(kind) = answer.kind {
+                                *tally.types.entry(kind).or_default() += 1;
+                            }
+                            tally.ratios.extend(answer.ratio);
+                        }
                         Ok(Err(e)) => record_error(&mut tally, e.to_string(), took),
                         Err(_) => record_error(&mut tally, "timed out".to_owned(), took),
                     }
@@ -253,6 +342,10 @@ pub async fn run(plan: Plan) -> anyhow::Result<Report> {
         for (status, mut v) in t.by_status {
             total.by_status.entry(status).or_default().append(&mut v);
         }
+        for (kind, n) in t.types {
+            *total.types.entry(kind).or_default() += n;
+        }
+        total.ratios.extend(t.ratios);
         for e in t.errors {
             if total.errors.len() < 5 && !total.errors.contains(&e) {
                 total.errors.push(e);
@@ -289,6 +382,8 @@ pub async fn run(plan: Plan) -> anyhow::Result<Report> {
         status_counts,
         latency: Latency::from_samples(&mut all),
         latency_by_status,
+        error_types: total.types,
+        estimate_ratio: Ratio::from_samples(&mut total.ratios),
         error_samples: total.errors,
     })
 }
@@ -309,7 +404,7 @@ async fn send(
     client: &Client<HttpConnector, Full<Bytes>>,
     plan: &Plan,
     i: u64,
-) -> anyhow::Result<u16> {
+) -> anyhow::Result<Answer> {
     let mut req = Request::builder()
         .method(plan.method.clone())
         .uri(plan.url.clone());
@@ -329,11 +424,26 @@ async fn send(
         .await
         .map_err(|e| anyhow::anyhow!("{e:?}"))?;
     let status = resp.status().as_u16();
-    resp.into_body()
+    let ratio = resp
+        .headers()
+        .get("server-timing")
+        .and_then(|v| v.to_str().ok())
+        .and_then(estimate_ratio);
+    let body = resp
+        .into_body()
         .collect()
         .await
-        .context("reading the response body")?;
-    Ok(status)
+        .context("reading the response body")?
+        .to_bytes();
+    let kind = (!(200..300).contains(&status))
+        .then(|| serde_json::from_slice::<serde_json::Value>(&body).ok())
+        .flatten()
+        .and_then(|v| v["type"].as_str().map(str::to_owned));
+    Ok(Answer {
+        status,
+        kind,
+        ratio: if status == 200 { ratio } else { None },
+    })
 }
 
 /// A deterministic synthetic aerial-like RGB image (fields, roads, a river)
@@ -380,6 +490,18 @@ pub fn synthetic_png(width: u32, height: u32, variant: u32) -> anyhow::Result<Ve
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_ratio_is_decode_inference_encode_over_the_estimate() {
+        let t = "queue;dur=3.0, decode;dur=10.0, inference;dur=80.0, encode;dur=10.0, estimate;dur=50.0";
+        assert_eq!(estimate_ratio(t), Some(2.0));
+        assert_eq!(
+            estimate_ratio("decode;dur=1.0, estimate;dur=0.0"),
+            None,
+            "no estimate yet"
+        );
+        assert_eq!(estimate_ratio("decode;dur=1.0"), None);
+    }
 
     #[test]
     fn only_loopback_targets_are_accepted() {

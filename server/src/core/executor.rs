@@ -50,6 +50,7 @@ impl Drop for Permit {
 #[derive(Debug)]
 pub(crate) struct Task {
     pub image: Bytes,
+    pub output: codec::OutputPrefs,
     pub max_pixels: u64,
     pub scale: u32,
     pub steps: Option<u32>,
@@ -173,6 +174,7 @@ fn worker(rx: &Receiver<Work>, backend: &dyn Backend, metrics: &Metrics, device_
             Work::Upscale(task) => {
                 let Task {
                     image,
+                    output,
                     max_pixels,
                     scale,
                     steps,
@@ -183,6 +185,7 @@ fn worker(rx: &Receiver<Work>, backend: &dyn Backend, metrics: &Metrics, device_
                 } = *task;
                 let result = catch_unwind(AssertUnwindSafe(|| {
                     let params = Params {
+                        output,
                         max_pixels,
                         scale,
                         steps,
@@ -212,6 +215,7 @@ fn worker(rx: &Receiver<Work>, backend: &dyn Backend, metrics: &Metrics, device_
 /// The numeric parameters of a task.
 #[derive(Debug, Clone, Copy)]
 struct Params {
+    output: codec::OutputPrefs,
     max_pixels: u64,
     scale: u32,
     steps: Option<u32>,
@@ -263,7 +267,7 @@ fn run(
         )));
     }
     let started = Instant::now();
-    let encoded = codec::encode(&out, layout)?;
+    let encoded = codec::encode(&out, layout.with(params.output))?;
     Ok(Output {
         encoded,
         width: out.width,

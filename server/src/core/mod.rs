@@ -88,6 +88,8 @@ pub struct UpscaleRequest {
     pub seed: u64,
     /// When the answer is due.
     pub deadline: Deadline,
+    /// How the client wants the answer encoded.
+    pub output: codec::OutputPrefs,
 }
 
 /// Where the time of a computation went.
@@ -252,6 +254,7 @@ impl Core {
                 .executor
                 .upscale(Task {
                     image,
+                    output: codec::OutputPrefs::default(),
                     max_pixels: u64::MAX,
                     scale,
                     steps: None,
@@ -464,6 +467,14 @@ impl Core {
         params.extend_from_slice(&scale.to_le_bytes());
         params.extend_from_slice(&req.steps.map_or(u64::MAX, u64::from).to_le_bytes());
         params.extend_from_slice(&req.seed.to_le_bytes());
+        // Answers in another encoding are other answers.
+        params.push(match req.output.format {
+            None => 0,
+            Some(codec::Container::Png) => 1,
+            Some(codec::Container::Jpeg) => 2,
+            Some(codec::Container::Tiff) => 3,
+        });
+        params.extend_from_slice(req.output.compression.as_str().as_bytes());
         params.extend_from_slice(self.inner.info.model_digest.as_bytes());
         let image = req.image.clone();
         let hash = move || -> coalesce::Key {
@@ -517,6 +528,7 @@ fn calibration_png(side: u32) -> Result<Bytes, BackendError> {
     let layout = codec::Layout {
         format: codec::Container::Png,
         depth: codec::BitDepth::Eight,
+        compression: codec::PngCompression::default(),
     };
     codec::encode(&planar, layout)
         .map(|e| Bytes::from(e.bytes))
@@ -593,6 +605,7 @@ async fn compute(
     let (reply, answer) = oneshot::channel();
     inner.executor.upscale(Task {
         image: req.image,
+        output: req.output,
         max_pixels: inner.limits.max_image_pixels,
         scale,
         steps: req.steps,

@@ -20,6 +20,7 @@ use utoipa::ToSchema;
 use super::body::read_body;
 use super::edge::{body_limit, reject_unread};
 use super::{AppState, COALESCED_HEADER, LEGACY_UPSCALE_PATH, TIMEOUT_HEADER};
+use crate::codec::{Container, OutputPrefs, PngCompression};
 use crate::core::{Answer, Deadline, Ticket, Timings, UpscaleRequest, Upscaled};
 use crate::error::{Error, ErrorBody, jittered_retry_after};
 use crate::lifecycle::Readiness;
@@ -34,6 +35,8 @@ pub struct UpscaleQuery {
     /// Seed of the stochastic parts; default 0. Same input, parameters and
     /// seed give the same output.
     pub seed: Option<u64>,
+    /// PNG deflate level of the answer: `none`, `fast` (default) or `best`.
+    pub compression: Option<PngCompression>,
 }
 
 /// Body of `POST /upscale` (the original service's JSON API).
@@ -50,6 +53,10 @@ pub struct JsonUpscaleRequest {
     /// Seed; default 0.
     #[serde(default)]
     pub seed: Option<u64>,
+    /// PNG deflate level of the answer: `none`, `fast` (default) or `best`.
+    #[serde(default)]
+    #[schema(value_type = Option<String>)]
+    pub compression: Option<PngCompression>,
 }
 
 /// Answer of `POST /upscale`.
@@ -241,7 +248,9 @@ fn with_answer_headers(mut res: Response, answer: &Answer) -> Response {
         ("scale" = Option<u32>, Query, description = "Upscaling factor; default: the server's HNDSR_SCALE."),
         ("steps" = Option<u32>, Query, description = "Diffusion sampling steps (hndsr backend); default: HNDSR_SAMPLING_STEPS."),
         ("seed" = Option<u64>, Query, description = "Seed of the stochastic parts; default 0."),
+        ("compression" = Option<String>, Query, description = "PNG deflate level of the answer: none (largest, cheapest to encode), fast (default) or best (smallest, several times the encode time)."),
         ("x-request-timeout-ms" = Option<u64>, Header, description = "This request's deadline in milliseconds; default and maximum: the server's REQUEST_TIMEOUT_S (a longer one is cut to it)."),
+        ("accept" = Option<String>, Header, description = "image/tiff asks for an uncompressed TIFF answer (cheapest to encode); image/png (or anything else) for PNG; default: the input's container."),
     ),
     request_body(
         description = "The image: PNG, JPEG or TIFF; 8 or 16 bit; gray, gray+alpha, RGB or RGBA.",
@@ -294,6 +303,10 @@ pub(super) async fn upscale_raw(
             steps: q.steps,
             seed: q.seed.unwrap_or(0),
             deadline,
+            output: OutputPrefs {
+                format: accepted_container(&headers),
+                compression: q.compression.unwrap_or_default(),
+            },
         };
         state.core.upscale(&ticket, req).await
     })
@@ -494,7 +507,40 @@ fn parse_json_request(raw: &[u8], deadline: Deadline) -> Result<UpscaleRequest, 
         steps: req.steps,
         seed: req.seed.unwrap_or(0),
         deadline,
+        output: OutputPrefs {
+            format: None,
+            compression: req.compression.unwrap_or_default(),
+        },
     })
+}
+
+/// The answer's container from `Accept`: the one of `image/png` and
+/// `image/tiff` with the higher quality value (PNG on a tie); `None` when
+/// the client names neither (the input's container then, as always).
+fn accepted_container(headers: &HeaderMap) -> Option<Container> {
+    let mut best: Option<(f32, Container)> = None;
+    for value in headers.get_all(header::ACCEPT) {
+        let Ok(value) = value.to_str() else { continue };
+        for item in value.split(',') {
+            let mut parts = item.split(';').map(str::trim);
+            let container = match parts.next().map(str::to_ascii_lowercase).as_deref() {
+                Some("image/png") => Container::Png,
+                Some("image/tiff") => Container::Tiff,
+                _ => continue,
+            };
+            let q = parts
+                .find_map(|p| p.strip_prefix("q="))
+                .and_then(|q| q.parse::<f32>().ok())
+                .unwrap_or(1.0);
+            let better = best.is_none_or(|(bq, bc)| {
+                q > bq || (q == bq && container == Container::Png && bc != Container::Png)
+            });
+            if q > 0.0 && better {
+                best = Some((q, container));
+            }
+        }
+    }
+    best.map(|(_, c)| c)
 }
 
 fn json_response_body(up: &Upscaled, model: String) -> Result<Vec<u8>, Error> {
