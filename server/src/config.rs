@@ -125,6 +125,20 @@ pub struct Args {
     #[arg(long, env = env::PROJECTION_STEPS, value_parser = clap::value_parser!(u32).range(0..=i64::from(projection::MAX_STEPS)))]
     pub projection_steps: Option<u32>,
 
+    /// Most tiles per forward pass of the `hndsr` backend when the tiles
+    /// of concurrent requests (same tile shape and steps) are run
+    /// together; 0 or 1: each request alone. Unset: 16 on CUDA, off on the
+    /// CPU (where merged passes were measured no faster,
+    /// docs/benchmarks.md).
+    #[arg(long, env = env::BATCH_TILES)]
+    pub batch_tiles: Option<usize>,
+
+    /// Longest a forward pass waits for other requests' tiles, ms (when
+    /// batching is on; a full pass does not wait).
+    #[arg(long, env = env::BATCH_WAIT_MS, default_value_t = 2,
+          value_parser = clap::value_parser!(u64).range(0..=1000))]
+    pub batch_wait_ms: u64,
+
     /// CPU cores this server may use; unset: the cores the process may run
     /// on (cgroup quota and affinity included).
     #[arg(long, env = env::CPUS)]
@@ -237,6 +251,11 @@ pub struct ModelConfig {
     pub projection_steps: Option<u32>,
     /// libtorch intra-op threads each inference thread uses.
     pub torch_threads: NonZeroUsize,
+    /// Most tiles per merged forward pass, when configured (the backend
+    /// falls back to the device's default).
+    pub batch_tiles: Option<usize>,
+    /// Longest a forward pass waits for other requests' tiles.
+    pub batch_wait: Duration,
     /// Model replicas to load before serving: one per inference thread
     /// (`MAX_CONCURRENT`), so no request waits for a load.
     pub replicas: NonZeroUsize,
@@ -465,6 +484,8 @@ impl Args {
                 tile: self.tile,
                 projection_steps: self.projection_steps,
                 torch_threads: torch_threads(self.torch_threads, self.cpus),
+                batch_tiles: self.batch_tiles,
+                batch_wait: Duration::from_millis(self.batch_wait_ms),
                 replicas: to_nonzero(max_concurrent),
             },
             log_json: self.log_json,

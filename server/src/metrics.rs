@@ -29,6 +29,11 @@ pub const RATE_LIMITER_CLIENTS: &str = "hndsr_rate_limiter_clients";
 pub const RATE_LIMITER_EVICTIONS_TOTAL: &str = "hndsr_rate_limiter_evictions_total";
 /// Gauge: open client connections.
 pub const OPEN_CONNECTIONS: &str = "hndsr_open_connections";
+/// Histogram: tiles per forward pass of the model (several requests' tiles
+/// when batching across requests is on).
+pub const BATCH_TILES: &str = "hndsr_batch_tiles";
+/// Buckets of [`BATCH_TILES`].
+pub const BATCH_TILES_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0];
 /// Histogram: measured ÷ estimated service time of finished computations.
 pub const ESTIMATE_RATIO: &str = "hndsr_service_estimate_ratio";
 /// Buckets of [`ESTIMATE_RATIO`].
@@ -100,6 +105,8 @@ pub struct Metrics {
     /// Open client connections.
     pub open_connections: IntGauge,
     estimate_ratio: Histogram,
+    /// Tiles per forward pass.
+    pub batch_tiles: Histogram,
 }
 
 impl Metrics {
@@ -179,6 +186,11 @@ impl Metrics {
             .expect("valid counter"),
             open_connections: IntGauge::new(OPEN_CONNECTIONS, "Open client connections.")
                 .expect("valid gauge"),
+            batch_tiles: hist(
+                BATCH_TILES,
+                "Tiles per forward pass of the model (tiles of concurrent requests when batching is on).",
+                BATCH_TILES_BUCKETS,
+            ),
             estimate_ratio: hist(
                 ESTIMATE_RATIO,
                 "Measured / estimated service time (decode + inference + encode) of finished computations.",
@@ -192,7 +204,7 @@ impl Metrics {
         for reason in ALL_REASONS {
             m.rejections.with_label_values(&[*reason]);
         }
-        let collectors: [Box<dyn prometheus::core::Collector>; 13] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 14] = [
             Box::new(m.active_requests.clone()),
             Box::new(m.queue_depth.clone()),
             Box::new(m.admitted_requests.clone()),
@@ -206,6 +218,7 @@ impl Metrics {
             Box::new(m.rate_limiter_evictions.clone()),
             Box::new(m.open_connections.clone()),
             Box::new(m.estimate_ratio.clone()),
+            Box::new(m.batch_tiles.clone()),
         ];
         for c in collectors {
             m.registry.register(c).expect("distinct metric names");

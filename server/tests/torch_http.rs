@@ -274,3 +274,94 @@ fn the_contract_projection_bound_is_the_model_crates() {
         hndsr_torch::hndsr::MAX_PROJECTION_STEPS
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_requests_share_forward_passes_and_get_their_own_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let (weights, sha256) = tiny_weights(dir.path());
+    let serve = |batch: &'static str| {
+        let cfg = hndsr_config(
+            &weights,
+            &sha256,
+            &[
+                "--max-concurrent",
+                "2",
+                "--batch-tiles",
+                batch,
+                "--batch-wait-ms",
+                "300",
+            ],
+        );
+        let backend = build_backend(&cfg.model).expect("tiny weights");
+        start_with_backend(cfg, backend)
+    };
+    let passes = |text: &str| -> (u64, f64) {
+        let value = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let count = value("hndsr_batch_tiles_count") as u64;
+        (count, value("hndsr_batch_tiles_sum"))
+    };
+    let pair = |s: &TestServer| {
+        let (a, b) = (png(16, 16, 1), png(16, 16, 2));
+        let (ca, cb) = (s.client.clone(), s.client.clone());
+        let url = s.url("/v1/upscale?scale=4");
+        let url2 = url.clone();
+        async move {
+            let (ra, rb) = tokio::join!(
+                async move {
+                    ca.post(url)
+                        .body(a)
+                        .send()
+                        .await
+                        .unwrap()
+                        .bytes()
+                        .await
+                        .unwrap()
+                },
+                async move {
+                    cb.post(url2)
+                        .body(b)
+                        .send()
+                        .await
+                        .unwrap()
+                        .bytes()
+                        .await
+                        .unwrap()
+                },
+            );
+            (ra, rb)
+        }
+    };
+
+    let alone = serve("0").await;
+    assert_eq!(
+        alone.info().await["batch_tiles"],
+        0,
+        "off on the CPU by default"
+    );
+    let before = passes(&alone.metrics().await);
+    let expected = pair(&alone).await;
+    let after = passes(&alone.metrics().await);
+    assert_eq!(after.0 - before.0, 2, "two requests, two passes");
+    alone.stop().await;
+
+    let batched = serve("2").await;
+    assert_eq!(batched.info().await["batch_tiles"], 2);
+    let before = passes(&batched.metrics().await);
+    let got = pair(&batched).await;
+    let after = passes(&batched.metrics().await);
+    assert_eq!(after.0 - before.0, 1, "two requests, one shared pass");
+    assert!((after.1 - before.1 - 2.0).abs() < 1e-9, "of two tiles");
+    let decode = |b: &[u8]| image::load_from_memory(b).unwrap().to_rgb8();
+    assert_eq!(
+        decode(&got.0),
+        decode(&expected.0),
+        "each gets its own answer"
+    );
+    assert_eq!(decode(&got.1), decode(&expected.1));
+    batched.stop().await;
+}

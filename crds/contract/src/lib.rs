@@ -49,6 +49,12 @@ pub mod env {
     /// Serving profile of the `hndsr` backend: `fast` or `quality` (see
     /// [`super::profile`]); unset: `fast` on the CPU, `quality` on CUDA.
     pub const PROFILE: &str = "HNDSR_PROFILE";
+    /// Most tiles per forward pass of the `hndsr` backend when concurrent
+    /// requests' tiles are batched together (0 or 1: no batching across
+    /// requests); unset: 16 on CUDA, off on the CPU.
+    pub const BATCH_TILES: &str = "HNDSR_BATCH_TILES";
+    /// Longest a forward pass waits for other requests' tiles, in ms.
+    pub const BATCH_WAIT_MS: &str = "HNDSR_BATCH_WAIT_MS";
     /// CPU cores the server may use (the operator fills it from the pod's
     /// CPU request); unset: what the process is allowed to run on.
     pub const CPUS: &str = "HNDSR_CPUS";

@@ -168,6 +168,7 @@ impl Backend for FakeBackend {
             self_ensemble: false,
             tile: None,
             projection_steps: 0,
+            batch_tiles: 0,
         }
     }
 

@@ -82,6 +82,9 @@ pub struct BackendInfo {
     /// Conjugate-gradient steps of the projection onto the images that
     /// downsample to the input (0: off; `hndsr` only).
     pub projection_steps: u32,
+    /// Most tiles per forward pass across concurrent requests (0: each
+    /// request alone; `hndsr` only).
+    pub batch_tiles: usize,
 }
 
 /// Why a backend call failed.
@@ -118,6 +121,10 @@ pub trait Backend: Send + Sync + 'static {
     /// Prepares the calling inference thread (e.g. its libtorch thread
     /// count). Called once on each inference thread before it takes work.
     fn init_thread(&self) {}
+
+    /// Hands the backend the server's metrics, for what only it can observe
+    /// (forward passes and their sizes). Called once, before any work.
+    fn attach_metrics(&self, _metrics: &crate::metrics::Metrics) {}
 
     /// Runs the model once on a small input so the first real request does
     /// not pay for lazy initialisation. Called on an inference thread before

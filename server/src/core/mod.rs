@@ -204,6 +204,7 @@ impl Core {
                 info.backend, info.scales
             )));
         }
+        backend.attach_metrics(&metrics);
         let threads = limits.max_concurrent.get();
         let executor = Executor::start(backend, threads, &metrics)
             .map_err(|e| BackendError::Load(format!("starting the inference threads: {e}")))?;

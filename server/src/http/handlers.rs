@@ -157,6 +157,9 @@ pub struct InfoResponse {
     /// images that downsample exactly to the input (`HNDSR_PROJECTION_STEPS`,
     /// else the weights' recommendation; 0: off).
     pub projection_steps: u32,
+    /// Most tiles per forward pass across concurrent requests (0: each
+    /// request alone): `HNDSR_BATCH_TILES`, else 16 on CUDA and 0 on the CPU.
+    pub batch_tiles: usize,
     /// Limits in force.
     pub limits: InfoLimits,
 }
@@ -441,6 +444,7 @@ pub(super) async fn info(State(state): State<AppState>) -> Json<InfoResponse> {
         self_ensemble: i.self_ensemble,
         tile: i.tile,
         projection_steps: i.projection_steps,
+        batch_tiles: i.batch_tiles,
         limits: InfoLimits {
             max_concurrent: l.max_concurrent.get(),
             max_queue_depth: l.max_queue_depth.get(),

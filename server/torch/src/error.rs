@@ -73,6 +73,37 @@ impl TorchError {
     }
 }
 
+impl TorchError {
+    /// A copy of this error, for handing one failure of a merged batch to
+    /// each of its members (tch's errors are not `Clone`; a libtorch error
+    /// keeps its message).
+    #[must_use]
+    pub fn duplicate(&self) -> Self {
+        match self {
+            Self::InvalidDevice { spec } => Self::InvalidDevice { spec: spec.clone() },
+            Self::CudaUnavailable { spec, reason } => Self::CudaUnavailable {
+                spec: spec.clone(),
+                reason: reason.clone(),
+            },
+            Self::InvalidTiling(m) => Self::InvalidTiling(m.clone()),
+            Self::InvalidInput(m) => Self::InvalidInput(m.clone()),
+            Self::Cancelled => Self::Cancelled,
+            Self::OutOfMemory { op, message } => Self::OutOfMemory {
+                op,
+                message: message.clone(),
+            },
+            Self::DeviceLost { op, message } => Self::DeviceLost {
+                op,
+                message: message.clone(),
+            },
+            Self::Torch { op, source } => Self::Torch {
+                op,
+                source: TchError::Torch(source.to_string()),
+            },
+        }
+    }
+}
+
 /// CUDA's caching allocator says "CUDA out of memory"; the CPU allocator says
 /// "can't allocate memory".
 fn is_out_of_memory(message: &str) -> bool {

@@ -7,6 +7,7 @@
 //! - [`bicubic`]: the bicubic upscaler (`upsample_bicubic2d`).
 //! - [`consistency`]: the training degradation and the projection of an
 //!   upscaled image onto the images that degrade exactly to its input.
+//! - [`batch`]: dynamic batching of concurrent callers' work into one call.
 //! - [`error`]: one error type; out-of-memory is its own variant.
 //!
 //! Threading: `tch::Tensor` is `Send` but not `Sync`, and grad mode is
@@ -18,6 +19,7 @@
 //! a failed call is dropped when the call returns, so after
 //! [`TorchError::OutOfMemory`] the device is as free as before the call.
 
+pub mod batch;
 pub mod bicubic;
 pub mod consistency;
 pub mod device;

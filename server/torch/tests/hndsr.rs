@@ -613,3 +613,70 @@ fn reduced_precision_runs_every_path_close_to_fp32() {
         }
     }
 }
+
+/// Concurrent images through one [`TileBatcher`]: their tiles share
+/// forward passes, and each gets what it gets alone.
+#[test]
+fn concurrent_images_share_forward_passes_and_get_their_own_output() {
+    use std::sync::{Arc, Barrier, Mutex};
+    use std::time::Duration;
+
+    use hndsr_torch::hndsr::TileBatcher;
+
+    let passes = Arc::new(Mutex::new(Vec::new()));
+    let seen = Arc::clone(&passes);
+    // 40×40 at 16² tiles is 5×5 tiles: a pass of 75 takes the three images,
+    // and closes as soon as the third arrives.
+    let batcher = Arc::new(TileBatcher::new(
+        75,
+        Duration::from_secs(5),
+        Some(Box::new(move |tiles| seen.lock().unwrap().push(tiles))),
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let weights = dir.path().join("tiny.safetensors");
+    let model = tiny(21);
+    let sha256 = model
+        .save(
+            &weights,
+            Manifest::untrained(&HndsrConfig::tiny(), model.parameter_count()),
+        )
+        .unwrap()
+        .sha256;
+    for steps in [0, 2] {
+        passes.lock().unwrap().clear();
+        let start = Arc::new(Barrier::new(3));
+        // One replica per thread, loaded from one file, as the server's
+        // threads have.
+        let models: Vec<HndsrModel> = (0..3)
+            .map(|_| {
+                HndsrModel::load(&weights, &sha256, Device::Cpu, Precision::Fp32)
+                    .unwrap()
+                    .with_tile(16)
+                    .unwrap()
+            })
+            .collect();
+        let handles: Vec<_> = models
+            .into_iter()
+            .zip(0..3)
+            .map(|(model, i)| {
+                let (batcher, start) = (batcher.clone(), start.clone());
+                std::thread::spawn(move || {
+                    let input = image(1, 40, 40, f64::from(i));
+                    let alone = model.upscale_image(&input, steps, 5, NEVER).unwrap();
+                    start.wait();
+                    let runner = batcher.runner(Arc::new(|| false));
+                    let merged = model
+                        .upscale_image_via(&input, steps, 5, NEVER, &runner)
+                        .unwrap();
+                    max_abs_diff(&alone, &merged)
+                })
+            })
+            .collect();
+        for h in handles {
+            let diff = h.join().unwrap();
+            assert!(diff < 1e-5, "steps {steps}: merged differs by {diff}");
+        }
+        let passes = passes.lock().unwrap().clone();
+        assert_eq!(passes, vec![75], "steps {steps}: three images, one pass");
+    }
+}

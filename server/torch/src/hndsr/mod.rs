@@ -21,6 +21,7 @@
 //! it on one inference thread (or behind a mutex). Each call takes a no-grad
 //! guard on the calling thread.
 
+mod batched;
 pub mod config;
 pub mod diffusion;
 pub mod manifest;
@@ -38,6 +39,7 @@ use tch::{Device, Kind, TchError, Tensor, nn};
 use crate::error::{TchResultExt, TorchError};
 use crate::tiling::{TileConfig, run_tiled};
 
+pub use batched::{Batched, PassObserver, TileBatcher};
 pub use config::{HndsrConfig, Prediction};
 pub use manifest::{EvalFigure, Manifest, TrainingInfo, manifest_path};
 pub use net::HndsrNet;
@@ -563,6 +565,20 @@ impl HndsrModel {
         seed: u64,
         cancel: &dyn Fn() -> bool,
     ) -> Result<Tensor, TorchError> {
+        self.upscale_image_via(image, steps, seed, cancel, &Direct)
+    }
+
+    /// [`HndsrModel::upscale_image`] with each batch of tiles run by
+    /// `runner` (which may merge it with other callers' tiles, see
+    /// [`crate::batch`]) instead of by [`HndsrModel::upscale`] directly.
+    pub fn upscale_image_via(
+        &self,
+        image: &Tensor,
+        steps: u32,
+        seed: u64,
+        cancel: &dyn Fn() -> bool,
+        runner: &dyn TileRunner,
+    ) -> Result<Tensor, TorchError> {
         let (n, c, _, _) = image.size4().map_err(|_| {
             TorchError::InvalidInput(format!("expected NCHW, got {:?}", image.size()))
         })?;
@@ -594,7 +610,7 @@ impl HndsrModel {
             &rgb,
             scale,
             &self.tiles,
-            |tiles| self.upscale(&tiles, steps, seed, cancel),
+            |tiles| runner.run(self, tiles, steps, seed, cancel),
             cancel,
         )?;
         let mut up = if colour_channels == 1 {
@@ -629,6 +645,40 @@ impl HndsrModel {
             up = Tensor::f_cat(&[&up, &alpha], 1).op("join alpha")?;
         }
         up.f_to_device(Device::Cpu).op("copy output to host")
+    }
+}
+
+/// Runs one batch of an image's tiles through a model: what
+/// [`HndsrModel::upscale_image_via`] calls for each batch.
+pub trait TileRunner {
+    /// Upscales `tiles` (`[B, 3, h, w]`) as [`HndsrModel::upscale`] does.
+    ///
+    /// # Errors
+    /// As [`HndsrModel::upscale`].
+    fn run(
+        &self,
+        model: &HndsrModel,
+        tiles: Tensor,
+        steps: u32,
+        seed: u64,
+        cancel: &dyn Fn() -> bool,
+    ) -> Result<Tensor, TorchError>;
+}
+
+/// Runs each batch on the calling model, alone.
+#[derive(Debug, Clone, Copy)]
+pub struct Direct;
+
+impl TileRunner for Direct {
+    fn run(
+        &self,
+        model: &HndsrModel,
+        tiles: Tensor,
+        steps: u32,
+        seed: u64,
+        cancel: &dyn Fn() -> bool,
+    ) -> Result<Tensor, TorchError> {
+        model.upscale(&tiles, steps, seed, cancel)
     }
 }
 
