@@ -178,8 +178,9 @@ pub struct ModelSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = hndsr_contract::projection::MAX_STEPS))]
     pub projection_steps: Option<i32>,
-    /// Numeric precision: `fp32` (default; the only choice on CPU), `fp16`
-    /// or `bf16` (GPU only).
+    /// Numeric precision: `fp32` (the only choice on CPU), `fp16` or `bf16`
+    /// (GPU only). Unset: `fp16` for backend `hndsr` on GPU pods (it scores
+    /// as fp32 there, at a fraction of the memory traffic), else `fp32`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub precision: Option<Precision>,
 }

@@ -96,9 +96,17 @@ pub fn scale(spec: &HndsrServiceSpec) -> i32 {
     spec.model.scale.unwrap_or(to_i32(contract::SCALE))
 }
 
-/// Numeric precision.
+/// Numeric precision in force: the spec's, else what the server picks
+/// itself (fp16 for `hndsr` on a GPU, where it scores as fp32; fp32
+/// otherwise).
 pub fn precision(spec: &HndsrServiceSpec) -> Precision {
-    spec.model.precision.unwrap_or(Precision::Fp32)
+    spec.model
+        .precision
+        .unwrap_or(if gpu(spec) > 0 && backend(spec) == Backend::Hndsr {
+            Precision::Fp16
+        } else {
+            Precision::Fp32
+        })
 }
 
 /// Device string for the server: `cuda` with a GPU, else `cpu`.

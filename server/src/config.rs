@@ -100,9 +100,10 @@ pub struct Args {
     #[arg(long, env = env::SAMPLING_STEPS)]
     pub sampling_steps: Option<u32>,
 
-    /// Numeric precision: `fp32`, `fp16` or `bf16`.
-    #[arg(long, env = env::PRECISION, default_value = "fp32")]
-    pub precision: String,
+    /// Numeric precision: `fp32`, `fp16` or `bf16`; unset: `fp16` for the
+    /// `hndsr` backend on CUDA (it scores as fp32), `fp32` otherwise.
+    #[arg(long, env = env::PRECISION)]
+    pub precision: Option<String>,
 
     /// `true`: the `hndsr` backend averages μ over the 8 flips / 90°
     /// rotations of each tile (8× the regression work); unset: the
@@ -238,8 +239,9 @@ pub struct ModelConfig {
     /// Default DDIM sampling steps, when configured (the backend falls back
     /// to the profile's).
     pub sampling_steps: Option<u32>,
-    /// `fp32`, `fp16` or `bf16`.
-    pub precision: String,
+    /// `fp32`, `fp16` or `bf16`, when configured (the backend picks by
+    /// device otherwise).
+    pub precision: Option<String>,
     /// Geometric self-ensemble of μ, when configured (the backend falls
     /// back to the weights' recommendation).
     pub self_ensemble: Option<bool>,
@@ -390,14 +392,20 @@ impl Args {
                 env::SAMPLING_STEPS,
             )));
         }
-        let precision = self.precision.trim().to_ascii_lowercase();
-        if !["fp32", "fp16", "bf16"].contains(&precision.as_str()) {
-            return Err(ConfigError::new(format!(
-                "{} ({:?}) must be one of fp32, fp16, bf16",
-                env::PRECISION,
-                self.precision
-            )));
-        }
+        let precision = match self.precision.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(p) => {
+                let p = p.to_ascii_lowercase();
+                if !["fp32", "fp16", "bf16"].contains(&p.as_str()) {
+                    return Err(ConfigError::new(format!(
+                        "{} ({:?}) must be one of fp32, fp16, bf16",
+                        env::PRECISION,
+                        self.precision.as_deref().unwrap_or_default()
+                    )));
+                }
+                Some(p)
+            }
+        };
         let device = self.device.trim().to_ascii_lowercase();
         let device_ok = device == "cpu"
             || device == "cuda"

@@ -331,3 +331,34 @@ async fn a_timed_out_computation_teaches_the_estimator() {
     .await;
     s.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn decoding_does_not_wait_for_the_backend_permit() {
+    let s = start(&["--max-concurrent", "1"], HOLD).await;
+    let held = {
+        let (c, url, body) = (s.client.clone(), s.url(paths::UPSCALE_PATH), png(8, 8, 1));
+        tokio::spawn(async move { c.post(url).body(body).send().await })
+    };
+    eventually("the only permit is taken", || async {
+        s.backend.running() == 1
+    })
+    .await;
+    // A valid header (admission's probe passes) over corrupt pixel data:
+    // refused as soon as it is decoded, while the permit stays taken.
+    let mut corrupt = png(64, 64, 2);
+    let n = corrupt.len();
+    corrupt.truncate(n - 40);
+    let started = Instant::now();
+    let res = s.upscale(corrupt, "").await;
+    assert_eq!(res.status(), 400);
+    assert_eq!(body(res).await["type"], "invalid_image");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(s.backend.running(), 1);
+    s.backend.set_delay(Duration::ZERO);
+    assert_eq!(held.await.unwrap().unwrap().status(), 200);
+    s.stop().await;
+}

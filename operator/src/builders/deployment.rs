@@ -203,8 +203,12 @@ fn server_container(ctx: &Ctx<'_>, cfg: &BuildConfig, serving: &EffectiveServing
         env_var(env::BACKEND, defaults::backend(spec).as_str()),
         env_var(env::SCALE, defaults::scale(spec).to_string()),
         env_var(env::DEVICE, defaults::device(spec)),
-        env_var(env::PRECISION, defaults::precision(spec).as_str()),
     ];
+    // Unset, the server picks by device and backend (defaults::precision
+    // is the same rule): an operator upgrade then changes no pod.
+    if let Some(precision) = spec.model.precision {
+        envs.push(env_var(env::PRECISION, precision.as_str()));
+    }
     if let Some(profile) = spec.model.profile {
         envs.push(env_var(env::PROFILE, profile.as_str()));
     }

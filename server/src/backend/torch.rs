@@ -86,10 +86,9 @@ impl TorchBicubic {
     /// [`BackendError::Load`] for an unusable device, a precision other than
     /// fp32 or a default scale outside [`BICUBIC_SCALES`].
     pub fn new(cfg: &ModelConfig) -> Result<Self, BackendError> {
-        if cfg.precision != "fp32" {
+        if let Some(p) = cfg.precision.as_deref().filter(|p| *p != "fp32") {
             return Err(BackendError::Load(format!(
-                "the bicubic backend computes in fp32 only; precision {:?} was requested",
-                cfg.precision
+                "the bicubic backend computes in fp32 only; precision {p:?} was requested"
             )));
         }
         if !BICUBIC_SCALES.contains(&cfg.scale) {
@@ -206,12 +205,15 @@ impl TorchHndsr {
             .weights_sha256
             .clone()
             .ok_or_else(|| missing("the weights' sha256"))?;
-        let precision: Precision = cfg
-            .precision
-            .parse()
-            .map_err(|e: HndsrError| load_error(&e))?;
         let device =
             hndsr_torch::open_device(&cfg.device).map_err(|e| BackendError::Load(e.to_string()))?;
+        // Unset: fp16 on CUDA, where it scores as fp32 (docs/model.md#precision)
+        // for half the memory traffic; fp32 on the CPU.
+        let precision: Precision = match cfg.precision.as_deref() {
+            Some(p) => p.parse().map_err(|e: HndsrError| load_error(&e))?,
+            None if device.is_cuda() => Precision::Fp16,
+            None => Precision::Fp32,
+        };
         // libtorch has CPU kernels for fp16 / bf16 (hndsr-train measures
         // their quality with them), but they are slower than fp32 there:
         // nothing to serve with.
@@ -279,7 +281,7 @@ impl TorchHndsr {
             model: format!("{}-{}", manifest.model, manifest.version),
             model_digest: model.digest().to_owned(),
             device: hndsr_torch::device_name(device),
-            precision: cfg.precision.clone(),
+            precision: precision.as_str().to_owned(),
             scales: vec![scale],
             profile: Some(profile.as_str().to_owned()),
             default_steps,
@@ -516,7 +518,7 @@ mod tests {
             self_ensemble: None,
             tile: None,
             projection_steps: None,
-            precision: "fp32".to_owned(),
+            precision: None,
             torch_threads: NonZeroUsize::MIN,
             replicas: NonZeroUsize::MIN,
             batch_tiles: None,
@@ -614,7 +616,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         for precision in ["fp16", "bf16"] {
             let err = TorchHndsr::new(&ModelConfig {
-                precision: precision.to_owned(),
+                precision: Some(precision.to_owned()),
                 ..tiny_hndsr(dir.path())
             })
             .expect_err("refused");
@@ -637,7 +639,7 @@ mod tests {
     fn unusable_settings_fail_to_load() {
         for bad in [
             ModelConfig {
-                precision: "fp16".to_owned(),
+                precision: Some("fp16".to_owned()),
                 ..cfg()
             },
             ModelConfig { scale: 5, ..cfg() },

@@ -13,13 +13,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use prometheus::IntGauge;
 use tokio::sync::{OwnedSemaphorePermit, oneshot};
 
-use crate::backend::{Backend, BackendError, CancellationToken, Job};
-use crate::codec::{self, Encoded};
+use crate::backend::{Backend, BackendError, CancellationToken, Job, Planar};
 use crate::error::Error;
 use crate::metrics::Metrics;
 
@@ -49,12 +47,7 @@ impl Drop for Permit {
 /// One upscale, as handed to an inference thread.
 #[derive(Debug)]
 pub(crate) struct Task {
-    pub image: Bytes,
-    pub output: codec::OutputPrefs,
-    pub max_pixels: u64,
-    pub scale: u32,
-    pub steps: Option<u32>,
-    pub seed: u64,
+    pub job: Job,
     pub cancel: CancellationToken,
     pub permit: Permit,
     pub reply: oneshot::Sender<Result<Output, Error>>,
@@ -63,12 +56,8 @@ pub(crate) struct Task {
 /// What an inference thread hands back.
 #[derive(Debug)]
 pub(crate) struct Output {
-    pub encoded: Encoded,
-    pub width: u32,
-    pub height: u32,
-    pub decode: Duration,
+    pub image: Planar,
     pub inference: Duration,
-    pub encode: Duration,
 }
 
 #[derive(Debug)]
@@ -173,33 +162,13 @@ fn worker(rx: &Receiver<Work>, backend: &dyn Backend, metrics: &Metrics, device_
             }
             Work::Upscale(task) => {
                 let Task {
-                    image,
-                    output,
-                    max_pixels,
-                    scale,
-                    steps,
-                    seed,
+                    job,
                     cancel,
                     permit,
                     reply,
                 } = *task;
                 let result = catch_unwind(AssertUnwindSafe(|| {
-                    let params = Params {
-                        output,
-                        max_pixels,
-                        scale,
-                        steps,
-                        seed,
-                    };
-                    run(
-                        backend,
-                        metrics,
-                        &image,
-                        params,
-                        &cancel,
-                        permit,
-                        device_lost,
-                    )
+                    run(backend, metrics, &job, &cancel, permit, device_lost)
                 }))
                 .unwrap_or_else(|_| {
                     tracing::error!("the backend panicked; the inference thread goes on");
@@ -212,21 +181,10 @@ fn worker(rx: &Receiver<Work>, backend: &dyn Backend, metrics: &Metrics, device_
     }
 }
 
-/// The numeric parameters of a task.
-#[derive(Debug, Clone, Copy)]
-struct Params {
-    output: codec::OutputPrefs,
-    max_pixels: u64,
-    scale: u32,
-    steps: Option<u32>,
-    seed: u64,
-}
-
 fn run(
     backend: &dyn Backend,
     metrics: &Metrics,
-    image: &[u8],
-    params: Params,
+    job: &Job,
     cancel: &CancellationToken,
     permit: Permit,
     device_lost: &AtomicBool,
@@ -235,18 +193,7 @@ fn run(
         return Err(Error::Cancelled);
     }
     let started = Instant::now();
-    let (planar, layout) = codec::decode(image, params.max_pixels)?;
-    let (channels, width, height) = (planar.channels, planar.width, planar.height);
-    let job = Job {
-        image: planar,
-        scale: params.scale,
-        steps: params.steps,
-        seed: params.seed,
-    };
-    let decode = started.elapsed();
-
-    let started = Instant::now();
-    let result = backend.upscale(&job, cancel);
+    let result = backend.upscale(job, cancel);
     let inference = started.elapsed();
     // The backend has returned: only now may another call start.
     drop(permit);
@@ -256,24 +203,6 @@ fn run(
         // container; a new process gets a new CUDA context.
         device_lost.store(true, Ordering::SeqCst);
     }
-    let out = result.map_err(Error::from_backend)?;
-    drop(job);
-
-    let (want_w, want_h) = (width * params.scale, height * params.scale);
-    if out.channels != channels || out.width != want_w || out.height != want_h {
-        return Err(Error::Internal(format!(
-            "backend returned {}x{}x{}, expected {want_w}x{want_h}x{channels}",
-            out.width, out.height, out.channels
-        )));
-    }
-    let started = Instant::now();
-    let encoded = codec::encode(&out, layout.with(params.output))?;
-    Ok(Output {
-        encoded,
-        width: out.width,
-        height: out.height,
-        decode,
-        inference,
-        encode: started.elapsed(),
-    })
+    let image = result.map_err(Error::from_backend)?;
+    Ok(Output { image, inference })
 }

@@ -27,7 +27,7 @@ use tokio::sync::{Semaphore, oneshot};
 use self::coalesce::{Coalescer, Joined};
 use self::estimate::{Backlog, Entry, Estimator};
 use self::executor::{Executor, Permit, Task};
-use crate::backend::{Backend, BackendError, BackendInfo, CancellationToken, Planar};
+use crate::backend::{Backend, BackendError, BackendInfo, CancellationToken, Job, Planar};
 use crate::codec;
 use crate::config::{Limits, MAX_SAMPLING_STEPS};
 use crate::error::{Error, jittered_retry_after};
@@ -246,32 +246,26 @@ impl Core {
         for side in CALIBRATION_SIDES {
             let image = calibration_png(side)?;
             let out_pixels = u64::from(side * scale).pow(2);
+            let failed = |e: Error| BackendError::Load(format!("calibration at {side}²: {e}"));
+            let (planar, layout, decode) =
+                decode_off_thread(image, u64::MAX).await.map_err(failed)?;
             let permit = Arc::clone(&inner.permits)
                 .acquire_owned()
                 .await
                 .map_err(|_| BackendError::Load("the permit semaphore is closed".to_owned()))?;
-            let (reply, answer) = oneshot::channel();
-            inner
-                .executor
-                .upscale(Task {
-                    image,
-                    output: codec::OutputPrefs::default(),
-                    max_pixels: u64::MAX,
-                    scale,
-                    steps: None,
-                    seed: 0,
-                    cancel: CancellationToken::new(),
-                    permit: Permit::new(permit, inner.metrics.active_requests.clone()),
-                    reply,
-                })
-                .map_err(|e| BackendError::Load(format!("calibration: {e}")))?;
-            let out = answer
+            let job = Job {
+                image: planar,
+                scale,
+                steps: None,
+                seed: 0,
+            };
+            let (out, inference) = infer(inner, job, CancellationToken::new(), permit)
                 .await
-                .map_err(|_| BackendError::Load("calibration: no answer".to_owned()))?
-                .map_err(|e| BackendError::Load(format!("calibration at {side}²: {e}")))?;
-            let took = out.decode + out.inference + out.encode;
+                .map_err(failed)?;
+            let (_, encode) = encode_off_thread(out, layout).await.map_err(failed)?;
+            let took = decode + inference + encode;
             points.push((out_pixels, took));
-            if took >= CALIBRATION_TARGET {
+            if points.len() >= 2 && took >= CALIBRATION_TARGET {
                 break;
             }
         }
@@ -570,7 +564,6 @@ async fn compute(
     cost: Cost,
     cancel: CancellationToken,
 ) -> Result<Upscaled, Error> {
-    let queued_at = Instant::now();
     inner.metrics.queue_depth.inc();
     let queued = Queued(inner.metrics.queue_depth.clone());
     let backlog: Entry = inner.backlog.enqueue(cost.estimate);
@@ -590,6 +583,14 @@ async fn compute(
             })
         }
     };
+    // Decoded before the permit: the permit (the GPU) is for the backend
+    // alone, and decoding overlaps other requests' inference.
+    let (image, layout, decode) = tokio::select! {
+        biased;
+        () = cancel.cancelled() => return Err(Error::Cancelled),
+        decoded = decode_off_thread(req.image, inner.limits.max_image_pixels) => decoded?,
+    };
+    let queued_at = Instant::now();
     let permit = tokio::select! {
         biased;
         () = cancel.cancelled() => return Err(Error::Cancelled),
@@ -603,51 +604,102 @@ async fn compute(
     let queue = queued_at.elapsed();
     inner.metrics.observe_queue_wait(queue);
 
-    let (reply, answer) = oneshot::channel();
-    inner.executor.upscale(Task {
-        image: req.image,
-        output: req.output,
-        max_pixels: inner.limits.max_image_pixels,
+    let job = Job {
+        image,
         scale,
         steps: req.steps,
         seed: req.seed,
-        cancel,
-        permit: Permit::new(permit, inner.metrics.active_requests.clone()),
-        reply,
-    })?;
-    let out = answer
-        .await
-        .map_err(|_| Error::Internal("the inference thread dropped the request".to_owned()))?;
-    let out = match out {
+    };
+    let (out, inference) = match infer(inner, job, cancel, permit).await {
         Ok(out) => out,
         Err(e) => {
             if matches!(e, Error::Cancelled) {
                 // It ran this long without finishing: a lower bound.
                 inner
                     .estimator
-                    .observe_at_least(cost.out_pixels, started.elapsed());
+                    .observe_at_least(cost.out_pixels, decode + started.elapsed());
             }
             return Err(e);
         }
     };
     drop(backlog);
-    let service = out.decode + out.inference + out.encode;
+    let (width, height) = (out.width, out.height);
+    let (encoded, encode) = encode_off_thread(out, layout.with(req.output)).await?;
+    let service = decode + inference + encode;
     inner.estimator.observe(cost.out_pixels, service);
     inner.metrics.observe_estimate(cost.estimate, service);
     Ok(Upscaled {
-        image: Bytes::from(out.encoded.bytes),
-        content_type: out.encoded.content_type,
-        width: out.width,
-        height: out.height,
+        image: Bytes::from(encoded.bytes),
+        content_type: encoded.content_type,
+        width,
+        height,
         scale,
         timings: Timings {
             queue,
-            decode: out.decode,
-            inference: out.inference,
-            encode: out.encode,
+            decode,
+            inference,
+            encode,
             estimate: cost.estimate,
         },
     })
+}
+
+/// Decodes on the blocking pool; returns the image, its layout and the time.
+async fn decode_off_thread(
+    image: Bytes,
+    max_pixels: u64,
+) -> Result<(Planar, codec::Layout, Duration), Error> {
+    tokio::task::spawn_blocking(move || {
+        let started = Instant::now();
+        codec::decode(&image, max_pixels).map(|(p, l)| (p, l, started.elapsed()))
+    })
+    .await
+    .map_err(|e| Error::Internal(format!("the decoding task failed: {e}")))?
+}
+
+/// Encodes on the blocking pool; returns the file and the time.
+async fn encode_off_thread(
+    image: Planar,
+    layout: codec::Layout,
+) -> Result<(codec::Encoded, Duration), Error> {
+    tokio::task::spawn_blocking(move || {
+        let started = Instant::now();
+        codec::encode(&image, layout).map(|e| (e, started.elapsed()))
+    })
+    .await
+    .map_err(|e| Error::Internal(format!("the encoding task failed: {e}")))?
+}
+
+/// Runs `job` on an inference thread under `permit`; returns the output
+/// (checked against the job's shape) and the time in the backend.
+async fn infer(
+    inner: &Inner,
+    job: Job,
+    cancel: CancellationToken,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) -> Result<(Planar, Duration), Error> {
+    let (channels, want_w, want_h) = (
+        job.image.channels,
+        job.image.width * job.scale,
+        job.image.height * job.scale,
+    );
+    let (reply, answer) = oneshot::channel();
+    inner.executor.upscale(Task {
+        job,
+        cancel,
+        permit: Permit::new(permit, inner.metrics.active_requests.clone()),
+        reply,
+    })?;
+    let out = answer
+        .await
+        .map_err(|_| Error::Internal("the inference thread dropped the request".to_owned()))??;
+    if out.image.channels != channels || out.image.width != want_w || out.image.height != want_h {
+        return Err(Error::Internal(format!(
+            "backend returned {}x{}x{}, expected {want_w}x{want_h}x{channels}",
+            out.image.width, out.image.height, out.image.channels
+        )));
+    }
+    Ok((out.image, out.inference))
 }
 
 #[cfg(test)]

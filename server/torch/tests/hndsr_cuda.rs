@@ -30,3 +30,44 @@ fn reduced_precision_on_cuda_stays_close_to_cpu_fp32() {
         assert!(diff < tol, "{precision}: mean |gpu - cpu| = {diff}");
     }
 }
+
+/// Tiles, blending, self-ensemble, the projection and alpha all on the
+/// GPU (nothing crosses to the host before the end): the same image as the
+/// CPU's, for RGB, RGBA and gray + alpha, with and without diffusion.
+#[test]
+fn the_whole_path_on_cuda_matches_the_cpu() {
+    let device = open_device("cuda").expect("a CUDA device");
+    let dir = tempfile::tempdir().unwrap();
+    let weights = dir.path().join("tiny.safetensors");
+    let cpu = HndsrModel::random(&HndsrConfig::tiny(), Device::Cpu, 2).unwrap();
+    let manifest = cpu
+        .save(&weights, Manifest::untrained(cpu.config(), 0))
+        .unwrap();
+    let setup = |m: HndsrModel| {
+        m.with_tile(16)
+            .unwrap()
+            .with_self_ensemble(true)
+            .with_projection_steps(5)
+            .unwrap()
+    };
+    let cpu = setup(cpu);
+    let gpu = setup(HndsrModel::load(&weights, &manifest.sha256, device, Precision::Fp32).unwrap());
+    let never = || false;
+    for channels in [3, 4, 2] {
+        let x = Tensor::rand([1, channels, 40, 48], (Kind::Float, Device::Cpu));
+        for steps in [0, 3] {
+            let want = cpu.upscale_image(&x, steps, 7, &never).unwrap();
+            let got = gpu.upscale_image(&x, steps, 7, &never).unwrap();
+            assert_eq!(
+                got.device(),
+                Device::Cpu,
+                "the answer comes back to the host"
+            );
+            let diff = (&got - &want).abs().max().double_value(&[]);
+            assert!(
+                diff < 2e-3,
+                "{channels} channels, {steps} steps: max |gpu - cpu| = {diff}"
+            );
+        }
+    }
+}

@@ -618,27 +618,14 @@ impl HndsrModel {
         } else {
             up
         };
+        // Projection and alpha on the model's device, like the blend: the
+        // finished image crosses to the host once.
         if self.projection_steps > 0 {
-            let input = image
-                .f_narrow(1, 0, colour_channels)
-                .and_then(|x| x.f_to_device(Device::Cpu))
-                .op("copy input to host")?;
-            let estimate = up.f_to_device(Device::Cpu).op("copy output to host")?;
-            up = crate::consistency::project(
-                &estimate,
-                &input,
-                scale,
-                self.projection_steps,
-                cancel,
-            )?;
+            let input = x.f_narrow(1, 0, colour_channels).op("split colour")?;
+            up = crate::consistency::project(&up, &input, scale, self.projection_steps, cancel)?;
         }
         if c == 2 || c == 4 {
-            // On the host, like the blended colour: a whole-image alpha
-            // plane at the output size stays off the GPU.
-            let alpha = image
-                .f_narrow(1, c - 1, 1)
-                .and_then(|a| a.f_to_device(Device::Cpu))
-                .op("split alpha")?;
+            let alpha = x.f_narrow(1, c - 1, 1).op("split alpha")?;
             let alpha = crate::bicubic::upsample_bicubic(&alpha, scale)?
                 .f_clamp(0.0, 1.0)
                 .op("clamp alpha")?;
