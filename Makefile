@@ -107,6 +107,22 @@ bench: prereqs ## load-test the release server on 127.0.0.1 and print the figure
 train: prereqs ## train HNDSR from scratch, export + evaluate (knobs: server/scripts/train.sh; hours on CPU)
 	bash server/scripts/train.sh
 
+GPU_KIT ?= target/gpu-kit
+
+.PHONY: gpu-kit
+gpu-kit: prereqs ## build the GPU checks' stripped binaries into target/gpu-kit (carry it to a CUDA machine, then: bash server/scripts/bench-gpu.sh)
+	$(CARGO) build --release --locked -p hndsr-server --bin hndsr-server -p hndsr-loadgen --bin hndsr-loadgen -p hndsr-train --bin hndsr-train
+	$(CARGO) test --release --locked -p hndsr-torch --features cuda-tests --test hndsr_cuda --test cuda --no-run
+	@mkdir -p $(GPU_KIT)
+	@for b in hndsr-server hndsr-loadgen hndsr-train; do strip -o $(GPU_KIT)/$$b target/release/$$b; done
+	@for t in hndsr_cuda cuda; do \
+	  f=$$(ls -t target/release/deps/$$t-* | grep -v '\.d$$' | head -1); strip -o $(GPU_KIT)/$$t "$$f"; done
+	@du -sh $(GPU_KIT)
+
+.PHONY: bench-gpu
+bench-gpu: ## on a machine with a CUDA GPU and PyTorch 2.11.0: CUDA tests, model latency, server under load (needs `make gpu-kit` first)
+	bash server/scripts/bench-gpu.sh
+
 HNDSR_DEVICE ?= cpu
 .PHONY: bench-model
 bench-model: prereqs ## HNDSR latency per 256²→1024² tile, steps 0/20/50, batch 1/8, on HNDSR_DEVICE (cpu; cuda on a GPU machine)

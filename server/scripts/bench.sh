@@ -4,9 +4,10 @@
 # docs/benchmarks.md). Builds the release hndsr-server and hndsr-loadgen
 # itself (incremental; BENCH_NO_BUILD=1 skips it); needs python3 and curl.
 #
-#   1. EDGE x EDGE PNG (256), scale 4, concurrency 1, 4, 16, 64 (rate limit off);
+#   1. EDGE x EDGE PNG (256), scale 4, concurrency 1, 4, 16, 64 (rate limit
+#      off), bicubic and, with BENCH_WEIGHTS, the hndsr fast profile;
 #   2. overload: concurrency 10 x MAX_QUEUE_DEPTH: share of 503s, p99 of the
-#      503s and of the admitted requests;
+#      503s and of the admitted requests, refusals by type;
 #   3. 100k requests from 100k distinct client addresses via a trusted
 #      X-Forwarded-For, rate limit on: server RSS before and after;
 #   4. libtorch threads per inference thread: HNDSR_TORCH_THREADS = the
@@ -129,13 +130,15 @@ PY
 BODY=(--png "$EDGE" --png-variants 256)
 
 # --- 1 and 2: throughput and latency, then overload -------------------------
-if want load; then
+# load_section LABEL: against a server started with BACKEND_ARGS.
+load_section() {
+local label="$1"
 start_server "$WORK/server-a.log" --rate-limit-per-hour 0 --request-timeout-s 30
 URL="http://127.0.0.1:$PORT/v1/upscale?scale=4"
 # Warm the process (allocator, PNG paths) outside the measurements.
 "$LOADGEN" run --url "$URL" "${BODY[@]}" -c 2 -n 10 >/dev/null
 
-echo "## Throughput and latency: ${EDGE}x${EDGE} PNG, scale 4, bicubic, CPU"
+echo "## Throughput and latency: ${EDGE}x${EDGE} PNG, scale 4, $label, CPU"
 echo
 echo "MAX_CONCURRENT=$MAX_CONCURRENT, MAX_QUEUE_DEPTH=$MAX_QUEUE_DEPTH, rate limit off, ${SECONDS_PER_LEVEL} s per level."
 echo "\"error\": no HTTP response (the server answered 503 before reading the body and closed"
@@ -151,7 +154,7 @@ done
 OVER=$((10 * MAX_QUEUE_DEPTH))
 "$LOADGEN" run --url "$URL" "${BODY[@]}" -c "$OVER" -d "$SECONDS_PER_LEVEL" --json >"$WORK/over.json"
 echo
-echo "## Overload: concurrency $OVER (10 x MAX_QUEUE_DEPTH)"
+echo "## Overload: concurrency $OVER (10 x MAX_QUEUE_DEPTH), $label"
 echo
 python3 - "$WORK/over.json" <<'PY'
 import json, sys
@@ -168,10 +171,21 @@ print(f'| p50 / p99 of 503 | {p50("503")} / {p99("503")} |')
 print(f'| admitted (200) per second | {c.get("200", 0) / r["elapsed_s"]:.1f} |')
 print(f'| p50 / p99 of admitted (200) | {p50("200")} / {p99("200")} |')
 print(f'| status counts | {", ".join(f"{k}: {v}" for k, v in sorted(c.items()))} |')
+print(f'| refusals by type | {", ".join(f"{k}: {v}" for k, v in sorted(r["error_types"].items())) or "-"} |')
 for e in r["error_samples"][:2]:
     print(f'| transport error seen | `{e}` |')
 PY
 stop_server
+echo
+}
+if want load; then
+  load_section bicubic
+  if [[ -n "${BENCH_WEIGHTS:-}" ]]; then
+    SHA="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["sha256"])' "${BENCH_WEIGHTS%.safetensors}.json")"
+    BACKEND_ARGS=(--backend hndsr --weights-path "$BENCH_WEIGHTS" --weights-sha256 "$SHA" --profile fast)
+    load_section "hndsr fast profile"
+    BACKEND_ARGS=(--backend bicubic)
+  fi
 fi
 
 # --- 3: rate-limiter memory under many distinct clients ---------------------

@@ -133,7 +133,8 @@ impl SplitMix64 {
     }
 }
 
-/// `n` standard normal samples (Box–Muller) from `seed`.
+/// `n` standard normal samples (Box–Muller) from `seed`, on the host: the
+/// definition of the noise stream [`normal_noise_on`] computes on a device.
 pub fn normal_noise(seed: u64, n: usize) -> Vec<f32> {
     let mut rng = SplitMix64::new(seed);
     let mut out = Vec::with_capacity(n + 1);
@@ -148,27 +149,107 @@ pub fn normal_noise(seed: u64, n: usize) -> Vec<f32> {
     out
 }
 
-/// FNV-1a over the bytes of a CPU f32 tensor: a cheap content hash.
-pub fn content_hash(x: &Tensor) -> u64 {
-    let flat = x
-        .to_device(Device::Cpu)
+/// SplitMix64's increment and output mix, as wrapping `i64` constants for
+/// tensor arithmetic (the same bits as the `u64` ones).
+const GOLDEN: i64 = 0x9E37_79B9_7F4A_7C15_u64 as i64;
+const MIX1: i64 = 0xBF58_476D_1CE4_E5B9_u64 as i64;
+const MIX2: i64 = 0x94D0_49BB_1331_11EB_u64 as i64;
+
+/// `x >>> k` on an `i64` tensor (the logical shift SplitMix64 uses; torch's
+/// is arithmetic on signed integers).
+fn shr(x: &Tensor, k: i64) -> Tensor {
+    x.bitwise_right_shift_tensor_scalar(k)
+        .bitwise_and((1_i64 << (64 - k)) - 1)
+}
+
+/// SplitMix64's output function on every element of an `i64` tensor
+/// (wrapping arithmetic, two's complement: the bits of the `u64` version).
+fn mix64(z: &Tensor) -> Tensor {
+    let z = (z.bitwise_xor_tensor(&shr(z, 30))) * MIX1;
+    let z = (z.bitwise_xor_tensor(&shr(&z, 27))) * MIX2;
+    z.bitwise_xor_tensor(&shr(&z, 31))
+}
+
+/// [`normal_noise`] computed on `device` with tensor operations: the same
+/// stream (output `k` of SplitMix64 is the mix of `seed + (k + 1)·golden`,
+/// so every sample is computed independently) and the same Box–Muller
+/// pairs, as an `[n]` f32 tensor. Nothing crosses from the host but the
+/// seed.
+pub fn normal_noise_on(seed: u64, n: usize, device: Device) -> Tensor {
+    let n = i64::try_from(n).unwrap_or(i64::MAX);
+    let pairs = (n + 1) / 2;
+    let k = Tensor::arange(2 * pairs, (Kind::Int64, device));
+    #[allow(clippy::cast_possible_wrap)]
+    let state = (k + 1) * GOLDEN + seed as i64;
+    let bits = mix64(&state);
+    // ((z >>> 11) + 1) / 2^53: uniform in (0, 1], exactly as next_unit.
+    let unit = (shr(&bits, 11).to_kind(Kind::Double) + 1.0) / 9_007_199_254_740_992.0;
+    let unit = unit.view([pairs, 2]);
+    let (u1, u2) = (unit.select(1, 0), unit.select(1, 1));
+    let r = (u1.log() * -2.0).sqrt();
+    let a = u2 * std::f64::consts::TAU;
+    Tensor::stack(&[&r * a.cos(), r * a.sin()], 1)
+        .view([2 * pairs])
+        .narrow(0, 0, n)
+        .to_kind(Kind::Float)
+}
+
+/// A content hash of a tile, computed where the tile is: the f32 bits of
+/// every sample times a per-position SplitMix64 weight, summed with
+/// wrapping `i64` arithmetic, then mixed once on the host. Only the sum
+/// crosses to the host; tiles that differ in any sample get different
+/// noise, and a tile gets the same noise wherever it sits in a batch.
+pub fn content_hash_on(x: &Tensor) -> u64 {
+    let bits = x
         .to_kind(Kind::Float)
         .contiguous()
-        .view([-1]);
-    let values = Vec::<f32>::try_from(&flat).expect("f32 tensor to vec");
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for v in values {
-        for b in v.to_le_bytes() {
-            h ^= u64::from(b);
-            h = h.wrapping_mul(0x0000_0100_0000_01B3);
-        }
-    }
-    h
+        .view([-1])
+        .view_dtype(Kind::Int)
+        .to_kind(Kind::Int64);
+    let k = Tensor::arange(bits.size()[0], (Kind::Int64, x.device()));
+    let weights = mix64(&((k + 1) * GOLDEN));
+    let sum = (bits * weights).sum(Kind::Int64).int64_value(&[]);
+    #[allow(clippy::cast_sign_loss)]
+    SplitMix64::new(sum as u64).next_u64()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn noise_on_a_device_is_the_host_stream() {
+        for (seed, n) in [
+            (0_u64, 1_usize),
+            (7, 10),
+            (u64::MAX, 1001),
+            (0x1234_5678_9ABC, 4096),
+        ] {
+            let host = normal_noise(seed, n);
+            let device = Vec::<f32>::try_from(&normal_noise_on(seed, n, Device::Cpu)).unwrap();
+            assert_eq!(device.len(), n);
+            let worst = host
+                .iter()
+                .zip(&device)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0_f32, f32::max);
+            assert!(worst < 1e-6, "seed {seed}, n {n}: {worst}");
+        }
+    }
+
+    #[test]
+    fn the_device_content_hash_tells_tiles_apart() {
+        let a = Tensor::from_slice(&[0.25_f32, 0.5, 0.75, 1.0]).view([1, 1, 2, 2]);
+        let b = Tensor::from_slice(&[0.25_f32, 0.5, 0.75, 0.999]).view([1, 1, 2, 2]);
+        let swapped = Tensor::from_slice(&[0.5_f32, 0.25, 0.75, 1.0]).view([1, 1, 2, 2]);
+        assert_eq!(content_hash_on(&a), content_hash_on(&a.copy()));
+        assert_ne!(content_hash_on(&a), content_hash_on(&b));
+        assert_ne!(
+            content_hash_on(&a),
+            content_hash_on(&swapped),
+            "positions count"
+        );
+    }
 
     /// With a predictor that knows the clean sample, DDIM must return it
     /// exactly, for both parameterisations and any step count: this pins

@@ -491,7 +491,7 @@ impl HndsrModel {
         let seeds: Vec<u64> = if steps > 0 {
             guarded("hash tiles", || {
                 Ok((0..x.size()[0])
-                    .map(|i| mix(seed, diffusion::content_hash(&x.get(i))))
+                    .map(|i| mix(seed, diffusion::content_hash_on(&x.get(i))))
                     .collect())
             })?
         } else {
@@ -532,7 +532,7 @@ impl HndsrModel {
         let per_tile = (c * h * w) as usize;
         let noise: Vec<Tensor> = seeds
             .iter()
-            .map(|&s| Tensor::from_slice(&diffusion::normal_noise(s, per_tile)).view([1, c, h, w]))
+            .map(|&s| diffusion::normal_noise_on(s, per_tile, mu.device()).view([1, c, h, w]))
             .collect();
         let x = Tensor::cat(&noise, 0)
             .to_device(mu.device())
