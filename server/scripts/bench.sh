@@ -23,9 +23,10 @@
 #      BENCH_PROFILES (default "fast"), the README's 256² sample at
 #      concurrency 1: p50/p99 and /v1/info's settings;
 #   7. "cpu": the bicubic server's CPU time per request (process utime +
-#      stime over sequential requests, 64 distinct bodies), the machine's
-#      limit (cores / CPU per request) and what concurrency 16 reaches of it,
-#      per answer encoding (PNG fast, PNG none, TIFF);
+#      stime over sequential requests on one libtorch thread, 64 distinct
+#      bodies), the machine's limit (cores / CPU per request) and what the
+#      default server at concurrency 16 reaches of it, per answer encoding
+#      (PNG fast, PNG none, TIFF);
 #   8. "deadline": steady load (concurrency MAX_CONCURRENT, mixed 128²-512²
 #      inputs) then 10x overload on the hndsr fast profile (bicubic without
 #      BENCH_WEIGHTS): the estimator's measured/estimated ratio, refusals by
@@ -318,30 +319,38 @@ PY
 }
 
 # --- 7: CPU per request and the machine's limit (bicubic) --------------------
+# The CPU a request costs is measured on a server with one libtorch thread:
+# with more, libtorch's idle workers spin between kernels and bill the
+# process for time no request needed (at concurrency 1 that overstates the
+# cost by ~15 %). The concurrency-16 run uses the default server.
 if want cpu; then
   BACKEND_ARGS=(--backend bicubic)
   CPU_BODY=(--png "$EDGE" --png-variants 64)
   echo
   echo "## CPU per request and the machine's limit: bicubic, ${EDGE}x${EDGE} PNG (64 distinct), scale 4"
   echo
-  echo "CPU = the server process's utime + stime over 100 sequential requests; limit = $CORES cores / CPU per request;"
-  echo "then concurrency 16 for ${SECONDS_PER_LEVEL} s."
+  echo "CPU = the server process's utime + stime over 100 sequential requests (--torch-threads 1);"
+  echo "limit = $CORES cores / CPU per request; then the default server at concurrency 16 for ${SECONDS_PER_LEVEL} s."
   echo
-  echo "| answer | CPU ms / request | limit req/s | c=16 200/s | share of limit | c=16 p50 / p99 ms | mean answer KiB |"
+  echo "| answer | CPU ms / request | limit req/s | c=16 200/s | share of limit | c=16 p50 / p99 ms | sample answer KiB |"
   echo "|---|---:|---:|---:|---:|---:|---:|"
   for enc in png-fast png-none tiff; do
-    start_server "$WORK/server-cpu-$enc.log" --rate-limit-per-hour 0 --request-timeout-s 30
     q="scale=4"; hdr=()
     case "$enc" in
       png-none) q="scale=4&compression=none" ;;
       tiff) hdr=(-H "accept: image/tiff") ;;
     esac
+    start_server "$WORK/server-cpu1-$enc.log" --rate-limit-per-hour 0 --request-timeout-s 30 --torch-threads 1
     URL="http://127.0.0.1:$PORT/v1/upscale?$q"
     "$LOADGEN" run --url "$URL" "${CPU_BODY[@]}" "${hdr[@]}" -c 2 -n 20 >/dev/null
     size="$(curl -s -o "$WORK/one.out" -w '%{size_download}' "${hdr[@]}" --data-binary @"$SAMPLE" -H 'content-type: image/png' "$URL")"
     before="$(proc_cpu_s)"
     "$LOADGEN" run --url "$URL" "${CPU_BODY[@]}" "${hdr[@]}" -c 1 -n 100 --json >"$WORK/cpu-$enc-c1.json"
     after="$(proc_cpu_s)"
+    stop_server
+    start_server "$WORK/server-cpu-$enc.log" --rate-limit-per-hour 0 --request-timeout-s 30
+    URL="http://127.0.0.1:$PORT/v1/upscale?$q"
+    "$LOADGEN" run --url "$URL" "${CPU_BODY[@]}" "${hdr[@]}" -c 4 -n 20 >/dev/null
     "$LOADGEN" run --url "$URL" "${CPU_BODY[@]}" "${hdr[@]}" -c 16 -d "$SECONDS_PER_LEVEL" --json >"$WORK/cpu-$enc-c16.json"
     python3 - "$enc" "$before" "$after" "$CORES" "$WORK/cpu-$enc-c16.json" "$size" <<'PY'
 import json, sys

@@ -122,6 +122,15 @@ pub trait Backend: Send + Sync + 'static {
     /// count). Called once on each inference thread before it takes work.
     fn init_thread(&self) {}
 
+    /// How much work upscaling a `width`×`height` image by `scale` is, in
+    /// output pixels actually computed: the admission core's service-time
+    /// estimate is proportional to it. The default is the output's pixels;
+    /// a tiling backend counts its overlapping tiles (a 512² input cut
+    /// into 256² tiles computes about twice its pixels, a 256² one once).
+    fn work(&self, width: u32, height: u32, scale: u32) -> u64 {
+        u64::from(width) * u64::from(height) * u64::from(scale) * u64::from(scale)
+    }
+
     /// Hands the backend the server's metrics, for what only it can observe
     /// (forward passes and their sizes). Called once, before any work.
     fn attach_metrics(&self, _metrics: &crate::metrics::Metrics) {}

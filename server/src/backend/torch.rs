@@ -376,6 +376,10 @@ impl Backend for TorchHndsr {
         let _ = self.passes.set(metrics.batch_tiles.clone());
     }
 
+    fn work(&self, width: u32, height: u32, scale: u32) -> u64 {
+        tiled_work(&self.tiles, width, height, scale)
+    }
+
     fn warm_up(&self) -> Result<(), BackendError> {
         warm_up(self, 32, self.info.scales[0])
     }
@@ -392,6 +396,21 @@ impl Backend for TorchHndsr {
         self.checkin(model);
         tensor_to_planar(&output.map_err(backend_error)?, job.image.channels)
     }
+}
+
+/// Output pixels the tiles of a `width`×`height` image compute at `scale`
+/// (overlaps counted twice), by the same rules as `run_tiled`.
+fn tiled_work(tiles: &TileConfig, width: u32, height: u32, scale: u32) -> u64 {
+    let axis = |len: u32| {
+        let len = i64::from(len);
+        let t = hndsr_torch::tiling::axis_tile(len, tiles.tile, tiles.overlap);
+        let n = i64::try_from(hndsr_torch::tiling::tile_starts(len, t, tiles.overlap).len())
+            .unwrap_or(i64::MAX);
+        u64::try_from(n.saturating_mul(t)).unwrap_or(u64::MAX)
+    };
+    axis(width)
+        .saturating_mul(axis(height))
+        .saturating_mul(u64::from(scale) * u64::from(scale))
 }
 
 /// Sets the calling thread's libtorch intra-op thread count (OpenMP keeps
@@ -596,6 +615,21 @@ mod tests {
             weights_sha256: Some(manifest.sha256),
             ..cfg()
         }
+    }
+
+    #[test]
+    fn tiled_work_counts_the_overlapping_tiles() {
+        let tiles = hndsr_torch::hndsr::tiles_for(256, Device::Cpu);
+        // One tile up to 256 + overlap; beyond, overlapping 256² tiles.
+        assert_eq!(tiled_work(&tiles, 256, 256, 4), 1024 * 1024);
+        assert_eq!(tiled_work(&tiles, 200, 100, 4), 800 * 400);
+        let big = tiled_work(&tiles, 512, 512, 4);
+        assert!(big > 4 * 1024 * 1024, "overlaps are work too: {big}");
+        let small = hndsr_torch::hndsr::tiles_for(24, Device::Cpu);
+        assert!(
+            tiled_work(&small, 256, 256, 4) > 2 * 1024 * 1024,
+            "24² tiles overlap a lot"
+        );
     }
 
     #[test]

@@ -9,13 +9,24 @@
 //! terms: requests of one size cannot tell the terms apart, and a slower
 //! pod is slower at every size.
 //!
+//! Admission holds estimates to deadlines with a margin: the 95th
+//! percentile of measured ÷ estimated over the last [`ERROR_WINDOW`]
+//! computations, at least [`MIN_MARGIN`] (and at most [`MAX_MARGIN`]), so
+//! the margin widens where the estimates are poor (mixed sizes sharing
+//! cores) and stays thin where they are good.
+//!
+//! Sizes are in *work units*: the output pixels the backend really
+//! computes (a tiling backend counts its overlaps, see
+//! `Backend::work`), so an image just over the tile edge is not estimated
+//! like one just under it.
+//!
 //! [`Backlog`]: the work ahead of a new request. Computations waiting for a
 //! permit and running ones register their estimates; the wait of a new one
 //! is what FIFO scheduling of that work on `MAX_CONCURRENT` slots gives.
 //!
 //! Both are plain data behind a mutex, tested without a backend.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -29,10 +40,22 @@ const ALPHA: f64 = 0.2;
 /// at most ALPHA × the bound.
 const RATIO_BOUNDS: (f64, f64) = (0.1, 10.0);
 
+/// Least margin on estimates held against a deadline.
+pub const MIN_MARGIN: f64 = 1.2;
+/// Most margin (a wider spread says the model is wrong, not that requests
+/// are that slow).
+pub const MAX_MARGIN: f64 = 4.0;
+/// Computations whose estimate error sets the margin.
+pub const ERROR_WINDOW: usize = 128;
+/// Errors needed before they set the margin.
+const MIN_ERRORS: usize = 10;
+
 /// The service-time model of one pod (a pod serves one profile).
 #[derive(Debug, Default)]
 pub struct Estimator {
     model: Mutex<Model>,
+    /// Measured ÷ estimated of the latest computations.
+    errors: Mutex<VecDeque<f64>>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -113,6 +136,34 @@ impl Estimator {
         }
         let ratio = (took.as_secs_f64() / shape).clamp(RATIO_BOUNDS.0, RATIO_BOUNDS.1);
         m.speed += ALPHA * (ratio - m.speed);
+    }
+
+    /// Records how far an admission estimate was from the measured time.
+    pub fn record_error(&self, estimated: Duration, measured: Duration) {
+        if estimated.is_zero() {
+            return;
+        }
+        let mut e = self.errors.lock();
+        if e.len() == ERROR_WINDOW {
+            e.pop_front();
+        }
+        e.push_back(measured.as_secs_f64() / estimated.as_secs_f64());
+    }
+
+    /// The factor estimates are multiplied by before they are held against
+    /// a deadline: the 95th percentile of the recent errors, within
+    /// [`MIN_MARGIN`]..=[`MAX_MARGIN`].
+    #[must_use]
+    pub fn margin(&self) -> f64 {
+        let e = self.errors.lock();
+        if e.len() < MIN_ERRORS {
+            return MIN_MARGIN;
+        }
+        let mut v: Vec<f64> = e.iter().copied().collect();
+        drop(e);
+        v.sort_by(f64::total_cmp);
+        let p95 = v[(v.len() * 95).div_ceil(100).clamp(1, v.len()) - 1];
+        p95.clamp(MIN_MARGIN, MAX_MARGIN)
     }
 
     /// Folds in a lower bound: a computation cancelled after `ran` without
@@ -319,6 +370,35 @@ mod tests {
         );
         e.observe_at_least(MPX, Duration::from_secs(5));
         assert!(e.service(MPX) > Duration::from_secs(1));
+    }
+
+    #[test]
+    fn the_margin_follows_the_recent_errors() {
+        let e = Estimator::new();
+        assert!((e.margin() - MIN_MARGIN).abs() < 1e-9, "no errors yet");
+        let est = Duration::from_secs(1);
+        for _ in 0..100 {
+            e.record_error(est, Duration::from_millis(900));
+        }
+        assert!(
+            (e.margin() - MIN_MARGIN).abs() < 1e-9,
+            "good estimates: the floor"
+        );
+        for _ in 0..10 {
+            e.record_error(est, Duration::from_millis(1800));
+        }
+        assert!((e.margin() - 1.8).abs() < 1e-9, "{}", e.margin());
+        for _ in 0..ERROR_WINDOW {
+            e.record_error(est, Duration::from_secs(100));
+        }
+        assert!((e.margin() - MAX_MARGIN).abs() < 1e-9, "capped");
+        for _ in 0..ERROR_WINDOW {
+            e.record_error(est, Duration::from_millis(500));
+        }
+        assert!(
+            (e.margin() - MIN_MARGIN).abs() < 1e-9,
+            "old errors leave the window"
+        );
     }
 
     #[test]

@@ -36,11 +36,6 @@ use crate::metrics::Metrics;
 /// Bodies above this are hashed on a blocking thread, not a tokio worker.
 const INLINE_HASH_BYTES: usize = 256 * 1024;
 
-/// Estimates are multiplied by this before they are held against a
-/// deadline: admission refuses a little early rather than burn a deadline
-/// it could have predicted (the estimator's error, docs/benchmarks.md).
-pub const DEADLINE_MARGIN: f64 = 1.2;
-
 /// Input edges the warm-up calibration times, smallest first: it stops at
 /// the first one that takes [`CALIBRATION_TARGET`] (a slow profile on a
 /// CPU) and fits the estimator through the last two.
@@ -173,7 +168,29 @@ struct Inner {
     flights: Arc<Coalescer<Upscaled>>,
     estimator: Estimator,
     backlog: Arc<Backlog>,
+    /// For [`Backend::work`]; the inference threads hold it too.
+    backend: Shared,
     metrics: Metrics,
+}
+
+/// The backend, shared with the inference threads (`dyn Backend` has no
+/// `Debug`).
+struct Shared(Arc<dyn Backend>);
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Backend")
+            .field(&self.0.info().backend)
+            .finish()
+    }
+}
+
+impl std::ops::Deref for Shared {
+    type Target = dyn Backend;
+
+    fn deref(&self) -> &Self::Target {
+        self.0.as_ref()
+    }
 }
 
 /// Decrements `hndsr_queue_depth` however the wait ends.
@@ -206,7 +223,7 @@ impl Core {
         }
         backend.attach_metrics(&metrics);
         let threads = limits.max_concurrent.get();
-        let executor = Executor::start(backend, threads, &metrics)
+        let executor = Executor::start(Arc::clone(&backend), threads, &metrics)
             .map_err(|e| BackendError::Load(format!("starting the inference threads: {e}")))?;
         Ok(Self {
             inner: Arc::new(Inner {
@@ -219,6 +236,7 @@ impl Core {
                 in_flight: AtomicUsize::new(0),
                 estimator: Estimator::new(),
                 backlog: Backlog::new(),
+                backend: Shared(backend),
                 default_scale,
                 info,
                 executor,
@@ -245,7 +263,7 @@ impl Core {
         let mut points: Vec<(u64, Duration)> = Vec::new();
         for side in CALIBRATION_SIDES {
             let image = calibration_png(side)?;
-            let out_pixels = u64::from(side * scale).pow(2);
+            let work = inner.backend.work(side, side, scale);
             let failed = |e: Error| BackendError::Load(format!("calibration at {side}²: {e}"));
             let (planar, layout, decode) =
                 decode_off_thread(image, u64::MAX).await.map_err(failed)?;
@@ -264,7 +282,7 @@ impl Core {
                 .map_err(failed)?;
             let (_, encode) = encode_off_thread(out, layout).await.map_err(failed)?;
             let took = decode + inference + encode;
-            points.push((out_pixels, took));
+            points.push((work, took));
             if points.len() >= 2 && took >= CALIBRATION_TARGET {
                 break;
             }
@@ -289,11 +307,18 @@ impl Core {
         self.inner.executor.healthy()
     }
 
-    /// The estimated service time of a request with `out_pixels` output
-    /// pixels (zero before warm-up).
+    /// The estimated service time of upscaling a `width`×`height` image by
+    /// `scale` (zero before warm-up).
     #[must_use]
-    pub fn estimate(&self, out_pixels: u64) -> Duration {
-        self.inner.estimator.service(out_pixels)
+    pub fn estimate(&self, width: u32, height: u32, scale: u32) -> Duration {
+        let work = self.inner.backend.work(width, height, scale);
+        self.inner.estimator.service(work)
+    }
+
+    /// The factor admission multiplies estimates by (see [`estimate`]).
+    #[must_use]
+    pub fn deadline_margin(&self) -> f64 {
+        self.inner.estimator.margin()
     }
 
     /// The backend's self-description.
@@ -385,7 +410,8 @@ impl Core {
             });
         }
 
-        let estimate = self.admit_by_estimate(&req, out_pixels, probe, scale)?;
+        let work = inner.backend.work(probe.width, probe.height, scale);
+        let estimate = self.admit_by_estimate(&req, work, probe, scale)?;
 
         let key = self.key(&req, scale).await?;
         match inner.flights.join(key) {
@@ -402,7 +428,7 @@ impl Core {
                 let inner = Arc::clone(inner);
                 let cost = Cost {
                     need_mib,
-                    out_pixels,
+                    work,
                     estimate,
                 };
                 tokio::spawn(async move {
@@ -424,13 +450,14 @@ impl Core {
     fn admit_by_estimate(
         &self,
         req: &UpscaleRequest,
-        out_pixels: u64,
+        work: u64,
         probe: codec::Probe,
         scale: u32,
     ) -> Result<Duration, Error> {
         let inner = &self.inner;
-        let service = inner.estimator.service(out_pixels);
-        let margin = |d: Duration| d.mul_f64(DEADLINE_MARGIN);
+        let service = inner.estimator.service(work);
+        let factor = inner.estimator.margin();
+        let margin = |d: Duration| d.mul_f64(factor);
         if margin(service) > req.deadline.length {
             return Err(Error::DeadlineTooSlow {
                 estimate: service,
@@ -535,8 +562,8 @@ fn calibration_png(side: u32) -> Result<Bytes, BackendError> {
 struct Cost {
     /// Its share of the memory budget.
     need_mib: u64,
-    /// Output pixels.
-    out_pixels: u64,
+    /// Work units ([`Backend::work`]).
+    work: u64,
     /// Estimated service time.
     estimate: Duration,
 }
@@ -617,7 +644,7 @@ async fn compute(
                 // It ran this long without finishing: a lower bound.
                 inner
                     .estimator
-                    .observe_at_least(cost.out_pixels, decode + started.elapsed());
+                    .observe_at_least(cost.work, decode + started.elapsed());
             }
             return Err(e);
         }
@@ -626,7 +653,8 @@ async fn compute(
     let (width, height) = (out.width, out.height);
     let (encoded, encode) = encode_off_thread(out, layout.with(req.output)).await?;
     let service = decode + inference + encode;
-    inner.estimator.observe(cost.out_pixels, service);
+    inner.estimator.observe(cost.work, service);
+    inner.estimator.record_error(cost.estimate, service);
     inner.metrics.observe_estimate(cost.estimate, service);
     Ok(Upscaled {
         image: Bytes::from(encoded.bytes),

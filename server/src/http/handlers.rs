@@ -113,9 +113,12 @@ pub struct InfoLimits {
     pub min_upload_bytes_per_s: u64,
     /// Most open connections; more wait in the listen queue.
     pub max_connections: usize,
-    /// Estimated service time of a 1-megapixel output on this pod now,
-    /// seconds (0 before warm-up).
-    pub estimated_seconds_per_output_mpx: f64,
+    /// Estimated service time of a 256² input at the default scale on
+    /// this pod now, seconds (0 before warm-up).
+    pub estimated_seconds_256: f64,
+    /// The factor deadline admission multiplies estimates by now (the
+    /// recent 95th percentile of measured ÷ estimated, at least 1.2).
+    pub deadline_margin: f64,
 }
 
 /// Answer of `/v1/info`.
@@ -456,7 +459,11 @@ pub(super) async fn info(State(state): State<AppState>) -> Json<InfoResponse> {
             memory_budget_mb: l.memory_budget_mib,
             min_upload_bytes_per_s: state.http.min_upload_bytes_per_s,
             max_connections: state.http.max_connections,
-            estimated_seconds_per_output_mpx: state.core.estimate(1_000_000).as_secs_f64(),
+            estimated_seconds_256: state
+                .core
+                .estimate(256, 256, state.core.default_scale())
+                .as_secs_f64(),
+            deadline_margin: state.core.deadline_margin(),
         },
     })
 }
