@@ -127,6 +127,15 @@ impl Estimator {
         secs(m.speed * m.shape(out_pixels))
     }
 
+    /// The estimated service time of `work` on this pod alone, at its
+    /// warm-up pace (without the slowdown other requests' share of the
+    /// cores adds): what the pod can do at best.
+    #[must_use]
+    pub fn solo(&self, work: u64) -> Duration {
+        let m = *self.model.lock();
+        secs(m.shape(work))
+    }
+
     /// Folds in a measured service time.
     pub fn observe(&self, out_pixels: u64, took: Duration) {
         let mut m = self.model.lock();
@@ -327,6 +336,20 @@ mod tests {
         }
         let est = e.service(MPX).as_secs_f64();
         assert!((est - 1.0).abs() < 0.03, "{est}");
+    }
+
+    #[test]
+    fn the_solo_estimate_ignores_the_current_pace() {
+        let e = Estimator::new();
+        e.calibrate(
+            (MPX / 4, Duration::from_millis(250)),
+            (MPX, Duration::from_secs(1)),
+        );
+        for _ in 0..20 {
+            e.observe(MPX, Duration::from_secs(3));
+        }
+        assert!(e.service(MPX) > Duration::from_millis(2900));
+        assert!(close(e.solo(MPX), 1.0));
     }
 
     #[test]

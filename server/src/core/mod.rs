@@ -445,8 +445,9 @@ impl Core {
     }
 
     /// Refuses at once a request that cannot finish within its deadline:
-    /// 422 when its own estimated service time is over the deadline, 503
-    /// when the work ahead is what makes it late. Returns the estimate.
+    /// 422 when it would be over the deadline even alone on this pod, 503
+    /// when the work ahead and the current pace make it late. Returns the
+    /// estimate at the current pace.
     fn admit_by_estimate(
         &self,
         req: &UpscaleRequest,
@@ -455,18 +456,21 @@ impl Core {
         scale: u32,
     ) -> Result<Duration, Error> {
         let inner = &self.inner;
-        let service = inner.estimator.service(work);
-        let factor = inner.estimator.margin();
-        let margin = |d: Duration| d.mul_f64(factor);
-        if margin(service) > req.deadline.length {
+        // 422 only for what this pod cannot do in the deadline even alone;
+        // what the current load makes late is the 503 below.
+        let solo = inner.estimator.solo(work);
+        if solo.mul_f64(estimate::MIN_MARGIN) > req.deadline.length {
             return Err(Error::DeadlineTooSlow {
-                estimate: service,
+                estimate: solo,
                 limit: req.deadline.length,
                 server_max: inner.limits.request_timeout,
                 out_width: u64::from(probe.width) * u64::from(scale),
                 out_height: u64::from(probe.height) * u64::from(scale),
             });
         }
+        let service = inner.estimator.service(work);
+        let factor = inner.estimator.margin();
+        let margin = |d: Duration| d.mul_f64(factor);
         let wait = inner
             .backlog
             .wait(inner.limits.max_concurrent.get(), Instant::now());
