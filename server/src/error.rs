@@ -90,11 +90,11 @@ pub enum Error {
     /// The work ahead of this request and its own estimated service time
     /// would not fit in what is left of its deadline; nothing was queued.
     #[error(
-        "the server would need about {:.1}s for this request (queue ahead included) and {:.1}s are left of its deadline; retry after {}s",
+        "the server would need about {:.1}s for this request (queue ahead and safety margin included) and {:.1}s are left of its deadline; retry after {}s",
         .estimate.as_secs_f64(), .remaining.as_secs_f64(), .retry_after.as_secs()
     )]
     DeadlineWait {
-        /// Estimated wait + service.
+        /// Estimated wait + service, margin applied.
         estimate: Duration,
         /// What was left of the deadline.
         remaining: Duration,
@@ -104,12 +104,12 @@ pub enum Error {
     /// This request alone would take longer than its deadline on this
     /// server, whatever the queue.
     #[error(
-        "this request would take about {:.1}s on this server ({out_width}x{out_height} output pixels), over its deadline of {:.1}s{}",
+        "this request would take about {:.1}s on this server alone ({out_width}x{out_height} output pixels; safety margin included), over its deadline of {:.1}s{}",
         .estimate.as_secs_f64(), .limit.as_secs_f64(),
         if .limit < .server_max { format!("; a longer {} (up to {} ms) or a smaller image would fit", crate::http::TIMEOUT_HEADER, .server_max.as_millis()) } else { "; send a smaller image".to_owned() }
     )]
     DeadlineTooSlow {
-        /// Estimated service time.
+        /// Estimated service time alone, margin applied.
         estimate: Duration,
         /// The request's deadline.
         limit: Duration,

@@ -289,7 +289,7 @@ async fn concurrent_requests_share_forward_passes_and_get_their_own_answer() {
                 "--batch-tiles",
                 batch,
                 "--batch-wait-ms",
-                "300",
+                "1000",
             ],
         );
         let backend = build_backend(&cfg.model).expect("tiny weights");
@@ -356,12 +356,17 @@ async fn concurrent_requests_share_forward_passes_and_get_their_own_answer() {
     let after = passes(&batched.metrics().await);
     assert_eq!(after.0 - before.0, 1, "two requests, one shared pass");
     assert!((after.1 - before.1 - 2.0).abs() < 1e-9, "of two tiles");
-    let decode = |b: &[u8]| image::load_from_memory(b).unwrap().to_rgb8();
-    assert_eq!(
-        decode(&got.0),
-        decode(&expected.0),
-        "each gets its own answer"
-    );
-    assert_eq!(decode(&got.1), decode(&expected.1));
+    // The same to within one 8-bit step (a merged pass may round a value
+    // on a quantisation boundary the other way).
+    let close = |a: &[u8], b: &[u8]| {
+        let a = image::load_from_memory(a).unwrap().to_rgb8();
+        let b = image::load_from_memory(b).unwrap().to_rgb8();
+        a.dimensions() == b.dimensions()
+            && a.pixels()
+                .zip(b.pixels())
+                .all(|(p, q)| p.0.iter().zip(q.0).all(|(x, y)| x.abs_diff(y) <= 1))
+    };
+    assert!(close(&got.0, &expected.0), "each gets its own answer");
+    assert!(close(&got.1, &expected.1));
     batched.stop().await;
 }

@@ -205,7 +205,9 @@ fn server_container(ctx: &Ctx<'_>, cfg: &BuildConfig, serving: &EffectiveServing
         env_var(env::DEVICE, defaults::device(spec)),
     ];
     // Unset, the server picks by device and backend (defaults::precision
-    // is the same rule): an operator upgrade then changes no pod.
+    // is the same rule), so the default lives in one place. Pods of specs
+    // without a precision roll out once when this operator version first
+    // applies them (the variable disappears).
     if let Some(precision) = spec.model.precision {
         envs.push(env_var(env::PRECISION, precision.as_str()));
     }

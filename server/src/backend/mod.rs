@@ -122,12 +122,14 @@ pub trait Backend: Send + Sync + 'static {
     /// count). Called once on each inference thread before it takes work.
     fn init_thread(&self) {}
 
-    /// How much work upscaling a `width`×`height` image by `scale` is, in
-    /// output pixels actually computed: the admission core's service-time
-    /// estimate is proportional to it. The default is the output's pixels;
-    /// a tiling backend counts its overlapping tiles (a 512² input cut
-    /// into 256² tiles computes about twice its pixels, a 256² one once).
-    fn work(&self, width: u32, height: u32, scale: u32) -> u64 {
+    /// How much work upscaling a `width`×`height` image by `scale` with
+    /// `steps` diffusion steps (`None`: the default) is, in output pixels
+    /// computed: the admission core's service-time estimate is
+    /// proportional to it. The default is the output's pixels; a tiling
+    /// backend counts its overlapping tiles (a 512² input cut into 256²
+    /// tiles computes about twice its pixels, a 256² one once) and a
+    /// diffusion backend its passes.
+    fn work(&self, width: u32, height: u32, scale: u32, _steps: Option<u32>) -> u64 {
         u64::from(width) * u64::from(height) * u64::from(scale) * u64::from(scale)
     }
 

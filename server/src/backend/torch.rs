@@ -376,8 +376,12 @@ impl Backend for TorchHndsr {
         let _ = self.passes.set(metrics.batch_tiles.clone());
     }
 
-    fn work(&self, width: u32, height: u32, scale: u32) -> u64 {
-        tiled_work(&self.tiles, width, height, scale)
+    fn work(&self, width: u32, height: u32, scale: u32, steps: Option<u32>) -> u64 {
+        // One regression pass, then one denoiser pass per DDIM step (about
+        // as costly per pixel): a request at 20 steps on a 0-step profile
+        // is not estimated as one pass.
+        let passes = 1 + u64::from(steps.unwrap_or(self.info.default_steps));
+        tiled_work(&self.tiles, width, height, scale).saturating_mul(passes)
     }
 
     fn warm_up(&self) -> Result<(), BackendError> {
@@ -462,7 +466,7 @@ fn backend_error(e: TorchError) -> BackendError {
         TorchError::InvalidDevice { .. } | TorchError::CudaUnavailable { .. } => {
             BackendError::Load(e.to_string())
         }
-        TorchError::InvalidTiling(_) | TorchError::Torch { .. } => {
+        TorchError::InvalidTiling(_) | TorchError::Internal(_) | TorchError::Torch { .. } => {
             BackendError::Internal(e.to_string())
         }
     }
@@ -629,6 +633,20 @@ mod tests {
         assert!(
             tiled_work(&small, 256, 256, 4) > 2 * 1024 * 1024,
             "24² tiles overlap a lot"
+        );
+    }
+
+    #[test]
+    fn diffusion_steps_are_work_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = TorchHndsr::new(&tiny_hndsr(dir.path())).expect("tiny weights");
+        let one_pass = backend.work(64, 64, 4, Some(0));
+        assert_eq!(one_pass, 256 * 256, "one tile, one pass");
+        assert_eq!(backend.work(64, 64, 4, Some(3)), 4 * one_pass);
+        assert_eq!(
+            backend.work(64, 64, 4, None),
+            21 * one_pass,
+            "the configured default: 20 steps"
         );
     }
 

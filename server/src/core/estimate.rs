@@ -1,7 +1,6 @@
 //! What a request will cost, for deadline-aware admission.
 //!
-//! [`Estimator`]: service time (decode + backend + encode on an inference
-//! thread) as `speed × (fixed + per_mpx × output megapixels)`. Warm-up
+//! [`Estimator`]: service time (decode + backend + encode) as `speed × (fixed + per_mpx × output megapixels)`. Warm-up
 //! fits the line on two image sizes; every finished request then moves
 //! `speed` (an exponentially weighted mean of measured ÷ predicted), so the
 //! estimates follow the pod's real pace: other requests sharing the cores,
@@ -448,17 +447,17 @@ mod tests {
         let now = Instant::now();
         // Two slots free after ~2 s and ~4 s.
         let w = b.wait(2, now).as_secs_f64();
-        assert!((w - 2.0).abs() < 0.05, "{w}");
+        assert!((w - 2.0).abs() < 0.25, "{w}");
         // A 3 s computation waiting takes the slot freed at 2 s (to 5 s):
         // the next one starts at 4 s.
         let _q = b.enqueue(Duration::from_secs(3));
         let w = b.wait(2, now).as_secs_f64();
-        assert!((w - 4.0).abs() < 0.05, "{w}");
+        assert!((w - 4.0).abs() < 0.25, "{w}");
         drop(run1);
         // Slots: 2 s (run2), then the waiting 3 s one starts at 0 on the
         // freed slot: next free at 2 s.
         let w = b.wait(2, now).as_secs_f64();
-        assert!((w - 2.0).abs() < 0.05, "{w}");
+        assert!((w - 2.0).abs() < 0.25, "{w}");
         assert_eq!(b.len(), (1, 1));
     }
 

@@ -6,10 +6,10 @@
 //! estimated wait for the work ahead plus the request's own estimated
 //! service time must fit what is left of its deadline, see [`estimate`]) →
 //! coalescing (identical concurrent requests share one flight) → the
-//! flight waits for one of
-//! `MAX_CONCURRENT` permits → an inference thread decodes, runs the backend
-//! with the flight's cancel token, releases the permit when the backend has
-//! returned, and encodes. Dropping the `upscale` future (timeout, client
+//! flight decodes on the blocking pool, waits for one of
+//! `MAX_CONCURRENT` permits → an inference thread runs the backend with the
+//! flight's cancel token and releases the permit when the backend has
+//! returned → the blocking pool encodes. Dropping the `upscale` future (timeout, client
 //! disconnect) leaves the flight; the last waiter leaving cancels it.
 
 mod coalesce;
@@ -103,7 +103,8 @@ pub struct Timings {
 }
 
 impl Timings {
-    /// Time on the inference thread: decode + inference + encode.
+    /// The service time: decode + inference + encode (what the estimator
+    /// models).
     #[must_use]
     pub fn service(&self) -> Duration {
         self.decode + self.inference + self.encode
@@ -263,7 +264,7 @@ impl Core {
         let mut points: Vec<(u64, Duration)> = Vec::new();
         for side in CALIBRATION_SIDES {
             let image = calibration_png(side)?;
-            let work = inner.backend.work(side, side, scale);
+            let work = inner.backend.work(side, side, scale, None);
             let failed = |e: Error| BackendError::Load(format!("calibration at {side}²: {e}"));
             let (planar, layout, decode) =
                 decode_off_thread(image, u64::MAX).await.map_err(failed)?;
@@ -311,7 +312,7 @@ impl Core {
     /// `scale` (zero before warm-up).
     #[must_use]
     pub fn estimate(&self, width: u32, height: u32, scale: u32) -> Duration {
-        let work = self.inner.backend.work(width, height, scale);
+        let work = self.inner.backend.work(width, height, scale, None);
         self.inner.estimator.service(work)
     }
 
@@ -410,7 +411,9 @@ impl Core {
             });
         }
 
-        let work = inner.backend.work(probe.width, probe.height, scale);
+        let work = inner
+            .backend
+            .work(probe.width, probe.height, scale, req.steps);
         let estimate = self.admit_by_estimate(&req, work, probe, scale)?;
 
         let key = self.key(&req, scale).await?;
@@ -458,8 +461,8 @@ impl Core {
         let inner = &self.inner;
         // 422 only for what this pod cannot do in the deadline even alone;
         // what the current load makes late is the 503 below.
-        let solo = inner.estimator.solo(work);
-        if solo.mul_f64(estimate::MIN_MARGIN) > req.deadline.length {
+        let solo = inner.estimator.solo(work).mul_f64(estimate::MIN_MARGIN);
+        if solo > req.deadline.length {
             return Err(Error::DeadlineTooSlow {
                 estimate: solo,
                 limit: req.deadline.length,
@@ -480,7 +483,7 @@ impl Core {
             let excess = margin(wait + service).saturating_sub(remaining);
             let retry_after = Duration::from_secs(excess.as_secs_f64().ceil().max(1.0) as u64);
             return Err(Error::DeadlineWait {
-                estimate: wait + service,
+                estimate: margin(wait + service),
                 remaining,
                 retry_after,
             });
@@ -525,7 +528,10 @@ const INPUT_BYTES_PER_PIXEL: u64 = 32;
 /// Host bytes per output pixel: the blend accumulator (4 × f32), the
 /// weight sum (f32), the planar copy (4 × f32), the encoder's samples (up
 /// to 4 × u16) and the alpha and gray intermediates, rounded up (measured:
-/// 1.75–1.9× what an RGB request takes, docs/benchmarks.md).
+/// 1.75–1.9× what an RGB request takes, docs/benchmarks.md). On CUDA the
+/// blend buffers are in device memory instead, which this budget does not
+/// cover (a device out-of-memory answers 503); the charge stays, as an
+/// upper bound of the host side.
 const OUTPUT_BYTES_PER_PIXEL: u64 = 64;
 /// More host bytes per output pixel with the LR-consistency projection on:
 /// `Dᵀp` each step, then the correction `Dᵀz` and the corrected image,

@@ -47,6 +47,11 @@ pub enum TorchError {
         /// libtorch's message.
         message: String,
     },
+    /// A failure of this crate's own machinery (a batch's leader that went
+    /// away, a model output of the wrong shape): a server-side bug, not
+    /// the caller's input.
+    #[error("internal error: {0}")]
+    Internal(String),
     /// Any other libtorch failure.
     #[error("torch error during {op}: {source}")]
     Torch {
@@ -87,6 +92,7 @@ impl TorchError {
             },
             Self::InvalidTiling(m) => Self::InvalidTiling(m.clone()),
             Self::InvalidInput(m) => Self::InvalidInput(m.clone()),
+            Self::Internal(m) => Self::Internal(m.clone()),
             Self::Cancelled => Self::Cancelled,
             Self::OutOfMemory { op, message } => Self::OutOfMemory {
                 op,

@@ -285,7 +285,7 @@ where
 fn check_output(out: &Tensor, batch: i64, h: i64, w: i64) -> Result<(), TorchError> {
     match out.size4() {
         Ok((b, _, oh, ow)) if b == batch && oh == h && ow == w => Ok(()),
-        _ => Err(TorchError::InvalidInput(format!(
+        _ => Err(TorchError::Internal(format!(
             "model returned shape {:?}, expected [{batch}, C, {h}, {w}]",
             out.size()
         ))),

@@ -141,7 +141,7 @@ impl TileRunner for Batched<'_> {
                         .op("split merged tiles")
                         .map_err(Arc::new)
                 },
-                |why| Arc::new(TorchError::InvalidInput(format!("tile batching: {why}"))),
+                |why| Arc::new(TorchError::Internal(format!("tile batching: {why}"))),
             )
             .map_err(|e| e.duplicate())
     }
