@@ -20,6 +20,48 @@ pub const STAGE_BUCKETS: &[f64] = &[
     0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 
+/// Histogram: CPU seconds of the thread that ran each stage of a request.
+pub const STAGE_CPU_SECONDS: &str = "hndsr_stage_cpu_seconds";
+
+/// A stage of a request's service (label `stage` of [`STAGE_CPU_SECONDS`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// Image file → planar samples (blocking pool).
+    Decode,
+    /// Planar samples → the backend's tensor (inference thread).
+    ToTensor,
+    /// The model itself: the inference thread's CPU (libtorch's intra-op
+    /// workers and a GPU's time are not in it).
+    Model,
+    /// The backend's tensor → planar samples (inference thread).
+    FromTensor,
+    /// Planar samples → the answer's file (blocking pool).
+    Encode,
+}
+
+impl Stage {
+    /// Every stage, in request order.
+    pub const ALL: [Self; 5] = [
+        Self::Decode,
+        Self::ToTensor,
+        Self::Model,
+        Self::FromTensor,
+        Self::Encode,
+    ];
+
+    /// The label value.
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Decode => "decode",
+            Self::ToTensor => "to_tensor",
+            Self::Model => "model",
+            Self::FromTensor => "from_tensor",
+            Self::Encode => "encode",
+        }
+    }
+}
+
 /// Counter: requests answered from another request's computation.
 pub const COALESCED_TOTAL: &str = "hndsr_coalesced_requests_total";
 /// Gauge: clients tracked by the rate limiter.
@@ -107,6 +149,7 @@ pub struct Metrics {
     estimate_ratio: Histogram,
     /// Tiles per forward pass.
     pub batch_tiles: Histogram,
+    stage_cpu: prometheus::HistogramVec,
 }
 
 impl Metrics {
@@ -186,6 +229,15 @@ impl Metrics {
             .expect("valid counter"),
             open_connections: IntGauge::new(OPEN_CONNECTIONS, "Open client connections.")
                 .expect("valid gauge"),
+            stage_cpu: prometheus::HistogramVec::new(
+                HistogramOpts::new(
+                    STAGE_CPU_SECONDS,
+                    "CPU seconds of the thread that ran each stage of a request (model: the inference thread only, not libtorch's workers).",
+                )
+                .buckets(STAGE_BUCKETS.to_vec()),
+                &["stage"],
+            )
+            .expect("valid histogram"),
             batch_tiles: hist(
                 BATCH_TILES,
                 "Tiles per forward pass of the model (tiles of concurrent requests when batching is on).",
@@ -204,7 +256,10 @@ impl Metrics {
         for reason in ALL_REASONS {
             m.rejections.with_label_values(&[*reason]);
         }
-        let collectors: [Box<dyn prometheus::core::Collector>; 14] = [
+        for stage in Stage::ALL {
+            m.stage_cpu.with_label_values(&[stage.as_str()]);
+        }
+        let collectors: [Box<dyn prometheus::core::Collector>; 15] = [
             Box::new(m.active_requests.clone()),
             Box::new(m.queue_depth.clone()),
             Box::new(m.admitted_requests.clone()),
@@ -219,6 +274,7 @@ impl Metrics {
             Box::new(m.open_connections.clone()),
             Box::new(m.estimate_ratio.clone()),
             Box::new(m.batch_tiles.clone()),
+            Box::new(m.stage_cpu.clone()),
         ];
         for c in collectors {
             m.registry.register(c).expect("distinct metric names");
@@ -262,6 +318,13 @@ impl Metrics {
             self.estimate_ratio
                 .observe(measured.as_secs_f64() / estimate.as_secs_f64());
         }
+    }
+
+    /// Records the CPU time a stage of a request took.
+    pub fn observe_stage_cpu(&self, stage: Stage, cpu: Duration) {
+        self.stage_cpu
+            .with_label_values(&[stage.as_str()])
+            .observe(cpu.as_secs_f64());
     }
 
     /// Counts a request that joined another's computation.

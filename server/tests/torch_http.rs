@@ -45,6 +45,27 @@ async fn bicubic_upscales_over_http() {
     s.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_stage_of_a_request_reports_its_cpu_time() {
+    let s = start_bicubic().await;
+    let sum = |text: &str, stage: &str| -> f64 {
+        let prefix = format!("hndsr_stage_cpu_seconds_sum{{stage=\"{stage}\"}}");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&prefix)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{prefix} missing"))
+    };
+    let before = s.metrics().await;
+    for i in 0..3 {
+        assert_eq!(s.upscale(png(256, 256, i), "scale=4").await.status(), 200);
+    }
+    let after = s.metrics().await;
+    for stage in ["decode", "to_tensor", "model", "from_tensor", "encode"] {
+        let spent = sum(&after, stage) - sum(&before, stage);
+        assert!(spent > 0.0, "{stage}: {spent}");
+    }
+    s.stop().await;
+}
+
 /// Writes randomly initialised tiny HNDSR weights and their manifest;
 /// returns the weights path and sha256.
 fn tiny_weights(dir: &std::path::Path) -> (String, String) {

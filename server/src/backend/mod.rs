@@ -9,13 +9,48 @@
 //! has returned, so cancellation is what frees capacity after a timeout or a
 //! client disconnect.
 
+use std::cell::Cell;
 use std::fmt;
+use std::time::Duration;
 
 pub use tokio_util::sync::CancellationToken;
 
 pub mod fake;
 #[cfg(feature = "torch")]
 pub mod torch;
+
+/// CPU time of the tensor conversions a backend ran on the calling thread
+/// during its last `upscale` (zero for backends without tensors).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ConversionCpu {
+    /// Planar samples → the backend's input tensor.
+    pub to_tensor: Duration,
+    /// The output tensor → planar samples.
+    pub from_tensor: Duration,
+}
+
+thread_local! {
+    static CONVERSIONS: Cell<ConversionCpu> = const { Cell::new(ConversionCpu {
+        to_tensor: Duration::ZERO,
+        from_tensor: Duration::ZERO,
+    }) };
+}
+
+/// Adds to the calling thread's conversion CPU time (backends call it).
+pub fn record_conversions(to_tensor: Duration, from_tensor: Duration) {
+    CONVERSIONS.with(|c| {
+        let mut v = c.get();
+        v.to_tensor += to_tensor;
+        v.from_tensor += from_tensor;
+        c.set(v);
+    });
+}
+
+/// Takes (and zeroes) the calling thread's conversion CPU time.
+#[must_use]
+pub fn take_conversions() -> ConversionCpu {
+    CONVERSIONS.with(|c| c.replace(ConversionCpu::default()))
+}
 
 /// A decoded image as planar `f32` samples in `[0, 1]`, channel-major (CHW).
 #[derive(Clone, PartialEq)]

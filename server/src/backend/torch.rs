@@ -138,12 +138,12 @@ impl Backend for TorchBicubic {
 
     fn upscale(&self, job: &Job, cancel: &CancellationToken) -> Result<Planar, BackendError> {
         check_scale(&self.info, job.scale)?;
-        let input = planar_to_tensor(&job.image)?;
+        let input = timed_to_tensor(&job.image)?;
         let output = self
             .upscaler
             .upscale(&input, i64::from(job.scale), || cancel.is_cancelled())
             .map_err(backend_error)?;
-        tensor_to_planar(&output, job.image.channels)
+        timed_from_tensor(&output, job.image.channels)
     }
 }
 
@@ -390,7 +390,7 @@ impl Backend for TorchHndsr {
 
     fn upscale(&self, job: &Job, cancel: &CancellationToken) -> Result<Planar, BackendError> {
         check_scale(&self.info, job.scale)?;
-        let input = planar_to_tensor(&job.image)?;
+        let input = timed_to_tensor(&job.image)?;
         let steps = job.steps.unwrap_or(self.info.default_steps);
         let model = self.checkout()?;
         let token = cancel.clone();
@@ -398,7 +398,7 @@ impl Backend for TorchHndsr {
         let output =
             model.upscale_image_via(&input, steps, job.seed, &|| cancel.is_cancelled(), &runner);
         self.checkin(model);
-        tensor_to_planar(&output.map_err(backend_error)?, job.image.channels)
+        timed_from_tensor(&output.map_err(backend_error)?, job.image.channels)
     }
 }
 
@@ -470,6 +470,22 @@ fn backend_error(e: TorchError) -> BackendError {
             BackendError::Internal(e.to_string())
         }
     }
+}
+
+/// [`planar_to_tensor`], its thread CPU time recorded for the stage metrics.
+fn timed_to_tensor(image: &Planar) -> Result<Tensor, BackendError> {
+    let started = cpu_time::ThreadTime::now();
+    let t = planar_to_tensor(image);
+    super::record_conversions(started.elapsed(), std::time::Duration::ZERO);
+    t
+}
+
+/// [`tensor_to_planar`], its thread CPU time recorded for the stage metrics.
+fn timed_from_tensor(t: &Tensor, channels: u8) -> Result<Planar, BackendError> {
+    let started = cpu_time::ThreadTime::now();
+    let p = tensor_to_planar(t, channels);
+    super::record_conversions(std::time::Duration::ZERO, started.elapsed());
+    p
 }
 
 /// Planar CHW samples → a `[1, C, H, W]` f32 tensor (copied).

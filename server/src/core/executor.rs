@@ -17,7 +17,7 @@ use crossbeam_channel::{Receiver, Sender, TrySendError};
 use prometheus::IntGauge;
 use tokio::sync::{OwnedSemaphorePermit, oneshot};
 
-use crate::backend::{Backend, BackendError, CancellationToken, Job, Planar};
+use crate::backend::{Backend, BackendError, CancellationToken, ConversionCpu, Job, Planar};
 use crate::error::Error;
 use crate::metrics::Metrics;
 
@@ -58,6 +58,10 @@ pub(crate) struct Task {
 pub(crate) struct Output {
     pub image: Planar,
     pub inference: Duration,
+    /// CPU time of this thread in the backend call, and of the tensor
+    /// conversions within it.
+    pub model_cpu: Duration,
+    pub conversions: ConversionCpu,
 }
 
 #[derive(Debug)]
@@ -193,8 +197,12 @@ fn run(
         return Err(Error::Cancelled);
     }
     let started = Instant::now();
+    let cpu = cpu_time::ThreadTime::now();
+    let _ = crate::backend::take_conversions();
     let result = backend.upscale(job, cancel);
     let inference = started.elapsed();
+    let thread_cpu = cpu.elapsed();
+    let conversions = crate::backend::take_conversions();
     // The backend has returned: only now may another call start.
     drop(permit);
     metrics.observe_inference(inference);
@@ -204,5 +212,10 @@ fn run(
         device_lost.store(true, Ordering::SeqCst);
     }
     let image = result.map_err(Error::from_backend)?;
-    Ok(Output { image, inference })
+    Ok(Output {
+        image,
+        inference,
+        model_cpu: thread_cpu.saturating_sub(conversions.to_tensor + conversions.from_tensor),
+        conversions,
+    })
 }

@@ -31,7 +31,7 @@ use crate::backend::{Backend, BackendError, BackendInfo, CancellationToken, Job,
 use crate::codec;
 use crate::config::{Limits, MAX_SAMPLING_STEPS};
 use crate::error::{Error, jittered_retry_after};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Stage};
 
 /// Bodies above this are hashed on a blocking thread, not a tokio worker.
 const INLINE_HASH_BYTES: usize = 256 * 1024;
@@ -266,8 +266,9 @@ impl Core {
             let image = calibration_png(side)?;
             let work = inner.backend.work(side, side, scale, None);
             let failed = |e: Error| BackendError::Load(format!("calibration at {side}²: {e}"));
-            let (planar, layout, decode) =
-                decode_off_thread(image, u64::MAX).await.map_err(failed)?;
+            let (planar, layout, decode) = decode_off_thread(image, u64::MAX, &inner.metrics)
+                .await
+                .map_err(failed)?;
             let permit = Arc::clone(&inner.permits)
                 .acquire_owned()
                 .await
@@ -281,7 +282,9 @@ impl Core {
             let (out, inference) = infer(inner, job, CancellationToken::new(), permit)
                 .await
                 .map_err(failed)?;
-            let (_, encode) = encode_off_thread(out, layout).await.map_err(failed)?;
+            let (_, encode) = encode_off_thread(out, layout, &inner.metrics)
+                .await
+                .map_err(failed)?;
             let took = decode + inference + encode;
             points.push((work, took));
             if points.len() >= 2 && took >= CALIBRATION_TARGET {
@@ -625,7 +628,7 @@ async fn compute(
     let (image, layout, decode) = tokio::select! {
         biased;
         () = cancel.cancelled() => return Err(Error::Cancelled),
-        decoded = decode_off_thread(req.image, inner.limits.max_image_pixels) => decoded?,
+        decoded = decode_off_thread(req.image, inner.limits.max_image_pixels, &inner.metrics) => decoded?,
     };
     let queued_at = Instant::now();
     let permit = tokio::select! {
@@ -661,7 +664,7 @@ async fn compute(
     };
     drop(backlog);
     let (width, height) = (out.width, out.height);
-    let (encoded, encode) = encode_off_thread(out, layout.with(req.output)).await?;
+    let (encoded, encode) = encode_off_thread(out, layout.with(req.output), &inner.metrics).await?;
     let service = decode + inference + encode;
     inner.estimator.observe(cost.work, service);
     inner.estimator.record_error(cost.estimate, service);
@@ -686,10 +689,14 @@ async fn compute(
 async fn decode_off_thread(
     image: Bytes,
     max_pixels: u64,
+    metrics: &Metrics,
 ) -> Result<(Planar, codec::Layout, Duration), Error> {
+    let metrics = metrics.clone();
     tokio::task::spawn_blocking(move || {
-        let started = Instant::now();
-        codec::decode(&image, max_pixels).map(|(p, l)| (p, l, started.elapsed()))
+        let (started, cpu) = (Instant::now(), cpu_time::ThreadTime::now());
+        let decoded = codec::decode(&image, max_pixels);
+        metrics.observe_stage_cpu(Stage::Decode, cpu.elapsed());
+        decoded.map(|(p, l)| (p, l, started.elapsed()))
     })
     .await
     .map_err(|e| Error::Internal(format!("the decoding task failed: {e}")))?
@@ -699,10 +706,14 @@ async fn decode_off_thread(
 async fn encode_off_thread(
     image: Planar,
     layout: codec::Layout,
+    metrics: &Metrics,
 ) -> Result<(codec::Encoded, Duration), Error> {
+    let metrics = metrics.clone();
     tokio::task::spawn_blocking(move || {
-        let started = Instant::now();
-        codec::encode(&image, layout).map(|e| (e, started.elapsed()))
+        let (started, cpu) = (Instant::now(), cpu_time::ThreadTime::now());
+        let encoded = codec::encode(&image, layout);
+        metrics.observe_stage_cpu(Stage::Encode, cpu.elapsed());
+        encoded.map(|e| (e, started.elapsed()))
     })
     .await
     .map_err(|e| Error::Internal(format!("the encoding task failed: {e}")))?
@@ -737,6 +748,10 @@ async fn infer(
             out.image.width, out.image.height, out.image.channels
         )));
     }
+    let m = &inner.metrics;
+    m.observe_stage_cpu(Stage::ToTensor, out.conversions.to_tensor);
+    m.observe_stage_cpu(Stage::Model, out.model_cpu);
+    m.observe_stage_cpu(Stage::FromTensor, out.conversions.from_tensor);
     Ok((out.image, out.inference))
 }
 
