@@ -112,12 +112,6 @@ impl Estimator {
         };
     }
 
-    /// Whether warm-up has calibrated the model.
-    #[must_use]
-    pub fn calibrated(&self) -> bool {
-        self.model.lock().calibrated
-    }
-
     /// The estimated service time of a request with `out_pixels` output
     /// pixels.
     #[must_use]

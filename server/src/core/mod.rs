@@ -102,15 +102,6 @@ pub struct Timings {
     pub estimate: Duration,
 }
 
-impl Timings {
-    /// The service time: decode + inference + encode (what the estimator
-    /// models).
-    #[must_use]
-    pub fn service(&self) -> Duration {
-        self.decode + self.inference + self.encode
-    }
-}
-
 /// A finished upscale.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Upscaled {

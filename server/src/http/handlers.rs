@@ -167,8 +167,10 @@ pub struct InfoResponse {
     pub limits: InfoLimits,
 }
 
-/// Takes an admission ticket unless the server is not (or no longer) ready.
-fn admit(state: &AppState) -> Result<Ticket, Error> {
+/// The request's deadline (see [`deadline`]) and an admission ticket,
+/// unless the server is not (or no longer) ready.
+fn admit(state: &AppState, headers: &HeaderMap) -> Result<(Deadline, Ticket), Error> {
+    let deadline = deadline(state, headers)?;
     if !state.core.healthy() {
         return Err(Error::DeviceLost {
             retry_after: jittered_retry_after(),
@@ -179,7 +181,7 @@ fn admit(state: &AppState) -> Result<Ticket, Error> {
             retry_after: jittered_retry_after(),
         });
     }
-    state.core.admit()
+    state.core.admit().map(|ticket| (deadline, ticket))
 }
 
 /// The request's deadline: the server's `REQUEST_TIMEOUT_S`, or the
@@ -291,18 +293,13 @@ pub(super) async fn upscale_raw(
             return Ok(reject_unread(&headers, body, error).await);
         }
     };
-    let deadline = match deadline(&state, &headers) {
-        Ok(d) => d,
-        Err(e) => return Ok(reject_unread(&headers, body, e).await),
-    };
-    let ticket = match admit(&state) {
-        Ok(ticket) => ticket,
+    let (deadline, ticket) = match admit(&state, &headers) {
+        Ok(admitted) => admitted,
         Err(e) => return Ok(reject_unread(&headers, body, e).await),
     };
     let limit = body_limit(&state, paths::UPSCALE_PATH);
-    let min_rate = state.http.min_upload_bytes_per_s;
     let answer = with_deadline(deadline, async {
-        let image = read_body(body, limit, min_rate).await?;
+        let image = read_body(body, limit, state.http.min_upload_bytes_per_s).await?;
         let req = UpscaleRequest {
             image,
             scale: q.scale,
@@ -349,18 +346,13 @@ pub(super) async fn upscale_json(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, Error> {
-    let deadline = match deadline(&state, &headers) {
-        Ok(d) => d,
-        Err(e) => return Ok(reject_unread(&headers, body, e).await),
-    };
-    let ticket = match admit(&state) {
-        Ok(ticket) => ticket,
+    let (deadline, ticket) = match admit(&state, &headers) {
+        Ok(admitted) => admitted,
         Err(e) => return Ok(reject_unread(&headers, body, e).await),
     };
     let limit = body_limit(&state, LEGACY_UPSCALE_PATH);
-    let min_rate = state.http.min_upload_bytes_per_s;
     let answer = with_deadline(deadline, async {
-        let raw = read_body(body, limit, min_rate).await?;
+        let raw = read_body(body, limit, state.http.min_upload_bytes_per_s).await?;
         // Parsing and base64-decoding up to MAX_PAYLOAD_MB is CPU work: keep
         // it off the tokio workers.
         let up = off_worker(move || parse_json_request(&raw, deadline)).await??;
