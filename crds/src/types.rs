@@ -261,13 +261,15 @@ impl PullPolicy {
     }
 }
 
-/// Where the model weights come from: exactly one of `pvc`, `image` or
-/// `uri`, plus the expected sha256 (the server refuses weights whose digest
-/// differs).
+/// Where the model weights come from: exactly one of `pvc`, `image`, `uri`
+/// or `bundled`, plus the expected sha256 (the server refuses weights whose
+/// digest differs).
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[x_kube(
-    validation = Rule::new("[has(self.pvc), has(self.image), has(self.uri)].exists_one(x, x)")
-        .message("set exactly one of weights.pvc, weights.image or weights.uri"),
+    validation = Rule::new("[has(self.pvc), has(self.image), has(self.uri), has(self.bundled) && self.bundled].exists_one(x, x)")
+        .message("set exactly one of weights.pvc, weights.image, weights.uri or weights.bundled"),
+    validation = Rule::new("!has(self.file) || !has(self.bundled) || !self.bundled")
+        .message("weights.file does not apply to bundled weights"),
     validation = Rule::new("!has(self.uri) || self.uri.startsWith('https://') || self.uri.startsWith('http://')")
         .message("weights.uri must be an http(s) URL"),
     validation = Rule::new("!has(self.file) || (!self.file.startsWith('/') && !self.file.contains('..'))")
@@ -300,6 +302,11 @@ pub struct WeightsSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 2048))]
     pub manifest_uri: Option<String>,
+    /// `true`: the weights the server image ships (its `HNDSR_WEIGHTS_PATH`,
+    /// with the manifest beside them), as the project's `hndsr-server` image
+    /// does; no volume, no download. `sha256` still pins them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bundled: Option<bool>,
     /// Path of the safetensors file inside the `pvc` or `image` volume
     /// (default `model.safetensors`); its JSON manifest must sit beside it
     /// (`model.json`). Ignored for `uri`.

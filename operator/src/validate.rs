@@ -149,18 +149,25 @@ pub fn validate(svc: &HndsrService) -> Result<(), InvalidSpec> {
         None if spec.model.backend == hndsr_crds::Backend::Hndsr => {
             add(
                 "spec.model.weights",
-                "backend hndsr needs weights (pvc, image or uri)".into(),
+                "backend hndsr needs weights (pvc, image, uri or bundled)".into(),
             );
         }
         None => {}
         Some(w) => {
             let sources = usize::from(w.pvc.is_some())
                 + usize::from(w.image.is_some())
-                + usize::from(w.uri.is_some());
+                + usize::from(w.uri.is_some())
+                + usize::from(w.bundled == Some(true));
             if sources != 1 {
                 add(
                     "spec.model.weights",
-                    "set exactly one of pvc, image or uri".into(),
+                    "set exactly one of pvc, image, uri or bundled".into(),
+                );
+            }
+            if w.bundled == Some(true) && w.file.is_some() {
+                add(
+                    "spec.model.weights.file",
+                    "does not apply to bundled weights".into(),
                 );
             }
             if w.sha256.len() != 64

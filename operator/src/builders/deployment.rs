@@ -185,9 +185,13 @@ fn http_probe(path: &str, period: i32, failures: i32, timeout: i32) -> Probe {
     }
 }
 
-/// Path of the weights file inside the container.
+/// Path of the weights file inside the container; `None` without weights
+/// or with bundled ones (the image's own `HNDSR_WEIGHTS_PATH` holds).
 fn weights_path(ctx: &Ctx<'_>) -> Option<String> {
     let w = ctx.svc.spec.model.weights.as_ref()?;
+    if w.bundled == Some(true) {
+        return None;
+    }
     let file = if w.uri.is_some() {
         defaults::WEIGHTS_FILE
     } else {
@@ -226,8 +230,10 @@ fn server_container(ctx: &Ctx<'_>, cfg: &BuildConfig, serving: &EffectiveServing
     if let Some(steps) = spec.model.projection_steps {
         envs.push(env_var(env::PROJECTION_STEPS, steps.to_string()));
     }
-    if let (Some(path), Some(w)) = (weights_path(ctx), spec.model.weights.as_ref()) {
-        envs.push(env_var(env::WEIGHTS_PATH, path));
+    if let Some(w) = spec.model.weights.as_ref() {
+        if let Some(path) = weights_path(ctx) {
+            envs.push(env_var(env::WEIGHTS_PATH, path));
+        }
         envs.push(env_var(env::WEIGHTS_SHA256, w.sha256.clone()));
     }
     envs.extend([
@@ -269,7 +275,12 @@ fn server_container(ctx: &Ctx<'_>, cfg: &BuildConfig, serving: &EffectiveServing
         mount_path: "/tmp".to_owned(),
         ..VolumeMount::default()
     }];
-    if spec.model.weights.is_some() {
+    if spec
+        .model
+        .weights
+        .as_ref()
+        .is_some_and(|w| w.bundled != Some(true))
+    {
         mounts.push(VolumeMount {
             name: WEIGHTS_VOLUME.to_owned(),
             mount_path: WEIGHTS_DIR.to_owned(),
@@ -395,6 +406,9 @@ fn weights_volumes(ctx: &Ctx<'_>, cfg: &BuildConfig) -> (Vec<Volume>, Vec<Contai
     let Some(w) = ctx.svc.spec.model.weights.as_ref() else {
         return (volumes, init);
     };
+    if w.bundled == Some(true) {
+        return (volumes, init);
+    }
     let mut vol = Volume {
         name: WEIGHTS_VOLUME.to_owned(),
         ..Volume::default()
