@@ -5,6 +5,9 @@
 #   $HNDSR_E2E_BIN_DIR (default ~/.cache/hndsr/e2e-bin)/<tool>-<version>/<binary>
 #
 #   kubernetes-v1.36.3/{kube-apiserver,kube-controller-manager,kube-scheduler,kubectl}
+#   kubernetes-node-v1.36.3/{kubelet,kube-proxy}       (the real node)
+#   distribution-v3.1.2/registry                        (the image registry on 127.0.0.1)
+#   prometheus-v0.316.0/{prometheus,promtool}
 #   etcd-v3.6.16/etcd
 #   kwok-v0.8.0/kwok
 #   helm-v3.22.0/helm
@@ -27,6 +30,8 @@ KUBERNETES_VERSION=v1.36.3
 ETCD_VERSION=v3.6.16
 KWOK_VERSION=v0.8.0
 HELM_VERSION=v3.22.0
+DISTRIBUTION_VERSION=v3.1.2
+PROMETHEUS_VERSION=v0.316.0
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 e2e_dir="$(dirname "$here")"
@@ -130,6 +135,18 @@ if start "$dir"; then
     finish "$dir"
 fi
 
+# The node's programs have their own directory so that adding them did not
+# invalidate the control plane's cache.
+dir="$bin_root/kubernetes-node-${KUBERNETES_VERSION}"
+if start "$dir"; then
+    (cd "$e2e_dir/go/kubernetes" &&
+        go build -trimpath -ldflags "$(k8s_ldflags)" -o "$dir.partial/" \
+            k8s.io/kubernetes/cmd/kubelet \
+            k8s.io/kubernetes/cmd/kube-proxy) ||
+        die "building kubelet and kube-proxy failed"
+    finish "$dir"
+fi
+
 dir="$bin_root/etcd-${ETCD_VERSION}"
 if start "$dir"; then
     (cd "$e2e_dir/go/etcd" &&
@@ -159,9 +176,33 @@ if start "$dir"; then
     finish "$dir"
 fi
 
+dir="$bin_root/distribution-${DISTRIBUTION_VERSION}"
+if start "$dir"; then
+    GOFLAGS= GOBIN="$dir.partial" go install -trimpath \
+        -ldflags "-s -w -X github.com/distribution/distribution/v3/version.version=${DISTRIBUTION_VERSION}" \
+        "github.com/distribution/distribution/v3/cmd/registry@${DISTRIBUTION_VERSION}" ||
+        die "building the distribution registry failed"
+    finish "$dir"
+fi
+
+dir="$bin_root/prometheus-${PROMETHEUS_VERSION}"
+if start "$dir"; then
+    prom_flags="-s -w"
+    prom_flags+=" -X github.com/prometheus/common/version.Version=${PROMETHEUS_VERSION#v0.}"
+    prom_flags+=" -X github.com/prometheus/common/version.Branch=release"
+    GOFLAGS= GOBIN="$dir.partial" go install -trimpath -ldflags "$prom_flags" \
+        "github.com/prometheus/prometheus/cmd/prometheus@${PROMETHEUS_VERSION}" \
+        "github.com/prometheus/prometheus/cmd/promtool@${PROMETHEUS_VERSION}" ||
+        die "building prometheus and promtool failed"
+    finish "$dir"
+fi
+
 echo
 echo "e2e binaries in $bin_root:"
 echo "  $bin_root/kubernetes-${KUBERNETES_VERSION}/{kube-apiserver,kube-controller-manager,kube-scheduler,kubectl}"
 echo "  $bin_root/etcd-${ETCD_VERSION}/etcd"
 echo "  $bin_root/kwok-${KWOK_VERSION}/kwok"
 echo "  $bin_root/helm-${HELM_VERSION}/helm"
+echo "  $bin_root/kubernetes-node-${KUBERNETES_VERSION}/{kubelet,kube-proxy}"
+echo "  $bin_root/distribution-${DISTRIBUTION_VERSION}/registry"
+echo "  $bin_root/prometheus-${PROMETHEUS_VERSION}/{prometheus,promtool}"
