@@ -23,8 +23,8 @@ prereqs: libtorch ## check and install everything the build needs
 	  if [ "$$free" -lt 8 ]; then echo "warning: only $${free} GiB free here; a cold \`make test\` needs about 8 GiB (target/ + ~/.cache)" >&2; fi
 
 .PHONY: run
-run: prereqs e2e-binaries ## local control plane + operator + sample HndsrService, then the server on 127.0.0.1:8080
-	$(CARGO) build --release --locked -p hndsr-server --bin hndsr-server -p hndsr-operator -p hndsr-e2e --bins
+run: prereqs e2e-binaries images ## local cluster (control plane, registry, a real node) + operator + the quickstart, served on 127.0.0.1:8080 through its Service
+	$(CARGO) build --release --locked -p hndsr-operator -p hndsr-e2e --bins
 	bash e2e/scripts/local-stack.sh
 
 .PHONY: server
@@ -48,8 +48,17 @@ e2e-binaries: ## build (once, cached in ~/.cache/hndsr/e2e-bin) etcd, kube-*, ku
 	@command -v go >/dev/null || { echo "error: go not found (Go >= 1.26 builds the e2e control plane)" >&2; exit 1; }
 	bash e2e/scripts/build-binaries.sh
 
+.PHONY: host-packages
+host-packages: ## install the Debian packages of the images and the real node (podman, runc, debootstrap, containerd, CNI plugins, iptables)
+	@bash e2e/scripts/host-packages.sh
+
+.PHONY: images
+images: prereqs host-packages ## build the hndsr-server, hndsr-operator and pause images with podman (cached by content; images/build.sh)
+	$(CARGO) build --release --locked -p hndsr-server --bin hndsr-server -p hndsr-operator --bin hndsr-operator
+	bash images/build.sh
+
 .PHONY: e2e
-e2e: e2e-binaries ## end-to-end tests against a real control plane on 127.0.0.1
+e2e: e2e-binaries images ## end-to-end tests against a real control plane on 127.0.0.1, a real node among them
 	$(CARGO) build --locked -p hndsr-operator -p hndsr-e2e --bins
 	$(CARGO) test --locked -p hndsr-e2e
 

@@ -16,6 +16,10 @@ pub const ETCD_VERSION: &str = "v3.6.16";
 pub const KWOK_VERSION: &str = "v0.8.0";
 /// `helm.sh/helm/v3` version.
 pub const HELM_VERSION: &str = "v3.22.0";
+/// `github.com/distribution/distribution/v3` version (the image registry).
+pub const DISTRIBUTION_VERSION: &str = "v3.1.2";
+/// `github.com/prometheus/prometheus` module version (Prometheus 3.16.0).
+pub const PROMETHEUS_VERSION: &str = "v0.316.0";
 
 /// The command that builds the binaries (run from the repository root).
 pub const BUILD_COMMAND: &str = "bash e2e/scripts/build-binaries.sh";
@@ -40,6 +44,16 @@ pub struct Binaries {
     pub kwok: PathBuf,
     /// helm
     pub helm: PathBuf,
+    /// kubelet (the real node)
+    pub kubelet: PathBuf,
+    /// kube-proxy (the real node)
+    pub kube_proxy: PathBuf,
+    /// registry (distribution)
+    pub registry: PathBuf,
+    /// prometheus
+    pub prometheus: PathBuf,
+    /// promtool
+    pub promtool: PathBuf,
 }
 
 impl Binaries {
@@ -52,6 +66,8 @@ impl Binaries {
     /// [`Binaries::locate`] in the cache directory `root`.
     pub fn locate_in(root: &Path) -> Result<Self> {
         let k8s = root.join(format!("kubernetes-{KUBERNETES_VERSION}"));
+        let node = root.join(format!("kubernetes-node-{KUBERNETES_VERSION}"));
+        let prometheus = root.join(format!("prometheus-{PROMETHEUS_VERSION}"));
         let bins = Self {
             kube_apiserver: k8s.join("kube-apiserver"),
             kube_controller_manager: k8s.join("kube-controller-manager"),
@@ -60,6 +76,13 @@ impl Binaries {
             etcd: root.join(format!("etcd-{ETCD_VERSION}")).join("etcd"),
             kwok: root.join(format!("kwok-{KWOK_VERSION}")).join("kwok"),
             helm: root.join(format!("helm-{HELM_VERSION}")).join("helm"),
+            kubelet: node.join("kubelet"),
+            kube_proxy: node.join("kube-proxy"),
+            registry: root
+                .join(format!("distribution-{DISTRIBUTION_VERSION}"))
+                .join("registry"),
+            prometheus: prometheus.join("prometheus"),
+            promtool: prometheus.join("promtool"),
         };
         for path in [
             &bins.kube_apiserver,
@@ -69,6 +92,11 @@ impl Binaries {
             &bins.etcd,
             &bins.kwok,
             &bins.helm,
+            &bins.kubelet,
+            &bins.kube_proxy,
+            &bins.registry,
+            &bins.prometheus,
+            &bins.promtool,
         ] {
             if !path.is_file() {
                 return Err(Error::MissingBinary { path: path.clone() });

@@ -40,6 +40,35 @@ pub struct Pki {
     pub service_account_key: PathBuf,
     /// Service-account public key.
     pub service_account_pub: PathBuf,
+    /// The real node's kubelet client certificate (`CN=system:node:<node>`,
+    /// `O=system:nodes`: the Node authorizer's identity of that kubelet).
+    pub kubelet_client_cert: PathBuf,
+    /// Its key.
+    pub kubelet_client_key: PathBuf,
+    /// The kubelet's serving certificate (the node's address and name), which
+    /// the apiserver verifies with the CA for logs, exec and port-forward.
+    pub kubelet_serving_cert: PathBuf,
+    /// Its key.
+    pub kubelet_serving_key: PathBuf,
+    /// The apiserver's client certificate towards kubelets (`O=system:masters`,
+    /// authorized by the kubelet's webhook).
+    pub apiserver_kubelet_client_cert: PathBuf,
+    /// Its key.
+    pub apiserver_kubelet_client_key: PathBuf,
+    /// kube-proxy's client certificate (`CN=system:kube-proxy`, bound to
+    /// `system:node-proxier` by the default RBAC policy).
+    pub kube_proxy_cert: PathBuf,
+    /// Its key.
+    pub kube_proxy_key: PathBuf,
+}
+
+/// The identity and addresses of the real node the certificates are for.
+#[derive(Debug, Clone)]
+pub struct NodeIdentity {
+    /// The Node's name.
+    pub name: String,
+    /// The addresses the kubelet serves on (the apiserver dials the first).
+    pub addresses: Vec<String>,
 }
 
 /// CN of the front-proxy client certificate (`--requestheader-allowed-names`).
@@ -47,7 +76,7 @@ pub const FRONT_PROXY_CLIENT_CN: &str = "front-proxy-client";
 
 impl Pki {
     /// Generates every certificate and key into `dir`.
-    pub fn generate(dir: &Path) -> Result<Self> {
+    pub fn generate(dir: &Path, node: &NodeIdentity) -> Result<Self> {
         std::fs::create_dir_all(dir).map_err(Error::io("creating", dir))?;
         let pki = Self {
             ca_cert: dir.join("ca.crt"),
@@ -61,6 +90,14 @@ impl Pki {
             front_proxy_client_key: dir.join("front-proxy-client.key"),
             service_account_key: dir.join("sa.key"),
             service_account_pub: dir.join("sa.pub"),
+            kubelet_client_cert: dir.join("kubelet-client.crt"),
+            kubelet_client_key: dir.join("kubelet-client.key"),
+            kubelet_serving_cert: dir.join("kubelet-serving.crt"),
+            kubelet_serving_key: dir.join("kubelet-serving.key"),
+            apiserver_kubelet_client_cert: dir.join("apiserver-kubelet-client.crt"),
+            apiserver_kubelet_client_key: dir.join("apiserver-kubelet-client.key"),
+            kube_proxy_cert: dir.join("kube-proxy.crt"),
+            kube_proxy_key: dir.join("kube-proxy.key"),
         };
 
         let ca = new_ca("hndsr-e2e-ca")?;
@@ -106,6 +143,48 @@ impl Pki {
         )?;
         write(&pki.front_proxy_client_cert, &front_proxy.0)?;
         write(&pki.front_proxy_client_key, &front_proxy.1)?;
+
+        let node_user = format!("system:node:{}", node.name);
+        let mut node_sans: Vec<&str> = node.addresses.iter().map(String::as_str).collect();
+        node_sans.push(&node.name);
+        for (cn, org, sans, usage, cert, key) in [
+            (
+                node_user.as_str(),
+                Some("system:nodes"),
+                &[][..],
+                ExtendedKeyUsagePurpose::ClientAuth,
+                &pki.kubelet_client_cert,
+                &pki.kubelet_client_key,
+            ),
+            (
+                node.name.as_str(),
+                None,
+                &node_sans[..],
+                ExtendedKeyUsagePurpose::ServerAuth,
+                &pki.kubelet_serving_cert,
+                &pki.kubelet_serving_key,
+            ),
+            (
+                "kube-apiserver-kubelet-client",
+                Some("system:masters"),
+                &[][..],
+                ExtendedKeyUsagePurpose::ClientAuth,
+                &pki.apiserver_kubelet_client_cert,
+                &pki.apiserver_kubelet_client_key,
+            ),
+            (
+                "system:kube-proxy",
+                None,
+                &[][..],
+                ExtendedKeyUsagePurpose::ClientAuth,
+                &pki.kube_proxy_cert,
+                &pki.kube_proxy_key,
+            ),
+        ] {
+            let pair = leaf(cn, org, sans, usage, &ca)?;
+            write(cert, &pair.0)?;
+            write(key, &pair.1)?;
+        }
 
         let sa = KeyPair::generate().map_err(cert_err("service-account key"))?;
         write(&pki.service_account_key, &sa.serialize_pem())?;
@@ -175,7 +254,11 @@ mod tests {
     #[test]
     fn writes_every_pem_file() {
         let dir = tempfile::tempdir().unwrap();
-        let pki = Pki::generate(dir.path()).unwrap();
+        let node = NodeIdentity {
+            name: "n".into(),
+            addresses: vec!["127.0.0.1".into()],
+        };
+        let pki = Pki::generate(dir.path(), &node).unwrap();
         for (path, tag) in [
             (&pki.ca_cert, "CERTIFICATE"),
             (&pki.apiserver_cert, "CERTIFICATE"),

@@ -11,8 +11,10 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
 
 use crate::bins::{self, Binaries};
-use crate::certs::{FRONT_PROXY_CLIENT_CN, Pki};
+use crate::certs::{FRONT_PROXY_CLIENT_CN, NodeIdentity, Pki};
+use crate::node::{self, NodeConfig, RealNode};
 use crate::process::{Proc, free_port, http_get, log_tail};
+use crate::registry::{Images, Registry};
 use crate::{Error, Result, wait};
 
 /// The extended resource the fake nodes advertise.
@@ -58,6 +60,9 @@ pub struct ControlPlaneOptions {
     pub hpa_sync_period: Duration,
     /// How long each component may take to become ready.
     pub start_timeout: Duration,
+    /// Also start the image registry (with `make images` output pushed to
+    /// it) and a real node (kubelet + containerd + kube-proxy; root only).
+    pub real_node: bool,
 }
 
 impl ControlPlaneOptions {
@@ -68,6 +73,7 @@ impl ControlPlaneOptions {
             nodes: FakeNodes::default(),
             hpa_sync_period: Duration::from_secs(2),
             start_timeout: Duration::from_secs(120),
+            real_node: false,
         }
     }
 }
@@ -82,6 +88,9 @@ pub struct ControlPlane {
     bins: Binaries,
     /// In start order; stopped in reverse.
     procs: Vec<Proc>,
+    registry: Option<Registry>,
+    images: Option<Images>,
+    node: Option<RealNode>,
 }
 
 impl ControlPlane {
@@ -99,7 +108,15 @@ impl ControlPlane {
         }
         let logs = dir.join("logs");
         std::fs::create_dir_all(&logs).map_err(Error::io("creating", &logs))?;
-        let pki = Pki::generate(&dir.join("pki"))?;
+        let identity = if opts.real_node {
+            node::identity()?
+        } else {
+            NodeIdentity {
+                name: node::NODE_NAME.to_owned(),
+                addresses: vec!["127.0.0.1".to_owned()],
+            }
+        };
+        let pki = Pki::generate(&dir.join("pki"), &identity)?;
 
         let etcd_client = free_port()?;
         let etcd_peer = free_port()?;
@@ -115,6 +132,9 @@ impl ControlPlane {
             pki,
             bins,
             procs: Vec::new(),
+            registry: None,
+            images: None,
+            node: None,
         };
         let timeout = opts.start_timeout;
 
@@ -160,7 +180,45 @@ impl ControlPlane {
         plane
             .wait_default_service_account(&client, "default", timeout)
             .await?;
+        if opts.real_node {
+            plane.start_real_node(&client, &identity, timeout).await?;
+        }
         Ok(plane)
+    }
+
+    async fn start_real_node(
+        &mut self,
+        client: &Client,
+        identity: &NodeIdentity,
+        timeout: Duration,
+    ) -> Result<()> {
+        let registry = Registry::start(&self.bins, &self.dir, timeout).await?;
+        let images = registry.push_images()?;
+        let registry_addr = registry.addr().to_owned();
+        self.registry = Some(registry);
+        let node_dir = self.dir.join("node");
+        let cfg = NodeConfig {
+            dir: &node_dir,
+            server: &self.server,
+            pki: &self.pki,
+            bins: &self.bins,
+            address: &identity.addresses[0],
+            registry: &registry_addr,
+            pause_image: &images.pause,
+        };
+        self.node = Some(RealNode::start(&cfg, client, timeout).await?);
+        self.images = Some(images);
+        Ok(())
+    }
+
+    /// The images in the local registry (with a real node only).
+    pub fn images(&self) -> Option<&Images> {
+        self.images.as_ref()
+    }
+
+    /// `127.0.0.1:PORT` of the local registry (with a real node only).
+    pub fn registry(&self) -> Option<&str> {
+        self.registry.as_ref().map(Registry::addr)
     }
 
     /// The admin kubeconfig (client certificate in group `system:masters`).
@@ -196,6 +254,9 @@ impl ControlPlane {
 
     /// Fails when any component has exited.
     pub fn check_running(&mut self) -> Result<()> {
+        if let Some(node) = &mut self.node {
+            node.check_running()?;
+        }
         self.procs.iter_mut().try_for_each(Proc::check_running)
     }
 
@@ -209,6 +270,12 @@ impl ControlPlane {
 
     /// Stops every component, the last started first.
     pub fn stop(&mut self) {
+        if let Some(mut node) = self.node.take() {
+            node.stop();
+        }
+        if let Some(mut registry) = self.registry.take() {
+            registry.stop();
+        }
         while let Some(mut proc) = self.procs.pop() {
             proc.stop(Duration::from_secs(10));
         }
@@ -259,7 +326,19 @@ impl ControlPlane {
                 path(&p.service_account_key)
             ),
             format!("--service-cluster-ip-range={SERVICE_CIDR}"),
-            "--authorization-mode=RBAC".into(),
+            // Node: the real node's kubelet (and NodeRestriction) by its identity.
+            "--authorization-mode=Node,RBAC".into(),
+            "--enable-admission-plugins=NodeRestriction".into(),
+            format!(
+                "--kubelet-client-certificate={}",
+                path(&p.apiserver_kubelet_client_cert)
+            ),
+            format!(
+                "--kubelet-client-key={}",
+                path(&p.apiserver_kubelet_client_key)
+            ),
+            format!("--kubelet-certificate-authority={}", path(&p.ca_cert)),
+            "--kubelet-preferred-address-types=InternalIP,Hostname".into(),
             "--endpoint-reconciler-type=none".into(),
             "--allow-privileged=true".into(),
             format!(

@@ -92,6 +92,9 @@ pub enum Error {
         message: String,
     },
     /// The shared control plane failed to start earlier in this process.
+    /// The host cannot run what was asked (the message says what to do).
+    #[error("{0}")]
+    Setup(String),
     #[error("the shared e2e control plane failed to start: {0}")]
     Shared(String),
 }

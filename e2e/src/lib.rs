@@ -18,8 +18,10 @@ mod cluster;
 mod error;
 pub mod fixtures;
 pub mod metrics_server;
+pub mod node;
 pub mod operator;
 pub mod process;
+pub mod registry;
 pub mod shared;
 pub mod wait;
 

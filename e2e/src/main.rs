@@ -42,6 +42,10 @@ enum Cmd {
         /// `nvidia.com/gpu` capacity of each fake node.
         #[arg(long, default_value_t = 4)]
         gpus_per_node: u32,
+        /// Also a real node (kubelet + containerd + kube-proxy) and the image
+        /// registry with `make images` pushed to it (root only).
+        #[arg(long)]
+        real_node: bool,
     },
     /// Stop the control plane started by `up`.
     Down {
@@ -63,11 +67,17 @@ fn main() -> ExitCode {
             detach,
             nodes,
             gpus_per_node,
+            real_node,
         } => absolute(&dir).and_then(|dir| {
+            let shape = Shape {
+                nodes,
+                gpus_per_node,
+                real_node,
+            };
             if detach {
-                up_detached(&dir, nodes, gpus_per_node)
+                up_detached(&dir, &shape)
             } else {
-                up(&dir, nodes, gpus_per_node)
+                up(&dir, &shape)
             }
         }),
         Cmd::Down { dir } => absolute(&dir).and_then(|dir| down(&dir)),
@@ -99,7 +109,14 @@ fn running_pid(dir: &Path) -> Option<u32> {
         .then_some(pid)
 }
 
-fn up(dir: &Path, nodes: usize, gpus_per_node: u32) -> anyhow::Result<()> {
+/// What `up` starts besides the control plane.
+struct Shape {
+    nodes: usize,
+    gpus_per_node: u32,
+    real_node: bool,
+}
+
+fn up(dir: &Path, shape: &Shape) -> anyhow::Result<()> {
     if let Some(pid) = running_pid(dir) {
         bail!("already running (pid {pid}); stop it with `hndsr-e2e down`");
     }
@@ -107,10 +124,11 @@ fn up(dir: &Path, nodes: usize, gpus_per_node: u32) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(dir.join(READY_FILE));
     let mut opts = ControlPlaneOptions::new(dir.join("cluster"));
     opts.nodes = FakeNodes {
-        count: nodes,
-        gpus_per_node,
+        count: shape.nodes,
+        gpus_per_node: shape.gpus_per_node,
         ..FakeNodes::default()
     };
+    opts.real_node = shape.real_node;
     // A current-thread runtime: everything, the child spawns included, runs on
     // the main thread, which the children's parent-death signal is tied to.
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -133,6 +151,10 @@ fn up(dir: &Path, nodes: usize, gpus_per_node: u32) -> anyhow::Result<()> {
             println!("  {name:<24} pid {pid}");
         }
         println!("  logs       {}", plane.dir().join("logs").display());
+        if let (Some(registry), Some(images)) = (plane.registry(), plane.images()) {
+            println!("  registry   {registry}");
+            println!("  images     {} {}", images.server, images.operator);
+        }
         println!("export KUBECONFIG={}", kubeconfig.display());
         std::fs::write(dir.join(READY_FILE), kubeconfig.display().to_string())
             .context("writing the ready file")?;
@@ -158,7 +180,7 @@ fn up(dir: &Path, nodes: usize, gpus_per_node: u32) -> anyhow::Result<()> {
     })
 }
 
-fn up_detached(dir: &Path, nodes: usize, gpus_per_node: u32) -> anyhow::Result<()> {
+fn up_detached(dir: &Path, shape: &Shape) -> anyhow::Result<()> {
     if let Some(pid) = running_pid(dir) {
         bail!("already running (pid {pid}); stop it with `hndsr-e2e down`");
     }
@@ -167,15 +189,19 @@ fn up_detached(dir: &Path, nodes: usize, gpus_per_node: u32) -> anyhow::Result<(
     let log = dir.join("up.log");
     let out = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
     let exe = std::env::current_exe().context("locating this program")?;
-    let mut child = Command::new("setsid")
-        .arg(exe)
+    let mut cmd = Command::new("setsid");
+    cmd.arg(exe)
         .arg("up")
         .arg("--dir")
         .arg(dir)
         .arg("--nodes")
-        .arg(nodes.to_string())
+        .arg(shape.nodes.to_string())
         .arg("--gpus-per-node")
-        .arg(gpus_per_node.to_string())
+        .arg(shape.gpus_per_node.to_string());
+    if shape.real_node {
+        cmd.arg("--real-node");
+    }
+    let mut child = cmd
         .stdin(Stdio::null())
         .stdout(out.try_clone()?)
         .stderr(out)

@@ -44,12 +44,35 @@ impl Proc {
         log_dir: &Path,
         env: &[(&str, &str)],
     ) -> Result<Self> {
+        Self::spawn_inner(name, program, args, log_dir, env, "KILL")
+    }
+
+    /// Like [`Proc::spawn`] with `signal` as the parent-death signal: a
+    /// program that must act when the harness dies (a janitor) handles it.
+    pub fn spawn_with_death_signal(
+        name: &str,
+        program: &Path,
+        args: &[String],
+        log_dir: &Path,
+        signal: &str,
+    ) -> Result<Self> {
+        Self::spawn_inner(name, program, args, log_dir, &[], signal)
+    }
+
+    fn spawn_inner(
+        name: &str,
+        program: &Path,
+        args: &[String],
+        log_dir: &Path,
+        env: &[(&str, &str)],
+        death_signal: &str,
+    ) -> Result<Self> {
         let log = log_dir.join(format!("{name}.log"));
         let out = File::create(&log).map_err(Error::io("creating", &log))?;
         let err = out.try_clone().map_err(Error::io("duplicating", &log))?;
         let mut cmd = Command::new("setpriv");
         cmd.arg("--pdeathsig")
-            .arg("KILL")
+            .arg(death_signal)
             .arg("--")
             .arg(program)
             .args(args)

@@ -21,6 +21,7 @@ use rand::Rng;
 
 use crate::bins::Binaries;
 use crate::cluster::client_from_kubeconfig;
+use crate::registry::Images;
 use crate::{ControlPlane, ControlPlaneOptions, Error, Result, wait};
 
 /// What tests need to know about the shared control plane.
@@ -32,9 +33,12 @@ pub struct Shared {
     pub dir: PathBuf,
     /// The programs, kubectl and helm included.
     pub binaries: Binaries,
+    /// The images in the local registry (a real-node plane only).
+    pub images: Option<Images>,
 }
 
 static SHARED: OnceLock<std::result::Result<Shared, String>> = OnceLock::new();
+static SHARED_REAL_NODE: OnceLock<std::result::Result<Shared, String>> = OnceLock::new();
 
 const DIR_PREFIX: &str = "hndsr-e2e-";
 
@@ -43,12 +47,22 @@ const DIR_PREFIX: &str = "hndsr-e2e-";
 /// [`namespace`].
 pub fn control_plane() -> Result<&'static Shared> {
     SHARED
-        .get_or_init(start_on_own_thread)
+        .get_or_init(|| start_on_own_thread(false))
         .as_ref()
         .map_err(|e| Error::Shared(e.clone()))
 }
 
-fn start_on_own_thread() -> std::result::Result<Shared, String> {
+/// Like [`control_plane`], with the image registry and a real node
+/// ([`crate::node`]; root only). Its host changes are undone by the node's
+/// janitor when the test process exits.
+pub fn control_plane_with_real_node() -> Result<&'static Shared> {
+    SHARED_REAL_NODE
+        .get_or_init(|| start_on_own_thread(true))
+        .as_ref()
+        .map_err(|e| Error::Shared(e.clone()))
+}
+
+fn start_on_own_thread(real_node: bool) -> std::result::Result<Shared, String> {
     init_tracing();
     remove_stale_dirs();
     let dir = std::env::temp_dir().join(format!("{DIR_PREFIX}{}", std::process::id()));
@@ -66,12 +80,19 @@ fn start_on_own_thread() -> std::result::Result<Shared, String> {
                     return;
                 }
             };
-            match runtime.block_on(ControlPlane::start(ControlPlaneOptions::new(&dir))) {
+            let mut opts = ControlPlaneOptions::new(&dir);
+            opts.real_node = real_node;
+            // Pulling the server image and starting the node add to the start.
+            if real_node {
+                opts.start_timeout = std::time::Duration::from_secs(300);
+            }
+            match runtime.block_on(ControlPlane::start(opts)) {
                 Ok(plane) => {
                     let shared = Shared {
                         kubeconfig: plane.kubeconfig().to_owned(),
                         dir: plane.dir().to_owned(),
                         binaries: plane.binaries().clone(),
+                        images: plane.images().cloned(),
                     };
                     eprintln!(
                         "hndsr-e2e: control plane up, KUBECONFIG={}",
@@ -160,7 +181,19 @@ impl TestNamespace {
 /// `<prefix>-<random>` and waits for its default ServiceAccount (pods cannot
 /// be created before it exists).
 pub async fn namespace(prefix: &str) -> Result<TestNamespace> {
-    let shared = tokio::task::spawn_blocking(control_plane)
+    namespace_on(prefix, control_plane).await
+}
+
+/// [`namespace`] on the control plane with a real node.
+pub async fn namespace_with_real_node(prefix: &str) -> Result<TestNamespace> {
+    namespace_on(prefix, control_plane_with_real_node).await
+}
+
+async fn namespace_on(
+    prefix: &str,
+    plane: fn() -> Result<&'static Shared>,
+) -> Result<TestNamespace> {
+    let shared = tokio::task::spawn_blocking(plane)
         .await
         .map_err(|e| Error::Shared(format!("the start-up task failed: {e}")))??;
     let client = client_from_kubeconfig(&shared.kubeconfig).await?;
