@@ -32,6 +32,7 @@ KWOK_VERSION=v0.8.0
 HELM_VERSION=v3.22.0
 DISTRIBUTION_VERSION=v3.1.2
 PROMETHEUS_VERSION=v0.316.0
+PROMETHEUS_RELEASE=3.16.0 # what v0.316.0 calls itself
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 e2e_dir="$(dirname "$here")"
@@ -188,7 +189,7 @@ fi
 dir="$bin_root/prometheus-${PROMETHEUS_VERSION}"
 if start "$dir"; then
     prom_flags="-s -w"
-    prom_flags+=" -X github.com/prometheus/common/version.Version=${PROMETHEUS_VERSION#v0.}"
+    prom_flags+=" -X github.com/prometheus/common/version.Version=${PROMETHEUS_RELEASE}"
     prom_flags+=" -X github.com/prometheus/common/version.Branch=release"
     GOFLAGS= GOBIN="$dir.partial" go install -trimpath -ldflags "$prom_flags" \
         "github.com/prometheus/prometheus/cmd/prometheus@${PROMETHEUS_VERSION}" \
