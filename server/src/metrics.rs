@@ -62,6 +62,10 @@ impl Stage {
     }
 }
 
+/// Gauge: the admission slots (`MAX_QUEUE_DEPTH`), constant for the
+/// process: `hndsr_admitted_requests` at this value means new requests get
+/// 503 `overloaded` (the chart's queue-saturation alert compares the two).
+pub const MAX_QUEUE_DEPTH: &str = "hndsr_max_queue_depth";
 /// Counter: requests answered from another request's computation.
 pub const COALESCED_TOTAL: &str = "hndsr_coalesced_requests_total";
 /// Gauge: clients tracked by the rate limiter.
@@ -134,6 +138,7 @@ pub struct Metrics {
     pub queue_depth: IntGauge,
     /// Requests holding an admission slot (uploading, waiting or running).
     pub admitted_requests: IntGauge,
+    max_queue_depth: IntGauge,
     request_duration: Histogram,
     queue_wait: Histogram,
     inference: Histogram,
@@ -179,6 +184,11 @@ impl Metrics {
             admitted_requests: IntGauge::new(
                 names::ADMITTED_REQUESTS,
                 "Requests holding an admission slot: uploading, waiting or running (MAX_QUEUE_DEPTH bounds it).",
+            )
+            .expect("valid gauge"),
+            max_queue_depth: IntGauge::new(
+                MAX_QUEUE_DEPTH,
+                "Admission slots (MAX_QUEUE_DEPTH): hndsr_admitted_requests at this value turns new requests away (503 overloaded).",
             )
             .expect("valid gauge"),
             request_duration: hist(
@@ -259,10 +269,11 @@ impl Metrics {
         for stage in Stage::ALL {
             m.stage_cpu.with_label_values(&[stage.as_str()]);
         }
-        let collectors: [Box<dyn prometheus::core::Collector>; 15] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 16] = [
             Box::new(m.active_requests.clone()),
             Box::new(m.queue_depth.clone()),
             Box::new(m.admitted_requests.clone()),
+            Box::new(m.max_queue_depth.clone()),
             Box::new(m.request_duration.clone()),
             Box::new(m.queue_wait.clone()),
             Box::new(m.inference.clone()),
@@ -280,6 +291,12 @@ impl Metrics {
             m.registry.register(c).expect("distinct metric names");
         }
         m
+    }
+
+    /// Exports the admission cap, `MAX_QUEUE_DEPTH` (once, at start-up).
+    pub fn set_max_queue_depth(&self, slots: usize) {
+        self.max_queue_depth
+            .set(i64::try_from(slots).unwrap_or(i64::MAX));
     }
 
     /// Counts one finished upscale request. The single place requests are
@@ -364,5 +381,17 @@ mod tests {
         m.record_request(Outcome::Timeout, None, Duration::from_secs(30));
         assert_eq!(m.request_duration.get_sample_count(), 2);
         assert_eq!(m.requests.with_label_values(&["rejected"]).get(), 1);
+    }
+
+    #[test]
+    fn the_admission_cap_is_exported() {
+        let m = Metrics::new();
+        m.set_max_queue_depth(20);
+        let text = m.render();
+        assert!(
+            text.contains("# TYPE hndsr_max_queue_depth gauge"),
+            "{text}"
+        );
+        assert!(text.contains("\nhndsr_max_queue_depth 20\n"), "{text}");
     }
 }

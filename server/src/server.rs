@@ -71,6 +71,7 @@ impl Server {
     /// When the core cannot start (see [`Core::start`]).
     pub fn new(config: Config, backend: Arc<dyn Backend>) -> Result<Self, ServerError> {
         let metrics = Metrics::new();
+        metrics.set_max_queue_depth(config.limits.max_queue_depth.get());
         let core = Core::start(
             backend,
             config.limits.clone(),
