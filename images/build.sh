@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# `make images`: builds hndsr-server, hndsr-operator and the real
-# node's pause image from their Containerfiles, cached by content.
+# `make images`: builds hndsr-server, hndsr-operator, the real
+# node's pause image and the weights fetcher from their Containerfiles, cached by content.
 #
 #   images/build.sh                  build both (skips an image whose context is unchanged)
 #   images/build.sh push REGISTRY    also push them to REGISTRY (host:port; e.g. 127.0.0.1:5000)
-#   images/build.sh names            print the local image names (server, operator, pause)
+#   images/build.sh names            print the local image names (server, operator, pause, fetch)
 #
 # The binaries must be built first (`make images` does it). Each context is
 # staged under target/images/<name>: the stripped binary, for the server also
@@ -35,13 +35,16 @@ base="${BASE_IMAGE:-debian:bookworm-slim}"
 server_image="$prefix/hndsr-server:$tag"
 [[ "$variant" == cpu ]] || server_image="$prefix/hndsr-server:$tag-$variant"
 operator_image="$prefix/hndsr-operator:$tag"
-# The real node's pod sandbox; versioned by its source, not the workspace.
+# The real node's pod sandbox and the weights fetcher; versioned by their
+# sources, not the workspace.
 pause_image="$prefix/pause:1"
+fetch_image="$prefix/fetch:1"
 
 if [[ "${1:-}" == names ]]; then
     echo "$server_image"
     echo "$operator_image"
     echo "$pause_image"
+    echo "$fetch_image"
     exit 0
 fi
 
@@ -89,6 +92,14 @@ stage_pause() {
     cp images/pause/Containerfile "$ctx/Containerfile"
 }
 
+stage_fetch() {
+    local ctx=target/images/fetch
+    rm -rf "$ctx" && mkdir -p "$ctx"
+    [[ -x /bin/busybox ]] || die "/bin/busybox not found (the fetch image's wget): apt-get install -y busybox-static"
+    cp /bin/busybox "$ctx/busybox"
+    cp images/fetch/Containerfile "$ctx/Containerfile"
+}
+
 # content_hash CTX ARGS...: the files' names, modes and bytes, and the build args.
 content_hash() {
     local ctx="$1"
@@ -133,12 +144,14 @@ stage_operator
 build "$operator_image" target/images/operator
 stage_pause
 build "$pause_image" target/images/pause
+stage_fetch
+build "$fetch_image" target/images/fetch
 
 if [[ "${1:-}" == push ]]; then
     registry="${2:?usage: images/build.sh push REGISTRY}"
     tls=()
     [[ "$CONTAINER_ENGINE" == podman && "$registry" == 127.0.0.1:* ]] && tls=(--tls-verify=false)
-    for image in "$server_image" "$operator_image" "$pause_image"; do
+    for image in "$server_image" "$operator_image" "$pause_image" "$fetch_image"; do
         remote="$registry/$image"
         engine tag "$image" "$remote"
         engine push -q ${tls[@]+"${tls[@]}"} "$remote" >/dev/null || die "pushing $remote failed"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The Debian packages the images and the real node need: podman + runc build
 # and run images without a daemon, debootstrap makes their base, containerd +
-# runc + the CNI plugins + iptables + conntrack run the node's pods. Installs
+# runc + the CNI plugins + iptables + conntrack run the node's pods, static
+# busybox is the weights fetcher image's wget. Installs
 # what is missing (as root, from the machine's apt sources); without root it
 # fails with the command to run.
 set -euo pipefail
@@ -10,6 +11,7 @@ declare -A probe=(
     [podman]=podman [runc]=runc [debootstrap]=debootstrap [containerd]=containerd
     [containernetworking-plugins]=/usr/lib/cni/bridge [iptables]=iptables [conntrack]=conntrack
     [iproute2]=ip [util-linux]=setpriv [gcc]=gcc [libc6-dev]=/usr/lib/x86_64-linux-gnu/libc.a
+    [busybox-static]=/bin/busybox
 )
 missing=()
 for pkg in "${!probe[@]}"; do

@@ -74,7 +74,7 @@ impl Registry {
     }
 
     /// Pushes the images `make images` built (`images/build.sh push`), and
-    /// returns their references in this registry: server, operator, pause.
+    /// returns their references in this registry.
     pub fn push_images(&self) -> Result<Images> {
         let script = bins::repo_root().join("images/build.sh");
         let out = Command::new("bash")
@@ -105,13 +105,14 @@ impl Registry {
             .map(|n| format!("{}/{n}", self.addr))
             .collect();
         match names.as_slice() {
-            [server, operator, pause] => Ok(Images {
+            [server, operator, pause, fetch] => Ok(Images {
                 server: server.clone(),
                 operator: operator.clone(),
                 pause: pause.clone(),
+                fetch: fetch.clone(),
             }),
             _ => Err(Error::Setup(format!(
-                "images/build.sh names printed {names:?}, not three images"
+                "images/build.sh names printed {names:?}, not four images"
             ))),
         }
     }
@@ -131,6 +132,8 @@ pub struct Images {
     pub operator: String,
     /// The pod sandbox.
     pub pause: String,
+    /// The init container that downloads `weights.uri` (`--fetcher-image`).
+    pub fetch: String,
 }
 
 fn storage_dir() -> PathBuf {
