@@ -103,8 +103,12 @@ deny: ## licences, banned crates and sources (cargo-deny, cached under ~/.cache/
 unit: prereqs ## unit, mocked-API and HTTP tests of every crate
 	$(CARGO) test --workspace --exclude hndsr-e2e --locked
 
+.PHONY: rules
+rules: e2e-binaries ## the chart's alerts as it renders them: promtool check, and promtool unit tests on fixture series
+	bash charts/hndsr-operator/tests/check-rules.sh
+
 .PHONY: test
-test: lint deny check-generated unit e2e ## every test: lint, licences, generated-file drift, unit/HTTP/mocked-API, e2e
+test: lint deny check-generated unit rules e2e ## every test: lint, licences, generated-file drift, unit/HTTP/mocked-API, alert rules, e2e
 	@echo "make test: all green"
 
 .PHONY: bench

@@ -8,6 +8,7 @@
 #   kubernetes-node-v1.36.3/{kubelet,kube-proxy}       (the real node)
 #   distribution-v3.1.2/registry                        (the image registry on 127.0.0.1)
 #   prometheus-v0.316.0/{prometheus,promtool}
+#   prometheus-adapter-v0.12.0/adapter                  (wrapper module e2e/go/prometheus-adapter)
 #   etcd-v3.6.16/etcd
 #   kwok-v0.8.0/kwok
 #   helm-v3.22.0/helm
@@ -33,6 +34,7 @@ HELM_VERSION=v3.22.0
 DISTRIBUTION_VERSION=v3.1.2
 PROMETHEUS_VERSION=v0.316.0
 PROMETHEUS_RELEASE=3.16.0 # what v0.316.0 calls itself
+PROMETHEUS_ADAPTER_VERSION=v0.12.0
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 e2e_dir="$(dirname "$here")"
@@ -198,6 +200,14 @@ if start "$dir"; then
     finish "$dir"
 fi
 
+dir="$bin_root/prometheus-adapter-${PROMETHEUS_ADAPTER_VERSION}"
+if start "$dir"; then
+    (cd "$e2e_dir/go/prometheus-adapter" &&
+        go build -trimpath -ldflags "-s -w" -o "$dir.partial/adapter" sigs.k8s.io/prometheus-adapter/cmd/adapter) ||
+        die "building prometheus-adapter failed"
+    finish "$dir"
+fi
+
 echo
 echo "e2e binaries in $bin_root:"
 echo "  $bin_root/kubernetes-${KUBERNETES_VERSION}/{kube-apiserver,kube-controller-manager,kube-scheduler,kubectl}"
@@ -207,3 +217,4 @@ echo "  $bin_root/helm-${HELM_VERSION}/helm"
 echo "  $bin_root/kubernetes-node-${KUBERNETES_VERSION}/{kubelet,kube-proxy}"
 echo "  $bin_root/distribution-${DISTRIBUTION_VERSION}/registry"
 echo "  $bin_root/prometheus-${PROMETHEUS_VERSION}/{prometheus,promtool}"
+echo "  $bin_root/prometheus-adapter-${PROMETHEUS_ADAPTER_VERSION}/adapter"

@@ -20,6 +20,8 @@ pub const HELM_VERSION: &str = "v3.22.0";
 pub const DISTRIBUTION_VERSION: &str = "v3.1.2";
 /// `github.com/prometheus/prometheus` module version (Prometheus 3.16.0).
 pub const PROMETHEUS_VERSION: &str = "v0.316.0";
+/// `sigs.k8s.io/prometheus-adapter` version.
+pub const PROMETHEUS_ADAPTER_VERSION: &str = "v0.12.0";
 
 /// The command that builds the binaries (run from the repository root).
 pub const BUILD_COMMAND: &str = "bash e2e/scripts/build-binaries.sh";
@@ -54,6 +56,8 @@ pub struct Binaries {
     pub prometheus: PathBuf,
     /// promtool
     pub promtool: PathBuf,
+    /// prometheus-adapter
+    pub prometheus_adapter: PathBuf,
 }
 
 impl Binaries {
@@ -83,6 +87,9 @@ impl Binaries {
                 .join("registry"),
             prometheus: prometheus.join("prometheus"),
             promtool: prometheus.join("promtool"),
+            prometheus_adapter: root
+                .join(format!("prometheus-adapter-{PROMETHEUS_ADAPTER_VERSION}"))
+                .join("adapter"),
         };
         for path in [
             &bins.kube_apiserver,
@@ -97,6 +104,7 @@ impl Binaries {
             &bins.registry,
             &bins.prometheus,
             &bins.promtool,
+            &bins.prometheus_adapter,
         ] {
             if !path.is_file() {
                 return Err(Error::MissingBinary { path: path.clone() });

@@ -104,18 +104,26 @@ impl Pki {
         write(&pki.ca_cert, &ca.pem())?;
         write(&pki.ca_key, &ca.key().serialize_pem())?;
 
+        // The node's addresses too: with a real node, pods reach the
+        // apiserver at the address it advertises.
+        let mut apiserver_sans = vec![
+            "localhost",
+            "127.0.0.1",
+            "kubernetes",
+            "kubernetes.default",
+            "kubernetes.default.svc",
+            "kubernetes.default.svc.cluster.local",
+            "10.0.0.1",
+        ];
+        for address in &node.addresses {
+            if !apiserver_sans.contains(&address.as_str()) {
+                apiserver_sans.push(address);
+            }
+        }
         let serving = leaf(
             "kube-apiserver",
             None,
-            &[
-                "localhost",
-                "127.0.0.1",
-                "kubernetes",
-                "kubernetes.default",
-                "kubernetes.default.svc",
-                "kubernetes.default.svc.cluster.local",
-                "10.0.0.1",
-            ],
+            &apiserver_sans,
             ExtendedKeyUsagePurpose::ServerAuth,
             &ca,
         )?;

@@ -12,6 +12,7 @@ use kube::{Client, Config};
 
 use crate::bins::{self, Binaries};
 use crate::certs::{FRONT_PROXY_CLIENT_CN, NodeIdentity, Pki};
+use crate::monitoring::Monitoring;
 use crate::node::{self, NodeConfig, RealNode};
 use crate::process::{Proc, free_port, http_get, log_tail};
 use crate::registry::{Images, Registry};
@@ -91,6 +92,7 @@ pub struct ControlPlane {
     registry: Option<Registry>,
     images: Option<Images>,
     node: Option<RealNode>,
+    monitoring: Option<Monitoring>,
 }
 
 impl ControlPlane {
@@ -135,6 +137,7 @@ impl ControlPlane {
             registry: None,
             images: None,
             node: None,
+            monitoring: None,
         };
         let timeout = opts.start_timeout;
 
@@ -144,7 +147,11 @@ impl ControlPlane {
         plane.wait_etcd(etcd_client, timeout).await?;
 
         // kube-apiserver
-        let apiserver = plane.apiserver_args(etcd_client, apiserver_port);
+        let apiserver = plane.apiserver_args(
+            etcd_client,
+            apiserver_port,
+            opts.real_node.then(|| identity.addresses[0].as_str()),
+        );
         plane.spawn(
             "kube-apiserver",
             &plane.bins.kube_apiserver.clone(),
@@ -208,12 +215,20 @@ impl ControlPlane {
         };
         self.node = Some(RealNode::start(&cfg, client, timeout).await?);
         self.images = Some(images);
+        self.monitoring = Some(
+            Monitoring::start(&self.bins, &self.dir, &self.kubeconfig, client, timeout).await?,
+        );
         Ok(())
     }
 
     /// The images in the local registry (with a real node only).
     pub fn images(&self) -> Option<&Images> {
         self.images.as_ref()
+    }
+
+    /// `127.0.0.1:PORT` of Prometheus (with a real node only).
+    pub fn prometheus(&self) -> Option<&str> {
+        self.monitoring.as_ref().map(Monitoring::prometheus_addr)
     }
 
     /// `127.0.0.1:PORT` of the local registry (with a real node only).
@@ -254,6 +269,9 @@ impl ControlPlane {
 
     /// Fails when any component has exited.
     pub fn check_running(&mut self) -> Result<()> {
+        if let Some(monitoring) = &mut self.monitoring {
+            monitoring.check_running()?;
+        }
         if let Some(node) = &mut self.node {
             node.check_running()?;
         }
@@ -270,6 +288,9 @@ impl ControlPlane {
 
     /// Stops every component, the last started first.
     pub fn stop(&mut self) {
+        if let Some(mut monitoring) = self.monitoring.take() {
+            monitoring.stop();
+        }
         if let Some(mut node) = self.node.take() {
             node.stop();
         }
@@ -304,13 +325,26 @@ impl ControlPlane {
         ]
     }
 
-    fn apiserver_args(&self, etcd_client: u16, port: u16) -> Vec<String> {
+    /// With `node_address` (a real node), pods must reach the apiserver:
+    /// it binds every address and advertises the node's, and the `kubernetes`
+    /// Service's endpoints point there (kube-proxy routes 10.0.0.1:443).
+    fn apiserver_args(
+        &self,
+        etcd_client: u16,
+        port: u16,
+        node_address: Option<&str>,
+    ) -> Vec<String> {
         let p = &self.pki;
         let path = |p: &PathBuf| p.display().to_string();
+        let (bind, advertise, reconciler) = match node_address {
+            Some(address) => ("0.0.0.0", address, "lease"),
+            None => ("127.0.0.1", "127.0.0.1", "none"),
+        };
         vec![
             format!("--etcd-servers=http://127.0.0.1:{etcd_client}"),
-            "--bind-address=127.0.0.1".into(),
-            "--advertise-address=127.0.0.1".into(),
+            format!("--bind-address={bind}"),
+            format!("--advertise-address={advertise}"),
+            format!("--endpoint-reconciler-type={reconciler}"),
             format!("--secure-port={port}"),
             format!("--cert-dir={}", self.dir.join("apiserver").display()),
             format!("--tls-cert-file={}", path(&p.apiserver_cert)),
@@ -339,7 +373,6 @@ impl ControlPlane {
             ),
             format!("--kubelet-certificate-authority={}", path(&p.ca_cert)),
             "--kubelet-preferred-address-types=InternalIP,Hostname".into(),
-            "--endpoint-reconciler-type=none".into(),
             "--allow-privileged=true".into(),
             format!(
                 "--requestheader-client-ca-file={}",

@@ -18,6 +18,7 @@ mod cluster;
 mod error;
 pub mod fixtures;
 pub mod metrics_server;
+pub mod monitoring;
 pub mod node;
 pub mod operator;
 pub mod process;

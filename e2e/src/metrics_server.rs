@@ -136,62 +136,11 @@ impl MetricsServer {
     }
 
     async fn register(&self, port: u16) -> Result<()> {
-        let service: Service = serde_json::from_value(serde_json::json!({
-            "apiVersion": "v1",
-            "kind": "Service",
-            "metadata": { "name": "e2e-custom-metrics", "namespace": self.service_namespace },
-            "spec": {
-                "type": "ExternalName",
-                "externalName": "localhost",
-                "ports": [{ "name": "https", "port": port, "protocol": "TCP" }],
-            },
-        }))
-        .expect("the Service literal is valid");
-        Api::<Service>::namespaced(self.client.clone(), &self.service_namespace)
-            .patch(
-                "e2e-custom-metrics",
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(&service),
-            )
-            .await
-            .map_err(Error::kube("applying the custom-metrics Service"))?;
-        let api_service: APIService = serde_json::from_value(serde_json::json!({
-            "apiVersion": "apiregistration.k8s.io/v1",
-            "kind": "APIService",
-            "metadata": { "name": API_SERVICE },
-            "spec": {
-                "group": GROUP,
-                "version": VERSION,
-                "service": { "namespace": self.service_namespace, "name": "e2e-custom-metrics", "port": port },
-                "insecureSkipTLSVerify": true,
-                "groupPriorityMinimum": 100,
-                "versionPriority": 100,
-            },
-        }))
-        .expect("the APIService literal is valid");
-        let api: Api<APIService> = Api::all(self.client.clone());
-        api.patch(
-            API_SERVICE,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&api_service),
-        )
-        .await
-        .map_err(Error::kube("applying the custom-metrics APIService"))?;
-        wait::until(
-            "APIService custom.metrics.k8s.io Available",
-            Duration::from_secs(60),
-            || async {
-                let s = api.get(API_SERVICE).await?;
-                let available = s
-                    .status
-                    .as_ref()
-                    .and_then(|st| st.conditions.as_ref())
-                    .is_some_and(|cs| {
-                        cs.iter()
-                            .any(|c| c.type_ == "Available" && c.status == "True")
-                    });
-                Ok::<_, kube::Error>(available.then_some(()))
-            },
+        register_api_service(
+            &self.client,
+            &self.service_namespace,
+            "e2e-custom-metrics",
+            port,
         )
         .await
     }
@@ -209,6 +158,75 @@ impl MetricsServer {
         self.task.abort();
         Ok(())
     }
+}
+
+/// Registers `custom.metrics.k8s.io/v1beta2` as served on `localhost:port`
+/// (an ExternalName Service `service` in `namespace`; aggregated servers
+/// cannot sit behind loopback Endpoints) and waits until it is Available.
+pub async fn register_api_service(
+    client: &Client,
+    namespace: &str,
+    service_name: &str,
+    port: u16,
+) -> Result<()> {
+    let service: Service = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": { "name": service_name, "namespace": namespace },
+        "spec": {
+            "type": "ExternalName",
+            "externalName": "localhost",
+            "ports": [{ "name": "https", "port": port, "protocol": "TCP" }],
+        },
+    }))
+    .expect("the Service literal is valid");
+    Api::<Service>::namespaced(client.clone(), namespace)
+        .patch(
+            service_name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&service),
+        )
+        .await
+        .map_err(Error::kube("applying the custom-metrics Service"))?;
+    let api_service: APIService = serde_json::from_value(serde_json::json!({
+        "apiVersion": "apiregistration.k8s.io/v1",
+        "kind": "APIService",
+        "metadata": { "name": API_SERVICE },
+        "spec": {
+            "group": GROUP,
+            "version": VERSION,
+            "service": { "namespace": namespace, "name": service_name, "port": port },
+            "insecureSkipTLSVerify": true,
+            "groupPriorityMinimum": 100,
+            "versionPriority": 100,
+        },
+    }))
+    .expect("the APIService literal is valid");
+    let api: Api<APIService> = Api::all(client.clone());
+    api.patch(
+        API_SERVICE,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&api_service),
+    )
+    .await
+    .map_err(Error::kube("applying the custom-metrics APIService"))?;
+    wait::until(
+        "APIService custom.metrics.k8s.io Available",
+        Duration::from_secs(60),
+        || async {
+            let s = api.get(API_SERVICE).await?;
+            let available = s
+                .status
+                .as_ref()
+                .and_then(|st| st.conditions.as_ref())
+                .is_some_and(|cs| {
+                    cs.iter()
+                        .any(|c| c.type_ == "Available" && c.status == "True")
+                });
+            Ok::<_, kube::Error>(available.then_some(()))
+        },
+    )
+    .await
 }
 
 async fn serve(listener: TcpListener, acceptor: TlsAcceptor, app: Router) {

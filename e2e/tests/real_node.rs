@@ -8,6 +8,8 @@
 
 use std::time::{Duration, Instant};
 
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 
@@ -30,9 +32,14 @@ fn weights_sha256() -> anyhow::Result<String> {
 }
 
 /// A CPU HndsrService on the real node: the committed weights the image
-/// ships, at the fast profile.
-fn cpu_service(name: &str, image: &str, sha256: &str) -> anyhow::Result<HndsrService> {
-    Ok(serde_json::from_value(serde_json::json!({
+/// ships, at the fast profile; `extra` is merged into its spec.
+fn cpu_service_with(
+    name: &str,
+    image: &str,
+    sha256: &str,
+    extra: serde_json::Value,
+) -> anyhow::Result<HndsrService> {
+    let mut svc = serde_json::json!({
         "apiVersion": "hndsr.io/v1alpha1",
         "kind": "HndsrService",
         "metadata": { "name": name },
@@ -49,9 +56,14 @@ fn cpu_service(name: &str, image: &str, sha256: &str) -> anyhow::Result<HndsrSer
                 "memory": { "request": "512Mi", "limit": "3Gi" },
                 "nodeSelector": { POOL_LABEL: POOL_REAL },
             },
-            "replicas": 1,
         },
-    }))?)
+    });
+    if let (Some(spec), Some(extra)) = (svc["spec"].as_object_mut(), extra.as_object()) {
+        for (k, v) in extra {
+            spec.insert(k.clone(), v.clone());
+        }
+    }
+    Ok(serde_json::from_value(svc)?)
 }
 
 /// `POST path` with `body` over HTTP/1.1 to `addr`; (status, headers, body).
@@ -107,6 +119,14 @@ struct Running {
 }
 
 async fn run_service(prefix: &str, name: &str) -> anyhow::Result<Running> {
+    run_service_with(prefix, name, serde_json::json!({ "replicas": 1 })).await
+}
+
+async fn run_service_with(
+    prefix: &str,
+    name: &str,
+    extra: serde_json::Value,
+) -> anyhow::Result<Running> {
     let ns = shared::namespace_with_real_node(prefix).await?;
     let images = ns
         .shared
@@ -124,7 +144,7 @@ async fn run_service(prefix: &str, name: &str) -> anyhow::Result<Running> {
     let applied = Instant::now();
     svcs.create(
         &PostParams::default(),
-        &cpu_service(name, &images.server, &weights_sha256()?)?,
+        &cpu_service_with(name, &images.server, &weights_sha256()?, extra)?,
     )
     .await?;
     let pods: Api<Pod> = Api::namespaced(ns.client.clone(), &ns.name);
@@ -225,13 +245,15 @@ async fn an_hndsr_service_serves_through_its_service_from_a_real_pod() -> anyhow
 }
 
 #[tokio::test]
-async fn a_killed_server_container_is_restarted_by_the_kubelet() -> anyhow::Result<()> {
+async fn a_killed_server_container_is_restarted_while_clients_get_retryable_answers()
+-> anyhow::Result<()> {
     let name = "killed";
-    let run = run_service("e2e-kill", name).await?;
+    let run = run_service_with("e2e-kill", name, no_rate_limit(2)).await?;
+    wait_rolled_out(&run, name, 2).await?;
     let (ns, pods, pod) = (&run.ns, &run.pods, &run.pod);
     let pod_name = pod.metadata.name.clone().expect("a pod has a name");
 
-    // SIGKILL the server process itself (PID 1 of its container).
+    // logs/exec reach the kubelet through the apiserver (its client certificate).
     let kubectl = &ns.shared.binaries.kubectl;
     let out = std::process::Command::new(kubectl)
         .arg(format!("--kubeconfig={}", ns.shared.kubeconfig.display()))
@@ -243,10 +265,17 @@ async fn a_killed_server_container_is_restarted_by_the_kubelet() -> anyhow::Resu
         "kubectl exec failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+
+    let clients = 2;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = start_load(routable_service(&run, name).await?, clients, stop.clone());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // SIGKILL the server process itself (PID 1 of its container).
     let container_pid = find_container_pid(pod)?;
     std::process::Command::new("kill")
         .args(["-KILL", &container_pid.to_string()])
         .status()?;
+    let killed = Instant::now();
 
     let restarted = wait::until(
         "the server container to restart and be Ready",
@@ -263,7 +292,27 @@ async fn a_killed_server_container_is_restarted_by_the_kubelet() -> anyhow::Resu
         },
     )
     .await?;
+    let back = killed.elapsed();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let answers = stop_load(&stop, load).await?;
+    eprintln!(
+        "real node SIGKILL: Ready again after {:.1}s; answers: {} ok, {} 503+Retry-After, {} refused, {} other {:?}",
+        back.as_secs_f64(),
+        answers.ok,
+        answers.retryable_503,
+        answers.refused,
+        answers.other.len(),
+        answers.other
+    );
     assert_eq!(restarted, 1);
+    // What was in flight on the killed process is lost with it (at most one
+    // request per client); everything else is answered or refused before
+    // it reached a server, both safe to retry.
+    assert!(
+        answers.other.len() <= clients,
+        "more failures than requests in flight at the kill: {answers:?}"
+    );
+    assert!(answers.ok > 0, "{answers:?}");
     run.finish(name).await
 }
 
@@ -294,4 +343,577 @@ fn find_container_pid(pod: &Pod) -> anyhow::Result<u32> {
         }
     }
     anyhow::bail!("no hndsr-server process of pod {name} on this host")
+}
+
+/// What a client saw during a load run.
+#[derive(Debug, Default)]
+struct Answers {
+    ok: usize,
+    retryable_503: usize,
+    /// Connection refused: the request reached no server (safe to retry).
+    refused: usize,
+    other: Vec<String>,
+}
+
+impl Answers {
+    fn add(&mut self, other: Self) {
+        self.ok += other.ok;
+        self.retryable_503 += other.retryable_503;
+        self.refused += other.refused;
+        self.other.extend(other.other);
+    }
+}
+
+async fn stop_load(
+    stop: &std::sync::atomic::AtomicBool,
+    clients: Vec<tokio::task::JoinHandle<Answers>>,
+) -> anyhow::Result<Answers> {
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut answers = Answers::default();
+    for client in clients {
+        answers.add(client.await?);
+    }
+    Ok(answers)
+}
+
+/// `clients` loops of POSTs of the sample to `addr` until `stop` is set.
+fn start_load(
+    addr: String,
+    clients: usize,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<Answers>> {
+    let sample = std::sync::Arc::new(
+        std::fs::read(bins::repo_root().join(SAMPLE)).expect("the committed sample"),
+    );
+    (0..clients)
+        .map(|_| {
+            let (addr, stop, sample) = (addr.clone(), stop.clone(), sample.clone());
+            tokio::spawn(async move {
+                let mut answers = Answers::default();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    match post(&addr, "/v1/upscale?scale=4", &sample).await {
+                        Ok((200, _, _)) => answers.ok += 1,
+                        Ok((503, headers, _))
+                            if headers.to_ascii_lowercase().contains("retry-after:") =>
+                        {
+                            answers.retryable_503 += 1;
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                        Ok((status, headers, _)) => answers.other.push(format!(
+                            "{status}: {}",
+                            headers.lines().next().unwrap_or("")
+                        )),
+                        Err(e)
+                            if e.downcast_ref::<std::io::Error>().is_some_and(|e| {
+                                e.kind() == std::io::ErrorKind::ConnectionRefused
+                            }) =>
+                        {
+                            answers.refused += 1;
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                        Err(e) => answers.other.push(format!("connection: {e}")),
+                    }
+                }
+                answers
+            })
+        })
+        .collect()
+}
+
+async fn requests_served(pod_ip: &str) -> u64 {
+    let Some((200, body)) =
+        hndsr_e2e::process::http_get(&format!("{pod_ip}:8080"), "/metrics").await
+    else {
+        return 0;
+    };
+    body.lines()
+        .filter(|l| l.starts_with("hndsr_requests_total{") && l.contains("outcome=\"ok\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+#[tokio::test]
+async fn the_hpa_scales_on_what_the_pods_report_through_prometheus() -> anyhow::Result<()> {
+    let name = "scaled";
+    let fast = serde_json::json!({
+        "stabilizationWindowSeconds": 0,
+        "selectPolicy": "Max",
+        "policies": [{ "type": "Pods", "value": 4, "periodSeconds": 1 }],
+    });
+    let run = run_service_with(
+        "e2e-hpa-real",
+        name,
+        serde_json::json!({
+            "serving": { "maxConcurrent": 1, "maxQueueDepth": 16, "rateLimitPerHour": 0 },
+            "autoscaling": {
+                "minReplicas": 1,
+                "maxReplicas": 3,
+                "metric": "activeRequests",
+                "targetPerPod": { "activeRequests": "500m" },
+                "behavior": { "scaleUp": fast, "scaleDown": fast },
+            },
+        }),
+    )
+    .await?;
+    let first_pod = run.pod.metadata.name.clone().expect("a pod has a name");
+    let addr = routable_service(&run, name).await?;
+    let hpas: Api<HorizontalPodAutoscaler> = Api::namespaced(run.ns.client.clone(), &run.ns.name);
+    let deployments: Api<Deployment> = Api::namespaced(run.ns.client.clone(), &run.ns.name);
+
+    // Load through the Service until a pod the HPA added has served.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load_start = Instant::now();
+    let clients = start_load(addr, 3, stop.clone());
+    let decided = wait::until("the HPA to want more than 1 replica", TIMEOUT, || async {
+        let hpa = hpas.get(name).await?;
+        let desired = hpa.status.map_or(0, |s| s.desired_replicas);
+        Ok::<_, kube::Error>((desired > 1).then(|| load_start.elapsed()))
+    })
+    .await?;
+    let served = wait::until(
+        "a pod the HPA added to serve a request",
+        TIMEOUT,
+        || async {
+            let list = run
+                .pods
+                .list(&ListParams::default().labels(&format!("{}={name}", labels::INSTANCE)))
+                .await?;
+            for pod in list.items {
+                if pod.metadata.name.as_deref() == Some(first_pod.as_str())
+                    || !fixtures::pod_ready(&pod)
+                {
+                    continue;
+                }
+                if let Some(ip) = pod.status.as_ref().and_then(|s| s.pod_ip.clone())
+                    && requests_served(&ip).await > 0
+                {
+                    return Ok(Some(load_start.elapsed()));
+                }
+            }
+            Ok::<_, kube::Error>(None)
+        },
+    )
+    .await?;
+    let answers = stop_load(&stop, clients).await?;
+    let peak = deployments.get(name).await?.spec.replicas.unwrap_or(0);
+
+    // Idle again: back to minReplicas (the adapter's rule reads a 1-minute max).
+    let idle = Instant::now();
+    wait::until(
+        "the Deployment back to 1 replica",
+        Duration::from_secs(240),
+        || async {
+            let replicas = deployments.get(name).await?.spec.replicas;
+            Ok::<_, kube::Error>((replicas == Some(1)).then_some(()))
+        },
+    )
+    .await?;
+    eprintln!(
+        "real node HPA: load start -> HPA wants more {:.1}s -> a new pod served {:.1}s; \
+         peak {peak} replicas; idle -> 1 replica {:.1}s; answers: {} ok, {} 503+Retry-After, {} other",
+        decided.as_secs_f64(),
+        served.as_secs_f64(),
+        idle.elapsed().as_secs_f64(),
+        answers.ok,
+        answers.retryable_503,
+        answers.other.len()
+    );
+    assert!((2..=3).contains(&peak), "peak {peak} replicas, max 3");
+    assert!(answers.ok > 0, "{answers:?}");
+    assert!(
+        answers.other.is_empty() && answers.refused == 0,
+        "non-200/503 answers: {answers:?}"
+    );
+    run.finish(name).await
+}
+
+/// `IP:80` of the service's ClusterIP, once a request through it succeeds:
+/// a pod that just turned Ready takes a moment (EndpointSlice, then
+/// kube-proxy's next sync) to be routable, and until then kube-proxy
+/// refuses connections to a Service without endpoints.
+async fn routable_service(run: &Running, name: &str) -> anyhow::Result<String> {
+    let ip = Api::<Service>::namespaced(run.ns.client.clone(), &run.ns.name)
+        .get(name)
+        .await?
+        .spec
+        .and_then(|s| s.cluster_ip)
+        .ok_or_else(|| anyhow::anyhow!("Service {name} has no ClusterIP"))?;
+    let addr = format!("{ip}:80");
+    wait::until(format!("{addr} to route to a pod"), TIMEOUT, || async {
+        Ok::<_, std::convert::Infallible>(
+            hndsr_e2e::process::http_get(&addr, "/readyz")
+                .await
+                .filter(|(status, _)| *status == 200)
+                .map(|_| ()),
+        )
+    })
+    .await?;
+    Ok(addr)
+}
+
+/// Waits until the Deployment has rolled out its current generation with
+/// `replicas` ready pods and nothing else.
+async fn wait_rolled_out(run: &Running, name: &str, replicas: i32) -> anyhow::Result<()> {
+    let deployments: Api<Deployment> = Api::namespaced(run.ns.client.clone(), &run.ns.name);
+    Ok(wait::until(
+        format!("Deployment {name} rolled out with {replicas} ready replicas"),
+        TIMEOUT,
+        || async {
+            let d = deployments.get(name).await?;
+            let generation = d.metadata.generation;
+            let done = d.status.is_some_and(|s| {
+                s.observed_generation == generation
+                    && s.replicas == Some(replicas)
+                    && s.updated_replicas == Some(replicas)
+                    && s.ready_replicas == Some(replicas)
+            });
+            Ok::<_, kube::Error>(done.then_some(()))
+        },
+    )
+    .await?)
+}
+
+fn no_rate_limit(replicas: i32) -> serde_json::Value {
+    serde_json::json!({
+        "replicas": replicas,
+        "serving": { "rateLimitPerHour": 0, "drainSeconds": 20 },
+    })
+}
+
+async fn patch_spec(run: &Running, name: &str, spec: serde_json::Value) -> anyhow::Result<()> {
+    let patch = serde_json::json!({ "spec": spec });
+    run.svcs
+        .patch(
+            name,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&patch),
+        )
+        .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_rolling_update_under_steady_load_loses_no_request() -> anyhow::Result<()> {
+    let name = "rolled";
+    let run = run_service_with("e2e-roll", name, no_rate_limit(2)).await?;
+    wait_rolled_out(&run, name, 2).await?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients = start_load(routable_service(&run, name).await?, 2, stop.clone());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    // A new pod template (the request timeout is an env var of the server).
+    patch_spec(
+        &run,
+        name,
+        serde_json::json!({ "serving": { "requestTimeoutSeconds": 29 } }),
+    )
+    .await?;
+    let started = Instant::now();
+    // Let the new generation reach the Deployment, then wait for its rollout.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    wait_rolled_out(&run, name, 2).await?;
+    let rolled = started.elapsed();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let answers = stop_load(&stop, clients).await?;
+    eprintln!(
+        "real node rolling update: {:.1}s; answers: {} ok, {} 503+Retry-After, {} refused, {} other",
+        rolled.as_secs_f64(),
+        answers.ok,
+        answers.retryable_503,
+        answers.refused,
+        answers.other.len()
+    );
+    assert!(answers.ok > 0, "{answers:?}");
+    assert!(
+        answers.other.is_empty() && answers.refused == 0,
+        "a rolling update lost requests: {answers:?}"
+    );
+    run.finish(name).await
+}
+
+#[tokio::test]
+async fn a_scale_down_under_load_loses_no_in_flight_request() -> anyhow::Result<()> {
+    let name = "shrunk";
+    let run = run_service_with("e2e-shrink", name, no_rate_limit(3)).await?;
+    wait_rolled_out(&run, name, 3).await?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients = start_load(routable_service(&run, name).await?, 3, stop.clone());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    patch_spec(&run, name, serde_json::json!({ "replicas": 1 })).await?;
+    let started = Instant::now();
+    let deployments: Api<Deployment> = Api::namespaced(run.ns.client.clone(), &run.ns.name);
+    // Until the removed pods are gone, not just unready: their drain is
+    // what this checks.
+    wait::until("2 of 3 pods gone", TIMEOUT, || async {
+        let pods = run
+            .pods
+            .list(&ListParams::default().labels(&format!("{}={name}", labels::INSTANCE)))
+            .await?;
+        let replicas = deployments.get(name).await?.spec.replicas;
+        Ok::<_, kube::Error>((replicas == Some(1) && pods.items.len() == 1).then_some(()))
+    })
+    .await?;
+    let gone = started.elapsed();
+    let answers = stop_load(&stop, clients).await?;
+    eprintln!(
+        "real node scale-down 3 -> 1 under load: pods gone after {:.1}s; answers: {} ok, {} 503+Retry-After, {} refused, {} other",
+        gone.as_secs_f64(),
+        answers.ok,
+        answers.retryable_503,
+        answers.refused,
+        answers.other.len()
+    );
+    assert!(answers.ok > 0, "{answers:?}");
+    assert!(
+        answers.other.is_empty() && answers.refused == 0,
+        "a scale-down lost requests: {answers:?}"
+    );
+    run.finish(name).await
+}
+
+#[tokio::test]
+async fn the_chart_runs_the_operator_in_cluster_under_its_service_account() -> anyhow::Result<()> {
+    let ns = shared::namespace_with_real_node("e2e-chart").await?;
+    let images = ns
+        .shared
+        .images
+        .clone()
+        .expect("a real-node plane has images");
+    fixtures::install_crd(&ns.client).await?;
+    let (repository, tag) = images
+        .operator
+        .rsplit_once(':')
+        .ok_or_else(|| anyhow::anyhow!("no tag in {}", images.operator))?;
+    let home = tempfile::tempdir()?;
+    let helm = |args: &[&str]| -> anyhow::Result<()> {
+        let out = std::process::Command::new(&ns.shared.binaries.helm)
+            .env("KUBECONFIG", &ns.shared.kubeconfig)
+            .env("HELM_CACHE_HOME", home.path().join("cache"))
+            .env("HELM_CONFIG_HOME", home.path().join("config"))
+            .env("HELM_DATA_HOME", home.path().join("data"))
+            .args(args)
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "helm {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    };
+    let chart = bins::repo_root().join("charts/hndsr-operator");
+    let chart = chart.to_str().expect("a UTF-8 path");
+    // The operator watches this test's namespace only (a Role there), from
+    // its own image on the real node, as its ServiceAccount.
+    helm(&[
+        "install",
+        "hndsr",
+        chart,
+        "--namespace",
+        &ns.name,
+        "--skip-crds",
+        "--wait",
+        "--timeout",
+        "180s",
+        "--set",
+        &format!("image.repository={repository},image.tag={tag},replicaCount=1"),
+        "--set",
+        &format!("watchNamespace={}", ns.name),
+        "--set",
+        &format!(
+            "nodeSelector.{}={POOL_REAL}",
+            POOL_LABEL.replace('.', "\\.")
+        ),
+    ])?;
+
+    let name = "in-cluster";
+    let svcs: Api<HndsrService> = Api::namespaced(ns.client.clone(), &ns.name);
+    svcs.create(
+        &PostParams::default(),
+        &cpu_service_with(
+            name,
+            &images.server,
+            &weights_sha256()?,
+            serde_json::json!({ "replicas": 1 }),
+        )?,
+    )
+    .await?;
+    wait::until(
+        "the HndsrService Ready (in-cluster operator)",
+        TIMEOUT,
+        || async {
+            let svc = svcs.get(name).await?;
+            let ready = svc.status.as_ref().is_some_and(|s| {
+                s.conditions
+                    .iter()
+                    .any(|c| c.type_ == conditions::READY && c.status == "True")
+            });
+            Ok::<_, kube::Error>(ready.then_some(()))
+        },
+    )
+    .await?;
+    // Its pod really runs and was reconciled by the chart's operator pod.
+    let pods: Api<Pod> = Api::namespaced(ns.client.clone(), &ns.name);
+    let operator_pods = pods
+        .list(&ListParams::default().labels("app.kubernetes.io/name=hndsr-operator"))
+        .await?;
+    let operator_pod = operator_pods
+        .items
+        .first()
+        .ok_or_else(|| anyhow::anyhow!("no operator pod"))?;
+    assert_eq!(
+        operator_pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.node_name.as_deref()),
+        Some(hndsr_e2e::node::NODE_NAME)
+    );
+    assert!(
+        operator_pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.service_account_name.as_deref())
+            .is_some_and(|sa| sa != "default"),
+        "the operator runs as the chart's ServiceAccount"
+    );
+
+    svcs.delete(name, &DeleteParams::default()).await?;
+    helm(&["uninstall", "hndsr", "--namespace", &ns.name, "--wait"])?;
+    ns.delete().await?;
+    Ok(())
+}
+
+/// Serves the committed weights and manifest over HTTP on the node's
+/// address (pods reach the host there, through the bridge; the host's
+/// 127.0.0.1 is not theirs). Returns the base URL.
+async fn serve_weights() -> anyhow::Result<(String, tokio::task::JoinHandle<()>)> {
+    use axum::routing::get;
+    let models = bins::repo_root().join("server/models");
+    let weights = std::sync::Arc::new(std::fs::read(models.join("hndsr-medium.safetensors"))?);
+    let manifest = std::sync::Arc::new(std::fs::read(models.join("hndsr-medium.json"))?);
+    let app = axum::Router::new()
+        .route(
+            "/models/hndsr-medium.safetensors",
+            get(move || {
+                let w = weights.clone();
+                async move { w.as_ref().clone() }
+            }),
+        )
+        .route(
+            "/models/hndsr-medium.json",
+            get(move || {
+                let m = manifest.clone();
+                async move { m.as_ref().clone() }
+            }),
+        );
+    let address = hndsr_e2e::node::host_address()?;
+    let listener = tokio::net::TcpListener::bind((address.as_str(), 0)).await?;
+    let url = format!("http://{}/models", listener.local_addr()?);
+    let task = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Ok((url, task))
+}
+
+#[tokio::test]
+async fn weights_from_a_url_are_fetched_and_digest_checked_in_a_real_pod() -> anyhow::Result<()> {
+    let ns = shared::namespace_with_real_node("e2e-fetch").await?;
+    let images = ns
+        .shared
+        .images
+        .clone()
+        .expect("a real-node plane has images");
+    fixtures::install_crd(&ns.client).await?;
+    let mut opts = OperatorOptions::for_namespace(&ns.name);
+    opts.extra_args
+        .push(format!("--fetcher-image={}", images.fetch));
+    let mut operator =
+        Operator::start(&ns.shared.kubeconfig, &ns.shared.dir.join("logs"), &opts).await?;
+    let (base, server) = serve_weights().await?;
+    let sha256 = weights_sha256()?;
+    let svcs: Api<HndsrService> = Api::namespaced(ns.client.clone(), &ns.name);
+    let pods: Api<Pod> = Api::namespaced(ns.client.clone(), &ns.name);
+    let with_uri = |digest: &str| {
+        serde_json::json!({
+            "replicas": 1,
+            "model": {
+                "image": images.server,
+                "backend": "hndsr",
+                "weights": { "uri": format!("{base}/hndsr-medium.safetensors"), "sha256": digest },
+                "profile": "fast",
+            },
+        })
+    };
+
+    // The right digest: downloaded by the init container, then served.
+    let good = "fetched";
+    svcs.create(
+        &PostParams::default(),
+        &cpu_service_with(good, &images.server, &sha256, with_uri(&sha256))?,
+    )
+    .await?;
+    let pod = wait::until("the fetched pod to be Ready", TIMEOUT, || async {
+        Ok::<_, anyhow::Error>(server_pod(&pods, good).await?.filter(fixtures::pod_ready))
+    })
+    .await?;
+    let fetch = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.init_container_statuses.as_ref())
+        .and_then(|cs| cs.iter().find(|c| c.name == "fetch-weights"))
+        .and_then(|c| c.state.as_ref()?.terminated.as_ref())
+        .map(|t| t.exit_code);
+    assert_eq!(
+        fetch,
+        Some(0),
+        "the init container downloaded and checked the weights"
+    );
+
+    // A wrong digest: the init container refuses the file, the server never starts.
+    let bad = "wrong-digest";
+    let wrong = "0".repeat(64);
+    svcs.create(
+        &PostParams::default(),
+        &cpu_service_with(bad, &images.server, &wrong, with_uri(&wrong))?,
+    )
+    .await?;
+    let failed = wait::until(
+        "the init container to fail on the digest",
+        TIMEOUT,
+        || async {
+            let Some(pod) = server_pod(&pods, bad).await? else {
+                return Ok::<_, anyhow::Error>(None);
+            };
+            let code = pod
+                .status
+                .as_ref()
+                .and_then(|s| s.init_container_statuses.as_ref())
+                .and_then(|cs| cs.iter().find(|c| c.name == "fetch-weights"))
+                .and_then(|c| {
+                    let state = c.last_state.as_ref()?.terminated.as_ref().or(c
+                        .state
+                        .as_ref()?
+                        .terminated
+                        .as_ref())?;
+                    Some(state.exit_code)
+                });
+            Ok(code
+                .filter(|c| *c != 0)
+                .map(|c| (c, fixtures::pod_ready(&pod))))
+        },
+    )
+    .await?;
+    assert!(
+        !failed.1,
+        "a pod whose weights fail the digest must not be Ready"
+    );
+
+    for name in [good, bad] {
+        svcs.delete(name, &DeleteParams::default()).await?;
+    }
+    server.abort();
+    operator.check_running()?;
+    operator.stop();
+    ns.delete().await?;
+    Ok(())
 }
