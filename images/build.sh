@@ -124,10 +124,14 @@ build() {
     echo "building $image ..."
     # The revision and date stay out of the hash: a new commit that changes
     # nothing in the image does not rebuild it.
-    engine build --pull=never --layers=false ${ENGINE_RUN_ARGS[@]+"${ENGINE_RUN_ARGS[@]}"} \
+    # --network=none: no RUN step needs one, and podman would set up (and
+    # leave) its netavark firewall chains on the host.
+    engine build --pull=never --layers=false --network=none ${ENGINE_RUN_ARGS[@]+"${ENGINE_RUN_ARGS[@]}"} \
         "${args[@]}" --build-arg "REVISION=$revision" --build-arg "CREATED=$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
         --label "io.hndsr.content-hash=$hash" -t "$image" -f "$ctx/Containerfile" "$ctx" >"$ctx.build.log" 2>&1 ||
         { tail -30 "$ctx.build.log" >&2; die "building $image failed (log: $ctx.build.log)"; }
+    # The image this one replaced, now untagged, would pile up in the cache.
+    engine image prune -f >/dev/null 2>&1 || true
     echo "built $image"
 }
 
@@ -155,6 +159,8 @@ if [[ "${1:-}" == push ]]; then
         remote="$registry/$image"
         engine tag "$image" "$remote"
         engine push -q ${tls[@]+"${tls[@]}"} "$remote" >/dev/null || die "pushing $remote failed"
+        # Only the tag goes: the local name keeps the image.
+        engine untag "$remote" "$remote" >/dev/null 2>&1 || true
         echo "pushed $remote"
     done
 fi

@@ -4,26 +4,30 @@
 #      controllers, scheduler, kwok with fake GPU nodes), the image registry on
 #      127.0.0.1 with `make images` pushed to it, and a real node (kubelet +
 #      containerd + kube-proxy) that pulls from it,
-#   2. the HndsrService CRD and the operator, and docs/examples/quickstart.yaml
-#      (the hndsr-server image with the committed weights, fast profile) on
-#      the real node, until Ready,
+#   2. the operator installed in-cluster by its Helm chart (CRD, RBAC,
+#      ServiceAccount; its image from the local registry, on the real node),
+#      then docs/examples/quickstart.yaml (the hndsr-server image with the
+#      committed weights, fast profile, autoscaled 1..3 on in-flight requests
+#      through Prometheus and prometheus-adapter) until Ready,
 #   3. `kubectl port-forward svc/quickstart 8080:80` in the foreground: the
 #      README's requests on 127.0.0.1:8080 reach the pod through its Service.
-# Ctrl-C stops the port-forward, the operator, the node and the control plane
-# (the node's janitor undoes every host change).
+# Ctrl-C stops the port-forward, the node and the control plane (the node's
+# janitor undoes every host change).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 
 profile_dir=target/release
 state=.e2e
 port="${HNDSR_PORT:-8080}"
-kubectl_bin="$(bash e2e/scripts/build-binaries.sh | awk '/kubectl/ {print $1}' | sed 's|/{.*||')/kubectl"
-[[ -x "$kubectl_bin" ]] || { echo "local-stack: kubectl not found at $kubectl_bin" >&2; exit 1; }
+bins="$(bash e2e/scripts/build-binaries.sh | awk '/kubectl/ {print $1}' | sed 's|/kubernetes-v.*||')"
+kubectl_bin="$(ls "$bins"/kubernetes-v*/kubectl)"
+helm_bin="$(ls "$bins"/helm-v*/helm)"
+[[ -x "$kubectl_bin" && -x "$helm_bin" ]] || { echo "local-stack: kubectl or helm not found under $bins" >&2; exit 1; }
 kubectl() { "$kubectl_bin" --kubeconfig "$state/kubeconfig" "$@"; }
+helm() { KUBECONFIG="$state/kubeconfig" HELM_CACHE_HOME="$state/helm/cache" HELM_CONFIG_HOME="$state/helm/config" \
+  HELM_DATA_HOME="$state/helm/data" "$helm_bin" "$@"; }
 
-operator_pid=""
 cleanup() {
-  [[ -n "$operator_pid" ]] && kill "$operator_pid" 2>/dev/null && wait "$operator_pid" 2>/dev/null
   "$profile_dir/hndsr-e2e" down --dir "$state" >/dev/null 2>&1 || true
 }
 trap cleanup EXIT INT TERM
@@ -34,12 +38,11 @@ echo "==> control plane, registry and real node"
 registry="$(awk '$1 == "registry" {print $2}' "$state/up.log")"
 [[ -n "$registry" ]] || { echo "local-stack: no registry in $state/up.log" >&2; exit 1; }
 
-echo "==> CRD and operator"
-kubectl apply --server-side -f crds/hndsrservice.yaml >/dev/null
-kubectl wait --for=condition=Established crd/hndsrservices.hndsr.io --timeout=60s >/dev/null
-KUBECONFIG="$state/kubeconfig" "$profile_dir/hndsr-operator" --leader-election=false \
-  --metrics-addr 127.0.0.1:8081 >"$state/operator.log" 2>&1 &
-operator_pid=$!
+echo "==> the operator, in-cluster (helm install charts/hndsr-operator)"
+helm install hndsr-operator charts/hndsr-operator --namespace hndsr-system --create-namespace \
+  --set "image.repository=$registry/hndsr/hndsr-operator,image.tag=$(awk -F'"' '/^version = / {print $2; exit}' Cargo.toml)" \
+  --set "fetcherImage=$registry/hndsr/fetch:1,replicaCount=1,logJson=false" \
+  --set 'nodeSelector.hndsr\.io/pool=cpu' --wait --timeout 180s >/dev/null
 
 echo "==> sample HndsrService (docs/examples/quickstart.yaml), image from $registry, on the real node"
 # The example names the image without a registry and no node: point it at the
@@ -53,10 +56,12 @@ svc["spec"]["resources"]["nodeSelector"] = {"hndsr.io/pool": "cpu"}
 json.dump(svc, sys.stdout)' "$registry" |
   kubectl apply -f -
 kubectl wait --for=condition=Ready hsvc/quickstart --timeout=300s
-kubectl get hsvc,deployment,service,pdb,pods -o wide
+kubectl get hsvc,deployment,service,hpa,pdb,pods -o wide
+kubectl get pods -n hndsr-system -o wide
 echo
-echo "    operator log: $state/operator.log; operator metrics: http://127.0.0.1:8081/metrics"
-echo "    KUBECONFIG=$PWD/$state/kubeconfig $kubectl_bin get hsvc"
+echo "    operator log: KUBECONFIG=$PWD/$state/kubeconfig $kubectl_bin logs -n hndsr-system deploy/hndsr-operator"
+echo "    KUBECONFIG=$PWD/$state/kubeconfig $kubectl_bin get hsvc,hpa"
+echo "    Prometheus: http://$(awk '$1 == "prometheus" {print $2}' "$state/up.log")"
 echo
 echo "==> svc/quickstart on http://127.0.0.1:$port (kubectl port-forward); in another shell:"
 echo "    curl -s --data-binary @docs/samples/nile-256.png -H 'content-type: image/png' \\"

@@ -153,6 +153,9 @@ fn up(dir: &Path, shape: &Shape) -> anyhow::Result<()> {
         println!("  logs       {}", plane.dir().join("logs").display());
         if let (Some(registry), Some(images)) = (plane.registry(), plane.images()) {
             println!("  registry   {registry}");
+            if let Some(prometheus) = plane.prometheus() {
+                println!("  prometheus {prometheus}");
+            }
             println!("  images     {} {}", images.server, images.operator);
         }
         println!("export KUBECONFIG={}", kubeconfig.display());

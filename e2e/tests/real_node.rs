@@ -237,8 +237,10 @@ async fn an_hndsr_service_serves_through_its_service_from_a_real_pod() -> anyhow
     assert_eq!(status, 200, "{headers}");
     assert_eq!(png_size(&body), Some((1024, 1024)), "{headers}");
     eprintln!(
-        "real node: apply -> pod Ready {:.1}s, apply -> first 200 through the Service {:.1}s",
+        "real node: apply -> pod Ready {:.1}s (container start -> Ready {}s, whole seconds), \
+         apply -> first 200 through the Service {:.1}s",
         ready_after.as_secs_f64(),
+        ready_at.0.as_second() - started.0.as_second(),
         first_200.as_secs_f64()
     );
     run.finish(name).await

@@ -36,9 +36,12 @@ const TMP_SIZE_LIMIT: &str = "1Gi";
 /// UID/GID the server runs as when the image does not say (non-root).
 const RUN_AS_ID: i64 = 65532;
 /// Seconds a pod may take to load and warm the model before it is restarted
-/// (startup probe: period × failure threshold).
-const STARTUP_PERIOD_SECONDS: i32 = 5;
-const STARTUP_FAILURE_THRESHOLD: i32 = 120;
+/// (startup probe: period × failure threshold: 10 minutes). Probed every
+/// second: the pod turns Ready within a second of its warm-up, which is the
+/// whole of a scale-up's wait once the image is on the node; a probe is one
+/// cheap local GET.
+const STARTUP_PERIOD_SECONDS: i32 = 1;
+const STARTUP_FAILURE_THRESHOLD: i32 = 600;
 /// Rollout deadline: node provisioning, image pull and model load can take minutes.
 const PROGRESS_DEADLINE_SECONDS: i32 = 1200;
 const REVISION_HISTORY_LIMIT: i32 = 3;
