@@ -40,7 +40,7 @@ registry="$(awk '$1 == "registry" {print $2}' "$state/up.log")"
 
 echo "==> the operator, in-cluster (helm install charts/hndsr-operator)"
 helm install hndsr-operator charts/hndsr-operator --namespace hndsr-system --create-namespace \
-  --set "image.repository=$registry/hndsr/hndsr-operator,image.tag=$(awk -F'"' '/^version = / {print $2; exit}' Cargo.toml)" \
+  --set "image.registry=$registry,image.tag=$(awk -F'"' '/^version = / {print $2; exit}' Cargo.toml)" \
   --set "fetcherImage=$registry/hndsr/fetch:1,replicaCount=1,logJson=false" \
   --set 'nodeSelector.hndsr\.io/pool=cpu' --wait --timeout 180s >/dev/null
 

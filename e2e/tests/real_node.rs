@@ -686,6 +686,10 @@ async fn the_chart_runs_the_operator_in_cluster_under_its_service_account() -> a
         .operator
         .rsplit_once(':')
         .ok_or_else(|| anyhow::anyhow!("no tag in {}", images.operator))?;
+    // The chart's registry prefix, as a user points it at theirs.
+    let (registry, repository) = repository
+        .split_once('/')
+        .ok_or_else(|| anyhow::anyhow!("no registry in {}", images.operator))?;
     let home = tempfile::tempdir()?;
     let helm = |args: &[&str]| -> anyhow::Result<()> {
         let out = std::process::Command::new(&ns.shared.binaries.helm)
@@ -718,7 +722,7 @@ async fn the_chart_runs_the_operator_in_cluster_under_its_service_account() -> a
         "--timeout",
         "180s",
         "--set",
-        &format!("image.repository={repository},image.tag={tag},replicaCount=1"),
+        &format!("image.registry={registry},image.repository={repository},image.tag={tag},replicaCount=1"),
         "--set",
         &format!("watchNamespace={}", ns.name),
         "--set",
