@@ -722,7 +722,9 @@ async fn the_chart_runs_the_operator_in_cluster_under_its_service_account() -> a
         "--timeout",
         "180s",
         "--set",
-        &format!("image.registry={registry},image.repository={repository},image.tag={tag},replicaCount=1"),
+        &format!(
+            "image.registry={registry},image.repository={repository},image.tag={tag},replicaCount=1"
+        ),
         "--set",
         &format!("watchNamespace={}", ns.name),
         "--set",
