@@ -53,7 +53,7 @@ host-packages: ## install the Debian packages of the images and the real node (p
 	@bash e2e/scripts/host-packages.sh
 
 .PHONY: images
-images: prereqs host-packages ## build the hndsr-server, hndsr-operator and pause images with podman (cached by content; images/build.sh)
+images: prereqs host-packages ## build the hndsr-server, hndsr-operator, pause and fetch images with podman (cached by content; images/build.sh)
 	$(CARGO) build --release --locked -p hndsr-server --bin hndsr-server -p hndsr-operator --bin hndsr-operator
 	bash images/build.sh
 
