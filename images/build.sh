@@ -3,7 +3,7 @@
 # node's pause image and the weights fetcher from their Containerfiles, cached by content.
 #
 #   images/build.sh                  build both (skips an image whose context is unchanged)
-#   images/build.sh push REGISTRY    also push them to REGISTRY (host:port; e.g. 127.0.0.1:5000)
+#   images/build.sh push REGISTRY    push the built images to REGISTRY (host:port; e.g. 127.0.0.1:5000), no rebuild
 #   images/build.sh names            print the local image names (server, operator, pause, fetch)
 #
 # The binaries must be built first (`make images` does it). Each context is
@@ -45,6 +45,26 @@ if [[ "${1:-}" == names ]]; then
     echo "$operator_image"
     echo "$pause_image"
     echo "$fetch_image"
+    exit 0
+fi
+
+# push REGISTRY: the images as built, no rebuild (`make images` builds them).
+push() {
+    local registry="$1" image remote tls=()
+    [[ "$CONTAINER_ENGINE" == podman && "$registry" == 127.0.0.1:* ]] && tls=(--tls-verify=false)
+    for image in "$server_image" "$operator_image" "$pause_image" "$fetch_image"; do
+        engine image inspect "$image" >/dev/null 2>&1 || die "$image not built: run 'make images'"
+        remote="$registry/$image"
+        engine tag "$image" "$remote"
+        engine push -q ${tls[@]+"${tls[@]}"} "$remote" >/dev/null || die "pushing $remote failed"
+        # Only the tag goes: the local name keeps the image.
+        engine untag "$remote" "$remote" >/dev/null 2>&1 || true
+        echo "pushed $remote"
+    done
+}
+
+if [[ "${1:-}" == push ]]; then
+    push "${2:?usage: images/build.sh push REGISTRY}"
     exit 0
 fi
 
@@ -150,17 +170,3 @@ stage_pause
 build "$pause_image" target/images/pause
 stage_fetch
 build "$fetch_image" target/images/fetch
-
-if [[ "${1:-}" == push ]]; then
-    registry="${2:?usage: images/build.sh push REGISTRY}"
-    tls=()
-    [[ "$CONTAINER_ENGINE" == podman && "$registry" == 127.0.0.1:* ]] && tls=(--tls-verify=false)
-    for image in "$server_image" "$operator_image" "$pause_image" "$fetch_image"; do
-        remote="$registry/$image"
-        engine tag "$image" "$remote"
-        engine push -q ${tls[@]+"${tls[@]}"} "$remote" >/dev/null || die "pushing $remote failed"
-        # Only the tag goes: the local name keeps the image.
-        engine untag "$remote" "$remote" >/dev/null 2>&1 || true
-        echo "pushed $remote"
-    done
-fi

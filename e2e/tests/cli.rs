@@ -27,6 +27,33 @@ fn parse_pids(output: &str) -> Vec<u32> {
         .collect()
 }
 
+/// Starts `up ARGS --dir DIR` in the foreground, SIGKILL-able.
+fn spawn_up(args: &[&str], dir: &Path) -> anyhow::Result<std::process::Child> {
+    Ok(Command::new(EXE)
+        .arg("up")
+        .args(args)
+        .arg("--dir")
+        .arg(dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?)
+}
+
+/// What a foreground `up` printed up to its `export KUBECONFIG=` line.
+fn read_until_ready(up: &mut std::process::Child) -> anyhow::Result<String> {
+    let stdout = up.stdout.take().context("stdout")?;
+    let mut printed = String::new();
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        printed.push_str(&line);
+        printed.push('\n');
+        if line.starts_with("export KUBECONFIG=") {
+            break;
+        }
+    }
+    Ok(printed)
+}
+
 fn wait_all_gone(pids: &[u32], timeout: Duration) -> anyhow::Result<()> {
     let start = Instant::now();
     while start.elapsed() < timeout {
@@ -94,22 +121,8 @@ async fn up_down_and_no_process_outlives_the_harness() -> anyhow::Result<()> {
 
     // Phase 2: a foreground `up` killed with SIGKILL: its children die too.
     let dir = tmp.path().join("killed");
-    let mut up = Command::new(EXE)
-        .args(["up", "--dir"])
-        .arg(&dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()?;
-    let stdout = up.stdout.take().context("stdout")?;
-    let mut printed = String::new();
-    for line in BufReader::new(stdout).lines() {
-        let line = line?;
-        printed.push_str(&line);
-        printed.push('\n');
-        if line.starts_with("export KUBECONFIG=") {
-            break;
-        }
-    }
+    let mut up = spawn_up(&[], &dir)?;
+    let printed = read_until_ready(&mut up)?;
     let pids = parse_pids(&printed);
     ensure!(pids.len() == 5, "five components in {printed}");
     ensure!(pids.iter().all(|p| pid_alive(*p)), "components running");
@@ -148,22 +161,8 @@ async fn a_killed_harness_leaves_no_trace_of_its_real_node() -> anyhow::Result<(
     let before = host_state()?;
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path().join("real");
-    let mut up = Command::new(EXE)
-        .args(["up", "--real-node", "--nodes", "1", "--dir"])
-        .arg(&dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()?;
-    let stdout = up.stdout.take().context("stdout")?;
-    let mut printed = String::new();
-    for line in BufReader::new(stdout).lines() {
-        let line = line?;
-        printed.push_str(&line);
-        printed.push('\n');
-        if line.starts_with("export KUBECONFIG=") {
-            break;
-        }
-    }
+    let mut up = spawn_up(&["--real-node", "--nodes", "1"], &dir)?;
+    let printed = read_until_ready(&mut up)?;
     let registry = printed
         .lines()
         .find_map(|l| l.trim().strip_prefix("registry"))

@@ -104,9 +104,30 @@ fn png_size(png: &[u8]) -> Option<(u32, u32)> {
     Some((w, h))
 }
 
-async fn server_pod(pods: &Api<Pod>, name: &str) -> anyhow::Result<Option<Pod>> {
+/// The pods of HndsrService `name`.
+async fn service_pods(pods: &Api<Pod>, name: &str) -> kube::Result<Vec<Pod>> {
     let lp = ListParams::default().labels(&format!("{}={name}", labels::INSTANCE));
-    Ok(pods.list(&lp).await?.items.into_iter().next())
+    Ok(pods.list(&lp).await?.items)
+}
+
+async fn server_pod(pods: &Api<Pod>, name: &str) -> anyhow::Result<Option<Pod>> {
+    Ok(service_pods(pods, name).await?.into_iter().next())
+}
+
+/// Waits until HndsrService `name` reports Ready.
+async fn wait_service_ready(svcs: &Api<HndsrService>, name: &str) -> anyhow::Result<()> {
+    Ok(
+        wait::until(format!("HndsrService {name} Ready"), TIMEOUT, || async {
+            let svc = svcs.get(name).await?;
+            let ready = svc.status.as_ref().is_some_and(|s| {
+                s.conditions
+                    .iter()
+                    .any(|c| c.type_ == conditions::READY && c.status == "True")
+            });
+            Ok::<_, kube::Error>(ready.then_some(()))
+        })
+        .await?,
+    )
 }
 
 /// A namespace with the CRD and an operator, and HndsrService `name` whose
@@ -209,16 +230,7 @@ async fn an_hndsr_service_serves_through_its_service_from_a_real_pod() -> anyhow
         started.0
     );
 
-    wait::until("the HndsrService to be Ready", TIMEOUT, || async {
-        let svc = run.svcs.get(name).await?;
-        let ready = svc.status.as_ref().is_some_and(|s| {
-            s.conditions
-                .iter()
-                .any(|c| c.type_ == conditions::READY && c.status == "True")
-        });
-        Ok::<_, kube::Error>(ready.then_some(()))
-    })
-    .await?;
+    wait_service_ready(&run.svcs, name).await?;
 
     // Through the Service's ClusterIP, as a client in the cluster would.
     let service = Api::<Service>::namespaced(run.ns.client.clone(), &run.ns.name)
@@ -301,12 +313,9 @@ async fn a_killed_server_container_is_restarted_while_clients_get_retryable_answ
     tokio::time::sleep(Duration::from_secs(2)).await;
     let answers = stop_load(&stop, load).await?;
     eprintln!(
-        "real node SIGKILL: Ready again after {:.1}s; answers: {} ok, {} 503+Retry-After, {} refused, {} other {:?}",
+        "real node SIGKILL: Ready again after {:.1}s; {} {:?}",
         back.as_secs_f64(),
-        answers.ok,
-        answers.retryable_503,
-        answers.refused,
-        answers.other.len(),
+        answers.summary(),
         answers
             .other
             .iter()
@@ -377,6 +386,26 @@ struct Answers {
 }
 
 impl Answers {
+    /// One line for the figures the tests print.
+    fn summary(&self) -> String {
+        format!(
+            "answers: {} ok, {} 503+Retry-After, {} refused, {} other",
+            self.ok,
+            self.retryable_503,
+            self.refused,
+            self.other.len()
+        )
+    }
+
+    /// Some answers, and every one a 200 or a 503 with Retry-After.
+    fn assert_lossless(&self, what: &str) {
+        assert!(self.ok > 0, "{self:?}");
+        assert!(
+            self.other.is_empty() && self.refused == 0,
+            "{what} lost requests: {self:?}"
+        );
+    }
+
     fn add(&mut self, other: Self) {
         self.ok += other.ok;
         self.retryable_503 += other.retryable_503;
@@ -497,11 +526,7 @@ async fn the_hpa_scales_on_what_the_pods_report_through_prometheus() -> anyhow::
         "a pod the HPA added to serve a request",
         TIMEOUT,
         || async {
-            let list = run
-                .pods
-                .list(&ListParams::default().labels(&format!("{}={name}", labels::INSTANCE)))
-                .await?;
-            for pod in list.items {
+            for pod in service_pods(&run.pods, name).await? {
                 if pod.metadata.name.as_deref() == Some(first_pod.as_str())
                     || !fixtures::pod_ready(&pod)
                 {
@@ -533,20 +558,14 @@ async fn the_hpa_scales_on_what_the_pods_report_through_prometheus() -> anyhow::
     .await?;
     eprintln!(
         "real node HPA: load start -> HPA wants more {:.1}s -> a new pod served {:.1}s; \
-         peak {peak} replicas; idle -> 1 replica {:.1}s; answers: {} ok, {} 503+Retry-After, {} other",
+         peak {peak} replicas; idle -> 1 replica {:.1}s; {}",
         decided.as_secs_f64(),
         served.as_secs_f64(),
         idle.elapsed().as_secs_f64(),
-        answers.ok,
-        answers.retryable_503,
-        answers.other.len()
+        answers.summary()
     );
     assert!((2..=3).contains(&peak), "peak {peak} replicas, max 3");
-    assert!(answers.ok > 0, "{answers:?}");
-    assert!(
-        answers.other.is_empty() && answers.refused == 0,
-        "non-200/503 answers: {answers:?}"
-    );
+    answers.assert_lossless("scaling");
     run.finish(name).await
 }
 
@@ -639,18 +658,11 @@ async fn a_rolling_update_under_steady_load_loses_no_request() -> anyhow::Result
     tokio::time::sleep(Duration::from_secs(3)).await;
     let answers = stop_load(&stop, clients).await?;
     eprintln!(
-        "real node rolling update: {:.1}s; answers: {} ok, {} 503+Retry-After, {} refused, {} other",
+        "real node rolling update: {:.1}s; {}",
         rolled.as_secs_f64(),
-        answers.ok,
-        answers.retryable_503,
-        answers.refused,
-        answers.other.len()
+        answers.summary()
     );
-    assert!(answers.ok > 0, "{answers:?}");
-    assert!(
-        answers.other.is_empty() && answers.refused == 0,
-        "a rolling update lost requests: {answers:?}"
-    );
+    answers.assert_lossless("a rolling update");
     run.finish(name).await
 }
 
@@ -668,29 +680,19 @@ async fn a_scale_down_under_load_loses_no_in_flight_request() -> anyhow::Result<
     // Until the removed pods are gone, not just unready: their drain is
     // what this checks.
     wait::until("2 of 3 pods gone", TIMEOUT, || async {
-        let pods = run
-            .pods
-            .list(&ListParams::default().labels(&format!("{}={name}", labels::INSTANCE)))
-            .await?;
+        let pods = service_pods(&run.pods, name).await?;
         let replicas = deployments.get(name).await?.spec.replicas;
-        Ok::<_, kube::Error>((replicas == Some(1) && pods.items.len() == 1).then_some(()))
+        Ok::<_, kube::Error>((replicas == Some(1) && pods.len() == 1).then_some(()))
     })
     .await?;
     let gone = started.elapsed();
     let answers = stop_load(&stop, clients).await?;
     eprintln!(
-        "real node scale-down 3 -> 1 under load: pods gone after {:.1}s; answers: {} ok, {} 503+Retry-After, {} refused, {} other",
+        "real node scale-down 3 -> 1 under load: pods gone after {:.1}s; {}",
         gone.as_secs_f64(),
-        answers.ok,
-        answers.retryable_503,
-        answers.refused,
-        answers.other.len()
+        answers.summary()
     );
-    assert!(answers.ok > 0, "{answers:?}");
-    assert!(
-        answers.other.is_empty() && answers.refused == 0,
-        "a scale-down lost requests: {answers:?}"
-    );
+    answers.assert_lossless("a scale-down");
     run.finish(name).await
 }
 
@@ -767,20 +769,8 @@ async fn the_chart_runs_the_operator_in_cluster_under_its_service_account() -> a
         )?,
     )
     .await?;
-    wait::until(
-        "the HndsrService Ready (in-cluster operator)",
-        TIMEOUT,
-        || async {
-            let svc = svcs.get(name).await?;
-            let ready = svc.status.as_ref().is_some_and(|s| {
-                s.conditions
-                    .iter()
-                    .any(|c| c.type_ == conditions::READY && c.status == "True")
-            });
-            Ok::<_, kube::Error>(ready.then_some(()))
-        },
-    )
-    .await?;
+    // Made Ready by the in-cluster operator (the only one watching here).
+    wait_service_ready(&svcs, name).await?;
     // Its pod really runs and was reconciled by the chart's operator pod.
     let pods: Api<Pod> = Api::namespaced(ns.client.clone(), &ns.name);
     let operator_pods = pods
