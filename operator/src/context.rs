@@ -18,6 +18,7 @@ use k8s_openapi::api::{
 use kube::{
     Client,
     api::DynamicObject,
+    core::PartialObjectMeta,
     runtime::{
         events::{Recorder, Reporter},
         reflector::{ObjectRef, Store},
@@ -33,14 +34,35 @@ use crate::{builders::BuildConfig, metrics::Metrics};
 pub struct Stores {
     /// Deployments labelled `app.kubernetes.io/managed-by=hndsr-operator`.
     pub deployments: Store<Deployment>,
-    /// Services with the same label.
-    pub services: Store<Service>,
+    /// Services with the same label, metadata only ([`crate::slim`]).
+    pub services: Store<PartialObjectMeta<Service>>,
     /// HorizontalPodAutoscalers with the same label.
     pub hpas: Store<HorizontalPodAutoscaler>,
-    /// PodDisruptionBudgets with the same label.
-    pub pdbs: Store<PodDisruptionBudget>,
+    /// PodDisruptionBudgets with the same label, metadata only.
+    pub pdbs: Store<PartialObjectMeta<PodDisruptionBudget>>,
     /// Pods with the same label (GPU-capacity and model-loading detection).
     pub pods: Store<Pod>,
+    /// Becomes true once every cache above has completed its initial list
+    /// (see [`crate::watches::watches`]).
+    pub synced: tokio::sync::watch::Receiver<bool>,
+}
+
+impl Stores {
+    /// Whether every cache has completed its initial list. Before that an
+    /// empty cache means "not listed yet", not "absent": a pass reading it
+    /// would recreate children that exist and report pods that run as
+    /// missing (a status patch and an event per object on every restart).
+    #[must_use]
+    pub fn synced(&self) -> bool {
+        *self.synced.borrow()
+    }
+
+    /// Resolves once [`Self::synced`] (at once if it is). Any number of
+    /// tasks may wait.
+    pub async fn wait_synced(&self) {
+        // Err: the sender went away, which only happens at shutdown.
+        let _ = self.synced.clone().wait_for(|s| *s).await;
+    }
 }
 
 impl std::fmt::Debug for Stores {

@@ -42,6 +42,7 @@ use crate::{
     builders::{self, Children},
     context::Context,
     error::{Error, Result},
+    slim,
     ssa::{self, EnsureError, Outcome},
     status::{self, Observed},
 };
@@ -50,11 +51,21 @@ use crate::{
 /// nothing to do makes no API calls.
 pub const RESYNC: Duration = Duration::from_secs(300);
 
+/// Retry of a pass that found the watch caches still listing.
+pub const UNSYNCED_RETRY: Duration = Duration::from_secs(1);
+
 /// Reconciles one `HndsrService`. See the module docs for the phases.
 ///
 /// # Errors
 /// Transient API failures; [`error_policy`] decides the retry.
 pub async fn reconcile(svc: Arc<HndsrService>, ctx: Arc<Context>) -> Result<Action> {
+    // `main` starts the controller only once the caches are synced; this
+    // keeps any other caller (a test, a future refactor) from acting on a
+    // half-listed cache.
+    if !ctx.stores.synced() {
+        tracing::debug!(name = %svc.name_any(), "watch caches not synced yet; retrying");
+        return Ok(Action::requeue(UNSYNCED_RETRY));
+    }
     let started = std::time::Instant::now();
     let result = reconcile_inner(&svc, &ctx).await;
     ctx.metrics
@@ -241,25 +252,20 @@ async fn apply_children(
         hand_over_replicas(ctx, ns, live).await?;
     }
     let applied_deployment = apply_one(svc, ctx, ns, deployment, live_deployment).await?;
-    apply_one(
-        svc,
-        ctx,
-        ns,
-        service,
-        get_cached(&stores.services, ns, &name),
-    )
-    .await?;
+    let live_service = get_cached(&stores.services, ns, &name).map(slim::from_meta);
+    apply_one(svc, ctx, ns, service, live_service).await?;
     match hpa {
         Some(hpa) => {
             apply_one(svc, ctx, ns, hpa, get_cached(&stores.hpas, ns, &name)).await?;
         }
         None => delete_if_owned(svc, ctx, ns, get_cached(&stores.hpas, ns, &name)).await?,
     }
+    let live_pdb = get_cached(&stores.pdbs, ns, &name).map(slim::from_meta);
     match pdb {
         Some(pdb) => {
-            apply_one(svc, ctx, ns, pdb, get_cached(&stores.pdbs, ns, &name)).await?;
+            apply_one(svc, ctx, ns, pdb, live_pdb).await?;
         }
-        None => delete_if_owned(svc, ctx, ns, get_cached(&stores.pdbs, ns, &name)).await?,
+        None => delete_if_owned(svc, ctx, ns, live_pdb).await?,
     }
     Ok(applied_deployment)
 }

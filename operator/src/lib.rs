@@ -14,5 +14,6 @@ pub mod http;
 pub mod leader;
 pub mod metrics;
 pub mod quantity;
+pub mod slim;
 pub mod ssa;
 pub mod watches;

@@ -17,12 +17,13 @@ use hndsr_operator::{
     controller::{error_policy, reconcile},
     http::{self, HttpState},
     leader::LeaderElector,
+    slim,
     watches::{self, Triggers},
 };
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::{
     Api, Client, CustomResourceExt,
-    runtime::{Controller, controller, watcher},
+    runtime::{Controller, WatchStreamExt, controller, reflector, watcher},
 };
 use tokio_util::sync::CancellationToken;
 
@@ -107,7 +108,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     {
         let (stores, ready) = (stores.clone(), state.ready.clone());
         tokio::spawn(async move {
-            watches::wait_synced(&stores).await;
+            stores.wait_synced().await;
             ready.store(true, Ordering::Release);
             tracing::info!("watch caches synced");
         });
@@ -143,6 +144,15 @@ async fn run(config: Config) -> anyhow::Result<()> {
     } else {
         metrics.leader.set(1);
     }
+    // Reconcile only from complete caches: a pass over a half-listed pod
+    // cache would see running pods as missing and rewrite their status.
+    tokio::select! {
+        () = stores.wait_synced() => {}
+        () = shutdown.cancelled() => {
+            http_task.await.ok();
+            return Ok(());
+        }
+    }
     triggers.leading.store(true, Ordering::Release);
 
     let ctx = Context::new(
@@ -158,7 +168,14 @@ async fn run(config: Config) -> anyhow::Result<()> {
     );
     let hsvc: Api<HndsrService> = watches::scoped_api(client.clone(), ns);
     tracing::info!(namespace = ns.unwrap_or("<all>"), "starting the controller");
-    Controller::new(hsvc, watcher::Config::default().any_semantic())
+    // `Controller::new`, with the cache trimmed to what a reconcile reads.
+    let (reader, writer) = reflector::store();
+    let trigger = watcher(hsvc, watcher::Config::default().streaming_lists())
+        .default_backoff()
+        .modify(slim::hndsr_service)
+        .reflect(writer)
+        .applied_objects();
+    Controller::for_stream(trigger, reader)
         .with_config(controller::Config::default().concurrency(16))
         .reconcile_on(rx)
         .graceful_shutdown_on({

@@ -17,9 +17,12 @@
 //! the API server's normalisation (quantities, defaulted fields), which
 //! would make a value comparison see "drift" forever.
 
-use std::fmt::Debug;
+use std::{borrow::Cow, fmt::Debug};
 
-use k8s_openapi::{NamespaceResourceScope, apimachinery::pkg::apis::meta::v1::ManagedFieldsEntry};
+use k8s_openapi::{
+    NamespaceResourceScope,
+    apimachinery::pkg::apis::meta::v1::{FieldsV1, ManagedFieldsEntry},
+};
 use kube::{
     Resource, ResourceExt,
     api::{Api, Patch, PatchParams},
@@ -66,7 +69,7 @@ pub fn spec_hash<K: Serialize>(obj: &K) -> Result<String, serde_json::Error> {
 }
 
 /// Whether the entry is our own apply on the main resource.
-fn is_ours(entry: &ManagedFieldsEntry) -> bool {
+pub fn is_ours(entry: &ManagedFieldsEntry) -> bool {
     entry.manager.as_deref() == Some(FIELD_MANAGER)
         && entry.operation.as_deref() == Some("Apply")
         && entry.subresource.as_deref().is_none_or(str::is_empty)
@@ -88,12 +91,29 @@ pub fn owns_replicas(managed: &[ManagedFieldsEntry]) -> bool {
     managed
         .iter()
         .filter(|e| is_ours(e))
-        .filter_map(|e| e.fields_v1.as_ref())
-        .any(|f| {
-            f.0.get("f:spec")
-                .and_then(|s| s.get("f:replicas"))
-                .is_some()
-        })
+        .filter_map(fields_tree)
+        .any(|f| f.get("f:spec").and_then(|s| s.get("f:replicas")).is_some())
+}
+
+/// The field set of a managed-fields entry as a tree, whether as the API
+/// server sends it or [packed](pack_fields) by the watch caches.
+fn fields_tree(entry: &ManagedFieldsEntry) -> Option<Cow<'_, Value>> {
+    match &entry.fields_v1.as_ref()?.0 {
+        Value::String(packed) => serde_json::from_str(packed).ok().map(Cow::Owned),
+        tree => Some(Cow::Borrowed(tree)),
+    }
+}
+
+/// Packs a field set into its compact JSON text. A field set is a deep tree
+/// of one-key objects, which as `serde_json` maps costs tens of kilobytes
+/// per Deployment; as text it costs its length. A real field set is always
+/// an object, so a string is unambiguous; the readers here unpack it.
+pub fn pack_fields(fields: &mut FieldsV1) {
+    if fields.0.is_object()
+        && let Ok(text) = serde_json::to_string(&fields.0)
+    {
+        fields.0 = Value::String(text);
+    }
 }
 
 /// Whether `FIELD_MANAGER`'s apply entry in `managed` owns every field set in
@@ -101,12 +121,7 @@ pub fn owns_replicas(managed: &[ManagedFieldsEntry]) -> bool {
 /// `metadata.name` and `metadata.namespace` are identity, not owned fields.
 #[must_use]
 pub fn owns_all_fields(managed: &[ManagedFieldsEntry], desired: &Value) -> bool {
-    let Some(fields) = managed
-        .iter()
-        .find(|e| is_ours(e))
-        .and_then(|e| e.fields_v1.as_ref())
-        .map(|f| &f.0)
-    else {
+    let Some(fields) = managed.iter().find(|e| is_ours(e)).and_then(fields_tree) else {
         return false;
     };
     let Some(top) = desired.as_object() else {

@@ -26,6 +26,7 @@ use k8s_openapi::api::{
 };
 use kube::{
     Api, Client, Resource, ResourceExt,
+    core::PartialObjectMeta,
     runtime::{
         WatchStreamExt,
         reflector::{self, ObjectRef},
@@ -34,7 +35,7 @@ use kube::{
 };
 use serde::de::DeserializeOwned;
 
-use crate::context::Stores;
+use crate::{context::Stores, slim};
 
 /// Label selector of everything the operator creates.
 #[must_use]
@@ -102,7 +103,8 @@ impl Triggers {
 pub struct Watches {
     /// Read handles, for the reconciler.
     pub stores: Stores,
-    /// One future per reflector; they run until the process ends.
+    /// One future per reflector and one that marks the caches synced; they
+    /// run until the process ends.
     pub drivers: Vec<BoxFuture<'static, ()>>,
 }
 
@@ -118,26 +120,32 @@ fn reflect<K>(
     api: Api<K>,
     triggers: Triggers,
     owner: fn(&K) -> Option<ObjectRef<HndsrService>>,
+    slim: fn(&mut K),
 ) -> (reflector::Store<K>, BoxFuture<'static, ()>)
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {
     let (reader, writer) = reflector::store();
-    let config = watcher::Config::default()
-        .labels(&managed_selector())
-        .any_semantic();
-    let stream = watcher(api, config)
+    let stream = watcher(api, managed_config())
         .default_backoff()
+        .modify(slim)
         .reflect(writer)
         .touched_objects();
     let driver = drive(stream, move |obj: K| triggers.send(owner(&obj)));
     (reader, driver)
 }
 
+fn managed_config() -> watcher::Config {
+    watcher::Config::default()
+        .labels(&managed_selector())
+        .streaming_lists()
+}
+
 fn drive<K, S>(stream: S, mut on_obj: impl FnMut(K) + Send + 'static) -> BoxFuture<'static, ()>
 where
     S: Stream<Item = Result<K, watcher::Error>> + Send + 'static,
-    K: Resource<DynamicType = ()> + Send + 'static,
+    K: Resource + Send + 'static,
+    K::DynamicType: Default,
 {
     async move {
         let mut stream = std::pin::pin!(stream);
@@ -145,7 +153,9 @@ where
             match item {
                 Ok(obj) => on_obj(obj),
                 // The backoff above retries; just make the failure visible.
-                Err(error) => tracing::warn!(kind = %K::kind(&()), %error, "watch failed"),
+                Err(error) => {
+                    tracing::warn!(kind = %K::kind(&K::DynamicType::default()), %error, "watch failed");
+                }
             }
         }
     }
@@ -153,34 +163,51 @@ where
 }
 
 /// Sets up a cache per child kind and one for pods, scoped to
-/// `namespace` (or the whole cluster) and to objects the operator manages.
+/// `namespace` (or the whole cluster) and to objects the operator manages,
+/// plus the task that marks them synced.
 #[must_use]
 pub fn watches(client: &Client, namespace: Option<&str>, triggers: &Triggers) -> Watches {
     let (deployments, d1) = reflect::<Deployment>(
         scoped_api(client.clone(), namespace),
         triggers.clone(),
         controlling_owner,
+        slim::deployment,
     );
-    let (services, d2) = reflect::<Service>(
+    // `Api<PartialObjectMeta<_>>` watches metadata only.
+    let (services, d2) = reflect::<PartialObjectMeta<Service>>(
         scoped_api(client.clone(), namespace),
         triggers.clone(),
         controlling_owner,
+        slim::partial,
     );
     let (hpas, d3) = reflect::<HorizontalPodAutoscaler>(
         scoped_api(client.clone(), namespace),
         triggers.clone(),
         controlling_owner,
+        slim::hpa,
     );
-    let (pdbs, d4) = reflect::<PodDisruptionBudget>(
+    let (pdbs, d4) = reflect::<PartialObjectMeta<PodDisruptionBudget>>(
         scoped_api(client.clone(), namespace),
         triggers.clone(),
         controlling_owner,
+        slim::partial,
     );
     let (pods, d5) = reflect::<Pod>(
         scoped_api(client.clone(), namespace),
         triggers.clone(),
         pod_owner,
+        slim::pod,
     );
+    let (synced_tx, synced) = tokio::sync::watch::channel(false);
+    let d6 = mark_synced(
+        deployments.clone(),
+        services.clone(),
+        hpas.clone(),
+        pdbs.clone(),
+        pods.clone(),
+        synced_tx,
+    )
+    .boxed();
     Watches {
         stores: Stores {
             deployments,
@@ -188,20 +215,35 @@ pub fn watches(client: &Client, namespace: Option<&str>, triggers: &Triggers) ->
             hpas,
             pdbs,
             pods,
+            synced,
         },
-        drivers: vec![d1, d2, d3, d4, d5],
+        drivers: vec![d1, d2, d3, d4, d5, d6],
     }
 }
 
-/// Resolves once every cache has completed its initial list.
-pub async fn wait_synced(stores: &Stores) {
-    let _ = futures::join!(
-        stores.deployments.wait_until_ready(),
-        stores.services.wait_until_ready(),
-        stores.hpas.wait_until_ready(),
-        stores.pdbs.wait_until_ready(),
-        stores.pods.wait_until_ready(),
+/// Resolves once every cache has completed its initial list, then marks
+/// the stores synced. This is the stores' only `wait_until_ready` caller:
+/// that future wakes a single waiter (kube's `DelayedInit` keeps one waker),
+/// so everyone else waits on [`Stores::wait_synced`].
+async fn mark_synced(
+    deployments: reflector::Store<Deployment>,
+    services: reflector::Store<PartialObjectMeta<Service>>,
+    hpas: reflector::Store<HorizontalPodAutoscaler>,
+    pdbs: reflector::Store<PartialObjectMeta<PodDisruptionBudget>>,
+    pods: reflector::Store<Pod>,
+    synced: tokio::sync::watch::Sender<bool>,
+) {
+    let lists = futures::join!(
+        deployments.wait_until_ready(),
+        services.wait_until_ready(),
+        hpas.wait_until_ready(),
+        pdbs.wait_until_ready(),
+        pods.wait_until_ready(),
     );
+    // A dropped writer (shutdown) never completed its list.
+    if lists.0.is_ok() && lists.1.is_ok() && lists.2.is_ok() && lists.3.is_ok() && lists.4.is_ok() {
+        synced.send_replace(true);
+    }
 }
 
 #[cfg(test)]

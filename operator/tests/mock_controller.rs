@@ -17,6 +17,7 @@ use hndsr_operator::{
     controller::{error_policy, reconcile},
     error::Error,
     metrics::Metrics,
+    slim,
     ssa::{self, SPEC_HASH},
     status::{self, Observed},
 };
@@ -35,6 +36,7 @@ use k8s_openapi::{
 use kube::{
     Client, Resource, ResourceExt,
     client::Body,
+    core::{PartialObjectMeta, PartialObjectMetaExt},
     runtime::{
         controller::Action,
         reflector::{self, store::Writer},
@@ -88,7 +90,7 @@ enum Scenario {
 }
 
 impl Scenario {
-    /// `live_deployment`: the cached Deployment, which an apply updates.
+    /// `live_deployment`: the live Deployment, which an apply updates.
     fn respond(
         self,
         call: &Call,
@@ -199,13 +201,16 @@ async fn api_server(
     }
 }
 
-/// The writer halves of the caches, to fill them like a watch would.
+/// The writer halves of the caches, to fill them like a watch would
+/// (through the same [`slim`] trimming, so every test also proves the
+/// trimmed caches hold what a reconcile reads).
 struct Caches {
     deployments: Writer<Deployment>,
-    services: Writer<Service>,
+    services: Writer<PartialObjectMeta<Service>>,
     hpas: Writer<HorizontalPodAutoscaler>,
-    pdbs: Writer<PodDisruptionBudget>,
-    _pods: Writer<Pod>,
+    pdbs: Writer<PartialObjectMeta<PodDisruptionBudget>>,
+    pods: Writer<Pod>,
+    synced: tokio::sync::watch::Sender<bool>,
 }
 
 fn put<K>(w: &mut Writer<K>, obj: K)
@@ -215,9 +220,21 @@ where
     w.apply_watcher_event(&watcher::Event::Apply(obj));
 }
 
+/// A child as its metadata-only watch caches it.
+fn put_meta<K>(w: &mut Writer<PartialObjectMeta<K>>, obj: K)
+where
+    K: Resource<DynamicType = ()> + Clone + 'static,
+{
+    let mut m = obj.meta().clone().into_request_partial::<K>();
+    slim::partial(&mut m);
+    put(w, m);
+}
+
 struct Harness {
     ctx: Arc<Context>,
     caches: Caches,
+    /// The whole live Deployment (the cache holds it trimmed).
+    live_deployment: Option<Deployment>,
     handle: Option<Handle>,
 }
 
@@ -229,12 +246,14 @@ fn harness() -> Harness {
     let (hpas, hw) = reflector::store();
     let (pdbs, pw) = reflector::store();
     let (pods, podw) = reflector::store();
+    let (synced_tx, synced) = tokio::sync::watch::channel(false);
     let stores = Stores {
         deployments,
         services,
         hpas,
         pdbs,
         pods,
+        synced,
     };
     let ctx = Context::new(
         client,
@@ -243,16 +262,78 @@ fn harness() -> Harness {
         stores,
         BuildConfig::default(),
     );
-    Harness {
+    let mut h = Harness {
         ctx,
         caches: Caches {
             deployments: dw,
             services: sw,
             hpas: hw,
             pdbs: pw,
-            _pods: podw,
+            pods: podw,
+            synced: synced_tx,
         },
+        live_deployment: None,
         handle: Some(handle),
+    };
+    h.caches.list_done();
+    h
+}
+
+impl Harness {
+    /// The live Deployment is `d`; its watch caches it trimmed.
+    fn put_deployment(&mut self, d: Deployment) {
+        self.live_deployment = Some(d.clone());
+        let mut cached = d;
+        slim::deployment(&mut cached);
+        put(&mut self.caches.deployments, cached);
+    }
+
+    /// Swaps in an empty Deployment cache that has not finished its
+    /// initial list (the moments after an operator start); returns what
+    /// the old cache held.
+    fn restart_listing_deployments(&mut self) -> Vec<Deployment> {
+        let held = self
+            .ctx
+            .stores
+            .deployments
+            .state()
+            .iter()
+            .map(|d| (**d).clone())
+            .collect();
+        let (deployments, dw) = reflector::store();
+        let (synced_tx, synced) = tokio::sync::watch::channel(false);
+        let mut stores = self.ctx.stores.clone();
+        stores.deployments = deployments;
+        stores.synced = synced;
+        self.caches.synced = synced_tx;
+        self.ctx = Context::new(
+            self.ctx.client.clone(),
+            "test-0",
+            Metrics::new(),
+            stores,
+            BuildConfig::default(),
+        );
+        self.caches.deployments = dw;
+        held
+    }
+}
+
+impl Caches {
+    /// Ends every (still empty) cache's initial list, as the watches do
+    /// once listed.
+    fn list_done(&mut self) {
+        fn done<K>(w: &mut Writer<K>)
+        where
+            K: Resource<DynamicType = ()> + Clone + 'static,
+        {
+            w.apply_watcher_event(&watcher::Event::InitDone);
+        }
+        done(&mut self.deployments);
+        done(&mut self.services);
+        done(&mut self.hpas);
+        done(&mut self.pdbs);
+        done(&mut self.pods);
+        self.synced.send_replace(true);
     }
 }
 
@@ -266,12 +347,9 @@ impl Harness {
     ) -> (Result<Action, Error>, Vec<Call>) {
         let svc_json = serde_json::to_value(svc).unwrap();
         let live_deployment = self
-            .ctx
-            .stores
-            .deployments
-            .state()
-            .first()
-            .map(|d| serde_json::to_value(&**d).unwrap());
+            .live_deployment
+            .as_ref()
+            .map(|d| serde_json::to_value(d).unwrap());
         let handle = self
             .handle
             .take()
@@ -394,12 +472,13 @@ fn converge(h: &mut Harness, svc: &mut HndsrService) {
         updated_replicas: Some(1),
         ..DeploymentStatus::default()
     });
-    put(&mut h.caches.deployments, dep.clone());
-    put(&mut h.caches.services, live(c.service.clone()));
-    if let Some(hpa) = c.hpa.clone() {
-        put(&mut h.caches.hpas, live(hpa));
+    h.put_deployment(dep.clone());
+    put_meta(&mut h.caches.services, live(c.service.clone()));
+    if let Some(mut hpa) = c.hpa.clone().map(live) {
+        slim::hpa(&mut hpa);
+        put(&mut h.caches.hpas, hpa);
     }
-    put(
+    put_meta(
         &mut h.caches.pdbs,
         live(c.pdb.clone().expect("PDB is on by default")),
     );
@@ -515,6 +594,41 @@ async fn steady_state_makes_no_api_calls() {
 }
 
 #[tokio::test]
+async fn no_pass_runs_before_the_caches_are_listed() {
+    // A converged object, then a restart whose Deployment cache is still
+    // listing: a pass would take the Deployment for missing, ask for it and
+    // apply it again (and patch the status from a missing Deployment).
+    let mut h = harness();
+    let mut svc = service("img:1", 1);
+    converge(&mut h, &mut svc);
+    let held = h.restart_listing_deployments();
+    let (result, calls) = h.reconcile(&svc, Scenario::Accept).await;
+    assert_eq!(
+        result.unwrap(),
+        Action::requeue(hndsr_operator::controller::UNSYNCED_RETRY)
+    );
+    assert!(
+        calls.is_empty(),
+        "a pass over unsynced caches must not call the API: {:?}",
+        api_calls(&calls)
+    );
+    // Once listed, the same object is steady: still no calls.
+    let w = &mut h.caches.deployments;
+    w.apply_watcher_event(&watcher::Event::Init);
+    for d in held {
+        w.apply_watcher_event(&watcher::Event::InitApply(d));
+    }
+    w.apply_watcher_event(&watcher::Event::InitDone);
+    h.caches.synced.send_replace(true);
+    let (result, calls) = h.reconcile(&svc, Scenario::Accept).await;
+    assert_eq!(
+        result.unwrap(),
+        Action::requeue(hndsr_operator::controller::RESYNC)
+    );
+    assert!(calls.is_empty(), "{:?}", api_calls(&calls));
+}
+
+#[tokio::test]
 async fn spec_change_applies_only_the_changed_children() {
     let mut h = harness();
     let mut svc = service("img:1", 1);
@@ -550,10 +664,10 @@ async fn an_apply_that_leaves_the_spec_alone_is_no_rollout() {
     converge(&mut h, &mut svc);
     // The live Deployment was applied by another operator version, whose
     // hash differs although it wrote the same spec (only metadata moves).
-    let mut dep = (*h.ctx.stores.deployments.state()[0]).clone();
+    let mut dep = h.live_deployment.clone().unwrap();
     dep.annotations_mut()
         .insert(SPEC_HASH.to_owned(), "from-an-older-operator".into());
-    put(&mut h.caches.deployments, dep);
+    h.put_deployment(dep);
     let (result, calls) = h.reconcile(&svc, Scenario::Accept).await;
     result.unwrap();
     // The API server kept the generation, so the Deployment's status still
@@ -569,7 +683,7 @@ async fn manual_edit_of_the_deployment_is_reverted() {
     converge(&mut h, &mut svc);
     // `kubectl edit` changed the image: the API server moved ownership of
     // that field from us to kubectl-edit. The hash annotation is unchanged.
-    let mut dep = (*h.ctx.stores.deployments.state()[0]).clone();
+    let mut dep = h.live_deployment.clone().unwrap();
     dep.spec.template.spec.as_mut().unwrap().containers[0].image = Some("evil:latest".into());
     let managed = dep.metadata.managed_fields.as_mut().unwrap();
     let ours = managed[0].fields_v1.as_mut().unwrap();
@@ -599,7 +713,7 @@ async fn manual_edit_of_the_deployment_is_reverted() {
     // The edit made a new generation, which the Deployment rolled out.
     dep.metadata.generation = Some(2);
     dep.status.as_mut().unwrap().observed_generation = Some(2);
-    put(&mut h.caches.deployments, dep);
+    h.put_deployment(dep);
     let (result, calls) = h.reconcile(&svc, Scenario::Accept).await;
     result.unwrap();
     assert_eq!(
