@@ -117,11 +117,11 @@ async fn reconcile_inner(svc: &HndsrService, ctx: &Context) -> Result<Action> {
     // 1. read
     let observed = observe(&ctx.stores, &ns, &name);
 
-    // 2. validate + build (pure)
-    let desired = builders::desired(svc, &ctx.build);
+    // 2. resolve (defaults, validation) + build (pure)
+    let desired = builders::resolve_and_build(svc, &ctx.build);
     let now = Timestamp::now();
-    let children = match desired {
-        Ok(children) => children,
+    let (eff, children) = match desired {
+        Ok(resolved) => resolved,
         Err(invalid) => {
             let new = status::compute(svc, Err(&invalid), &observed, now);
             patch_status_if_changed(svc, ctx, &ns, &new).await?;
@@ -161,7 +161,7 @@ async fn reconcile_inner(svc: &HndsrService, ctx: &Context) -> Result<Action> {
     }
 
     // 4. status
-    let new = status::compute(svc, Ok(&children), &observed, now);
+    let new = status::compute(svc, Ok((&eff, &children)), &observed, now);
     patch_status_if_changed(svc, ctx, &ns, &new).await?;
 
     // 5. events on condition transitions

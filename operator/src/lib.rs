@@ -3,6 +3,7 @@
 
 pub mod builders;
 pub mod defaults;
+pub mod effective;
 pub mod status;
 pub mod validate;
 

@@ -170,7 +170,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!(namespace = ns.unwrap_or("<all>"), "starting the controller");
     // `Controller::new`, with the cache trimmed to what a reconcile reads.
     let (reader, writer) = reflector::store();
-    let trigger = watcher(hsvc, watcher::Config::default().streaming_lists())
+    let trigger = watcher(hsvc, watches::list_config())
         .default_backoff()
         .modify(slim::hndsr_service)
         .reflect(writer)

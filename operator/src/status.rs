@@ -15,7 +15,7 @@ use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use crate::builders::{Children, InvalidSpec, serving_selector_string};
-use crate::defaults;
+use crate::effective::EffectiveSpec;
 
 /// The children as read from the API server (or a cache).
 #[derive(Debug, Clone, Default)]
@@ -144,15 +144,16 @@ fn scaling_limited(hpa: &HorizontalPodAutoscaler) -> bool {
 
 /// Computes the status of `svc`.
 ///
-/// `desired` is the result of [`crate::builders::desired`]; `now` stamps
-/// conditions whose status changed since `svc.status`.
+/// `resolved` is the effective spec ([`crate::effective::resolve`]) and
+/// the children [`crate::builders::desired`] built from it, or why the spec
+/// is invalid; `now` stamps conditions whose status changed since
+/// `svc.status`.
 pub fn compute(
     svc: &HndsrService,
-    desired: Result<&Children, &InvalidSpec>,
+    resolved: Result<(&EffectiveSpec, &Children), &InvalidSpec>,
     observed: &Observed,
     now: jiff::Timestamp,
 ) -> HndsrServiceStatus {
-    let spec = &svc.spec;
     let prev = svc.status.clone().unwrap_or_default();
     let name = svc.metadata.name.as_deref().unwrap_or("");
     let dep_status = observed
@@ -178,7 +179,7 @@ pub fn compute(
         autoscaling: prev.autoscaling.clone(),
     };
 
-    let conds = match desired {
+    let conds = match resolved {
         Err(invalid) => {
             let msg = format!("invalid spec, nothing changed until it is fixed: {invalid}");
             vec![
@@ -192,14 +193,18 @@ pub fn compute(
                 cond(conditions::DEGRADED, true, reasons::INVALID_SPEC, msg),
             ]
         }
-        Ok(children) => {
+        Ok((eff, children)) => {
             status.endpoint = Some(children.endpoint.clone());
-            status.serving = Some(defaults::serving(spec));
-            status.autoscaling = defaults::autoscaling(spec);
-            let want = want_replicas(svc, observed);
+            status.serving = Some(eff.serving.clone());
+            status.autoscaling = eff.autoscaling.clone();
+            let want = want_replicas(eff, observed);
             status.desired_replicas = Some(want);
-            let pods = summarize(&observed.pods, defaults::gpu_resource_name(spec));
-            conditions_for(svc, observed, &pods, want, ready, replicas, updated)
+            let facts = Facts::new(eff, observed, want, &dep_status);
+            vec![
+                ready_condition(&facts),
+                progressing_condition(&facts),
+                degraded_condition(&facts),
+            ]
         }
     };
 
@@ -227,274 +232,264 @@ pub fn compute(
 
 /// Serving replicas wanted now: the HPA's decision, else the Deployment's
 /// spec, else the static count.
-fn want_replicas(svc: &HndsrService, observed: &Observed) -> i32 {
-    let spec = &svc.spec;
-    if defaults::autoscaling_enabled(spec) {
-        let min = defaults::autoscaling(spec).map_or(defaults::MIN_REPLICAS, |a| a.min_replicas);
-        // A new HPA reports desiredReplicas 0 until its first evaluation;
-        // that is "not decided yet", not "scale to zero".
-        let hpa_desired = observed
-            .hpa
-            .as_ref()
-            .and_then(|h| h.status.as_ref())
-            .map(|s| s.desired_replicas)
-            .filter(|d| *d > 0 || min == 0);
-        if let Some(d) = hpa_desired {
-            return d;
-        }
-        if let Some(r) = observed.deployment.as_ref().and_then(|d| d.spec.replicas) {
-            return r;
-        }
-        return min;
+fn want_replicas(eff: &EffectiveSpec, observed: &Observed) -> i32 {
+    let Some(autoscaling) = &eff.autoscaling else {
+        return eff.static_replicas;
+    };
+    let min = autoscaling.min_replicas;
+    // A new HPA reports desiredReplicas 0 until its first evaluation;
+    // that is "not decided yet", not "scale to zero".
+    let hpa_desired = observed
+        .hpa
+        .as_ref()
+        .and_then(|h| h.status.as_ref())
+        .map(|s| s.desired_replicas)
+        .filter(|d| *d > 0 || min == 0);
+    if let Some(d) = hpa_desired {
+        return d;
     }
-    defaults::static_replicas(spec)
+    if let Some(r) = observed.deployment.as_ref().and_then(|d| d.spec.replicas) {
+        return r;
+    }
+    min
 }
 
-fn conditions_for(
-    svc: &HndsrService,
-    observed: &Observed,
-    pods: &PodSummary,
+/// What the conditions are decided from, gathered once.
+struct Facts<'a> {
     want: i32,
     ready: i32,
     replicas: i32,
     updated: i32,
-) -> Vec<Cond> {
-    let spec = &svc.spec;
-    let gpu_name = defaults::gpu_resource_name(spec);
-    let dep = observed.deployment.as_ref();
-    let dep_lagging = dep.is_some_and(|d| {
-        let generation = d.metadata.generation.unwrap_or(0);
-        let seen = d
-            .status
-            .as_ref()
-            .and_then(|s| s.observed_generation)
-            .unwrap_or(0);
-        seen < generation
-    });
-    let deadline_exceeded = dep
-        .and_then(|d| d.status.as_ref()?.conditions.as_ref())
-        .is_some_and(|cs| {
-            cs.iter().any(|c| {
-                c.type_.as_deref() == Some("Progressing")
-                    && c.status.as_deref() == Some("False")
-                    && c.reason.as_deref() == Some("ProgressDeadlineExceeded")
-            })
+    pods: PodSummary,
+    gpu_name: &'a str,
+    /// The Deployment exists.
+    deployment: bool,
+    /// A new template or replica count is still rolling out.
+    rolling: bool,
+    /// Observed state matches the spec.
+    converged: bool,
+    /// The Deployment reports `ProgressDeadlineExceeded`.
+    deadline_exceeded: bool,
+    /// The ReplicaSet controller could not create pods: its message.
+    creation_failure: Option<String>,
+    /// The HPA wants more than `maxReplicas`.
+    limited: bool,
+    keda: bool,
+}
+
+impl<'a> Facts<'a> {
+    fn new(
+        eff: &'a EffectiveSpec,
+        observed: &Observed,
+        want: i32,
+        dep_status: &k8s_openapi::api::apps::v1::DeploymentStatus,
+    ) -> Self {
+        let replicas = dep_status.replicas.unwrap_or(0);
+        let ready = dep_status.ready_replicas.unwrap_or(0);
+        let updated = dep_status.updated_replicas.unwrap_or(0);
+        let dep = observed.deployment.as_ref();
+        let dep_lagging = dep.is_some_and(|d| {
+            let generation = d.metadata.generation.unwrap_or(0);
+            let seen = d
+                .status
+                .as_ref()
+                .and_then(|s| s.observed_generation)
+                .unwrap_or(0);
+            seen < generation
         });
-    // The ReplicaSet controller could not create pods: nothing else will
-    // show (there are no pods to look at), so quote its message.
-    let creation_failure = dep
-        .and_then(|d| d.status.as_ref()?.conditions.as_ref())
-        .and_then(|cs| {
-            cs.iter().find(|c| {
+        let dep_conditions = dep
+            .and_then(|d| d.status.as_ref()?.conditions.as_ref())
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        let deadline_exceeded = dep_conditions.iter().any(|c| {
+            c.type_.as_deref() == Some("Progressing")
+                && c.status.as_deref() == Some("False")
+                && c.reason.as_deref() == Some("ProgressDeadlineExceeded")
+        });
+        // Nothing else will show (there are no pods to look at), so the
+        // condition quotes its message.
+        let creation_failure = dep_conditions
+            .iter()
+            .find(|c| {
                 c.type_.as_deref() == Some("ReplicaFailure") && c.status.as_deref() == Some("True")
             })
-        })
-        .map(|c| c.message.clone().unwrap_or_default());
-    let rolling = dep_lagging || updated < want || replicas > updated;
-    let converged = dep.is_some() && !rolling && ready >= want && replicas == want;
-    let limited = observed.hpa.as_ref().is_some_and(scaling_limited);
-    let keda = defaults::provider(spec) == Some(AutoscalingProvider::Keda);
+            .map(|c| c.message.clone().unwrap_or_default());
+        let rolling = dep_lagging || updated < want || replicas > updated;
+        Self {
+            want,
+            ready,
+            replicas,
+            updated,
+            pods: summarize(&observed.pods, &eff.gpu_resource_name),
+            gpu_name: &eff.gpu_resource_name,
+            deployment: dep.is_some(),
+            rolling,
+            converged: dep.is_some() && !rolling && ready >= want && replicas == want,
+            deadline_exceeded,
+            creation_failure,
+            limited: observed.hpa.as_ref().is_some_and(scaling_limited),
+            keda: eff.provider() == Some(AutoscalingProvider::Keda),
+        }
+    }
 
-    let gpu_msg = || {
+    fn gpu_msg(&self) -> String {
         format!(
-            "{} pod(s) pending: no node has a free {gpu_name}; add GPU nodes or lower resources.gpu",
-            pods.gpu_pending
+            "{} pod(s) pending: no node has a free {}; add GPU nodes or lower resources.gpu",
+            self.pods.gpu_pending, self.gpu_name
         )
-    };
-    let unsched_msg = || {
+    }
+
+    fn unschedulable_msg(&self) -> String {
         format!(
             "{} pod(s) cannot be scheduled: {}",
-            pods.unschedulable,
-            pods.unschedulable_msg.as_deref().unwrap_or("")
+            self.pods.unschedulable,
+            self.pods.unschedulable_msg.as_deref().unwrap_or("")
         )
-    };
-    let failing_msg = || {
+    }
+
+    fn failing_msg(&self) -> String {
         format!(
             "{} pod(s) failing ({}); see the pod's events and logs",
-            pods.failing,
-            pods.failing_msg.as_deref().unwrap_or("")
+            self.pods.failing,
+            self.pods.failing_msg.as_deref().unwrap_or("")
         )
-    };
-    let loading_msg = || format!("{} pod(s) loading and warming up the model", pods.loading);
+    }
 
-    // Ready: does the Service have somewhere to send requests?
-    let ready_cond = if want == 0 && ready == 0 {
-        cond(
-            conditions::READY,
+    fn loading_msg(&self) -> String {
+        format!(
+            "{} pod(s) loading and warming up the model",
+            self.pods.loading
+        )
+    }
+}
+
+/// Ready: does the Service have somewhere to send requests?
+fn ready_condition(f: &Facts<'_>) -> Cond {
+    let (want, ready) = (f.want, f.ready);
+    let (status, reason, message) = if want == 0 && ready == 0 {
+        (
             false,
             reasons::SCALED_TO_ZERO,
-            "scaled to zero serving pods",
+            "scaled to zero serving pods".to_owned(),
         )
     } else if ready >= want.max(1) {
-        cond(
-            conditions::READY,
+        (
             true,
             reasons::AVAILABLE,
             format!("{ready}/{want} serving pods ready"),
         )
     } else if ready > 0 {
-        cond(
-            conditions::READY,
+        (
             true,
             reasons::PARTIALLY_AVAILABLE,
             format!("{ready}/{want} serving pods ready"),
         )
-    } else if dep.is_none() {
-        cond(
-            conditions::READY,
+    } else if !f.deployment {
+        (
             false,
             reasons::CREATING,
-            "creating the Deployment",
+            "creating the Deployment".to_owned(),
         )
-    } else if pods.gpu_pending > 0 {
-        cond(
-            conditions::READY,
-            false,
-            reasons::WAITING_FOR_GPU_CAPACITY,
-            gpu_msg(),
-        )
-    } else if pods.unschedulable > 0 {
-        cond(
-            conditions::READY,
-            false,
-            reasons::UNSCHEDULABLE,
-            unsched_msg(),
-        )
-    } else if pods.failing > 0 {
-        cond(
-            conditions::READY,
-            false,
-            reasons::POD_FAILING,
-            failing_msg(),
-        )
-    } else if pods.loading > 0 {
-        cond(
-            conditions::READY,
-            false,
-            reasons::LOADING_MODEL,
-            loading_msg(),
-        )
+    } else if f.pods.gpu_pending > 0 {
+        (false, reasons::WAITING_FOR_GPU_CAPACITY, f.gpu_msg())
+    } else if f.pods.unschedulable > 0 {
+        (false, reasons::UNSCHEDULABLE, f.unschedulable_msg())
+    } else if f.pods.failing > 0 {
+        (false, reasons::POD_FAILING, f.failing_msg())
+    } else if f.pods.loading > 0 {
+        (false, reasons::LOADING_MODEL, f.loading_msg())
     } else {
-        cond(
-            conditions::READY,
+        (
             false,
             reasons::UNAVAILABLE,
             format!("0/{want} serving pods ready"),
         )
     };
+    cond(conditions::READY, status, reason, message)
+}
 
-    // Progressing: is capacity or a new template on its way?
-    let progressing = if converged {
-        cond(
-            conditions::PROGRESSING,
+/// Progressing: is capacity or a new template on its way?
+fn progressing_condition(f: &Facts<'_>) -> Cond {
+    let (status, reason, message) = if f.converged {
+        (
             false,
             reasons::RECONCILED,
-            "observed state matches the spec",
+            "observed state matches the spec".to_owned(),
         )
-    } else if dep.is_none() {
-        cond(
-            conditions::PROGRESSING,
+    } else if !f.deployment {
+        (
             true,
             reasons::CREATING,
-            "creating the Deployment",
+            "creating the Deployment".to_owned(),
         )
-    } else if pods.gpu_pending > 0 {
-        cond(
-            conditions::PROGRESSING,
-            true,
-            reasons::WAITING_FOR_GPU_CAPACITY,
-            gpu_msg(),
-        )
-    } else if rolling {
-        cond(
-            conditions::PROGRESSING,
+    } else if f.pods.gpu_pending > 0 {
+        (true, reasons::WAITING_FOR_GPU_CAPACITY, f.gpu_msg())
+    } else if f.rolling {
+        (
             true,
             reasons::ROLLING_OUT,
-            format!("{updated}/{want} pods updated, {replicas} running"),
+            format!(
+                "{}/{} pods updated, {} running",
+                f.updated, f.want, f.replicas
+            ),
         )
-    } else if pods.loading > 0 {
-        cond(
-            conditions::PROGRESSING,
-            true,
-            reasons::LOADING_MODEL,
-            loading_msg(),
-        )
+    } else if f.pods.loading > 0 {
+        (true, reasons::LOADING_MODEL, f.loading_msg())
     } else {
-        cond(
-            conditions::PROGRESSING,
+        (
             true,
             reasons::ROLLING_OUT,
-            format!("scaling to {want} serving pods, {ready} ready"),
+            format!("scaling to {} serving pods, {} ready", f.want, f.ready),
         )
     };
+    cond(conditions::PROGRESSING, status, reason, message)
+}
 
-    // Degraded: does a human need to act?
-    let down = want > 0 && ready == 0;
-    let degraded = if pods.failing > 0 {
-        cond(
-            conditions::DEGRADED,
-            true,
-            reasons::POD_FAILING,
-            failing_msg(),
-        )
-    } else if let Some(message) = &creation_failure {
-        cond(
-            conditions::DEGRADED,
+/// Degraded: does a human need to act?
+fn degraded_condition(f: &Facts<'_>) -> Cond {
+    let down = f.want > 0 && f.ready == 0;
+    let (status, reason, message) = if f.pods.failing > 0 {
+        (true, reasons::POD_FAILING, f.failing_msg())
+    } else if let Some(message) = &f.creation_failure {
+        (
             true,
             reasons::POD_CREATION_FAILED,
             format!("pods cannot be created: {message}"),
         )
-    } else if down && pods.gpu_pending > 0 {
-        cond(
-            conditions::DEGRADED,
-            true,
-            reasons::WAITING_FOR_GPU_CAPACITY,
-            gpu_msg(),
-        )
-    } else if down && pods.unschedulable > 0 {
-        cond(
-            conditions::DEGRADED,
-            true,
-            reasons::UNSCHEDULABLE,
-            unsched_msg(),
-        )
-    } else if deadline_exceeded {
-        cond(
-            conditions::DEGRADED,
+    } else if down && f.pods.gpu_pending > 0 {
+        (true, reasons::WAITING_FOR_GPU_CAPACITY, f.gpu_msg())
+    } else if down && f.pods.unschedulable > 0 {
+        (true, reasons::UNSCHEDULABLE, f.unschedulable_msg())
+    } else if f.deadline_exceeded {
+        (
             true,
             reasons::ROLLING_OUT,
-            "the rollout exceeded its progress deadline; check the new pods",
+            "the rollout exceeded its progress deadline; check the new pods".to_owned(),
         )
-    } else if limited {
-        cond(
-            conditions::DEGRADED,
+    } else if f.limited {
+        (
             true,
             reasons::SCALING_LIMITED,
-            "load needs more than autoscaling.maxReplicas pods; raise maxReplicas or expect 503s",
+            "load needs more than autoscaling.maxReplicas pods; raise maxReplicas or expect 503s"
+                .to_owned(),
         )
-    } else if keda {
-        cond(
-            conditions::DEGRADED,
+    } else if f.keda {
+        (
             true,
             reasons::AUTOSCALER_NOT_SUPPORTED,
-            "provider keda is not reconciled yet: no autoscaler was created; use provider hpa",
+            "provider keda is not reconciled yet: no autoscaler was created; use provider hpa"
+                .to_owned(),
         )
     } else {
-        cond(
-            conditions::DEGRADED,
-            false,
-            reasons::HEALTHY,
-            "no problem detected",
-        )
+        (false, reasons::HEALTHY, "no problem detected".to_owned())
     };
-
-    vec![ready_cond, progressing, degraded]
+    cond(conditions::DEGRADED, status, reason, message)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::builders::{BuildConfig, desired};
+    use crate::builders::{BuildConfig, resolve_and_build};
     use hndsr_crds::conditions::{DEGRADED, PROGRESSING, READY};
     use k8s_openapi::api::apps::v1::{DeploymentSpec, DeploymentStatus};
     use k8s_openapi::api::autoscaling::v2::{
@@ -583,8 +578,8 @@ mod tests {
     }
 
     fn run(s: &HndsrService, observed: &Observed, now: i64) -> HndsrServiceStatus {
-        let d = desired(s, &BuildConfig::default());
-        compute(s, d.as_ref(), observed, t(now))
+        let d = resolve_and_build(s, &BuildConfig::default());
+        compute(s, d.as_ref().map(|(e, c)| (e, c)), observed, t(now))
     }
 
     fn get<'a>(st: &'a HndsrServiceStatus, ty: &str) -> &'a Condition {

@@ -8,10 +8,14 @@
 
 use std::fmt;
 
-use hndsr_crds::{HndsrService, Precision};
+use hndsr_crds::{
+    AutoscalingProvider, AutoscalingSpec, EffectiveServing, HndsrService, HndsrServiceSpec,
+    Precision, TargetPerPod, WeightsSpec,
+};
+use k8s_openapi::api::autoscaling::v2::HPAScalingRules;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
-use crate::{defaults, quantity};
+use crate::{defaults, effective::EffectiveSpec, quantity};
 
 /// One problem with a spec: the field and what is wrong, in words a user can act on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -104,28 +108,72 @@ fn is_address_or_cidr(s: &str) -> bool {
     prefix.is_none_or(|p| p.parse::<u8>().is_ok_and(|n| n <= bits))
 }
 
-/// Checks `svc`; `Ok(())` or every problem found.
-pub fn validate(svc: &HndsrService) -> Result<(), InvalidSpec> {
-    let mut p = Vec::new();
-    let mut add = |field: &str, message: String| {
-        p.push(Problem {
-            field: field.to_owned(),
-            message,
-        });
-    };
-    let spec = &svc.spec;
+/// Problems found so far, in the order the checks run.
+#[derive(Debug, Default)]
+struct Problems(Vec<Problem>);
 
-    let name = svc.metadata.name.as_deref().unwrap_or("");
+impl Problems {
+    fn add(&mut self, field: &str, message: impl Into<String>) {
+        self.0.push(Problem {
+            field: field.to_owned(),
+            message: message.into(),
+        });
+    }
+}
+
+/// Checks `svc`; `Ok(())` or every problem found.
+pub fn validate(svc: &HndsrService, eff: &EffectiveSpec) -> Result<(), InvalidSpec> {
+    let spec = &svc.spec;
+    let mut p = Problems::default();
+    check_name(svc.metadata.name.as_deref().unwrap_or(""), &mut p);
+    check_image(spec, &mut p);
+    if let Some(w) = &spec.model.weights {
+        check_weights(w, &mut p);
+    } else if spec.model.backend == hndsr_crds::Backend::Hndsr {
+        p.add(
+            "spec.model.weights",
+            "backend hndsr needs weights (pvc, image, uri or bundled)",
+        );
+    }
+    check_gpu(eff, &mut p);
+    check_cpu_and_memory(spec, &mut p);
+    check_trusted_proxies(spec, &mut p);
+    check_serving(&eff.serving, &mut p);
+    if spec.replicas.is_some_and(|r| r < 0) {
+        p.add("spec.replicas", "must not be negative");
+    }
+    if let Some(a) = &spec.autoscaling {
+        check_autoscaling(a, &eff.serving, &mut p);
+    }
+    check_prewarm(spec, &mut p);
+    if let Some(d) = &spec.disruption
+        && d.max_unavailable.is_some()
+        && d.min_available.is_some()
+    {
+        p.add(
+            "spec.disruption",
+            "set maxUnavailable or minAvailable, not both",
+        );
+    }
+    if p.0.is_empty() {
+        Ok(())
+    } else {
+        Err(InvalidSpec { problems: p.0 })
+    }
+}
+
+/// The name becomes the Service's: a DNS-1035 label.
+fn check_name(name: &str, p: &mut Problems) {
     if name.len() > MAX_NAME_LEN {
-        add(
+        p.add(
             "metadata.name",
             format!("must be at most {MAX_NAME_LEN} characters (it names the Service)"),
         );
     }
     if !name.chars().next().is_some_and(|c| c.is_ascii_lowercase()) {
-        add(
+        p.add(
             "metadata.name",
-            "must start with a lowercase letter (it names the Service)".into(),
+            "must start with a lowercase letter (it names the Service)",
         );
     }
     // The rest of a DNS-1035 label: a resource name may hold dots, a
@@ -135,107 +183,99 @@ pub fn validate(svc: &HndsrService) -> Result<(), InvalidSpec> {
         .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
         || name.ends_with('-')
     {
-        add(
+        p.add(
             "metadata.name",
-            "must be lowercase letters, digits and '-', ending in a letter or digit (it names the Service)"
-                .into(),
+            "must be lowercase letters, digits and '-', ending in a letter or digit (it names the Service)",
         );
     }
+}
 
+fn check_image(spec: &HndsrServiceSpec, p: &mut Problems) {
     if spec.model.image.trim().is_empty() {
-        add("spec.model.image", "must name the server image".into());
+        p.add("spec.model.image", "must name the server image");
     }
-    match &spec.model.weights {
-        None if spec.model.backend == hndsr_crds::Backend::Hndsr => {
-            add(
-                "spec.model.weights",
-                "backend hndsr needs weights (pvc, image, uri or bundled)".into(),
-            );
-        }
-        None => {}
-        Some(w) => {
-            let sources = usize::from(w.pvc.is_some())
-                + usize::from(w.image.is_some())
-                + usize::from(w.uri.is_some())
-                + usize::from(w.bundled == Some(true));
-            if sources != 1 {
-                add(
-                    "spec.model.weights",
-                    "set exactly one of pvc, image, uri or bundled".into(),
-                );
-            }
-            if w.bundled == Some(true) && w.file.is_some() {
-                add(
-                    "spec.model.weights.file",
-                    "does not apply to bundled weights".into(),
-                );
-            }
-            if w.sha256.len() != 64
-                || !w
-                    .sha256
-                    .chars()
-                    .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c))
-            {
-                add(
-                    "spec.model.weights.sha256",
-                    "must be 64 lowercase hex characters".into(),
-                );
-            }
-            if let Some(uri) = &w.uri
-                && !(uri.starts_with("https://") || uri.starts_with("http://"))
-            {
-                add("spec.model.weights.uri", "must be an http(s) URL".into());
-            }
-            if let Some(m) = &w.manifest_uri {
-                if w.uri.is_none() {
-                    add(
-                        "spec.model.weights.manifestUri",
-                        "goes with weights.uri".into(),
-                    );
-                }
-                if !(m.starts_with("https://") || m.starts_with("http://")) {
-                    add(
-                        "spec.model.weights.manifestUri",
-                        "must be an http(s) URL".into(),
-                    );
-                }
-            } else if w.uri.is_some() && defaults::manifest_uri(w).is_none() {
-                add(
-                    "spec.model.weights.uri",
-                    "does not end in .safetensors, or has a query (a signed URL): set weights.manifestUri to its JSON manifest"
-                        .into(),
-                );
-            }
-            if let Some(file) = &w.file
-                && (file.starts_with('/') || file.contains("..") || file.is_empty())
-            {
-                add(
-                    "spec.model.weights.file",
-                    "must be a relative path without '..'".into(),
-                );
-            }
-        }
-    }
+}
 
-    let gpu = defaults::gpu(spec);
-    if gpu < 0 {
-        add("spec.resources.gpu", "must not be negative".into());
+/// Exactly one source, a pinned digest, URLs the init container can fetch.
+fn check_weights(w: &WeightsSpec, p: &mut Problems) {
+    let sources = usize::from(w.pvc.is_some())
+        + usize::from(w.image.is_some())
+        + usize::from(w.uri.is_some())
+        + usize::from(w.bundled == Some(true));
+    if sources != 1 {
+        p.add(
+            "spec.model.weights",
+            "set exactly one of pvc, image, uri or bundled",
+        );
     }
-    if gpu == 0 && defaults::precision(spec) != Precision::Fp32 {
-        add(
+    if w.bundled == Some(true) && w.file.is_some() {
+        p.add(
+            "spec.model.weights.file",
+            "does not apply to bundled weights",
+        );
+    }
+    if w.sha256.len() != 64
+        || !w
+            .sha256
+            .chars()
+            .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c))
+    {
+        p.add(
+            "spec.model.weights.sha256",
+            "must be 64 lowercase hex characters",
+        );
+    }
+    if let Some(uri) = &w.uri
+        && !(uri.starts_with("https://") || uri.starts_with("http://"))
+    {
+        p.add("spec.model.weights.uri", "must be an http(s) URL");
+    }
+    if let Some(m) = &w.manifest_uri {
+        if w.uri.is_none() {
+            p.add("spec.model.weights.manifestUri", "goes with weights.uri");
+        }
+        if !(m.starts_with("https://") || m.starts_with("http://")) {
+            p.add("spec.model.weights.manifestUri", "must be an http(s) URL");
+        }
+    } else if w.uri.is_some() && defaults::manifest_uri(w).is_none() {
+        p.add(
+            "spec.model.weights.uri",
+            "does not end in .safetensors, or has a query (a signed URL): set weights.manifestUri to its JSON manifest",
+        );
+    }
+    if let Some(file) = &w.file
+        && (file.starts_with('/') || file.contains("..") || file.is_empty())
+    {
+        p.add(
+            "spec.model.weights.file",
+            "must be a relative path without '..'",
+        );
+    }
+}
+
+fn check_gpu(eff: &EffectiveSpec, p: &mut Problems) {
+    if eff.gpu < 0 {
+        p.add("spec.resources.gpu", "must not be negative");
+    }
+    if eff.gpu == 0 && eff.precision != Precision::Fp32 {
+        p.add(
             "spec.model.precision",
             format!(
                 "{} needs a GPU; use fp32 with resources.gpu 0",
-                defaults::precision(spec).as_str()
+                eff.precision.as_str()
             ),
         );
     }
-    if gpu > 0 && !defaults::gpu_resource_name(spec).contains('/') {
-        add(
+    if eff.gpu > 0 && !eff.gpu_resource_name.contains('/') {
+        p.add(
             "spec.resources.gpuResourceName",
-            "must be a domain-qualified extended resource, e.g. nvidia.com/gpu".into(),
+            "must be a domain-qualified extended resource, e.g. nvidia.com/gpu",
         );
     }
+}
+
+/// Quantities the API server accepts, requests within limits.
+fn check_cpu_and_memory(spec: &HndsrServiceSpec, p: &mut Problems) {
     let resources = spec.resources.as_ref();
     for (field, amount) in [
         ("spec.resources.cpu", resources.and_then(|r| r.cpu.as_ref())),
@@ -249,7 +289,7 @@ pub fn validate(svc: &HndsrService) -> Result<(), InvalidSpec> {
             if let Some(q) = q
                 && quantity::value(q).is_none_or(|v| v < 0.0)
             {
-                add(
+                p.add(
                     &format!("{field}.{part}"),
                     format!(
                         "{:?} is not a non-negative Kubernetes quantity such as 2, 500m or 8Gi",
@@ -261,15 +301,17 @@ pub fn validate(svc: &HndsrService) -> Result<(), InvalidSpec> {
         if let (Some(request), Some(limit)) = (&amount.request, &amount.limit)
             && quantity::exceeds(request, limit)
         {
-            add(
+            p.add(
                 &format!("{field}.request"),
                 format!("{} must not exceed the limit ({})", request.0, limit.0),
             );
         }
     }
+}
 
-    // What the server parses at start-up (the schema's pattern only keeps
-    // out what is plainly not an address): a bad entry would crash-loop it.
+/// What the server parses at start-up (the schema's pattern only keeps out
+/// what is plainly not an address): a bad entry would crash-loop it.
+fn check_trusted_proxies(spec: &HndsrServiceSpec, p: &mut Problems) {
     for proxy in spec
         .serving
         .as_ref()
@@ -277,19 +319,20 @@ pub fn validate(svc: &HndsrService) -> Result<(), InvalidSpec> {
         .unwrap_or_default()
     {
         if !is_address_or_cidr(proxy) {
-            add(
+            p.add(
                 "spec.serving.trustedProxies",
                 format!("{proxy:?} is not an IP address or CIDR such as 10.0.0.0/8"),
             );
         }
     }
+}
 
-    let serving = defaults::serving(spec);
+fn check_serving(serving: &EffectiveServing, p: &mut Problems) {
     if serving.max_concurrent < 1 {
-        add("spec.serving.maxConcurrent", "must be at least 1".into());
+        p.add("spec.serving.maxConcurrent", "must be at least 1");
     }
     if serving.max_queue_depth < serving.max_concurrent {
-        add(
+        p.add(
             "spec.serving.maxQueueDepth",
             format!(
                 "must be at least maxConcurrent ({}); it counts running plus waiting requests",
@@ -309,158 +352,146 @@ pub fn validate(svc: &HndsrService) -> Result<(), InvalidSpec> {
         ),
     ] {
         if v < 1 {
-            add(field, "must be at least 1".into());
+            p.add(field, "must be at least 1");
         }
     }
     if serving.rate_limit_per_hour < 0 {
-        add(
+        p.add(
             "spec.serving.rateLimitPerHour",
-            "must not be negative (0 disables)".into(),
+            "must not be negative (0 disables)",
         );
     }
     if serving.drain_seconds < 0 {
-        add("spec.serving.drainSeconds", "must not be negative".into());
+        p.add("spec.serving.drainSeconds", "must not be negative");
     }
-    if spec.replicas.is_some_and(|r| r < 0) {
-        add("spec.replicas", "must not be negative".into());
-    }
+}
 
+/// Bounds, scale to zero only with KEDA, targets and behaviour.
+fn check_autoscaling(a: &AutoscalingSpec, serving: &EffectiveServing, p: &mut Problems) {
+    let min = a.min_replicas.unwrap_or(defaults::MIN_REPLICAS);
+    if a.max_replicas < 1 {
+        p.add("spec.autoscaling.maxReplicas", "must be at least 1");
+    }
+    if min < 0 {
+        p.add("spec.autoscaling.minReplicas", "must not be negative");
+    }
+    if min > a.max_replicas {
+        p.add(
+            "spec.autoscaling.minReplicas",
+            format!("must not exceed maxReplicas ({})", a.max_replicas),
+        );
+    }
+    if min == 0 && a.provider != Some(AutoscalingProvider::Keda) {
+        p.add(
+            "spec.autoscaling.minReplicas",
+            "0 (scale to zero) needs provider keda; a HorizontalPodAutoscaler cannot scale to zero",
+        );
+    }
+    if let Some(t) = &a.target_per_pod {
+        check_targets(t, serving, p);
+    }
+    if let Some(b) = &a.behavior {
+        for (field, rules) in [
+            ("spec.autoscaling.behavior.scaleUp", &b.scale_up),
+            ("spec.autoscaling.behavior.scaleDown", &b.scale_down),
+        ] {
+            if let Some(rules) = rules {
+                check_scaling_rules(field, rules, p);
+            }
+        }
+    }
+}
+
+/// Per-pod targets: plain positive numbers, an active-request target a pod
+/// can exceed.
+fn check_targets(t: &TargetPerPod, serving: &EffectiveServing, p: &mut Problems) {
+    if let Some(q) = &t.active_requests {
+        match parse_milli(q) {
+            None => p.add(
+                "spec.autoscaling.targetPerPod.activeRequests",
+                format!("{:?} is not a plain number such as 3, 0.5 or 2500m", q.0),
+            ),
+            Some(m) if m <= 0 => p.add(
+                "spec.autoscaling.targetPerPod.activeRequests",
+                "must be greater than 0",
+            ),
+            Some(m) if m >= i64::from(serving.max_concurrent) * 1000 => p.add(
+                "spec.autoscaling.targetPerPod.activeRequests",
+                format!(
+                    "must be below serving.maxConcurrent ({}): a pod never runs more, so the target would never be exceeded",
+                    serving.max_concurrent
+                ),
+            ),
+            Some(_) => {}
+        }
+    }
+    if let Some(q) = &t.queue_depth {
+        match parse_milli(q) {
+            None => p.add(
+                "spec.autoscaling.targetPerPod.queueDepth",
+                format!("{:?} is not a plain number such as 2, 0.5 or 500m", q.0),
+            ),
+            Some(m) if m <= 0 => p.add(
+                "spec.autoscaling.targetPerPod.queueDepth",
+                "must be greater than 0",
+            ),
+            Some(_) => {}
+        }
+    }
+}
+
+/// What the HPA controller accepts in `behavior.scaleUp` / `scaleDown`.
+fn check_scaling_rules(field: &str, rules: &HPAScalingRules, p: &mut Problems) {
+    if let Some(sp) = &rules.select_policy
+        && !matches!(sp.as_str(), "Max" | "Min" | "Disabled")
+    {
+        p.add(
+            field,
+            format!("selectPolicy {sp:?} is not one of Max, Min, Disabled"),
+        );
+    }
+    for pol in rules.policies.iter().flatten() {
+        if !matches!(pol.type_.as_str(), "Pods" | "Percent") {
+            p.add(
+                field,
+                format!("policy type {:?} is not Pods or Percent", pol.type_),
+            );
+        }
+        if pol.value < 1 || !(1..=1800).contains(&pol.period_seconds) {
+            p.add(
+                field,
+                "policy value must be positive and periodSeconds within 1..=1800",
+            );
+        }
+    }
+    if rules
+        .stabilization_window_seconds
+        .is_some_and(|w| !(0..=3600).contains(&w))
+    {
+        p.add(field, "stabilizationWindowSeconds must be within 0..=3600");
+    }
+}
+
+/// One way to size the pool; standby pods and scale to zero exclude each
+/// other.
+fn check_prewarm(spec: &HndsrServiceSpec, p: &mut Problems) {
+    let Some(pw) = &spec.prewarm else { return };
+    if pw.standby_replicas.is_some() && pw.standby_percent.is_some() {
+        p.add(
+            "spec.prewarm",
+            "set standbyReplicas or standbyPercent, not both",
+        );
+    }
     let scale_to_zero = spec
         .autoscaling
         .as_ref()
         .is_some_and(|a| a.enabled.unwrap_or(true) && a.min_replicas == Some(0));
-    if let Some(a) = &spec.autoscaling {
-        let min = a.min_replicas.unwrap_or(defaults::MIN_REPLICAS);
-        if a.max_replicas < 1 {
-            add("spec.autoscaling.maxReplicas", "must be at least 1".into());
-        }
-        if min < 0 {
-            add(
-                "spec.autoscaling.minReplicas",
-                "must not be negative".into(),
-            );
-        }
-        if min > a.max_replicas {
-            add(
-                "spec.autoscaling.minReplicas",
-                format!("must not exceed maxReplicas ({})", a.max_replicas),
-            );
-        }
-        if min == 0 && a.provider != Some(hndsr_crds::AutoscalingProvider::Keda) {
-            add(
-                "spec.autoscaling.minReplicas",
-                "0 (scale to zero) needs provider keda; a HorizontalPodAutoscaler cannot scale to zero"
-                    .into(),
-            );
-        }
-        if let Some(t) = &a.target_per_pod {
-            if let Some(q) = &t.active_requests {
-                match parse_milli(q) {
-                    None => add(
-                        "spec.autoscaling.targetPerPod.activeRequests",
-                        format!("{:?} is not a plain number such as 3, 0.5 or 2500m", q.0),
-                    ),
-                    Some(m) if m <= 0 => add(
-                        "spec.autoscaling.targetPerPod.activeRequests",
-                        "must be greater than 0".into(),
-                    ),
-                    Some(m) if m >= i64::from(serving.max_concurrent) * 1000 => add(
-                        "spec.autoscaling.targetPerPod.activeRequests",
-                        format!(
-                            "must be below serving.maxConcurrent ({}): a pod never runs more, so the target would never be exceeded",
-                            serving.max_concurrent
-                        ),
-                    ),
-                    Some(_) => {}
-                }
-            }
-            if let Some(q) = &t.queue_depth {
-                match parse_milli(q) {
-                    None => add(
-                        "spec.autoscaling.targetPerPod.queueDepth",
-                        format!("{:?} is not a plain number such as 2, 0.5 or 500m", q.0),
-                    ),
-                    Some(m) if m <= 0 => add(
-                        "spec.autoscaling.targetPerPod.queueDepth",
-                        "must be greater than 0".into(),
-                    ),
-                    Some(_) => {}
-                }
-            }
-        }
-        if let Some(b) = &a.behavior {
-            for (field, rules) in [
-                ("spec.autoscaling.behavior.scaleUp", &b.scale_up),
-                ("spec.autoscaling.behavior.scaleDown", &b.scale_down),
-            ] {
-                let Some(rules) = rules else { continue };
-                if let Some(sp) = &rules.select_policy
-                    && !matches!(sp.as_str(), "Max" | "Min" | "Disabled")
-                {
-                    add(
-                        field,
-                        format!("selectPolicy {sp:?} is not one of Max, Min, Disabled"),
-                    );
-                }
-                for pol in rules.policies.iter().flatten() {
-                    if !matches!(pol.type_.as_str(), "Pods" | "Percent") {
-                        add(
-                            field,
-                            format!("policy type {:?} is not Pods or Percent", pol.type_),
-                        );
-                    }
-                    if pol.value < 1 || !(1..=1800).contains(&pol.period_seconds) {
-                        add(
-                            field,
-                            "policy value must be positive and periodSeconds within 1..=1800"
-                                .into(),
-                        );
-                    }
-                }
-                if rules
-                    .stabilization_window_seconds
-                    .is_some_and(|w| !(0..=3600).contains(&w))
-                {
-                    add(
-                        field,
-                        "stabilizationWindowSeconds must be within 0..=3600".into(),
-                    );
-                }
-            }
-        }
-    }
-
-    if let Some(pw) = &spec.prewarm {
-        if pw.standby_replicas.is_some() && pw.standby_percent.is_some() {
-            add(
-                "spec.prewarm",
-                "set standbyReplicas or standbyPercent, not both".into(),
-            );
-        }
-        let standby = pw.standby_replicas.unwrap_or(0) > 0 || pw.standby_percent.unwrap_or(0) > 0;
-        if standby && scale_to_zero {
-            add(
-                "spec.prewarm",
-                "standby prewarm and scale to zero (autoscaling.minReplicas 0) are exclusive"
-                    .into(),
-            );
-        }
-    }
-
-    if let Some(d) = &spec.disruption
-        && d.max_unavailable.is_some()
-        && d.min_available.is_some()
-    {
-        add(
-            "spec.disruption",
-            "set maxUnavailable or minAvailable, not both".into(),
+    let standby = pw.standby_replicas.unwrap_or(0) > 0 || pw.standby_percent.unwrap_or(0) > 0;
+    if standby && scale_to_zero {
+        p.add(
+            "spec.prewarm",
+            "standby prewarm and scale to zero (autoscaling.minReplicas 0) are exclusive",
         );
-    }
-
-    if p.is_empty() {
-        Ok(())
-    } else {
-        Err(InvalidSpec { problems: p })
     }
 }
 

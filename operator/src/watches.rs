@@ -135,10 +135,22 @@ where
     (reader, driver)
 }
 
+/// Objects per page of a cache's initial list. The whole page is decoded at
+/// once, before [`crate::slim`] trims it, so the page bounds the start-up
+/// peak: 100 objects keep it at a few MiB. (Streaming lists would bound it
+/// better, but the API servers this operator supports, from 1.30, do not
+/// all serve them.)
+pub const LIST_PAGE_SIZE: u32 = 100;
+
+/// Watch configuration of the operator's caches: its own objects, listed in
+/// pages.
+#[must_use]
+pub fn list_config() -> watcher::Config {
+    watcher::Config::default().page_size(LIST_PAGE_SIZE)
+}
+
 fn managed_config() -> watcher::Config {
-    watcher::Config::default()
-        .labels(&managed_selector())
-        .streaming_lists()
+    list_config().labels(&managed_selector())
 }
 
 fn drive<K, S>(stream: S, mut on_obj: impl FnMut(K) + Send + 'static) -> BoxFuture<'static, ()>

@@ -12,8 +12,13 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use hndsr_crds::HndsrService;
-use hndsr_operator::builders::{BuildConfig, desired};
+use hndsr_operator::builders::{BuildConfig, Children, InvalidSpec, resolve_and_build};
 use pretty_assertions::assert_eq;
+
+/// The children of `svc`, resolved and built as a reconcile does.
+fn desired(svc: &HndsrService, cfg: &BuildConfig) -> Result<Children, InvalidSpec> {
+    resolve_and_build(svc, cfg).map(|(_, children)| children)
+}
 
 const CHILD_FILES: [&str; 4] = ["deployment.yaml", "service.yaml", "hpa.yaml", "pdb.yaml"];
 

@@ -15,6 +15,7 @@ use hndsr_operator::{
     builders::{self, BuildConfig, Children},
     context::{Context, Stores},
     controller::{error_policy, reconcile},
+    effective::EffectiveSpec,
     error::Error,
     metrics::Metrics,
     slim,
@@ -455,7 +456,11 @@ where
 }
 
 fn children(svc: &HndsrService) -> Children {
-    builders::desired(svc, &BuildConfig::default()).expect("valid fixture")
+    resolved(svc).1
+}
+
+fn resolved(svc: &HndsrService) -> (EffectiveSpec, Children) {
+    builders::resolve_and_build(svc, &BuildConfig::default()).expect("valid fixture")
 }
 
 /// Fills the caches with the live children of `svc` (a ready Deployment)
@@ -487,7 +492,13 @@ fn converge(h: &mut Harness, svc: &mut HndsrService) {
         hpa: None,
         pods: vec![],
     };
-    svc.status = Some(status::compute(svc, Ok(&c), &observed, Timestamp::now()));
+    let eff = resolved(svc).0;
+    svc.status = Some(status::compute(
+        svc,
+        Ok((&eff, &c)),
+        &observed,
+        Timestamp::now(),
+    ));
 }
 
 /// The status the reconcile wrote (the body of its status patch).
@@ -774,7 +785,7 @@ async fn invalid_spec_sets_a_condition_and_waits_for_a_change() {
 async fn invalid_spec_already_reported_makes_no_calls() {
     let mut h = harness();
     let mut svc = invalid_service();
-    let invalid = builders::desired(&svc, &BuildConfig::default()).unwrap_err();
+    let invalid = builders::resolve_and_build(&svc, &BuildConfig::default()).unwrap_err();
     svc.status = Some(status::compute(
         &svc,
         Err(&invalid),

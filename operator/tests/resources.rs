@@ -4,7 +4,12 @@
 //! contradicts itself is refused with the field named.
 
 use hndsr_crds::HndsrService;
-use hndsr_operator::builders::{BuildConfig, desired};
+use hndsr_operator::builders::{BuildConfig, Children, InvalidSpec, resolve_and_build};
+
+/// The children of `svc`, resolved and built as a reconcile does.
+fn desired(svc: &HndsrService, cfg: &BuildConfig) -> Result<Children, InvalidSpec> {
+    resolve_and_build(svc, cfg).map(|(_, children)| children)
+}
 
 fn service(resources: &str) -> HndsrService {
     serde_yaml::from_str(&format!(

@@ -25,8 +25,6 @@ use crate::{defaults, quantity};
 pub const SERVER_CONTAINER: &str = "server";
 /// Name of the init container that downloads `weights.uri`.
 pub const FETCH_CONTAINER: &str = "fetch-weights";
-/// Where the weights volume is mounted.
-const WEIGHTS_DIR: &str = "/weights";
 /// Volume name of the weights.
 const WEIGHTS_VOLUME: &str = "weights";
 /// Volume name of the writable /tmp (the root filesystem is read-only).
@@ -48,7 +46,7 @@ const REVISION_HISTORY_LIMIT: i32 = 3;
 
 pub(super) fn build(ctx: &Ctx<'_>, cfg: &BuildConfig) -> Deployment {
     let spec = &ctx.svc.spec;
-    let serving = defaults::serving(spec);
+    let serving = &ctx.eff.serving;
     let pod_labels = ctx.serving_labels();
     let meta = ctx.meta(ctx.serving_labels());
 
@@ -57,7 +55,7 @@ pub(super) fn build(ctx: &Ctx<'_>, cfg: &BuildConfig) -> Deployment {
     let pod = PodSpec {
         automount_service_account_token: Some(false),
         enable_service_links: Some(false),
-        termination_grace_period_seconds: Some(defaults::termination_grace_seconds(&serving)),
+        termination_grace_period_seconds: Some(ctx.eff.termination_grace_seconds),
         security_context: Some(PodSecurityContext {
             run_as_non_root: Some(true),
             run_as_user: Some(RUN_AS_ID),
@@ -76,7 +74,7 @@ pub(super) fn build(ctx: &Ctx<'_>, cfg: &BuildConfig) -> Deployment {
                 .collect()
         }),
         init_containers: (!init_containers.is_empty()).then_some(init_containers),
-        containers: vec![server_container(ctx, cfg, &serving)],
+        containers: vec![server_container(ctx, cfg, serving)],
         volumes: Some(volumes),
         ..PodSpec::default()
     };
@@ -86,8 +84,7 @@ pub(super) fn build(ctx: &Ctx<'_>, cfg: &BuildConfig) -> Deployment {
         spec: DeploymentSpec {
             // Left out whenever an autoscaler owns the count, so neither the
             // operator nor a GitOps tool fights it.
-            replicas: (!defaults::autoscaling_enabled(spec))
-                .then(|| defaults::static_replicas(spec)),
+            replicas: (!ctx.eff.autoscaling_enabled()).then_some(ctx.eff.static_replicas),
             selector: LabelSelector {
                 match_labels: Some(serving_selector(&ctx.name)),
                 ..LabelSelector::default()
@@ -188,35 +185,20 @@ fn http_probe(path: &str, period: i32, failures: i32, timeout: i32) -> Probe {
     }
 }
 
-/// Path of the weights file inside the container; `None` without weights
-/// or with bundled ones (the image's own `HNDSR_WEIGHTS_PATH` holds).
-fn weights_path(ctx: &Ctx<'_>) -> Option<String> {
-    let w = ctx.svc.spec.model.weights.as_ref()?;
-    if w.bundled == Some(true) {
-        return None;
-    }
-    let file = if w.uri.is_some() {
-        defaults::WEIGHTS_FILE
-    } else {
-        defaults::weights_file(&ctx.svc.spec)
-    };
-    Some(format!("{WEIGHTS_DIR}/{file}"))
-}
-
 fn server_container(ctx: &Ctx<'_>, cfg: &BuildConfig, serving: &EffectiveServing) -> Container {
     let spec = &ctx.svc.spec;
     let mut envs = vec![
         env_var(env::LISTEN_ADDR, format!("0.0.0.0:{}", http::PORT)),
-        env_var(env::BACKEND, defaults::backend(spec).as_str()),
-        env_var(env::SCALE, defaults::scale(spec).to_string()),
-        env_var(env::DEVICE, defaults::device(spec)),
+        env_var(env::BACKEND, ctx.eff.backend.as_str()),
+        env_var(env::SCALE, ctx.eff.scale.to_string()),
+        env_var(env::DEVICE, ctx.eff.device),
     ];
-    // Unset, the server picks by device and backend (defaults::precision
-    // is the same rule), so the default lives in one place. Pods of specs
-    // without a precision roll out once when this operator version first
-    // applies them (the variable disappears).
-    if let Some(precision) = spec.model.precision {
-        envs.push(env_var(env::PRECISION, precision.as_str()));
+    // Unset, the server picks by device and backend (the effective
+    // precision is the same rule), so the default lives in one place. Pods
+    // of specs without a precision roll out once when this operator version
+    // first applies them (the variable disappears).
+    if ctx.eff.precision_set {
+        envs.push(env_var(env::PRECISION, ctx.eff.precision.as_str()));
     }
     if let Some(profile) = spec.model.profile {
         envs.push(env_var(env::PROFILE, profile.as_str()));
@@ -234,7 +216,7 @@ fn server_container(ctx: &Ctx<'_>, cfg: &BuildConfig, serving: &EffectiveServing
         envs.push(env_var(env::PROJECTION_STEPS, steps.to_string()));
     }
     if let Some(w) = spec.model.weights.as_ref() {
-        if let Some(path) = weights_path(ctx) {
+        if let Some(path) = ctx.eff.weights.as_ref().and_then(|w| w.path.clone()) {
             envs.push(env_var(env::WEIGHTS_PATH, path));
         }
         envs.push(env_var(env::WEIGHTS_SHA256, w.sha256.clone()));
@@ -286,7 +268,7 @@ fn server_container(ctx: &Ctx<'_>, cfg: &BuildConfig, serving: &EffectiveServing
     {
         mounts.push(VolumeMount {
             name: WEIGHTS_VOLUME.to_owned(),
-            mount_path: WEIGHTS_DIR.to_owned(),
+            mount_path: defaults::WEIGHTS_DIR.to_owned(),
             read_only: Some(true),
             ..VolumeMount::default()
         });
@@ -295,7 +277,7 @@ fn server_container(ctx: &Ctx<'_>, cfg: &BuildConfig, serving: &EffectiveServing
     Container {
         name: SERVER_CONTAINER.to_owned(),
         image: Some(spec.model.image.clone()),
-        image_pull_policy: defaults::image_pull_policy(spec).map(|p| p.as_str().to_owned()),
+        image_pull_policy: ctx.eff.image_pull_policy.map(|p| p.as_str().to_owned()),
         env: Some(envs),
         ports: Some(vec![ContainerPort {
             name: Some(http::PORT_NAME.to_owned()),
@@ -336,9 +318,8 @@ fn server_container(ctx: &Ctx<'_>, cfg: &BuildConfig, serving: &EffectiveServing
 /// defaults for GPU or CPU serving. No CPU limit unless asked (throttling
 /// hurts latency more than it protects neighbours).
 fn resources(ctx: &Ctx<'_>) -> ResourceRequirements {
-    let spec = &ctx.svc.spec;
-    let gpu = defaults::gpu(spec);
-    let res = spec.resources.clone().unwrap_or_default();
+    let gpu = ctx.eff.gpu;
+    let res = ctx.svc.spec.resources.clone().unwrap_or_default();
     let (cpu_req, mem_req, mem_lim) = if gpu > 0 {
         (
             defaults::GPU_POD_CPU_REQUEST,
@@ -384,7 +365,7 @@ fn resources(ctx: &Ctx<'_>) -> ResourceRequirements {
     );
     limits.insert("memory".to_owned(), mem_limit);
     if gpu > 0 {
-        let name = defaults::gpu_resource_name(spec).to_owned();
+        let name = ctx.eff.gpu_resource_name.clone();
         requests.insert(name.clone(), Quantity(gpu.to_string()));
         limits.insert(name, Quantity(gpu.to_string()));
     }
@@ -428,10 +409,15 @@ fn weights_volumes(ctx: &Ctx<'_>, cfg: &BuildConfig) -> (Vec<Volume>, Vec<Contai
         });
     } else if let Some(uri) = &w.uri {
         vol.empty_dir = Some(EmptyDirVolumeSource::default());
-        let target = format!("{WEIGHTS_DIR}/{}", defaults::WEIGHTS_FILE);
-        let manifest_target = format!("{WEIGHTS_DIR}/{}", defaults::MANIFEST_FILE);
+        let target = format!("{}/{}", defaults::WEIGHTS_DIR, defaults::WEIGHTS_FILE);
+        let manifest_target = format!("{}/{}", defaults::WEIGHTS_DIR, defaults::MANIFEST_FILE);
         // Validation refuses a `uri` without a manifest URL before any build.
-        let manifest_uri = defaults::manifest_uri(w).unwrap_or_default();
+        let manifest_uri = ctx
+            .eff
+            .weights
+            .as_ref()
+            .and_then(|w| w.manifest_uri.clone())
+            .unwrap_or_default();
         // Download to temporary names and verify before the final renames, so
         // a restarted init container never leaves a half-written file. The
         // server checks that the manifest names the same sha256.
@@ -466,7 +452,7 @@ fn weights_volumes(ctx: &Ctx<'_>, cfg: &BuildConfig) -> (Vec<Volume>, Vec<Contai
             security_context: Some(restricted_security_context()),
             volume_mounts: Some(vec![VolumeMount {
                 name: WEIGHTS_VOLUME.to_owned(),
-                mount_path: WEIGHTS_DIR.to_owned(),
+                mount_path: defaults::WEIGHTS_DIR.to_owned(),
                 ..VolumeMount::default()
             }]),
             termination_message_policy: Some("FallbackToLogsOnError".to_owned()),

@@ -31,9 +31,7 @@ fn pods_metric(name: &str, target: Quantity) -> MetricSpec {
 
 /// Only called when autoscaling is on with provider `hpa`.
 pub(super) fn build(ctx: &Ctx<'_>) -> HorizontalPodAutoscaler {
-    let spec = &ctx.svc.spec;
-    let eff = defaults::autoscaling(spec);
-    let (min, max, active, queue) = match eff {
+    let (min, max, active, queue) = match ctx.eff.autoscaling.clone() {
         Some(e) => (
             e.min_replicas,
             e.max_replicas,
@@ -60,7 +58,7 @@ pub(super) fn build(ctx: &Ctx<'_>) -> HorizontalPodAutoscaler {
             min_replicas: Some(min),
             max_replicas: max,
             metrics: Some(metric_specs),
-            behavior: Some(defaults::behavior(spec)),
+            behavior: Some(ctx.eff.behavior.clone()),
         },
         status: None,
     }

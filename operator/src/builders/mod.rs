@@ -21,7 +21,7 @@ use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::Resource as _;
 
-use crate::defaults;
+use crate::effective::EffectiveSpec;
 pub use crate::validate::{InvalidSpec, Problem};
 
 /// Default of [`BuildConfig::fetcher_image`] (`--fetcher-image`).
@@ -71,17 +71,21 @@ pub struct Children {
     pub endpoint: String,
 }
 
-/// Builds the desired children of `svc`, or says why the spec is invalid.
-pub fn desired(svc: &HndsrService, cfg: &BuildConfig) -> Result<Children, InvalidSpec> {
-    crate::validate::validate(svc)?;
-    let ctx = Ctx::new(svc)?;
+/// Builds the desired children of `svc` from its resolved spec
+/// ([`crate::effective::resolve`]), or says why it cannot.
+pub fn desired(
+    svc: &HndsrService,
+    eff: &EffectiveSpec,
+    cfg: &BuildConfig,
+) -> Result<Children, InvalidSpec> {
+    let ctx = Ctx::new(svc, eff)?;
     let deployment = deployment::build(&ctx, cfg);
     let service = service::build(&ctx);
-    let hpa = match defaults::provider(&svc.spec) {
+    let hpa = match eff.provider() {
         Some(AutoscalingProvider::Hpa) => Some(hpa::build(&ctx)),
         Some(AutoscalingProvider::Keda) | None => None,
     };
-    let pdb = defaults::pdb_enabled(&svc.spec).then(|| pdb::build(&ctx));
+    let pdb = eff.pdb.as_ref().map(|bound| pdb::build(&ctx, bound));
     let endpoint = endpoint(&ctx.name, &ctx.namespace, cfg);
     Ok(Children {
         deployment,
@@ -90,6 +94,17 @@ pub fn desired(svc: &HndsrService, cfg: &BuildConfig) -> Result<Children, Invali
         pdb,
         endpoint,
     })
+}
+
+/// Resolves `svc`'s spec ([`crate::effective::resolve`]) and builds its
+/// children from it: everything one reconcile wants, or why it cannot.
+pub fn resolve_and_build(
+    svc: &HndsrService,
+    cfg: &BuildConfig,
+) -> Result<(EffectiveSpec, Children), InvalidSpec> {
+    let eff = crate::effective::resolve(svc)?;
+    let children = desired(svc, &eff, cfg)?;
+    Ok((eff, children))
 }
 
 /// Labels every child carries.
@@ -135,13 +150,14 @@ pub fn endpoint(name: &str, namespace: &str, cfg: &BuildConfig) -> String {
 /// What every builder needs, resolved once.
 struct Ctx<'a> {
     svc: &'a HndsrService,
+    eff: &'a EffectiveSpec,
     name: String,
     namespace: String,
     owner: OwnerReference,
 }
 
 impl<'a> Ctx<'a> {
-    fn new(svc: &'a HndsrService) -> Result<Self, InvalidSpec> {
+    fn new(svc: &'a HndsrService, eff: &'a EffectiveSpec) -> Result<Self, InvalidSpec> {
         let name = svc
             .metadata
             .name
@@ -168,6 +184,7 @@ impl<'a> Ctx<'a> {
         };
         Ok(Self {
             svc,
+            eff,
             name,
             namespace,
             owner,

@@ -4,10 +4,13 @@ use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec}
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
 use super::{Ctx, common_labels, serving_selector};
-use crate::defaults;
+use crate::effective::PdbBound;
 
-pub(super) fn build(ctx: &Ctx<'_>) -> PodDisruptionBudget {
-    let (min_available, max_unavailable) = defaults::pdb_bounds(&ctx.svc.spec);
+pub(super) fn build(ctx: &Ctx<'_>, bound: &PdbBound) -> PodDisruptionBudget {
+    let (min_available, max_unavailable) = match bound {
+        PdbBound::MinAvailable(min) => (Some(min.clone()), None),
+        PdbBound::MaxUnavailable(max) => (None, Some(max.clone())),
+    };
     PodDisruptionBudget {
         metadata: ctx.meta(common_labels(&ctx.name)),
         spec: Some(PodDisruptionBudgetSpec {
