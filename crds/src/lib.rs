@@ -39,12 +39,15 @@ pub mod labels {
     pub const PART_OF: &str = "app.kubernetes.io/part-of";
     /// The owning `HndsrService`'s name; part of every selector.
     pub const SERVICE: &str = "hndsr.io/service";
-    /// Which set a pod belongs to: [`ROLE_SERVING`] or [`ROLE_STANDBY`].
+    /// Which set a pod belongs to: [`ROLE_SERVING`], [`ROLE_STANDBY`] or
+    /// [`ROLE_PLACEHOLDER`].
     pub const ROLE: &str = "hndsr.io/role";
     /// Pods selected by the Service and counted by the autoscaler.
     pub const ROLE_SERVING: &str = "serving";
     /// Warm pods kept out of the Service until promoted (prewarm).
     pub const ROLE_STANDBY: &str = "standby";
+    /// Capacity placeholders (prewarm): low-priority pods real pods preempt.
+    pub const ROLE_PLACEHOLDER: &str = "placeholder";
     /// Value of [`NAME`] and [`PART_OF`].
     pub const APP_NAME: &str = "hndsr";
     /// Value of [`COMPONENT`].

@@ -100,9 +100,9 @@ pub struct HndsrServiceSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0))]
     pub replicas: Option<i32>,
-    /// Prewarmed capacity: warm standby pods promoted into the serving set
-    /// when the autoscaler asks for more, and capacity placeholders.
-    /// Accepted and validated now; reconciled in a later release.
+    /// Prewarmed capacity: capacity placeholders that real pods preempt, and
+    /// warm standby pods (standby pods are validated and reported, not yet
+    /// created: see docs/operator.md).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prewarm: Option<PrewarmSpec>,
     /// The PodDisruptionBudget of the serving pods.
@@ -552,8 +552,8 @@ pub struct ScalingBehavior {
     pub scale_down: Option<HPAScalingRules>,
 }
 
-/// Prewarmed capacity. Types only for now: the operator validates these
-/// fields and reports them, and reconciles them in a later release.
+/// Prewarmed capacity. `placeholders` is reconciled; the standby fields are
+/// validated, and not yet acted on (docs/operator.md says what is missing).
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[x_kube(validation = Rule::new("!(has(self.standbyReplicas) && has(self.standbyPercent))")
     .message("set prewarm.standbyReplicas or prewarm.standbyPercent, not both"))]
@@ -578,13 +578,17 @@ pub struct PrewarmSpec {
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct PlaceholderSpec {
-    /// Number of placeholder pods, each requesting the resources of one serving pod.
+    /// Number of placeholder pods, each requesting the resources of one
+    /// serving pod on the same nodes (Deployment `<name>-placeholder`; 0 or
+    /// unset: none). They run the serving image with `sleep infinity`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 100))]
     pub replicas: Option<i32>,
     /// PriorityClass of the placeholders; must have a negative value so real
-    /// pods preempt them.
+    /// pods preempt them. Default: the operator's
+    /// `--placeholder-priority-class` (the chart's `hndsr-placeholder`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
     pub priority_class_name: Option<String>,
 }
 

@@ -602,3 +602,161 @@ async fn an_operator_killed_mid_reconcile_converges_without_duplicates() -> anyh
     }
     Ok(())
 }
+
+/// Capacity placeholders with the real scheduler on a fake GPU node: the
+/// node's two GPUs are held by one serving pod and one placeholder; a
+/// scale-up binds its new pod within seconds by preempting the placeholder,
+/// which goes Pending (what a cluster autoscaler acts on) and comes back when
+/// the serving pod goes.
+#[tokio::test]
+async fn a_scale_up_preempts_a_placeholder_and_the_placeholder_returns() -> anyhow::Result<()> {
+    let mut env = Env::start("e2e-op-placeholder").await?;
+    let owner = env.ns.name.clone();
+    let node = format!("{owner}-node");
+    fixtures::create_dedicated_node(&env.client(), &node, &owner, 2).await?;
+    let class = format!("{owner}-placeholder");
+    let classes: Api<k8s_openapi::api::scheduling::v1::PriorityClass> = Api::all(env.client());
+    classes
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(serde_json::json!({
+                "apiVersion": "scheduling.k8s.io/v1",
+                "kind": "PriorityClass",
+                "metadata": { "name": class },
+                "value": -10,
+                "preemptionPolicy": "Never",
+            }))?,
+        )
+        .await?;
+    let mut spec = bicubic(1, 1);
+    spec["resources"]["nodeSelector"] = serde_json::json!({ fixtures::DEDICATED_KEY: owner });
+    spec["resources"]["tolerations"] = serde_json::json!([{
+        "key": fixtures::DEDICATED_KEY, "operator": "Equal", "value": owner, "effect": "NoSchedule"
+    }]);
+    spec["prewarm"] = serde_json::json!({
+        "placeholders": { "replicas": 1, "priorityClassName": class }
+    });
+    env.create("warm", spec).await?;
+    env.wait_status("warm", "Ready", is_ready).await?;
+
+    let pods: Api<Pod> = Api::namespaced(env.client(), &env.ns.name);
+    let placeholder_sel = format!(
+        "{}=warm,{}={}",
+        labels::SERVICE,
+        labels::ROLE,
+        labels::ROLE_PLACEHOLDER
+    );
+    let bound = |p: &Pod| {
+        p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node.as_str())
+            && p.metadata.deletion_timestamp.is_none()
+    };
+    let count = |sel: String, pred: fn(&Pod, &str) -> bool| {
+        let pods = pods.clone();
+        let node = node.clone();
+        async move {
+            let list = pods.list(&ListParams::default().labels(&sel)).await?;
+            Ok::<_, kube::Error>(list.items.iter().filter(|p| pred(p, &node)).count())
+        }
+    };
+    let on_node: fn(&Pod, &str) -> bool = |p, node| {
+        p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node)
+            && p.metadata.deletion_timestamp.is_none()
+    };
+    let pending: fn(&Pod, &str) -> bool = |p, _| {
+        p.spec
+            .as_ref()
+            .and_then(|s| s.node_name.as_deref())
+            .is_none()
+            && p.status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|cs| {
+                    cs.iter().any(|c| {
+                        c.type_ == "PodScheduled"
+                            && c.status == "False"
+                            && c.reason.as_deref() == Some("Unschedulable")
+                    })
+                })
+    };
+    wait::until("the placeholder bound on the node", TIMEOUT, || async {
+        Ok::<_, kube::Error>((count(placeholder_sel.clone(), on_node).await? == 1).then_some(()))
+    })
+    .await?;
+    let placeholder = pods
+        .list(&ListParams::default().labels(&placeholder_sel))
+        .await?
+        .items
+        .into_iter()
+        .find(|p| bound(p))
+        .context("the bound placeholder")?;
+    assert_eq!(
+        placeholder.spec.as_ref().and_then(|s| s.priority),
+        Some(-10),
+        "placeholders run at their class's negative priority"
+    );
+
+    // Every GPU is held: the new serving pod binds only by preemption.
+    let start = std::time::Instant::now();
+    env.services()
+        .patch(
+            "warm",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({ "spec": { "replicas": 2 } })),
+        )
+        .await?;
+    wait::until("2 serving pods bound", TIMEOUT, || async {
+        Ok::<_, kube::Error>((count(serving_selector("warm"), on_node).await? == 2).then_some(()))
+    })
+    .await?;
+    let bind = start.elapsed();
+    println!("placeholder: scale-up bound its pod by preemption in {bind:.1?}");
+    assert!(
+        bind < Duration::from_secs(15),
+        "binding by preemption took {bind:?}"
+    );
+    wait::until("the evicted placeholder Pending", TIMEOUT, || async {
+        let pending = count(placeholder_sel.clone(), pending).await?;
+        let bound = count(placeholder_sel.clone(), on_node).await?;
+        Ok::<_, kube::Error>((pending == 1 && bound == 0).then_some(()))
+    })
+    .await?;
+    env.wait_status("warm", "Ready with 2 pods", |s| {
+        is_ready(s) && s.status.as_ref().and_then(|st| st.ready_replicas) == Some(2)
+    })
+    .await?;
+
+    // Capacity frees: the placeholder holds it again.
+    env.services()
+        .patch(
+            "warm",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({ "spec": { "replicas": 1 } })),
+        )
+        .await?;
+    wait::until("the placeholder back on the node", TIMEOUT, || async {
+        Ok::<_, kube::Error>((count(placeholder_sel.clone(), on_node).await? == 1).then_some(()))
+    })
+    .await?;
+
+    // Removing the field removes the placeholders.
+    env.services()
+        .patch(
+            "warm",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({ "spec": { "prewarm": null } })),
+        )
+        .await?;
+    let deployments = env.deployments();
+    wait::until("the placeholder Deployment deleted", TIMEOUT, || async {
+        Ok::<_, kube::Error>(
+            deployments
+                .get_opt("warm-placeholder")
+                .await?
+                .is_none()
+                .then_some(()),
+        )
+    })
+    .await?;
+    classes.delete(&class, &DeleteParams::default()).await?;
+    Ok(())
+}

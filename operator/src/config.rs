@@ -76,6 +76,12 @@ pub struct Args {
     /// The cluster's DNS domain, for `status.endpoint`.
     #[arg(long, env = "HNDSR_CLUSTER_DOMAIN", default_value = crate::builders::DEFAULT_CLUSTER_DOMAIN)]
     pub cluster_domain: String,
+
+    /// PriorityClass of capacity placeholders whose spec names none (the
+    /// chart's `placeholderPriorityClass.name`); it must have a negative
+    /// value so every real pod preempts them.
+    #[arg(long, env = "HNDSR_PLACEHOLDER_PRIORITY_CLASS", default_value = crate::builders::DEFAULT_PLACEHOLDER_PRIORITY_CLASS)]
+    pub placeholder_priority_class: String,
 }
 
 /// Leader-election settings.
@@ -112,6 +118,8 @@ pub struct Config {
     pub fetcher_image: String,
     /// Cluster DNS domain.
     pub cluster_domain: String,
+    /// Default PriorityClass of capacity placeholders.
+    pub placeholder_priority_class: String,
 }
 
 /// Invalid combinations of flags, reported at start-up.
@@ -204,6 +212,10 @@ impl Args {
         if cluster_domain.is_empty() {
             return Err(ConfigError::Empty("--cluster-domain"));
         }
+        let placeholder_priority_class = self.placeholder_priority_class.trim().to_owned();
+        if placeholder_priority_class.is_empty() {
+            return Err(ConfigError::Empty("--placeholder-priority-class"));
+        }
         Ok(Config {
             watch_namespace: self.watch_namespace.filter(|ns| !ns.is_empty()),
             metrics_addr: self.metrics_addr,
@@ -212,6 +224,7 @@ impl Args {
             log_json: self.log_json,
             fetcher_image,
             cluster_domain,
+            placeholder_priority_class,
         })
     }
 }

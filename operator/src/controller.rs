@@ -240,6 +240,7 @@ async fn apply_children(
         service,
         hpa,
         pdb,
+        placeholders,
         ..
     } = children;
     let name = svc.name_any();
@@ -266,6 +267,14 @@ async fn apply_children(
             apply_one(svc, ctx, ns, pdb, live_pdb).await?;
         }
         None => delete_if_owned(svc, ctx, ns, live_pdb).await?,
+    }
+    let placeholder_name = builders::placeholder_name(&name);
+    let live_placeholders = get_cached(&stores.deployments, ns, &placeholder_name);
+    match placeholders {
+        Some(placeholders) => {
+            apply_one(svc, ctx, ns, placeholders, live_placeholders).await?;
+        }
+        None => delete_if_owned(svc, ctx, ns, live_placeholders).await?,
     }
     Ok(applied_deployment)
 }

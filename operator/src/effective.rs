@@ -49,6 +49,16 @@ pub enum Standby {
     Percent(i32),
 }
 
+/// Capacity placeholders `prewarm.placeholders` asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EffectivePlaceholders {
+    /// Placeholder pods, at least 1.
+    pub replicas: i32,
+    /// Their PriorityClass; `None`: the operator's
+    /// `--placeholder-priority-class`.
+    pub priority_class_name: Option<String>,
+}
+
 /// The spec with defaults applied. Built by [`resolve`] (validated) or
 /// [`EffectiveSpec::of`] (not validated: for reporting an invalid spec).
 #[derive(Debug, Clone, PartialEq)]
@@ -89,6 +99,8 @@ pub struct EffectiveSpec {
     pub termination_grace_seconds: i64,
     /// The standby pool.
     pub standby: Standby,
+    /// Capacity placeholders; `None` without any.
+    pub placeholders: Option<EffectivePlaceholders>,
 }
 
 /// Resolves and validates `svc`'s spec.
@@ -146,6 +158,7 @@ impl EffectiveSpec {
             pdb: pdb(spec),
             termination_grace_seconds: 0,
             standby: standby(spec),
+            placeholders: placeholders(spec),
         }
         .with_grace()
     }
@@ -260,6 +273,15 @@ fn pdb(spec: &HndsrServiceSpec) -> Option<PdbBound> {
         (Some(min), _) => PdbBound::MinAvailable(min),
         (None, Some(max)) => PdbBound::MaxUnavailable(max),
         (None, None) => PdbBound::MaxUnavailable(IntOrString::Int(defaults::PDB_MAX_UNAVAILABLE)),
+    })
+}
+
+fn placeholders(spec: &HndsrServiceSpec) -> Option<EffectivePlaceholders> {
+    let p = spec.prewarm.as_ref()?.placeholders.as_ref()?;
+    let replicas = p.replicas.unwrap_or(0);
+    (replicas > 0).then(|| EffectivePlaceholders {
+        replicas,
+        priority_class_name: p.priority_class_name.clone(),
     })
 }
 

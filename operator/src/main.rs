@@ -163,6 +163,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         BuildConfig {
             log_json: config.log_json,
             fetcher_image: config.fetcher_image.clone(),
+            placeholder_priority_class: config.placeholder_priority_class.clone(),
             cluster_domain: config.cluster_domain.clone(),
         },
     );

@@ -476,6 +476,17 @@ fn check_scaling_rules(field: &str, rules: &HPAScalingRules, p: &mut Problems) {
 /// other.
 fn check_prewarm(spec: &HndsrServiceSpec, p: &mut Problems) {
     let Some(pw) = &spec.prewarm else { return };
+    if let Some(class) = pw
+        .placeholders
+        .as_ref()
+        .and_then(|ph| ph.priority_class_name.as_deref())
+        && class.trim().is_empty()
+    {
+        p.add(
+            "spec.prewarm.placeholders.priorityClassName",
+            "must name a PriorityClass with a negative value (or be left out for the operator's default)",
+        );
+    }
     if pw.standby_replicas.is_some() && pw.standby_percent.is_some() {
         p.add(
             "spec.prewarm",

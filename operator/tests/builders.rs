@@ -20,7 +20,13 @@ fn desired(svc: &HndsrService, cfg: &BuildConfig) -> Result<Children, InvalidSpe
     resolve_and_build(svc, cfg).map(|(_, children)| children)
 }
 
-const CHILD_FILES: [&str; 4] = ["deployment.yaml", "service.yaml", "hpa.yaml", "pdb.yaml"];
+const CHILD_FILES: [&str; 5] = [
+    "deployment.yaml",
+    "service.yaml",
+    "hpa.yaml",
+    "pdb.yaml",
+    "placeholder.yaml",
+];
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
@@ -48,6 +54,9 @@ fn outputs(svc: &HndsrService) -> Vec<(&'static str, String)> {
             }
             if let Some(p) = &c.pdb {
                 out.push(("pdb.yaml", to_yaml(p)));
+            }
+            if let Some(p) = &c.placeholders {
+                out.push(("placeholder.yaml", to_yaml(p)));
             }
             out
         }

@@ -56,13 +56,7 @@ pub(super) fn build(ctx: &Ctx<'_>, cfg: &BuildConfig) -> Deployment {
         automount_service_account_token: Some(false),
         enable_service_links: Some(false),
         termination_grace_period_seconds: Some(ctx.eff.termination_grace_seconds),
-        security_context: Some(PodSecurityContext {
-            run_as_non_root: Some(true),
-            run_as_user: Some(RUN_AS_ID),
-            run_as_group: Some(RUN_AS_ID),
-            seccomp_profile: Some(runtime_default()),
-            ..PodSecurityContext::default()
-        }),
+        security_context: Some(pod_security_context()),
         node_selector: res.node_selector.clone(),
         tolerations: res.tolerations.clone(),
         affinity: res.affinity.clone(),
@@ -124,6 +118,17 @@ pub(super) fn build(ctx: &Ctx<'_>, cfg: &BuildConfig) -> Deployment {
     }
 }
 
+/// Non-root with the runtime's seccomp profile.
+pub(super) fn pod_security_context() -> PodSecurityContext {
+    PodSecurityContext {
+        run_as_non_root: Some(true),
+        run_as_user: Some(RUN_AS_ID),
+        run_as_group: Some(RUN_AS_ID),
+        seccomp_profile: Some(runtime_default()),
+        ..PodSecurityContext::default()
+    }
+}
+
 fn runtime_default() -> SeccompProfile {
     SeccompProfile {
         type_: "RuntimeDefault".to_owned(),
@@ -131,7 +136,7 @@ fn runtime_default() -> SeccompProfile {
     }
 }
 
-fn restricted_security_context() -> SecurityContext {
+pub(super) fn restricted_security_context() -> SecurityContext {
     SecurityContext {
         allow_privilege_escalation: Some(false),
         read_only_root_filesystem: Some(true),
@@ -317,7 +322,7 @@ fn server_container(ctx: &Ctx<'_>, cfg: &BuildConfig, serving: &EffectiveServing
 /// Requests and limits: GPUs as both, CPU/memory from the spec or the
 /// defaults for GPU or CPU serving. No CPU limit unless asked (throttling
 /// hurts latency more than it protects neighbours).
-fn resources(ctx: &Ctx<'_>) -> ResourceRequirements {
+pub(super) fn resources(ctx: &Ctx<'_>) -> ResourceRequirements {
     let gpu = ctx.eff.gpu;
     let res = ctx.svc.spec.resources.clone().unwrap_or_default();
     let (cpu_req, mem_req, mem_lim) = if gpu > 0 {

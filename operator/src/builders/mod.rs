@@ -9,6 +9,7 @@
 mod deployment;
 mod hpa;
 mod pdb;
+mod placeholder;
 mod service;
 
 use std::collections::BTreeMap;
@@ -28,6 +29,9 @@ pub use crate::validate::{InvalidSpec, Problem};
 pub const DEFAULT_FETCHER_IMAGE: &str = "busybox:1.37";
 /// Default of [`BuildConfig::cluster_domain`] (`--cluster-domain`).
 pub const DEFAULT_CLUSTER_DOMAIN: &str = "cluster.local";
+/// Default of [`BuildConfig::placeholder_priority_class`]
+/// (`--placeholder-priority-class`): the chart's PriorityClass.
+pub const DEFAULT_PLACEHOLDER_PRIORITY_CLASS: &str = "hndsr-placeholder";
 
 /// Operator-wide settings the builders need (not part of any spec).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,6 +43,8 @@ pub struct BuildConfig {
     pub cluster_domain: String,
     /// Whether the server logs JSON.
     pub log_json: bool,
+    /// PriorityClass of capacity placeholders whose spec names none.
+    pub placeholder_priority_class: String,
 }
 
 impl Default for BuildConfig {
@@ -47,6 +53,7 @@ impl Default for BuildConfig {
             fetcher_image: DEFAULT_FETCHER_IMAGE.to_owned(),
             cluster_domain: DEFAULT_CLUSTER_DOMAIN.to_owned(),
             log_json: true,
+            placeholder_priority_class: DEFAULT_PLACEHOLDER_PRIORITY_CLASS.to_owned(),
         }
     }
 }
@@ -67,6 +74,9 @@ pub struct Children {
     pub hpa: Option<HorizontalPodAutoscaler>,
     /// PodDisruptionBudget `<name>`; `None` when `disruption.enabled` is false.
     pub pdb: Option<PodDisruptionBudget>,
+    /// Deployment `<name>-placeholder`: capacity placeholders; `None`
+    /// without `prewarm.placeholders`.
+    pub placeholders: Option<Deployment>,
     /// In-cluster URL of the Service (`status.endpoint`).
     pub endpoint: String,
 }
@@ -86,14 +96,25 @@ pub fn desired(
         Some(AutoscalingProvider::Keda) | None => None,
     };
     let pdb = eff.pdb.as_ref().map(|bound| pdb::build(&ctx, bound));
+    let placeholders = eff
+        .placeholders
+        .as_ref()
+        .map(|p| placeholder::build(&ctx, cfg, p));
     let endpoint = endpoint(&ctx.name, &ctx.namespace, cfg);
     Ok(Children {
         deployment,
         service,
         hpa,
         pdb,
+        placeholders,
         endpoint,
     })
+}
+
+/// Name of the placeholder Deployment of `name`.
+#[must_use]
+pub fn placeholder_name(name: &str) -> String {
+    format!("{name}-placeholder")
 }
 
 /// Resolves `svc`'s spec ([`crate::effective::resolve`]) and builds its

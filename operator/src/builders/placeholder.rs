@@ -1,0 +1,102 @@
+//! Deployment `<name>-placeholder`: capacity placeholders (prewarm).
+//!
+//! Pods that request exactly what a serving pod requests (its GPUs, CPU and
+//! memory, on the same nodes) at a negative priority, doing nothing but
+//! holding that room: a new serving pod preempts one and binds at once
+//! instead of waiting for a node, and the evicted placeholder goes Pending,
+//! which is the signal a cluster autoscaler adds a node for. They run the
+//! serving image, so a node that held a placeholder has the image pulled.
+
+use std::collections::BTreeMap;
+
+use hndsr_crds::labels;
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
+use k8s_openapi::api::core::v1::{Container, LocalObjectReference, PodSpec, PodTemplateSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+
+use super::deployment::{pod_security_context, resources, restricted_security_context};
+use super::{BuildConfig, Ctx, common_labels, placeholder_name};
+use crate::effective::EffectivePlaceholders;
+
+/// Name of the placeholder container.
+pub const PLACEHOLDER_CONTAINER: &str = "placeholder";
+/// What a placeholder runs: nothing, until it is preempted. `sleep` is in
+/// every Debian-based image (the server image is one).
+const IDLE_COMMAND: [&str; 2] = ["sleep", "infinity"];
+/// A preempted placeholder should free its node at once.
+const TERMINATION_GRACE_SECONDS: i64 = 1;
+
+/// The placeholder pods' labels: the service's, with the placeholder role
+/// (never selected by the Service, the PDB or the autoscaler).
+fn placeholder_labels(name: &str) -> BTreeMap<String, String> {
+    let mut l = common_labels(name);
+    l.insert(labels::ROLE.to_owned(), labels::ROLE_PLACEHOLDER.to_owned());
+    l
+}
+
+pub(super) fn build(ctx: &Ctx<'_>, cfg: &BuildConfig, p: &EffectivePlaceholders) -> Deployment {
+    let spec = &ctx.svc.spec;
+    let res = spec.resources.clone().unwrap_or_default();
+    let mut meta = ctx.meta(placeholder_labels(&ctx.name));
+    meta.name = Some(placeholder_name(&ctx.name));
+    let selector = BTreeMap::from([
+        (labels::SERVICE.to_owned(), ctx.name.clone()),
+        (labels::ROLE.to_owned(), labels::ROLE_PLACEHOLDER.to_owned()),
+    ]);
+    let pod = PodSpec {
+        automount_service_account_token: Some(false),
+        enable_service_links: Some(false),
+        termination_grace_period_seconds: Some(TERMINATION_GRACE_SECONDS),
+        security_context: Some(pod_security_context()),
+        node_selector: res.node_selector.clone(),
+        tolerations: res.tolerations.clone(),
+        affinity: res.affinity.clone(),
+        priority_class_name: Some(
+            p.priority_class_name
+                .clone()
+                .unwrap_or_else(|| cfg.placeholder_priority_class.clone()),
+        ),
+        image_pull_secrets: spec.model.image_pull_secrets.as_ref().map(|names| {
+            names
+                .iter()
+                .map(|n| LocalObjectReference { name: n.clone() })
+                .collect()
+        }),
+        containers: vec![Container {
+            name: PLACEHOLDER_CONTAINER.to_owned(),
+            image: Some(spec.model.image.clone()),
+            image_pull_policy: ctx.eff.image_pull_policy.map(|p| p.as_str().to_owned()),
+            command: Some(IDLE_COMMAND.iter().map(|&s| s.to_owned()).collect()),
+            resources: Some(resources(ctx)),
+            security_context: Some(restricted_security_context()),
+            termination_message_policy: Some("FallbackToLogsOnError".to_owned()),
+            ..Container::default()
+        }],
+        ..PodSpec::default()
+    };
+    Deployment {
+        metadata: meta,
+        spec: DeploymentSpec {
+            replicas: Some(p.replicas),
+            selector: LabelSelector {
+                match_labels: Some(selector),
+                ..LabelSelector::default()
+            },
+            // A surge pod would only wait for the room its predecessor holds.
+            strategy: Some(DeploymentStrategy {
+                type_: Some("Recreate".to_owned()),
+                rolling_update: None,
+            }),
+            revision_history_limit: Some(1),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(placeholder_labels(&ctx.name)),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(pod),
+            },
+            ..DeploymentSpec::default()
+        },
+        status: None,
+    }
+}
