@@ -62,6 +62,9 @@ pub mod annotations {
     pub const PROMETHEUS_PORT: &str = "prometheus.io/port";
     /// Path Prometheus scrapes.
     pub const PROMETHEUS_PATH: &str = "prometheus.io/path";
+    /// Digest of a serving or standby pod's spec (prewarm): a standby pod
+    /// is promoted only into a slot of the same spec.
+    pub const POD_SPEC_HASH: &str = "hndsr.io/pod-spec-hash";
 }
 
 /// Condition types and reasons reported in `status.conditions`.
@@ -105,6 +108,12 @@ pub mod conditions {
         pub const AUTOSCALER_NOT_SUPPORTED: &str = "AutoscalerNotSupported";
         /// The service is scaled to zero replicas on purpose.
         pub const SCALED_TO_ZERO: &str = "ScaledToZero";
+        /// Serving is settled; warm standby pods (prewarm) are still
+        /// starting or loading the model.
+        pub const FILLING_STANDBY: &str = "FillingStandby";
+        /// Serving is settled; standby pods are pending because no node
+        /// has free GPUs for them (the pool stays short until one does).
+        pub const STANDBY_WAITING_FOR_GPU_CAPACITY: &str = "StandbyWaitingForGPUCapacity";
         /// Nothing to do: the observed state matches the spec.
         pub const RECONCILED: &str = "Reconciled";
         /// No problem detected.

@@ -100,9 +100,9 @@ pub struct HndsrServiceSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0))]
     pub replicas: Option<i32>,
-    /// Prewarmed capacity: capacity placeholders that real pods preempt, and
-    /// warm standby pods (standby pods are validated and reported, not yet
-    /// created: see docs/operator.md).
+    /// Prewarmed capacity: warm standby pods promoted into the serving set
+    /// the moment it gains a replica, and capacity placeholders that real
+    /// pods preempt (docs/operator.md, "Prewarm").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prewarm: Option<PrewarmSpec>,
     /// The PodDisruptionBudget of the serving pods.
@@ -552,8 +552,8 @@ pub struct ScalingBehavior {
     pub scale_down: Option<HPAScalingRules>,
 }
 
-/// Prewarmed capacity. `placeholders` is reconciled; the standby fields are
-/// validated, and not yet acted on (docs/operator.md says what is missing).
+/// Prewarmed capacity: a standby pool (`<name>-standby`) and capacity
+/// placeholders (`<name>-placeholder`).
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[x_kube(validation = Rule::new("!(has(self.standbyReplicas) && has(self.standbyPercent))")
     .message("set prewarm.standbyReplicas or prewarm.standbyPercent, not both"))]
@@ -631,7 +631,7 @@ pub struct HndsrServiceStatus {
     /// Serving pods running the current pod template.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub updated_replicas: Option<i32>,
-    /// Warm standby pods that are ready (0 until prewarm is reconciled).
+    /// Warm standby pods that are ready (prewarm).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub standby_replicas: Option<i32>,
     /// Serving pods wanted now: by the autoscaler, or `spec.replicas`.

@@ -242,6 +242,8 @@ pub struct Context {
     pub backoff: Backoff,
     /// Status writes the watch cache has not shown yet.
     pub written: WrittenStatuses,
+    /// Standby promotions the pod cache has not shown yet.
+    pub in_flight: crate::standby::InFlight,
 }
 
 impl std::fmt::Debug for Context {
@@ -279,6 +281,7 @@ impl Context {
             build,
             backoff: Backoff::default(),
             written: WrittenStatuses::default(),
+            in_flight: crate::standby::InFlight::default(),
         })
     }
 }

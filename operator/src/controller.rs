@@ -41,9 +41,11 @@ use serde_json::Value;
 use crate::{
     builders::{self, Children},
     context::Context,
+    effective::{self, Standby},
     error::{Error, Result},
     slim,
     ssa::{self, EnsureError, Outcome},
+    standby,
     status::{self, Observed},
 };
 
@@ -118,7 +120,11 @@ async fn reconcile_inner(svc: &HndsrService, ctx: &Context) -> Result<Action> {
     let observed = observe(&ctx.stores, &ns, &name);
 
     // 2. resolve (defaults, validation) + build (pure)
-    let desired = builders::resolve_and_build(svc, &ctx.build);
+    let desired = effective::resolve(svc).and_then(|eff| {
+        let serving = status::want_replicas(&eff, &observed);
+        let children = builders::desired(svc, &eff, &ctx.build, serving)?;
+        Ok((eff, children))
+    });
     let now = Timestamp::now();
     let (eff, children) = match desired {
         Ok(resolved) => resolved,
@@ -160,6 +166,11 @@ async fn reconcile_inner(svc: &HndsrService, ctx: &Context) -> Result<Action> {
         observed.deployment = Some(applied);
     }
 
+    // 3b. fill cold serving slots with warm standby pods
+    if eff.standby != Standby::None {
+        promote(svc, ctx, &ns, &observed).await?;
+    }
+
     // 4. status
     let new = status::compute(svc, Ok((&eff, &children)), &observed, now);
     patch_status_if_changed(svc, ctx, &ns, &new).await?;
@@ -198,24 +209,69 @@ async fn reconcile_inner(svc: &HndsrService, ctx: &Context) -> Result<Action> {
 pub fn observe(stores: &crate::context::Stores, ns: &str, name: &str) -> Observed {
     let deployment = get_cached(&stores.deployments, ns, name);
     let hpa = get_cached(&stores.hpas, ns, name);
-    let pods = stores
-        .pods
-        .state()
-        .into_iter()
-        .filter(|p| p.metadata.namespace.as_deref() == Some(ns) && is_serving_pod_of(p, name))
-        .map(|p| (*p).clone())
-        .collect();
+    let (mut pods, mut standby_pods) = (Vec::new(), Vec::new());
+    for p in stores.pods.state() {
+        if p.metadata.namespace.as_deref() != Some(ns)
+            || p.labels().get(labels::SERVICE).map(String::as_str) != Some(name)
+        {
+            continue;
+        }
+        match p.labels().get(labels::ROLE).map(String::as_str) {
+            Some(labels::ROLE_SERVING) => pods.push((*p).clone()),
+            Some(labels::ROLE_STANDBY) => standby_pods.push((*p).clone()),
+            _ => {}
+        }
+    }
     Observed {
         deployment,
         hpa,
         pods,
+        standby_pods,
     }
 }
 
-fn is_serving_pod_of(pod: &Pod, name: &str) -> bool {
-    let l = pod.labels();
-    l.get(labels::SERVICE).map(String::as_str) == Some(name)
-        && l.get(labels::ROLE).map(String::as_str) == Some(labels::ROLE_SERVING)
+/// Relabels ready standby pods into the serving slots the ReplicaSet has
+/// just made ([`standby::promotions`]); one event per pass that promoted.
+async fn promote(svc: &HndsrService, ctx: &Context, ns: &str, observed: &Observed) -> Result<()> {
+    let moves = standby::promotions(
+        &observed.pods,
+        &observed.standby_pods,
+        &ctx.in_flight.busy(ns),
+    );
+    if moves.is_empty() {
+        return Ok(());
+    }
+    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+    for m in &moves {
+        let patch = serde_json::json!({
+            "metadata": { "labels": {
+                labels::ROLE: labels::ROLE_SERVING,
+                standby::POD_TEMPLATE_HASH: m.template_hash,
+            }}
+        });
+        api.patch(&m.pod, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .map_err(|source| Error::Apply {
+                kind: "Pod",
+                namespace: ns.to_owned(),
+                name: m.pod.clone(),
+                source,
+            })?;
+        ctx.in_flight.record(ns, m);
+        ctx.metrics.promotions.inc();
+        tracing::info!(pod = %m.pod, replaces = %m.replaces, namespace = %ns, "promoted a standby pod");
+    }
+    let names: Vec<&str> = moves.iter().map(|m| m.pod.as_str()).collect();
+    let note = truncate(
+        &format!(
+            "promoted {} warm standby pod(s) into the serving set: {}",
+            moves.len(),
+            names.join(", ")
+        ),
+        1000,
+    );
+    publish(ctx, svc, EventType::Normal, "Promoted", "Promote", note).await;
+    Ok(())
 }
 
 fn get_cached<K>(store: &Store<K>, ns: &str, name: &str) -> Option<K>
@@ -241,6 +297,7 @@ async fn apply_children(
         hpa,
         pdb,
         placeholders,
+        standby,
         ..
     } = children;
     let name = svc.name_any();
@@ -267,6 +324,13 @@ async fn apply_children(
             apply_one(svc, ctx, ns, pdb, live_pdb).await?;
         }
         None => delete_if_owned(svc, ctx, ns, live_pdb).await?,
+    }
+    let live_standby = get_cached(&stores.deployments, ns, &builders::standby_name(&name));
+    match standby {
+        Some(standby) => {
+            apply_one(svc, ctx, ns, standby, live_standby).await?;
+        }
+        None => delete_if_owned(svc, ctx, ns, live_standby).await?,
     }
     let placeholder_name = builders::placeholder_name(&name);
     let live_placeholders = get_cached(&stores.deployments, ns, &placeholder_name);

@@ -17,4 +17,5 @@ pub mod metrics;
 pub mod quantity;
 pub mod slim;
 pub mod ssa;
+pub mod standby;
 pub mod watches;

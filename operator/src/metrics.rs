@@ -27,6 +27,8 @@ pub struct Metrics {
     pub applies: IntCounterVec,
     /// Status patches of `HndsrService` objects; flat in steady state.
     pub status_patches: prometheus::IntCounter,
+    /// Standby pods promoted into the serving set (prewarm).
+    pub promotions: prometheus::IntCounter,
     /// 1 while this replica holds the leader lease.
     pub leader: IntGauge,
 }
@@ -83,6 +85,11 @@ impl Metrics {
             "Status patches of HndsrService objects.",
         )
         .expect("valid metric");
+        let promotions = prometheus::IntCounter::new(
+            "hndsr_operator_standby_promotions_total",
+            "Warm standby pods promoted into the serving set.",
+        )
+        .expect("valid metric");
         let leader = IntGauge::new(
             "hndsr_operator_leader",
             "1 while this replica holds the leader lease.",
@@ -94,6 +101,7 @@ impl Metrics {
             Box::new(reconcile_errors.clone()),
             Box::new(applies.clone()),
             Box::new(status_patches.clone()),
+            Box::new(promotions.clone()),
             Box::new(leader.clone()),
         ] {
             registry.register(c).expect("unique metric");
@@ -105,6 +113,7 @@ impl Metrics {
             reconcile_errors,
             applies,
             status_patches,
+            promotions,
             leader,
         }
     }

@@ -18,7 +18,8 @@
 //! - a Deployment's `spec.replicas` and status, an HPA's status: replicas
 //!   and conditions in the `HndsrService` status;
 //! - a pod's conditions and container *states*: scheduling, crash loops,
-//!   model loading.
+//!   model loading; its pod-spec digest: which standby pod may fill which
+//!   serving slot ([`crate::standby`]).
 
 use hndsr_crds::HndsrService;
 use k8s_openapi::{
@@ -73,11 +74,14 @@ pub fn partial<K>(m: &mut PartialObjectMeta<K>) {
     child_meta(&mut m.metadata);
 }
 
-/// A pod: name, labels, deletion mark, conditions and container states.
+/// A pod: name, labels, the pod-spec digest of prewarm, deletion mark,
+/// conditions and container states.
 pub fn pod(p: &mut Pod) {
     let meta = &mut p.metadata;
     meta.managed_fields = None;
-    meta.annotations = None;
+    if let Some(annotations) = &mut meta.annotations {
+        annotations.retain(|k, _| k == hndsr_crds::annotations::POD_SPEC_HASH);
+    }
     meta.owner_references = None;
     p.spec = None;
     if let Some(status) = &mut p.status {
@@ -192,7 +196,7 @@ mod tests {
         let mut p: Pod = serde_json::from_value(json!({
             "metadata": {
                 "name": "p", "namespace": "ns", "labels": {"a": "b"},
-                "annotations": {"x": "y"},
+                "annotations": {"x": "y", "hndsr.io/pod-spec-hash": "abc"},
                 "deletionTimestamp": "2026-12-06T00:00:00Z",
             },
             "spec": {"containers": [{"name": "server", "image": "i"}]},
@@ -210,7 +214,11 @@ mod tests {
         }))
         .unwrap();
         pod(&mut p);
-        assert!(p.spec.is_none() && p.metadata.annotations.is_none());
+        assert!(p.spec.is_none());
+        assert_eq!(
+            p.metadata.annotations,
+            Some([("hndsr.io/pod-spec-hash".into(), "abc".into())].into())
+        );
         assert!(p.metadata.deletion_timestamp.is_some());
         assert_eq!(p.metadata.labels, Some([("a".into(), "b".into())].into()));
         let st = p.status.unwrap();

@@ -16,6 +16,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use crate::builders::{Children, InvalidSpec, serving_selector_string};
 use crate::effective::EffectiveSpec;
+use crate::standby;
 
 /// The children as read from the API server (or a cache).
 #[derive(Debug, Clone, Default)]
@@ -26,6 +27,8 @@ pub struct Observed {
     pub hpa: Option<HorizontalPodAutoscaler>,
     /// The serving pods (selected by the serving selector).
     pub pods: Vec<Pod>,
+    /// The standby pods (prewarm).
+    pub standby_pods: Vec<Pod>,
 }
 
 /// Container waiting reasons that mean "this will not fix itself soon".
@@ -171,7 +174,7 @@ pub fn compute(
         replicas: Some(replicas),
         ready_replicas: Some(ready),
         updated_replicas: Some(updated),
-        standby_replicas: Some(0),
+        standby_replicas: Some(standby::ready_count(&observed.standby_pods)),
         desired_replicas: prev.desired_replicas,
         endpoint: prev.endpoint.clone(),
         selector: Some(serving_selector_string(name)),
@@ -232,7 +235,8 @@ pub fn compute(
 
 /// Serving replicas wanted now: the HPA's decision, else the Deployment's
 /// spec, else the static count.
-fn want_replicas(eff: &EffectiveSpec, observed: &Observed) -> i32 {
+#[must_use]
+pub fn want_replicas(eff: &EffectiveSpec, observed: &Observed) -> i32 {
     let Some(autoscaling) = &eff.autoscaling else {
         return eff.static_replicas;
     };
@@ -275,6 +279,10 @@ struct Facts<'a> {
     /// The HPA wants more than `maxReplicas`.
     limited: bool,
     keda: bool,
+    /// Standby pods wanted, ready, and pending for lack of GPUs.
+    standby_wanted: i32,
+    standby_ready: i32,
+    standby_gpu_pending: usize,
 }
 
 impl<'a> Facts<'a> {
@@ -329,6 +337,10 @@ impl<'a> Facts<'a> {
             creation_failure,
             limited: observed.hpa.as_ref().is_some_and(scaling_limited),
             keda: eff.provider() == Some(AutoscalingProvider::Keda),
+            standby_wanted: eff.standby_replicas(want),
+            standby_ready: standby::ready_count(&observed.standby_pods),
+            standby_gpu_pending: summarize(&observed.standby_pods, &eff.gpu_resource_name)
+                .gpu_pending,
         }
     }
 
@@ -410,7 +422,26 @@ fn ready_condition(f: &Facts<'_>) -> Cond {
 
 /// Progressing: is capacity or a new template on its way?
 fn progressing_condition(f: &Facts<'_>) -> Cond {
-    let (status, reason, message) = if f.converged {
+    let standby_short = f.standby_ready < f.standby_wanted;
+    let (status, reason, message) = if f.converged && standby_short && f.standby_gpu_pending > 0 {
+        (
+            true,
+            reasons::STANDBY_WAITING_FOR_GPU_CAPACITY,
+            format!(
+                "{}/{} standby pods ready; {} pending: no node has a free {}",
+                f.standby_ready, f.standby_wanted, f.standby_gpu_pending, f.gpu_name
+            ),
+        )
+    } else if f.converged && standby_short {
+        (
+            true,
+            reasons::FILLING_STANDBY,
+            format!(
+                "{}/{} standby pods ready",
+                f.standby_ready, f.standby_wanted
+            ),
+        )
+    } else if f.converged {
         (
             false,
             reasons::RECONCILED,
@@ -888,5 +919,41 @@ mod tests {
         let st = run(&s, &obs, 10);
         assert_eq!(get(&st, READY).reason, reasons::SCALED_TO_ZERO);
         assert_eq!(get(&st, DEGRADED).reason, reasons::AUTOSCALER_NOT_SUPPORTED);
+    }
+
+    #[test]
+    fn a_short_standby_pool_is_progressing_and_counted() {
+        let s = svc("  prewarm:\n    standbyReplicas: 2\n");
+        let ready_standby = pod("sr-standby-a", &[("Ready", "True", None, None)]);
+        let obs = Observed {
+            deployment: Some(deployment(1, 1, 1, 1)),
+            standby_pods: vec![ready_standby.clone(), loading("sr-standby-b")],
+            ..Observed::default()
+        };
+        let st = run(&s, &obs, 10);
+        assert_eq!(st.standby_replicas, Some(1));
+        assert_eq!(
+            summary(&st),
+            [
+                s3(READY, "True", reasons::AVAILABLE),
+                s3(PROGRESSING, "True", reasons::FILLING_STANDBY),
+                s3(DEGRADED, "False", reasons::HEALTHY),
+            ]
+        );
+        let obs = Observed {
+            standby_pods: vec![ready_standby.clone(), gpu_pending("sr-standby-b")],
+            ..obs
+        };
+        assert_eq!(
+            get(&run(&s, &obs, 10), PROGRESSING).reason,
+            reasons::STANDBY_WAITING_FOR_GPU_CAPACITY
+        );
+        let obs = Observed {
+            standby_pods: vec![ready_standby.clone(), ready_standby],
+            ..obs
+        };
+        let st = run(&s, &obs, 10);
+        assert_eq!(st.standby_replicas, Some(2));
+        assert_eq!(get(&st, PROGRESSING).reason, reasons::RECONCILED);
     }
 }

@@ -20,12 +20,13 @@ fn desired(svc: &HndsrService, cfg: &BuildConfig) -> Result<Children, InvalidSpe
     resolve_and_build(svc, cfg).map(|(_, children)| children)
 }
 
-const CHILD_FILES: [&str; 5] = [
+const CHILD_FILES: [&str; 6] = [
     "deployment.yaml",
     "service.yaml",
     "hpa.yaml",
     "pdb.yaml",
     "placeholder.yaml",
+    "standby.yaml",
 ];
 
 fn fixtures() -> PathBuf {
@@ -57,6 +58,9 @@ fn outputs(svc: &HndsrService) -> Vec<(&'static str, String)> {
             }
             if let Some(p) = &c.placeholders {
                 out.push(("placeholder.yaml", to_yaml(p)));
+            }
+            if let Some(s) = &c.standby {
+                out.push(("standby.yaml", to_yaml(s)));
             }
             out
         }

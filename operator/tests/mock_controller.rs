@@ -489,8 +489,7 @@ fn converge(h: &mut Harness, svc: &mut HndsrService) {
     );
     let observed = Observed {
         deployment: Some(dep),
-        hpa: None,
-        pods: vec![],
+        ..Observed::default()
     };
     let eff = resolved(svc).0;
     svc.status = Some(status::compute(
@@ -1007,4 +1006,114 @@ async fn a_foreign_object_with_a_child_name_is_not_taken_over() {
         "the foreign Service is never written"
     );
     assert!(event_reasons(&calls).contains(&"ReconcileFailed".to_owned()));
+}
+
+fn pod(name: &str, role: &str, ready: bool, spec_hash: &str, template_hash: &str) -> Pod {
+    serde_json::from_value(json!({
+        "metadata": {
+            "name": name, "namespace": "team-a",
+            "creationTimestamp": "2026-12-06T10:00:00Z",
+            "labels": {
+                "app.kubernetes.io/managed-by": FIELD_MANAGER,
+                "hndsr.io/service": "sr", "hndsr.io/role": role,
+                "pod-template-hash": template_hash,
+            },
+            "annotations": { "hndsr.io/pod-spec-hash": spec_hash },
+        },
+        "status": { "conditions": [
+            {"type": "PodScheduled", "status": "True"},
+            {"type": "Ready", "status": if ready { "True" } else { "False" }},
+        ]},
+    }))
+    .unwrap()
+}
+
+/// A converged service with a standby pool of one, its standby Deployment
+/// live; returns the pods' spec digest.
+fn converge_with_standby(h: &mut Harness, svc: &mut HndsrService) -> String {
+    svc.spec.prewarm = Some(serde_json::from_value(json!({"standbyReplicas": 1})).unwrap());
+    converge(h, svc);
+    let c = children(svc);
+    let mut standby = live(c.standby.expect("a standby Deployment"));
+    slim::deployment(&mut standby);
+    put(&mut h.caches.deployments, standby);
+    c.deployment
+        .spec
+        .template
+        .metadata
+        .unwrap()
+        .annotations
+        .unwrap()["hndsr.io/pod-spec-hash"]
+        .clone()
+}
+
+#[tokio::test]
+async fn a_cold_serving_slot_is_filled_by_a_warm_standby_pod() {
+    let mut h = harness();
+    let mut svc = service("img:1", 1);
+    let spec = converge_with_standby(&mut h, &mut svc);
+    // The autoscaler added a replica: the ReplicaSet made a cold pod.
+    put(
+        &mut h.caches.pods,
+        pod("sr-h1-ready", "serving", true, &spec, "h1"),
+    );
+    put(
+        &mut h.caches.pods,
+        pod("sr-h1-cold", "serving", false, &spec, "h1"),
+    );
+    put(
+        &mut h.caches.pods,
+        pod("sr-standby-s1-warm", "standby", true, &spec, "s1"),
+    );
+    let (result, calls) = h.reconcile(&svc, Scenario::Accept).await;
+    result.unwrap();
+    let patches: Vec<&Call> = calls.iter().filter(|c| c.short() == "PATCH pods").collect();
+    assert_eq!(patches.len(), 1, "{:?}", api_calls(&calls));
+    assert!(patches[0].path.ends_with("/pods/sr-standby-s1-warm"));
+    assert_eq!(
+        patches[0].body["metadata"]["labels"],
+        json!({"hndsr.io/role": "serving", "pod-template-hash": "h1"}),
+        "the warm pod joins the serving ReplicaSet's slot"
+    );
+    assert!(event_reasons(&calls).contains(&"Promoted".to_owned()));
+
+    // The cache has not shown the relabel yet: the next pass must not
+    // promote again (the slot is taken).
+    put(
+        &mut h.caches.pods,
+        pod("sr-standby-s2-warm", "standby", true, &spec, "s1"),
+    );
+    let (result, calls) = h.reconcile(&svc, Scenario::Accept).await;
+    result.unwrap();
+    assert!(
+        !calls.iter().any(|c| c.short() == "PATCH pods"),
+        "{:?}",
+        api_calls(&calls)
+    );
+}
+
+#[tokio::test]
+async fn no_promotion_across_pod_specs_or_without_a_warm_pod() {
+    let mut h = harness();
+    let mut svc = service("img:1", 1);
+    let spec = converge_with_standby(&mut h, &mut svc);
+    put(
+        &mut h.caches.pods,
+        pod("sr-h2-cold", "serving", false, "another-spec", "h2"),
+    );
+    put(
+        &mut h.caches.pods,
+        pod("sr-standby-s1-loading", "standby", false, &spec, "s1"),
+    );
+    put(
+        &mut h.caches.pods,
+        pod("sr-standby-s1-old", "standby", true, "another-spec-2", "s0"),
+    );
+    let (result, calls) = h.reconcile(&svc, Scenario::Accept).await;
+    result.unwrap();
+    assert!(
+        !calls.iter().any(|c| c.short() == "PATCH pods"),
+        "{:?}",
+        api_calls(&calls)
+    );
 }

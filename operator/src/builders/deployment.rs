@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use hndsr_contract::{env, http};
-use hndsr_crds::{EffectiveServing, annotations};
+use hndsr_crds::{EffectiveServing, annotations, labels};
 use k8s_openapi::api::apps::v1::{
     Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
 };
@@ -18,8 +18,8 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use super::{BuildConfig, Ctx, serving_selector};
-use crate::{defaults, quantity};
+use super::{BuildConfig, Ctx, common_labels};
+use crate::{defaults, effective::Standby, quantity};
 
 /// Name of the server container.
 pub const SERVER_CONTAINER: &str = "server";
@@ -44,11 +44,31 @@ const STARTUP_FAILURE_THRESHOLD: i32 = 600;
 const PROGRESS_DEADLINE_SECONDS: i32 = 1200;
 const REVISION_HISTORY_LIMIT: i32 = 3;
 
-pub(super) fn build(ctx: &Ctx<'_>, cfg: &BuildConfig) -> Deployment {
+/// Which set of pods a Deployment runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Role {
+    /// Deployment `<name>`, selected by the Service and the autoscaler.
+    Serving,
+    /// Deployment `<name>-standby`: the same pods, warm and out of the
+    /// Service, this many.
+    Standby(i32),
+}
+
+pub(super) fn build(ctx: &Ctx<'_>, cfg: &BuildConfig, role: Role) -> Deployment {
     let spec = &ctx.svc.spec;
     let serving = &ctx.eff.serving;
-    let pod_labels = ctx.serving_labels();
-    let meta = ctx.meta(ctx.serving_labels());
+    let (role_label, name) = match role {
+        Role::Serving => (labels::ROLE_SERVING, ctx.name.clone()),
+        Role::Standby(_) => (labels::ROLE_STANDBY, standby_name(&ctx.name)),
+    };
+    let mut pod_labels = common_labels(&ctx.name);
+    pod_labels.insert(labels::ROLE.to_owned(), role_label.to_owned());
+    let mut meta = ctx.meta(pod_labels.clone());
+    meta.name = Some(name);
+    let selector = BTreeMap::from([
+        (labels::SERVICE.to_owned(), ctx.name.clone()),
+        (labels::ROLE.to_owned(), role_label.to_owned()),
+    ]);
 
     let (volumes, init_containers) = weights_volumes(ctx, cfg);
     let res = spec.resources.clone().unwrap_or_default();
@@ -72,15 +92,37 @@ pub(super) fn build(ctx: &Ctx<'_>, cfg: &BuildConfig) -> Deployment {
         volumes: Some(volumes),
         ..PodSpec::default()
     };
+    let mut pod_annotations = BTreeMap::from([
+        (annotations::PROMETHEUS_SCRAPE.to_owned(), "true".to_owned()),
+        (
+            annotations::PROMETHEUS_PORT.to_owned(),
+            http::PORT.to_string(),
+        ),
+        (
+            annotations::PROMETHEUS_PATH.to_owned(),
+            http::METRICS_PATH.to_owned(),
+        ),
+    ]);
+    // A standby pod may only take a serving pod's place when both come
+    // from the same pod spec: the annotation says which (only with a
+    // standby pool, so that other services' pods never roll for it).
+    if ctx.eff.standby != Standby::None {
+        pod_annotations.insert(annotations::POD_SPEC_HASH.to_owned(), pod_spec_hash(&pod));
+    }
 
     Deployment {
         metadata: meta,
         spec: DeploymentSpec {
-            // Left out whenever an autoscaler owns the count, so neither the
-            // operator nor a GitOps tool fights it.
-            replicas: (!ctx.eff.autoscaling_enabled()).then_some(ctx.eff.static_replicas),
+            replicas: match role {
+                // Left out whenever an autoscaler owns the count, so neither
+                // the operator nor a GitOps tool fights it.
+                Role::Serving => {
+                    (!ctx.eff.autoscaling_enabled()).then_some(ctx.eff.static_replicas)
+                }
+                Role::Standby(n) => Some(n),
+            },
             selector: LabelSelector {
-                match_labels: Some(serving_selector(&ctx.name)),
+                match_labels: Some(selector),
                 ..LabelSelector::default()
             },
             // Surge, never drop below the current capacity; a surge pod that
@@ -97,17 +139,7 @@ pub(super) fn build(ctx: &Ctx<'_>, cfg: &BuildConfig) -> Deployment {
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(pod_labels),
-                    annotations: Some(BTreeMap::from([
-                        (annotations::PROMETHEUS_SCRAPE.to_owned(), "true".to_owned()),
-                        (
-                            annotations::PROMETHEUS_PORT.to_owned(),
-                            http::PORT.to_string(),
-                        ),
-                        (
-                            annotations::PROMETHEUS_PATH.to_owned(),
-                            http::METRICS_PATH.to_owned(),
-                        ),
-                    ])),
+                    annotations: Some(pod_annotations),
                     ..ObjectMeta::default()
                 }),
                 spec: Some(pod),
@@ -116,6 +148,18 @@ pub(super) fn build(ctx: &Ctx<'_>, cfg: &BuildConfig) -> Deployment {
         },
         status: None,
     }
+}
+
+/// Name of the standby Deployment of `name`.
+#[must_use]
+pub fn standby_name(name: &str) -> String {
+    format!("{name}-standby")
+}
+
+/// A short digest of a pod spec (the serving and standby templates share
+/// theirs).
+fn pod_spec_hash(pod: &PodSpec) -> String {
+    crate::ssa::spec_hash(pod).unwrap_or_default()
 }
 
 /// Non-root with the runtime's seccomp profile.

@@ -22,7 +22,9 @@ use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::Resource as _;
 
-use crate::effective::EffectiveSpec;
+pub use deployment::standby_name;
+
+use crate::effective::{EffectiveSpec, Standby};
 pub use crate::validate::{InvalidSpec, Problem};
 
 /// Default of [`BuildConfig::fetcher_image`] (`--fetcher-image`).
@@ -77,19 +79,34 @@ pub struct Children {
     /// Deployment `<name>-placeholder`: capacity placeholders; `None`
     /// without `prewarm.placeholders`.
     pub placeholders: Option<Deployment>,
+    /// Deployment `<name>-standby`: warm standby pods; `None` without a
+    /// standby pool.
+    pub standby: Option<Deployment>,
     /// In-cluster URL of the Service (`status.endpoint`).
     pub endpoint: String,
 }
 
 /// Builds the desired children of `svc` from its resolved spec
 /// ([`crate::effective::resolve`]), or says why it cannot.
+///
+/// `serving_replicas` is the serving pods wanted now (the autoscaler's
+/// decision; [`crate::status::want_replicas`]): a `standbyPercent` pool is
+/// sized from it.
 pub fn desired(
     svc: &HndsrService,
     eff: &EffectiveSpec,
     cfg: &BuildConfig,
+    serving_replicas: i32,
 ) -> Result<Children, InvalidSpec> {
     let ctx = Ctx::new(svc, eff)?;
-    let deployment = deployment::build(&ctx, cfg);
+    let deployment = deployment::build(&ctx, cfg, deployment::Role::Serving);
+    let standby = (eff.standby != Standby::None).then(|| {
+        deployment::build(
+            &ctx,
+            cfg,
+            deployment::Role::Standby(eff.standby_replicas(serving_replicas)),
+        )
+    });
     let service = service::build(&ctx);
     let hpa = match eff.provider() {
         Some(AutoscalingProvider::Hpa) => Some(hpa::build(&ctx)),
@@ -107,6 +124,7 @@ pub fn desired(
         hpa,
         pdb,
         placeholders,
+        standby,
         endpoint,
     })
 }
@@ -118,13 +136,15 @@ pub fn placeholder_name(name: &str) -> String {
 }
 
 /// Resolves `svc`'s spec ([`crate::effective::resolve`]) and builds its
-/// children from it: everything one reconcile wants, or why it cannot.
+/// children from it, for a service with nothing observed yet (the serving
+/// count is the static or minimum one).
 pub fn resolve_and_build(
     svc: &HndsrService,
     cfg: &BuildConfig,
 ) -> Result<(EffectiveSpec, Children), InvalidSpec> {
     let eff = crate::effective::resolve(svc)?;
-    let children = desired(svc, &eff, cfg)?;
+    let serving = crate::status::want_replicas(&eff, &crate::status::Observed::default());
+    let children = desired(svc, &eff, cfg, serving)?;
     Ok((eff, children))
 }
 
@@ -221,12 +241,5 @@ impl<'a> Ctx<'a> {
             owner_references: Some(vec![self.owner.clone()]),
             ..ObjectMeta::default()
         }
-    }
-
-    /// Common labels plus the serving role.
-    fn serving_labels(&self) -> BTreeMap<String, String> {
-        let mut l = common_labels(&self.name);
-        l.insert(labels::ROLE.to_owned(), labels::ROLE_SERVING.to_owned());
-        l
     }
 }
