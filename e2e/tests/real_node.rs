@@ -1040,6 +1040,15 @@ async fn a_scale_up_is_served_by_a_promoted_standby_pod_within_seconds() -> anyh
             "replicas": 1,
             "serving": { "rateLimitPerHour": 0, "drainSeconds": 2 },
             "prewarm": { "standbyReplicas": 1 },
+            // Up to four pods at once (serving, standby, the cold pod a
+            // promotion replaces, the refill) beside the other tests' pods
+            // on a 2-CPU node: a small request keeps them all schedulable.
+            "resources": {
+                "gpu": 0,
+                "cpu": { "request": "100m" },
+                "memory": { "request": "512Mi", "limit": "3Gi" },
+                "nodeSelector": { POOL_LABEL: POOL_REAL },
+            },
         }),
     )
     .await?;

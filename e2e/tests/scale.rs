@@ -10,7 +10,8 @@
 //!   HndsrService being Ready for its generation (kwok makes pods Ready at
 //!   once). Polled every 20 ms.
 //! - `operator_converges_on_many_hndsrservices`: N HndsrServices (default
-//!   1000, `HNDSR_E2E_SCALE_N`) with one pod each created at once; time until
+//!   1000, `HNDSR_E2E_SCALE_N`) with one pod each, every tenth with a
+//!   standby pod (prewarm), created at once; time until
 //!   every one is Ready for its generation; the operator's RSS; the steady
 //!   state over `HNDSR_E2E_SCALE_STEADY_S` seconds (default 60): operator
 //!   writes (applies, status patches) from its metrics and resourceVersion
@@ -83,6 +84,19 @@ fn service(name: &str) -> anyhow::Result<HndsrService> {
             "resources": { "gpu": 0 },
         },
     }))?)
+}
+
+/// Every [`PREWARM_EVERY`]-th HndsrService of the fleet has a standby pod.
+const PREWARM_EVERY: usize = 10;
+
+fn fleet_service(i: usize) -> anyhow::Result<HndsrService> {
+    let mut svc = service(&format!("sr-{i:04}"))?;
+    if i % PREWARM_EVERY == 0 {
+        svc.spec.prewarm = Some(serde_json::from_value(
+            serde_json::json!({ "standbyReplicas": 1 }),
+        )?);
+    }
+    Ok(svc)
 }
 
 fn ready_for_generation(s: &HndsrService) -> bool {
@@ -277,7 +291,7 @@ async fn converge_steady_restart(prefix: &str, n: usize, steady: Duration) -> an
     let _serial = SERIAL.lock().await;
     let ns = shared::namespace(prefix).await?;
     fixtures::install_crd(&ns.client).await?;
-    for i in 0..n.div_ceil(250) {
+    for i in 0..(n + n.div_ceil(PREWARM_EVERY)).div_ceil(250) {
         fixtures::create_node(&ns.client, &format!("scale-node-{i}"), 0, 260).await?;
     }
     let logs = ns.shared.dir.join("logs");
@@ -295,7 +309,7 @@ async fn converge_steady_restart(prefix: &str, n: usize, steady: Duration) -> an
         .map(|i| {
             let api = api.clone();
             async move {
-                api.create(&PostParams::default(), &service(&format!("sr-{i:04}"))?)
+                api.create(&PostParams::default(), &fleet_service(i)?)
                     .await?;
                 anyhow::Ok(())
             }
