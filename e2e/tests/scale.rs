@@ -91,7 +91,7 @@ const PREWARM_EVERY: usize = 10;
 
 fn fleet_service(i: usize) -> anyhow::Result<HndsrService> {
     let mut svc = service(&format!("sr-{i:04}"))?;
-    if i % PREWARM_EVERY == 0 {
+    if i.is_multiple_of(PREWARM_EVERY) {
         svc.spec.prewarm = Some(serde_json::from_value(
             serde_json::json!({ "standbyReplicas": 1 }),
         )?);

@@ -1,11 +1,14 @@
-//! The reconciler: `HndsrService` → Deployment, Service, HPA, PDB and status.
+//! The reconciler: `HndsrService` → Deployment, Service, HPA, PDB, the
+//! prewarm Deployments and status.
 //!
 //! Phases of one pass ([`reconcile`]):
 //! 1. **read** the observed children and pods from the watch caches;
-//! 2. **validate and build** the desired children (pure, [`crate::builders`]);
+//! 2. **resolve** the spec (defaults, validation: [`crate::effective`]) and
+//!    **build** the desired children (pure, [`crate::builders`]);
 //! 3. **apply** each child with server-side apply, skipped when the live
 //!    child already matches ([`crate::ssa`]); delete optional children the
-//!    spec no longer asks for;
+//!    spec no longer asks for; with a standby pool, **promote** warm
+//!    standby pods into cold serving slots ([`crate::standby`]);
 //! 4. **status**: compute it (pure, [`crate::status`]) and patch `/status`
 //!    only when it changed;
 //! 5. **events** for every write and every condition transition.
@@ -242,6 +245,7 @@ async fn promote(svc: &HndsrService, ctx: &Context, ns: &str, observed: &Observe
         return Ok(());
     }
     let api: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+    let mut promoted = Vec::new();
     for m in &moves {
         let patch = serde_json::json!({
             "metadata": { "labels": {
@@ -249,24 +253,36 @@ async fn promote(svc: &HndsrService, ctx: &Context, ns: &str, observed: &Observe
                 standby::POD_TEMPLATE_HASH: m.template_hash,
             }}
         });
-        api.patch(&m.pod, &PatchParams::default(), &Patch::Merge(&patch))
+        match api
+            .patch(&m.pod, &PatchParams::default(), &Patch::Merge(&patch))
             .await
-            .map_err(|source| Error::Apply {
-                kind: "Pod",
-                namespace: ns.to_owned(),
-                name: m.pod.clone(),
-                source,
-            })?;
+        {
+            Ok(_) => {}
+            // Gone since the cache saw it (scaled down, evicted): the slot
+            // waits for the next warm pod or its own cold start.
+            Err(kube::Error::Api(e)) if e.code == 404 => continue,
+            Err(source) => {
+                return Err(Error::Apply {
+                    kind: "Pod",
+                    namespace: ns.to_owned(),
+                    name: m.pod.clone(),
+                    source,
+                });
+            }
+        }
         ctx.in_flight.record(ns, m);
+        promoted.push(m.pod.as_str());
         ctx.metrics.promotions.inc();
         tracing::info!(pod = %m.pod, replaces = %m.replaces, namespace = %ns, "promoted a standby pod");
     }
-    let names: Vec<&str> = moves.iter().map(|m| m.pod.as_str()).collect();
+    if promoted.is_empty() {
+        return Ok(());
+    }
     let note = truncate(
         &format!(
             "promoted {} warm standby pod(s) into the serving set: {}",
-            moves.len(),
-            names.join(", ")
+            promoted.len(),
+            promoted.join(", ")
         ),
         1000,
     );

@@ -1,5 +1,6 @@
 //! The HNDSR operator: reconciles `HndsrService` into a Deployment, a
-//! Service, a HorizontalPodAutoscaler and a PodDisruptionBudget.
+//! Service, a HorizontalPodAutoscaler and a PodDisruptionBudget, and with
+//! prewarm a standby Deployment and capacity placeholders.
 
 pub mod builders;
 pub mod defaults;
