@@ -153,6 +153,21 @@ pub async fn wait_deployment_ready(
     .await
 }
 
+/// Whether the scheduler reports `pod` as unschedulable (`PodScheduled=False`,
+/// reason `Unschedulable`).
+pub fn unschedulable(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| {
+            cs.iter().any(|c| {
+                c.type_ == "PodScheduled"
+                    && c.status == "False"
+                    && c.reason.as_deref() == Some("Unschedulable")
+            })
+        })
+}
+
 /// Label and taint key of a node dedicated to one test.
 pub const DEDICATED_KEY: &str = "hndsr.io/e2e-dedicated";
 

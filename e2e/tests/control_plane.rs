@@ -220,7 +220,7 @@ async fn pods_needing_more_gpus_than_any_node_has_stay_pending() -> anyhow::Resu
     let lp = ListParams::default().labels("app=too-big");
     let pod = wait::until("an Unschedulable too-big pod", TIMEOUT, || async {
         let list = pods.list(&lp).await?;
-        Ok::<_, kube::Error>(list.items.into_iter().find(unschedulable))
+        Ok::<_, kube::Error>(list.items.into_iter().find(fixtures::unschedulable))
     })
     .await?;
 
@@ -260,7 +260,11 @@ async fn pods_beyond_the_gpus_of_their_node_stay_pending() -> anyhow::Result<()>
             .filter(|p| fixtures::pod_ready(p))
             .cloned()
             .collect();
-        let pending: Vec<Pod> = list.iter().filter(|p| unschedulable(p)).cloned().collect();
+        let pending: Vec<Pod> = list
+            .iter()
+            .filter(|p| fixtures::unschedulable(p))
+            .cloned()
+            .collect();
         Ok::<_, kube::Error>((ready.len() == 2 && pending.len() == 1).then_some((ready, pending)))
     })
     .await?;
@@ -280,19 +284,6 @@ async fn pods_beyond_the_gpus_of_their_node_stay_pending() -> anyhow::Result<()>
         .delete(&node, &Default::default())
         .await?;
     Ok(())
-}
-
-fn unschedulable(pod: &Pod) -> bool {
-    pod.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|cs| {
-            cs.iter().any(|c| {
-                c.type_ == "PodScheduled"
-                    && c.status == "False"
-                    && c.reason.as_deref() == Some("Unschedulable")
-            })
-        })
 }
 
 fn scheduled_message(pod: &Pod) -> String {

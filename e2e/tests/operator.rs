@@ -56,6 +56,18 @@ impl Env {
         Api::namespaced(self.client(), &self.ns.name)
     }
 
+    /// Merge-patches `spec` of HndsrService `name`.
+    async fn patch_spec(&self, name: &str, spec: serde_json::Value) -> anyhow::Result<()> {
+        self.services()
+            .patch(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(serde_json::json!({ "spec": spec })),
+            )
+            .await?;
+        Ok(())
+    }
+
     async fn create(&self, name: &str, spec: serde_json::Value) -> anyhow::Result<HndsrService> {
         let svc: HndsrService = serde_json::from_value(serde_json::json!({
             "apiVersion": format!("{}/{}", hndsr_crds::GROUP, hndsr_crds::VERSION),
@@ -667,16 +679,7 @@ async fn a_scale_up_preempts_a_placeholder_and_the_placeholder_returns() -> anyh
             .as_ref()
             .and_then(|s| s.node_name.as_deref())
             .is_none()
-            && p.status
-                .as_ref()
-                .and_then(|s| s.conditions.as_ref())
-                .is_some_and(|cs| {
-                    cs.iter().any(|c| {
-                        c.type_ == "PodScheduled"
-                            && c.status == "False"
-                            && c.reason.as_deref() == Some("Unschedulable")
-                    })
-                })
+            && fixtures::unschedulable(p)
     };
     wait::until("the placeholder bound on the node", TIMEOUT, || async {
         Ok::<_, kube::Error>((count(placeholder_sel.clone(), on_node).await? == 1).then_some(()))
@@ -697,12 +700,7 @@ async fn a_scale_up_preempts_a_placeholder_and_the_placeholder_returns() -> anyh
 
     // Every GPU is held: the new serving pod binds only by preemption.
     let start = std::time::Instant::now();
-    env.services()
-        .patch(
-            "warm",
-            &PatchParams::default(),
-            &Patch::Merge(serde_json::json!({ "spec": { "replicas": 2 } })),
-        )
+    env.patch_spec("warm", serde_json::json!({ "replicas": 2 }))
         .await?;
     wait::until("2 serving pods bound", TIMEOUT, || async {
         Ok::<_, kube::Error>((count(serving_selector("warm"), on_node).await? == 2).then_some(()))
@@ -726,12 +724,7 @@ async fn a_scale_up_preempts_a_placeholder_and_the_placeholder_returns() -> anyh
     .await?;
 
     // Capacity frees: the placeholder holds it again.
-    env.services()
-        .patch(
-            "warm",
-            &PatchParams::default(),
-            &Patch::Merge(serde_json::json!({ "spec": { "replicas": 1 } })),
-        )
+    env.patch_spec("warm", serde_json::json!({ "replicas": 1 }))
         .await?;
     wait::until("the placeholder back on the node", TIMEOUT, || async {
         Ok::<_, kube::Error>((count(placeholder_sel.clone(), on_node).await? == 1).then_some(()))
@@ -739,12 +732,7 @@ async fn a_scale_up_preempts_a_placeholder_and_the_placeholder_returns() -> anyh
     .await?;
 
     // Removing the field removes the placeholders.
-    env.services()
-        .patch(
-            "warm",
-            &PatchParams::default(),
-            &Patch::Merge(serde_json::json!({ "spec": { "prewarm": null } })),
-        )
+    env.patch_spec("warm", serde_json::json!({ "prewarm": null }))
         .await?;
     let deployments = env.deployments();
     wait::until("the placeholder Deployment deleted", TIMEOUT, || async {

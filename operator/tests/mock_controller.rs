@@ -586,20 +586,23 @@ async fn create_applies_every_child_then_status() {
     );
 }
 
+/// A pass that made no API call and asks to come back after `after`.
+fn assert_quiet(result: Result<Action, Error>, calls: &[Call], after: Duration, what: &str) {
+    assert_eq!(result.unwrap(), Action::requeue(after), "{what}");
+    assert!(calls.is_empty(), "{what}: {:?}", api_calls(calls));
+}
+
 #[tokio::test]
 async fn steady_state_makes_no_api_calls() {
     let mut h = harness();
     let mut svc = service("img:1", 1);
     converge(&mut h, &mut svc);
     let (result, calls) = h.reconcile(&svc, Scenario::Accept).await;
-    assert_eq!(
-        result.unwrap(),
-        Action::requeue(hndsr_operator::controller::RESYNC)
-    );
-    assert!(
-        calls.is_empty(),
-        "steady state must not call the API: {:?}",
-        api_calls(&calls)
+    assert_quiet(
+        result,
+        &calls,
+        hndsr_operator::controller::RESYNC,
+        "steady state must not call the API",
     );
 }
 
@@ -613,14 +616,11 @@ async fn no_pass_runs_before_the_caches_are_listed() {
     converge(&mut h, &mut svc);
     let held = h.restart_listing_deployments();
     let (result, calls) = h.reconcile(&svc, Scenario::Accept).await;
-    assert_eq!(
-        result.unwrap(),
-        Action::requeue(hndsr_operator::controller::UNSYNCED_RETRY)
-    );
-    assert!(
-        calls.is_empty(),
-        "a pass over unsynced caches must not call the API: {:?}",
-        api_calls(&calls)
+    assert_quiet(
+        result,
+        &calls,
+        hndsr_operator::controller::UNSYNCED_RETRY,
+        "a pass over unsynced caches must not call the API",
     );
     // Once listed, the same object is steady: still no calls.
     let w = &mut h.caches.deployments;
@@ -631,11 +631,12 @@ async fn no_pass_runs_before_the_caches_are_listed() {
     w.apply_watcher_event(&watcher::Event::InitDone);
     h.caches.synced.send_replace(true);
     let (result, calls) = h.reconcile(&svc, Scenario::Accept).await;
-    assert_eq!(
-        result.unwrap(),
-        Action::requeue(hndsr_operator::controller::RESYNC)
+    assert_quiet(
+        result,
+        &calls,
+        hndsr_operator::controller::RESYNC,
+        "once listed, the converged object is steady",
     );
-    assert!(calls.is_empty(), "{:?}", api_calls(&calls));
 }
 
 #[tokio::test]
