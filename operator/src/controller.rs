@@ -225,11 +225,19 @@ pub fn observe(stores: &crate::context::Stores, ns: &str, name: &str) -> Observe
             _ => {}
         }
     }
+    let prewarm_deployments = [
+        builders::standby_name(name),
+        builders::placeholder_name(name),
+    ]
+    .iter()
+    .filter_map(|n| get_cached(&stores.deployments, ns, n))
+    .collect();
     Observed {
         deployment,
         hpa,
         pods,
         standby_pods,
+        prewarm_deployments,
     }
 }
 

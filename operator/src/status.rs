@@ -29,6 +29,8 @@ pub struct Observed {
     pub pods: Vec<Pod>,
     /// The standby pods (prewarm).
     pub standby_pods: Vec<Pod>,
+    /// The prewarm Deployments that exist (standby, placeholders).
+    pub prewarm_deployments: Vec<Deployment>,
 }
 
 /// Container waiting reasons that mean "this will not fix itself soon".
@@ -274,8 +276,11 @@ struct Facts<'a> {
     converged: bool,
     /// The Deployment reports `ProgressDeadlineExceeded`.
     deadline_exceeded: bool,
-    /// The ReplicaSet controller could not create pods: its message.
+    /// The ReplicaSet controller could not create serving pods: what to
+    /// tell the user.
     creation_failure: Option<String>,
+    /// The same for the standby or placeholder Deployment.
+    prewarm_failure: Option<String>,
     /// The HPA wants more than `maxReplicas`.
     limited: bool,
     keda: bool,
@@ -321,7 +326,8 @@ impl<'a> Facts<'a> {
             .find(|c| {
                 c.type_.as_deref() == Some("ReplicaFailure") && c.status.as_deref() == Some("True")
             })
-            .map(|c| c.message.clone().unwrap_or_default());
+            .map(|c| c.message.clone().unwrap_or_default())
+            .map(|m| format!("pods cannot be created: {m}"));
         let rolling = dep_lagging || updated < want || replicas > updated;
         Self {
             want,
@@ -335,6 +341,7 @@ impl<'a> Facts<'a> {
             converged: dep.is_some() && !rolling && ready >= want && replicas == want,
             deadline_exceeded,
             creation_failure,
+            prewarm_failure: prewarm_creation_failure(&observed.prewarm_deployments),
             limited: observed.hpa.as_ref().is_some_and(scaling_limited),
             keda: eff.provider() == Some(AutoscalingProvider::Keda),
             standby_wanted: eff.standby_replicas(want),
@@ -373,6 +380,21 @@ impl<'a> Facts<'a> {
             self.pods.loading
         )
     }
+}
+
+/// A standby or placeholder Deployment that cannot create its pods (a
+/// missing PriorityClass, a quota): its name and the ReplicaSet's message.
+fn prewarm_creation_failure(deployments: &[Deployment]) -> Option<String> {
+    deployments.iter().find_map(|d| {
+        let c = d.status.as_ref()?.conditions.as_ref()?.iter().find(|c| {
+            c.type_.as_deref() == Some("ReplicaFailure") && c.status.as_deref() == Some("True")
+        })?;
+        Some(format!(
+            "Deployment {} cannot create pods: {}",
+            d.metadata.name.as_deref().unwrap_or(""),
+            c.message.as_deref().unwrap_or("")
+        ))
+    })
 }
 
 /// Ready: does the Service have somewhere to send requests?
@@ -482,11 +504,7 @@ fn degraded_condition(f: &Facts<'_>) -> Cond {
     let (status, reason, message) = if f.pods.failing > 0 {
         (true, reasons::POD_FAILING, f.failing_msg())
     } else if let Some(message) = &f.creation_failure {
-        (
-            true,
-            reasons::POD_CREATION_FAILED,
-            format!("pods cannot be created: {message}"),
-        )
+        (true, reasons::POD_CREATION_FAILED, message.clone())
     } else if down && f.pods.gpu_pending > 0 {
         (true, reasons::WAITING_FOR_GPU_CAPACITY, f.gpu_msg())
     } else if down && f.pods.unschedulable > 0 {
@@ -504,6 +522,8 @@ fn degraded_condition(f: &Facts<'_>) -> Cond {
             "load needs more than autoscaling.maxReplicas pods; raise maxReplicas or expect 503s"
                 .to_owned(),
         )
+    } else if let Some(message) = &f.prewarm_failure {
+        (true, reasons::POD_CREATION_FAILED, message.clone())
     } else if f.keda {
         (
             true,
@@ -780,6 +800,39 @@ mod tests {
         );
         assert!(
             degraded.message.contains("exceeded quota: gpus"),
+            "{}",
+            degraded.message
+        );
+    }
+
+    #[test]
+    fn a_placeholder_deployment_that_cannot_create_pods_is_degraded() {
+        use k8s_openapi::api::apps::v1::DeploymentCondition;
+        let s = svc("  prewarm:\n    placeholders:\n      replicas: 1\n");
+        let mut placeholders = deployment(1, 0, 0, 0);
+        placeholders.metadata.name = Some("sr-placeholder".into());
+        placeholders.status.as_mut().unwrap().conditions = Some(vec![DeploymentCondition {
+            type_: Some("ReplicaFailure".into()),
+            status: Some("True".into()),
+            reason: Some("FailedCreate".into()),
+            message: Some("no PriorityClass with name hndsr-placeholder was found".into()),
+            ..DeploymentCondition::default()
+        }]);
+        let obs = Observed {
+            deployment: Some(deployment(1, 1, 1, 1)),
+            prewarm_deployments: vec![placeholders],
+            ..Observed::default()
+        };
+        let st = run(&s, &obs, 10);
+        assert_eq!(get(&st, READY).status, "True", "serving is not affected");
+        let degraded = get(&st, DEGRADED);
+        assert_eq!(
+            (degraded.status.as_str(), degraded.reason.as_str()),
+            ("True", reasons::POD_CREATION_FAILED)
+        );
+        assert!(
+            degraded.message.contains("sr-placeholder")
+                && degraded.message.contains("no PriorityClass"),
             "{}",
             degraded.message
         );
