@@ -776,18 +776,25 @@ mod tests {
         );
     }
 
-    #[test]
-    fn pods_that_cannot_be_created_are_degraded() {
-        use k8s_openapi::api::apps::v1::DeploymentCondition;
-        let s = svc("  replicas: 2\n");
-        let mut dep = deployment(2, 0, 0, 0);
-        dep.status.as_mut().unwrap().conditions = Some(vec![DeploymentCondition {
+    /// The condition a ReplicaSet that cannot create pods puts on its
+    /// Deployment.
+    fn replica_failure(message: &str) -> k8s_openapi::api::apps::v1::DeploymentCondition {
+        k8s_openapi::api::apps::v1::DeploymentCondition {
             type_: Some("ReplicaFailure".into()),
             status: Some("True".into()),
             reason: Some("FailedCreate".into()),
-            message: Some("pods \"sr-abc\" is forbidden: exceeded quota: gpus".into()),
-            ..DeploymentCondition::default()
-        }]);
+            message: Some(message.into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn pods_that_cannot_be_created_are_degraded() {
+        let s = svc("  replicas: 2\n");
+        let mut dep = deployment(2, 0, 0, 0);
+        dep.status.as_mut().unwrap().conditions = Some(vec![replica_failure(
+            "pods \"sr-abc\" is forbidden: exceeded quota: gpus",
+        )]);
         let obs = Observed {
             deployment: Some(dep),
             ..Observed::default()
@@ -807,17 +814,12 @@ mod tests {
 
     #[test]
     fn a_placeholder_deployment_that_cannot_create_pods_is_degraded() {
-        use k8s_openapi::api::apps::v1::DeploymentCondition;
         let s = svc("  prewarm:\n    placeholders:\n      replicas: 1\n");
         let mut placeholders = deployment(1, 0, 0, 0);
         placeholders.metadata.name = Some("sr-placeholder".into());
-        placeholders.status.as_mut().unwrap().conditions = Some(vec![DeploymentCondition {
-            type_: Some("ReplicaFailure".into()),
-            status: Some("True".into()),
-            reason: Some("FailedCreate".into()),
-            message: Some("no PriorityClass with name hndsr-placeholder was found".into()),
-            ..DeploymentCondition::default()
-        }]);
+        placeholders.status.as_mut().unwrap().conditions = Some(vec![replica_failure(
+            "no PriorityClass with name hndsr-placeholder was found",
+        )]);
         let obs = Observed {
             deployment: Some(deployment(1, 1, 1, 1)),
             prewarm_deployments: vec![placeholders],

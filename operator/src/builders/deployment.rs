@@ -18,7 +18,7 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use super::{BuildConfig, Ctx, common_labels};
+use super::{BuildConfig, Ctx, role_labels, role_selector};
 use crate::{defaults, effective::Standby, quantity};
 
 /// Name of the server container.
@@ -61,36 +61,22 @@ pub(super) fn build(ctx: &Ctx<'_>, cfg: &BuildConfig, role: Role) -> Deployment 
         Role::Serving => (labels::ROLE_SERVING, ctx.name.clone()),
         Role::Standby(_) => (labels::ROLE_STANDBY, standby_name(&ctx.name)),
     };
-    let mut pod_labels = common_labels(&ctx.name);
-    pod_labels.insert(labels::ROLE.to_owned(), role_label.to_owned());
+    let pod_labels = role_labels(&ctx.name, role_label);
     let mut meta = ctx.meta(pod_labels.clone());
     meta.name = Some(name);
-    let selector = BTreeMap::from([
-        (labels::SERVICE.to_owned(), ctx.name.clone()),
-        (labels::ROLE.to_owned(), role_label.to_owned()),
-    ]);
+    let selector = role_selector(&ctx.name, role_label);
 
     let (volumes, init_containers) = weights_volumes(ctx, cfg);
-    let res = spec.resources.clone().unwrap_or_default();
     let pod = PodSpec {
-        automount_service_account_token: Some(false),
-        enable_service_links: Some(false),
         termination_grace_period_seconds: Some(ctx.eff.termination_grace_seconds),
-        security_context: Some(pod_security_context()),
-        node_selector: res.node_selector.clone(),
-        tolerations: res.tolerations.clone(),
-        affinity: res.affinity.clone(),
-        priority_class_name: res.priority_class_name.clone(),
-        image_pull_secrets: spec.model.image_pull_secrets.as_ref().map(|names| {
-            names
-                .iter()
-                .map(|n| LocalObjectReference { name: n.clone() })
-                .collect()
-        }),
+        priority_class_name: spec
+            .resources
+            .as_ref()
+            .and_then(|r| r.priority_class_name.clone()),
         init_containers: (!init_containers.is_empty()).then_some(init_containers),
         containers: vec![server_container(ctx, cfg, serving)],
         volumes: Some(volumes),
-        ..PodSpec::default()
+        ..placed_pod_spec(ctx)
     };
     let mut pod_annotations = BTreeMap::from([
         (annotations::PROMETHEUS_SCRAPE.to_owned(), "true".to_owned()),
@@ -162,8 +148,31 @@ fn pod_spec_hash(pod: &PodSpec) -> String {
     crate::ssa::spec_hash(pod).unwrap_or_default()
 }
 
+/// What every pod of the service shares, serving, standby or placeholder:
+/// no API token or service links, non-root, the spec's nodes and tolerations
+/// and pull secrets.
+pub(super) fn placed_pod_spec(ctx: &Ctx<'_>) -> PodSpec {
+    let spec = &ctx.svc.spec;
+    let res = spec.resources.clone().unwrap_or_default();
+    PodSpec {
+        automount_service_account_token: Some(false),
+        enable_service_links: Some(false),
+        security_context: Some(pod_security_context()),
+        node_selector: res.node_selector,
+        tolerations: res.tolerations,
+        affinity: res.affinity,
+        image_pull_secrets: spec.model.image_pull_secrets.as_ref().map(|names| {
+            names
+                .iter()
+                .map(|n| LocalObjectReference { name: n.clone() })
+                .collect()
+        }),
+        ..PodSpec::default()
+    }
+}
+
 /// Non-root with the runtime's seccomp profile.
-pub(super) fn pod_security_context() -> PodSecurityContext {
+fn pod_security_context() -> PodSecurityContext {
     PodSecurityContext {
         run_as_non_root: Some(true),
         run_as_user: Some(RUN_AS_ID),

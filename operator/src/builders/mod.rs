@@ -166,12 +166,25 @@ pub fn common_labels(name: &str) -> BTreeMap<String, String> {
     ])
 }
 
-/// Selector of the serving pods of `name` (Deployment, Service, PDB).
-pub fn serving_selector(name: &str) -> BTreeMap<String, String> {
+/// The common labels plus `hndsr.io/role`: a pod template's and its
+/// Deployment's.
+pub fn role_labels(name: &str, role: &str) -> BTreeMap<String, String> {
+    let mut l = common_labels(name);
+    l.insert(labels::ROLE.to_owned(), role.to_owned());
+    l
+}
+
+/// Selector of the pods of `name` in `role` (`hndsr.io/role`).
+pub fn role_selector(name: &str, role: &str) -> BTreeMap<String, String> {
     BTreeMap::from([
         (labels::SERVICE.to_owned(), name.to_owned()),
-        (labels::ROLE.to_owned(), labels::ROLE_SERVING.to_owned()),
+        (labels::ROLE.to_owned(), role.to_owned()),
     ])
+}
+
+/// Selector of the serving pods of `name` (Deployment, Service, PDB).
+pub fn serving_selector(name: &str) -> BTreeMap<String, String> {
+    role_selector(name, labels::ROLE_SERVING)
 }
 
 /// The serving selector as a label-selector string (`status.selector`).

@@ -7,15 +7,13 @@
 //! which is the signal a cluster autoscaler adds a node for. They run the
 //! serving image, so a node that held a placeholder has the image pulled.
 
-use std::collections::BTreeMap;
-
 use hndsr_crds::labels;
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
-use k8s_openapi::api::core::v1::{Container, LocalObjectReference, PodSpec, PodTemplateSpec};
+use k8s_openapi::api::core::v1::{Container, PodSpec, PodTemplateSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 
-use super::deployment::{pod_security_context, resources, restricted_security_context};
-use super::{BuildConfig, Ctx, common_labels, placeholder_name};
+use super::deployment::{placed_pod_spec, resources, restricted_security_context};
+use super::{BuildConfig, Ctx, placeholder_name, role_labels, role_selector};
 use crate::effective::EffectivePlaceholders;
 
 /// Name of the placeholder container.
@@ -26,42 +24,18 @@ const IDLE_COMMAND: [&str; 2] = ["sleep", "infinity"];
 /// A preempted placeholder should free its node at once.
 const TERMINATION_GRACE_SECONDS: i64 = 1;
 
-/// The placeholder pods' labels: the service's, with the placeholder role
-/// (never selected by the Service, the PDB or the autoscaler).
-fn placeholder_labels(name: &str) -> BTreeMap<String, String> {
-    let mut l = common_labels(name);
-    l.insert(labels::ROLE.to_owned(), labels::ROLE_PLACEHOLDER.to_owned());
-    l
-}
-
 pub(super) fn build(ctx: &Ctx<'_>, cfg: &BuildConfig, p: &EffectivePlaceholders) -> Deployment {
     let spec = &ctx.svc.spec;
-    let res = spec.resources.clone().unwrap_or_default();
-    let mut meta = ctx.meta(placeholder_labels(&ctx.name));
+    let mut meta = ctx.meta(role_labels(&ctx.name, labels::ROLE_PLACEHOLDER));
     meta.name = Some(placeholder_name(&ctx.name));
-    let selector = BTreeMap::from([
-        (labels::SERVICE.to_owned(), ctx.name.clone()),
-        (labels::ROLE.to_owned(), labels::ROLE_PLACEHOLDER.to_owned()),
-    ]);
+    let selector = role_selector(&ctx.name, labels::ROLE_PLACEHOLDER);
     let pod = PodSpec {
-        automount_service_account_token: Some(false),
-        enable_service_links: Some(false),
         termination_grace_period_seconds: Some(TERMINATION_GRACE_SECONDS),
-        security_context: Some(pod_security_context()),
-        node_selector: res.node_selector.clone(),
-        tolerations: res.tolerations.clone(),
-        affinity: res.affinity.clone(),
         priority_class_name: Some(
             p.priority_class_name
                 .clone()
                 .unwrap_or_else(|| cfg.placeholder_priority_class.clone()),
         ),
-        image_pull_secrets: spec.model.image_pull_secrets.as_ref().map(|names| {
-            names
-                .iter()
-                .map(|n| LocalObjectReference { name: n.clone() })
-                .collect()
-        }),
         containers: vec![Container {
             name: PLACEHOLDER_CONTAINER.to_owned(),
             image: Some(spec.model.image.clone()),
@@ -72,7 +46,7 @@ pub(super) fn build(ctx: &Ctx<'_>, cfg: &BuildConfig, p: &EffectivePlaceholders)
             termination_message_policy: Some("FallbackToLogsOnError".to_owned()),
             ..Container::default()
         }],
-        ..PodSpec::default()
+        ..placed_pod_spec(ctx)
     };
     Deployment {
         metadata: meta,
@@ -90,7 +64,7 @@ pub(super) fn build(ctx: &Ctx<'_>, cfg: &BuildConfig, p: &EffectivePlaceholders)
             revision_history_limit: Some(1),
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
-                    labels: Some(placeholder_labels(&ctx.name)),
+                    labels: Some(role_labels(&ctx.name, labels::ROLE_PLACEHOLDER)),
                     ..ObjectMeta::default()
                 }),
                 spec: Some(pod),
