@@ -125,6 +125,7 @@ impl EffectiveSpec {
             .unwrap_or(defaults::GPU);
         let backend = spec.model.backend;
         let serving = serving(spec);
+        let termination_grace_seconds = defaults::termination_grace_seconds(&serving);
         Self {
             backend,
             scale: spec
@@ -156,16 +157,10 @@ impl EffectiveSpec {
             ),
             static_replicas: spec.replicas.unwrap_or(defaults::REPLICAS),
             pdb: pdb(spec),
-            termination_grace_seconds: 0,
+            termination_grace_seconds,
             standby: standby(spec),
             placeholders: placeholders(spec),
         }
-        .with_grace()
-    }
-
-    fn with_grace(mut self) -> Self {
-        self.termination_grace_seconds = defaults::termination_grace_seconds(&self.serving);
-        self
     }
 
     /// Whether an autoscaler (of either provider) owns the replica count.
