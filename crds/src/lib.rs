@@ -104,8 +104,15 @@ pub mod conditions {
         pub const POD_CREATION_FAILED: &str = "PodCreationFailed";
         /// The autoscaler wants more replicas than `maxReplicas` allows.
         pub const SCALING_LIMITED: &str = "ScalingLimited";
-        /// Autoscaling provider `keda` was requested but is not reconciled yet.
-        pub const AUTOSCALER_NOT_SUPPORTED: &str = "AutoscalerNotSupported";
+        /// Provider `keda`: the cluster has no KEDA (no `keda.sh`
+        /// ScaledObject API), so nothing scales the service.
+        pub const KEDA_NOT_INSTALLED: &str = "KedaNotInstalled";
+        /// Provider `keda`: the operator was started without
+        /// `--keda-prometheus-url`, so it cannot write the triggers.
+        pub const KEDA_NOT_CONFIGURED: &str = "KedaNotConfigured";
+        /// Provider `keda`: KEDA reports the ScaledObject not ready (a
+        /// trigger it cannot evaluate, e.g. Prometheus unreachable).
+        pub const AUTOSCALER_NOT_READY: &str = "AutoscalerNotReady";
         /// The service is scaled to zero replicas on purpose.
         pub const SCALED_TO_ZERO: &str = "ScaledToZero";
         /// Serving is settled; warm standby pods (prewarm) are still

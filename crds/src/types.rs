@@ -452,7 +452,9 @@ pub struct ResourceAmount {
     validation = Rule::new("!has(self.minReplicas) || self.minReplicas <= self.maxReplicas")
         .message("autoscaling.minReplicas must not exceed autoscaling.maxReplicas"),
     validation = Rule::new("!has(self.minReplicas) || self.minReplicas > 0 || (has(self.provider) && self.provider == 'keda')")
-        .message("autoscaling.minReplicas 0 (scale to zero) needs provider keda")
+        .message("autoscaling.minReplicas 0 (scale to zero) needs provider keda"),
+    validation = Rule::new("!has(self.keda) || (has(self.provider) && self.provider == 'keda')")
+        .message("autoscaling.keda needs provider keda")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct AutoscalingSpec {
@@ -482,9 +484,52 @@ pub struct AutoscalingSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub behavior: Option<ScalingBehavior>,
     /// Who scales: `hpa` (a HorizontalPodAutoscaler, the default) or `keda`
-    /// (a KEDA ScaledObject, allows scale to zero; not reconciled yet).
+    /// (a KEDA ScaledObject `<name>` on the same metrics through Prometheus;
+    /// allows `minReplicas: 0`, and needs KEDA in the cluster).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub provider: Option<AutoscalingProvider>,
+    /// KEDA settings (provider `keda` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keda: Option<KedaSpec>,
+}
+
+/// KEDA settings of provider `keda`.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct KedaSpec {
+    /// Seconds between KEDA's checks of the triggers while at zero replicas
+    /// (how soon demand wakes the service; default 10).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub polling_interval_seconds: Option<i32>,
+    /// Seconds with no load (and no active schedule) before KEDA scales the
+    /// last pod away, when `minReplicas` is 0 (default 300).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 86400))]
+    pub idle_seconds_before_zero: Option<i32>,
+    /// Windows that keep at least `replicas` serving pods (KEDA cron
+    /// triggers): business hours warm, scale to zero off-hours.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub schedules: Vec<ScaleSchedule>,
+}
+
+/// A window, in cron syntax, during which at least `replicas` serving pods run.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ScaleSchedule {
+    /// IANA time zone the cron expressions are read in (e.g. `Europe/Berlin`).
+    #[schemars(length(min = 1, max = 64))]
+    pub timezone: String,
+    /// Cron expression (5 fields) of the window's start, e.g. `0 8 * * 1-5`.
+    #[schemars(length(min = 9, max = 100))]
+    pub start: String,
+    /// Cron expression (5 fields) of the window's end, e.g. `0 18 * * 1-5`.
+    #[schemars(length(min = 9, max = 100))]
+    pub end: String,
+    /// Serving pods kept during the window (at most `maxReplicas`).
+    #[schemars(range(min = 1, max = 1000))]
+    pub replicas: i32,
 }
 
 /// Autoscaling signal: `activeRequests`, `queueDepth` or `both`.

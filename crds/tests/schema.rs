@@ -60,6 +60,7 @@ fn schema_has_the_cel_rules() {
     let expect = [
         "self.minReplicas <= self.maxReplicas",
         "self.provider == 'keda'",
+        "!has(self.keda) || (has(self.provider) && self.provider == 'keda')",
         "self.prewarm.standbyReplicas == 0",
         "(has(self.maxQueueDepth) ? self.maxQueueDepth : 20) >= (has(self.maxConcurrent) ? self.maxConcurrent : 4)",
         "[has(self.pvc), has(self.image), has(self.uri), has(self.bundled) && self.bundled].exists_one(x, x)",

@@ -147,6 +147,20 @@ async fn invalid_hndsrservice_is_rejected_with_the_cel_message() -> anyhow::Resu
 
     let err = rejection(
         &api,
+        "keda-settings-for-hpa",
+        serde_json::json!({
+            "model": { "image": "hndsr/server:e2e", "backend": "bicubic" },
+            "autoscaling": { "maxReplicas": 2, "keda": { "idleSecondsBeforeZero": 60 } },
+        }),
+    )
+    .await?;
+    assert!(
+        err.contains("autoscaling.keda needs provider keda"),
+        "{err}"
+    );
+
+    let err = rejection(
+        &api,
         "cors-wildcard",
         serde_json::json!({
             "model": { "image": "hndsr/server:e2e", "backend": "bicubic" },

@@ -2,7 +2,10 @@
 //! clap [`Args`] struct (every flag also reads an env var), turned into the
 //! typed [`Config`] the rest of the crate uses.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
 
 use clap::Parser;
 
@@ -82,6 +85,32 @@ pub struct Args {
     /// value so every real pod preempts them.
     #[arg(long, env = "HNDSR_PLACEHOLDER_PRIORITY_CLASS", default_value = crate::builders::DEFAULT_PLACEHOLDER_PRIORITY_CLASS)]
     pub placeholder_priority_class: String,
+
+    /// Prometheus URL KEDA's `prometheus` scalers query for services with
+    /// `autoscaling.provider: keda` (the one that scrapes the server pods
+    /// and this operator). Unset: such services report
+    /// `Degraded/KedaNotConfigured`.
+    #[arg(long, env = "HNDSR_KEDA_PROMETHEUS_URL")]
+    pub keda_prometheus_url: Option<String>,
+
+    /// Address of the zero responder, which answers requests to services
+    /// at zero replicas with 503 + Retry-After and wakes them.
+    #[arg(
+        long,
+        env = "HNDSR_ZERO_RESPONDER_ADDR",
+        default_value = "0.0.0.0:8082"
+    )]
+    pub zero_responder_addr: SocketAddr,
+
+    /// IP the Services of services at zero send requests to: this pod's
+    /// (the chart passes `POD_IP` from the downward API). Defaults to
+    /// `POD_IP`; unset, scale to zero reports `Degraded/KedaNotConfigured`.
+    #[arg(long, env = "HNDSR_ZERO_RESPONDER_IP")]
+    pub zero_responder_ip: Option<IpAddr>,
+
+    /// `Retry-After` seconds of the zero responder's 503s.
+    #[arg(long, env = "HNDSR_ZERO_RETRY_AFTER_SECONDS", default_value_t = crate::zero::DEFAULT_RETRY_AFTER_SECONDS)]
+    pub zero_retry_after_seconds: u32,
 }
 
 /// Leader-election settings.
@@ -120,6 +149,14 @@ pub struct Config {
     pub cluster_domain: String,
     /// Default PriorityClass of capacity placeholders.
     pub placeholder_priority_class: String,
+    /// Prometheus of KEDA's scalers.
+    pub keda_prometheus_url: Option<String>,
+    /// Bind address of the zero responder.
+    pub zero_responder_addr: SocketAddr,
+    /// Where Services at zero point (IP + the responder's port).
+    pub zero_responder: Option<SocketAddr>,
+    /// `Retry-After` of the zero responder.
+    pub zero_retry_after_seconds: u32,
 }
 
 /// Invalid combinations of flags, reported at start-up.
@@ -156,6 +193,15 @@ pub enum ConfigError {
     /// A setting that names something must not be empty.
     #[error("{0} must not be empty")]
     Empty(&'static str),
+    /// A URL that is not `http(s)://host...`.
+    #[error("--keda-prometheus-url {0:?} must be an http:// or https:// URL")]
+    PrometheusUrl(String),
+    /// The responder's IP from `POD_IP` does not parse.
+    #[error("POD_IP {0:?} is not an IP address (set --zero-responder-ip)")]
+    PodIp(String),
+    /// A zero Retry-After would invite a retry storm.
+    #[error("--zero-retry-after-seconds must be at least 1")]
+    ZeroRetryAfter,
 }
 
 impl Args {
@@ -216,7 +262,30 @@ impl Args {
         if placeholder_priority_class.is_empty() {
             return Err(ConfigError::Empty("--placeholder-priority-class"));
         }
+        let keda_prometheus_url = match self.keda_prometheus_url.map(|u| u.trim().to_owned()) {
+            None => None,
+            Some(u) if u.is_empty() => None,
+            Some(u) if u.starts_with("http://") || u.starts_with("https://") => Some(u),
+            Some(u) => return Err(ConfigError::PrometheusUrl(u)),
+        };
+        let zero_ip = match (self.zero_responder_ip, env("POD_IP")) {
+            (Some(ip), _) => Some(ip),
+            (None, Some(pod_ip)) if !pod_ip.trim().is_empty() => Some(
+                pod_ip
+                    .trim()
+                    .parse::<IpAddr>()
+                    .map_err(|_| ConfigError::PodIp(pod_ip.clone()))?,
+            ),
+            (None, _) => None,
+        };
+        if self.zero_retry_after_seconds == 0 {
+            return Err(ConfigError::ZeroRetryAfter);
+        }
         Ok(Config {
+            keda_prometheus_url,
+            zero_responder_addr: self.zero_responder_addr,
+            zero_responder: zero_ip.map(|ip| SocketAddr::new(ip, self.zero_responder_addr.port())),
+            zero_retry_after_seconds: self.zero_retry_after_seconds,
             watch_namespace: self.watch_namespace.filter(|ns| !ns.is_empty()),
             metrics_addr: self.metrics_addr,
             leader,
@@ -278,6 +347,53 @@ mod tests {
             .into_config(env)
             .unwrap_err();
         assert_eq!(err, ConfigError::Empty("--fetcher-image"));
+    }
+
+    #[test]
+    fn keda_and_the_zero_responder_are_settings() {
+        let cfg = parse(&[]).into_config(env).unwrap();
+        assert_eq!(cfg.keda_prometheus_url, None);
+        assert_eq!(cfg.zero_responder, None, "no POD_IP, no flag: no responder");
+        let with_pod_ip = |k: &str| match k {
+            "POD_IP" => Some("10.244.1.9".to_owned()),
+            _ => env(k),
+        };
+        let cfg = parse(&["--keda-prometheus-url", "http://prometheus.monitoring:9090"])
+            .into_config(with_pod_ip)
+            .unwrap();
+        assert_eq!(
+            cfg.keda_prometheus_url.as_deref(),
+            Some("http://prometheus.monitoring:9090")
+        );
+        assert_eq!(cfg.zero_responder, Some("10.244.1.9:8082".parse().unwrap()));
+        let cfg = parse(&[
+            "--zero-responder-ip",
+            "10.0.0.1",
+            "--zero-responder-addr",
+            "0.0.0.0:9000",
+        ])
+        .into_config(with_pod_ip)
+        .unwrap();
+        assert_eq!(cfg.zero_responder, Some("10.0.0.1:9000".parse().unwrap()));
+        let err = parse(&["--keda-prometheus-url", "prometheus:9090"])
+            .into_config(env)
+            .unwrap_err();
+        assert_eq!(err, ConfigError::PrometheusUrl("prometheus:9090".into()));
+        let bad_ip = |k: &str| {
+            (k == "POD_IP")
+                .then(|| "nope".to_owned())
+                .or_else(|| env(k))
+        };
+        assert_eq!(
+            parse(&[]).into_config(bad_ip).unwrap_err(),
+            ConfigError::PodIp("nope".into())
+        );
+        assert_eq!(
+            parse(&["--zero-retry-after-seconds", "0"])
+                .into_config(env)
+                .unwrap_err(),
+            ConfigError::ZeroRetryAfter
+        );
     }
 
     #[test]

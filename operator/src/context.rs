@@ -244,6 +244,8 @@ pub struct Context {
     pub written: WrittenStatuses,
     /// Standby promotions the pod cache has not shown yet.
     pub in_flight: crate::standby::InFlight,
+    /// The services at zero the zero responder answers for.
+    pub zero: crate::zero::ZeroResponder,
 }
 
 impl std::fmt::Debug for Context {
@@ -268,6 +270,7 @@ impl Context {
         metrics: Metrics,
         stores: Stores,
         build: BuildConfig,
+        zero: crate::zero::ZeroResponder,
     ) -> Arc<Self> {
         let reporter = Reporter {
             controller: REPORTER.to_owned(),
@@ -282,6 +285,7 @@ impl Context {
             backoff: Backoff::default(),
             written: WrittenStatuses::default(),
             in_flight: crate::standby::InFlight::default(),
+            zero,
         })
     }
 }

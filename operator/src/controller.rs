@@ -19,12 +19,13 @@
 
 use std::{sync::Arc, time::Duration};
 
-use hndsr_crds::{HndsrService, HndsrServiceStatus, conditions, labels};
+use hndsr_crds::{AutoscalingProvider, HndsrService, HndsrServiceStatus, conditions, labels};
 use k8s_openapi::{
     NamespaceResourceScope,
     api::{
         apps::v1::Deployment,
-        core::v1::{ObjectReference, Pod},
+        core::v1::{ObjectReference, Pod, Service},
+        discovery::v1::EndpointSlice,
     },
     apimachinery::pkg::apis::meta::v1::Condition,
     jiff::Timestamp,
@@ -42,14 +43,15 @@ use serde::{Serialize, de::DeserializeOwned};
 use serde_json::Value;
 
 use crate::{
-    builders::{self, Children},
+    builders::{self, Children, ScaledObject},
     context::Context,
-    effective::{self, Standby},
+    effective::{self, EffectiveSpec, Standby},
     error::{Error, Result},
     slim,
     ssa::{self, EnsureError, Outcome},
     standby,
     status::{self, Observed},
+    zero,
 };
 
 /// Periodic resync of a healthy object: cheap, because a pass that finds
@@ -174,6 +176,9 @@ async fn reconcile_inner(svc: &HndsrService, ctx: &Context) -> Result<Action> {
         promote(svc, ctx, &ns, &observed).await?;
     }
 
+    // 3c. provider keda: the ScaledObject, and at zero the zero responder
+    reconcile_keda(svc, ctx, &ns, &eff, &children, &mut observed).await?;
+
     // 4. status
     let new = status::compute(svc, Ok((&eff, &children)), &observed, now);
     patch_status_if_changed(svc, ctx, &ns, &new).await?;
@@ -238,7 +243,105 @@ pub fn observe(stores: &crate::context::Stores, ns: &str, name: &str) -> Observe
         pods,
         standby_pods,
         prewarm_deployments,
+        scaled_object: None,
+        keda_missing: false,
     }
+}
+
+/// What the last status says the service was: provider `keda`, and allowed
+/// to scale to zero. A spec that leaves either must clean up after it.
+fn was_keda(svc: &HndsrService) -> (bool, bool) {
+    let a = svc.status.as_ref().and_then(|s| s.autoscaling.as_ref());
+    let keda = a.is_some_and(|a| a.provider == AutoscalingProvider::Keda);
+    (keda, keda && a.is_some_and(|a| a.min_replicas == 0))
+}
+
+/// Provider `keda`: applies the ScaledObject (there is no watch on it, so
+/// it is read here: an API without KEDA would keep a watch from syncing)
+/// and, while the service has no ready serving pod, routes its Service to
+/// the zero responder ([`crate::zero`]). Cleans both up when the spec
+/// leaves KEDA or scale to zero.
+async fn reconcile_keda(
+    svc: &HndsrService,
+    ctx: &Context,
+    ns: &str,
+    eff: &EffectiveSpec,
+    children: &Children,
+    observed: &mut Observed,
+) -> Result<()> {
+    let name = svc.name_any();
+    let (was_keda, was_zero) = was_keda(svc);
+    let objects: Api<ScaledObject> = Api::namespaced(ctx.client.clone(), ns);
+    let read = |kind: &'static str, name: String| {
+        move |source| Error::Read {
+            kind,
+            namespace: ns.to_owned(),
+            name,
+            source,
+        }
+    };
+    if let Some(so) = &children.scaled_object {
+        let live = objects
+            .get_opt(&name)
+            .await
+            .map_err(read("ScaledObject", name.clone()))?;
+        match apply_one(svc, ctx, ns, so.clone(), live.clone()).await {
+            Ok(applied) => observed.scaled_object = applied.or(live),
+            // The API server has no keda.sh API: KEDA is not installed.
+            Err(Error::Apply {
+                source: kube::Error::Api(s),
+                ..
+            }) if s.code == 404 => observed.keda_missing = true,
+            Err(e) => return Err(e),
+        }
+    } else if was_keda {
+        let live = objects
+            .get_opt(&name)
+            .await
+            .map_err(read("ScaledObject", name.clone()))?;
+        delete_if_owned(svc, ctx, ns, live).await?;
+    }
+
+    let routes_to_zero = children.zero_slice.is_some();
+    if !(routes_to_zero || was_zero) {
+        ctx.zero.remove(ns, &name);
+        return Ok(());
+    }
+    let slices: Api<EndpointSlice> = Api::namespaced(ctx.client.clone(), ns);
+    let slice_name = builders::zero_slice_name(&name);
+    let live = slices
+        .get_opt(&slice_name)
+        .await
+        .map_err(read("EndpointSlice", slice_name.clone()))?;
+    match &children.zero_slice {
+        Some(slice) if zero::at_zero(eff, &observed.pods) => {
+            if !ctx.zero.contains(ns, &name) {
+                ctx.zero
+                    .insert(ns, &name, cluster_ip(ctx, ns, &name).await?);
+            }
+            apply_one(svc, ctx, ns, slice.clone(), live).await?;
+        }
+        _ => {
+            ctx.zero.remove(ns, &name);
+            delete_if_owned(svc, ctx, ns, live).await?;
+        }
+    }
+    Ok(())
+}
+
+/// The Service's cluster IP (the zero responder matches a `Host` that is
+/// an IP by it); one read when a service reaches zero.
+async fn cluster_ip(ctx: &Context, ns: &str, name: &str) -> Result<Option<std::net::IpAddr>> {
+    let services: Api<Service> = Api::namespaced(ctx.client.clone(), ns);
+    let svc = services.get_opt(name).await.map_err(|source| Error::Read {
+        kind: "Service",
+        namespace: ns.to_owned(),
+        name: name.to_owned(),
+        source,
+    })?;
+    Ok(svc
+        .and_then(|s| s.spec?.cluster_ip)
+        .and_then(|ip| ip.parse().ok()))
 }
 
 /// Relabels ready standby pods into the serving slots the ReplicaSet has
@@ -515,6 +618,8 @@ fn static_kind<K: Resource<DynamicType = ()>>() -> &'static str {
         "Service" => "Service",
         "HorizontalPodAutoscaler" => "HorizontalPodAutoscaler",
         "PodDisruptionBudget" => "PodDisruptionBudget",
+        "ScaledObject" => "ScaledObject",
+        "EndpointSlice" => "EndpointSlice",
         _ => "Other",
     }
 }

@@ -19,6 +19,11 @@ pub const GPU: i32 = 1;
 pub const GPU_RESOURCE_NAME: &str = "nvidia.com/gpu";
 /// `autoscaling.minReplicas` when unset.
 pub const MIN_REPLICAS: i32 = 1;
+/// `autoscaling.keda.pollingIntervalSeconds` when unset: KEDA's own default
+/// is 30 s, a long wait for the first request at zero.
+pub const KEDA_POLLING_INTERVAL_SECONDS: i32 = 10;
+/// `autoscaling.keda.idleSecondsBeforeZero` when unset (KEDA's default).
+pub const KEDA_IDLE_SECONDS_BEFORE_ZERO: i32 = 300;
 /// Name of the weights file inside a `pvc` or `image` volume when `weights.file` is unset.
 pub const WEIGHTS_FILE: &str = "model.safetensors";
 /// Where the weights volume is mounted in the server container.

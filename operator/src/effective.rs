@@ -9,7 +9,7 @@
 
 use hndsr_crds::{
     AutoscalingMetric, AutoscalingProvider, Backend, EffectiveAutoscaling, EffectiveServing,
-    HndsrService, HndsrServiceSpec, Precision, PullPolicy, WeightsSpec,
+    HndsrService, HndsrServiceSpec, Precision, PullPolicy, ScaleSchedule, WeightsSpec,
 };
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscalerBehavior;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -59,6 +59,17 @@ pub struct EffectivePlaceholders {
     pub priority_class_name: Option<String>,
 }
 
+/// KEDA settings in force (provider `keda`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct EffectiveKeda {
+    /// ScaledObject `pollingInterval`.
+    pub polling_interval_seconds: i32,
+    /// ScaledObject `cooldownPeriod`.
+    pub idle_seconds_before_zero: i32,
+    /// Cron windows with a floor of serving pods.
+    pub schedules: Vec<ScaleSchedule>,
+}
+
 /// The spec with defaults applied. Built by [`resolve`] (validated) or
 /// [`EffectiveSpec::of`] (not validated: for reporting an invalid spec).
 #[derive(Debug, Clone, PartialEq)]
@@ -88,6 +99,8 @@ pub struct EffectiveSpec {
     pub serving: EffectiveServing,
     /// Autoscaling in force; `None` when off (`status.autoscaling`).
     pub autoscaling: Option<EffectiveAutoscaling>,
+    /// KEDA settings; `None` unless autoscaling is on with provider `keda`.
+    pub keda: Option<EffectiveKeda>,
     /// The HPA behaviour: the defaults overlaid with the spec's fields.
     pub behavior: HorizontalPodAutoscalerBehavior,
     /// Replicas the Deployment gets when no autoscaler owns it.
@@ -151,6 +164,7 @@ impl EffectiveSpec {
             image_pull_policy: spec.model.image_pull_policy,
             weights: spec.model.weights.as_ref().map(weights),
             autoscaling: autoscaling(spec, &serving),
+            keda: keda(spec),
             serving,
             behavior: defaults::behavior(
                 spec.autoscaling.as_ref().and_then(|a| a.behavior.as_ref()),
@@ -173,6 +187,16 @@ impl EffectiveSpec {
     #[must_use]
     pub fn provider(&self) -> Option<AutoscalingProvider> {
         self.autoscaling.as_ref().map(|a| a.provider)
+    }
+
+    /// Whether KEDA may scale the service to zero serving pods.
+    #[must_use]
+    pub fn scales_to_zero(&self) -> bool {
+        self.keda.is_some()
+            && self
+                .autoscaling
+                .as_ref()
+                .is_some_and(|a| a.min_replicas == 0)
     }
 
     /// Standby replicas for `desired` serving replicas.
@@ -222,6 +246,23 @@ fn weights(w: &WeightsSpec) -> EffectiveWeights {
         path,
         manifest_uri: w.uri.is_some().then(|| defaults::manifest_uri(w)).flatten(),
     }
+}
+
+fn keda(spec: &HndsrServiceSpec) -> Option<EffectiveKeda> {
+    let a = spec.autoscaling.as_ref()?;
+    if !a.enabled.unwrap_or(true) || a.provider != Some(AutoscalingProvider::Keda) {
+        return None;
+    }
+    let k = a.keda.clone().unwrap_or_default();
+    Some(EffectiveKeda {
+        polling_interval_seconds: k
+            .polling_interval_seconds
+            .unwrap_or(defaults::KEDA_POLLING_INTERVAL_SECONDS),
+        idle_seconds_before_zero: k
+            .idle_seconds_before_zero
+            .unwrap_or(defaults::KEDA_IDLE_SECONDS_BEFORE_ZERO),
+        schedules: k.schedules,
+    })
 }
 
 fn autoscaling(

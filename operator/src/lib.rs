@@ -1,6 +1,7 @@
 //! The HNDSR operator: reconciles `HndsrService` into a Deployment, a
-//! Service, a HorizontalPodAutoscaler and a PodDisruptionBudget, and with
-//! prewarm a standby Deployment and capacity placeholders.
+//! Service, a HorizontalPodAutoscaler (or a KEDA ScaledObject) and a
+//! PodDisruptionBudget, with prewarm a standby Deployment and capacity
+//! placeholders, and at zero replicas a zero responder.
 
 pub mod builders;
 pub mod defaults;
@@ -20,3 +21,4 @@ pub mod slim;
 pub mod ssa;
 pub mod standby;
 pub mod watches;
+pub mod zero;

@@ -19,6 +19,7 @@ use hndsr_operator::{
     leader::LeaderElector,
     slim,
     watches::{self, Triggers},
+    zero::{self, ZeroResponder},
 };
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::{
@@ -93,6 +94,30 @@ async fn run(config: Config) -> anyhow::Result<()> {
         async move { s.cancelled().await }
     }));
 
+    // Every replica answers at zero (the Services point at the leader's).
+    let zero = ZeroResponder::new(
+        &metrics,
+        &config.cluster_domain,
+        config.zero_retry_after_seconds,
+    );
+    let zero_listener = tokio::net::TcpListener::bind(config.zero_responder_addr)
+        .await
+        .with_context(|| {
+            format!(
+                "binding the zero responder address {}",
+                config.zero_responder_addr
+            )
+        })?;
+    tracing::info!(addr = %config.zero_responder_addr, advertised = ?config.zero_responder, "serving the zero responder");
+    let zero_task = tokio::spawn({
+        let (router, s) = (zero::router(zero.clone()), shutdown.clone());
+        async move {
+            axum::serve(zero_listener, router)
+                .with_graceful_shutdown(async move { s.cancelled().await })
+                .await
+        }
+    });
+
     // Caches run in every replica; triggers flow only while leading.
     let (tx, rx) = futures::channel::mpsc::unbounded();
     let triggers = Triggers {
@@ -165,7 +190,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
             fetcher_image: config.fetcher_image.clone(),
             placeholder_priority_class: config.placeholder_priority_class.clone(),
             cluster_domain: config.cluster_domain.clone(),
+            keda_prometheus_url: config.keda_prometheus_url.clone(),
+            zero_responder: config.zero_responder,
         },
+        zero,
     );
     let hsvc: Api<HndsrService> = watches::scoped_api(client.clone(), ns);
     tracing::info!(namespace = ns.unwrap_or("<all>"), "starting the controller");
@@ -216,6 +244,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         tracing::warn!(%error, "releasing the lease failed; the other replica takes over at expiry");
     }
     http_task.await.ok();
+    zero_task.await.ok();
     Ok(())
 }
 

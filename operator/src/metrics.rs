@@ -118,6 +118,15 @@ impl Metrics {
         }
     }
 
+    /// Registers a further collector (the zero responder's metrics).
+    ///
+    /// # Panics
+    /// When a metric of the same name is already registered: a programming
+    /// error caught by the tests.
+    pub fn register(&self, collector: Box<dyn prometheus::core::Collector>) {
+        self.registry.register(collector).expect("unique metric");
+    }
+
     /// Records one finished reconcile pass.
     pub fn observe_reconcile(&self, took: Duration, error_reason: Option<&'static str>) {
         self.reconcile_duration.observe(took.as_secs_f64());

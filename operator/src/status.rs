@@ -14,7 +14,9 @@ use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
-use crate::builders::{Children, InvalidSpec, serving_selector_string};
+use crate::builders::{
+    Children, InvalidSpec, ScaledObject, not_ready_message, serving_selector_string,
+};
 use crate::effective::EffectiveSpec;
 use crate::standby;
 
@@ -31,6 +33,10 @@ pub struct Observed {
     pub standby_pods: Vec<Pod>,
     /// The prewarm Deployments that exist (standby, placeholders).
     pub prewarm_deployments: Vec<Deployment>,
+    /// Provider `keda`: the ScaledObject `<name>`, if it exists.
+    pub scaled_object: Option<ScaledObject>,
+    /// Provider `keda`: the API server has no `keda.sh` ScaledObject API.
+    pub keda_missing: bool,
 }
 
 /// Container waiting reasons that mean "this will not fix itself soon".
@@ -204,7 +210,7 @@ pub fn compute(
             status.autoscaling = eff.autoscaling.clone();
             let want = want_replicas(eff, observed);
             status.desired_replicas = Some(want);
-            let facts = Facts::new(eff, observed, want, &dep_status);
+            let facts = Facts::new(eff, children, observed, want, &dep_status);
             vec![
                 ready_condition(&facts),
                 progressing_condition(&facts),
@@ -283,7 +289,10 @@ struct Facts<'a> {
     prewarm_failure: Option<String>,
     /// The HPA wants more than `maxReplicas`.
     limited: bool,
-    keda: bool,
+    /// Provider `keda` cannot scale (or wake) the service: reason, message.
+    autoscaler_problem: Option<(&'static str, String)>,
+    /// KEDA may scale to zero and a responder answers there.
+    zero_responder: bool,
     /// Standby pods wanted, ready, and pending for lack of GPUs.
     standby_wanted: i32,
     standby_ready: i32,
@@ -293,6 +302,7 @@ struct Facts<'a> {
 impl<'a> Facts<'a> {
     fn new(
         eff: &'a EffectiveSpec,
+        children: &Children,
         observed: &Observed,
         want: i32,
         dep_status: &k8s_openapi::api::apps::v1::DeploymentStatus,
@@ -343,7 +353,8 @@ impl<'a> Facts<'a> {
             creation_failure,
             prewarm_failure: prewarm_creation_failure(&observed.prewarm_deployments),
             limited: observed.hpa.as_ref().is_some_and(scaling_limited),
-            keda: eff.provider() == Some(AutoscalingProvider::Keda),
+            autoscaler_problem: autoscaler_problem(eff, children, observed),
+            zero_responder: children.zero_slice.is_some(),
             standby_wanted: eff.standby_replicas(want),
             standby_ready: standby::ready_count(&observed.standby_pods),
             standby_gpu_pending: summarize(&observed.standby_pods, &eff.gpu_resource_name)
@@ -382,6 +393,46 @@ impl<'a> Facts<'a> {
     }
 }
 
+/// Why provider `keda` cannot scale the service, if it cannot.
+fn autoscaler_problem(
+    eff: &EffectiveSpec,
+    children: &Children,
+    observed: &Observed,
+) -> Option<(&'static str, String)> {
+    if eff.provider() != Some(AutoscalingProvider::Keda) {
+        return None;
+    }
+    if children.scaled_object.is_none() {
+        return Some((
+            reasons::KEDA_NOT_CONFIGURED,
+            "provider keda needs the operator's --keda-prometheus-url (chart value \
+             keda.prometheusUrl); no ScaledObject was created and nothing scales this service"
+                .to_owned(),
+        ));
+    }
+    if eff.scales_to_zero() && children.zero_slice.is_none() {
+        return Some((
+            reasons::KEDA_NOT_CONFIGURED,
+            "minReplicas 0 needs the operator's zero responder address (--zero-responder-ip, \
+             or POD_IP in the chart); without it a client at zero gets a refused connection"
+                .to_owned(),
+        ));
+    }
+    if observed.keda_missing {
+        return Some((
+            reasons::KEDA_NOT_INSTALLED,
+            "the cluster has no KEDA (no keda.sh/v1alpha1 ScaledObject API): install KEDA \
+             v2.21 or use provider hpa"
+                .to_owned(),
+        ));
+    }
+    observed
+        .scaled_object
+        .as_ref()
+        .and_then(not_ready_message)
+        .map(|m| (reasons::AUTOSCALER_NOT_READY, m))
+}
+
 /// A standby or placeholder Deployment that cannot create its pods (a
 /// missing PriorityClass, a quota): its name and the ReplicaSet's message.
 fn prewarm_creation_failure(deployments: &[Deployment]) -> Option<String> {
@@ -401,11 +452,12 @@ fn prewarm_creation_failure(deployments: &[Deployment]) -> Option<String> {
 fn ready_condition(f: &Facts<'_>) -> Cond {
     let (want, ready) = (f.want, f.ready);
     let (status, reason, message) = if want == 0 && ready == 0 {
-        (
-            false,
-            reasons::SCALED_TO_ZERO,
-            "scaled to zero serving pods".to_owned(),
-        )
+        let message = if f.zero_responder {
+            "scaled to zero serving pods; a request gets 503 + Retry-After and wakes the service"
+        } else {
+            "scaled to zero serving pods"
+        };
+        (false, reasons::SCALED_TO_ZERO, message.to_owned())
     } else if ready >= want.max(1) {
         (
             true,
@@ -524,13 +576,8 @@ fn degraded_condition(f: &Facts<'_>) -> Cond {
         )
     } else if let Some(message) = &f.prewarm_failure {
         (true, reasons::POD_CREATION_FAILED, message.clone())
-    } else if f.keda {
-        (
-            true,
-            reasons::AUTOSCALER_NOT_SUPPORTED,
-            "provider keda is not reconciled yet: no autoscaler was created; use provider hpa"
-                .to_owned(),
-        )
+    } else if let Some((reason, message)) = &f.autoscaler_problem {
+        (true, *reason, message.clone())
     } else {
         (false, reasons::HEALTHY, "no problem detected".to_owned())
     };
@@ -964,16 +1011,88 @@ mod tests {
         assert_eq!(st.endpoint.as_deref(), Some("http://old"));
     }
 
+    fn run_with(
+        s: &HndsrService,
+        cfg: &BuildConfig,
+        observed: &Observed,
+        now: i64,
+    ) -> HndsrServiceStatus {
+        let d = resolve_and_build(s, cfg);
+        compute(s, d.as_ref().map(|(e, c)| (e, c)), observed, t(now))
+    }
+
+    fn keda_config() -> BuildConfig {
+        BuildConfig {
+            keda_prometheus_url: Some("http://prometheus:9090".into()),
+            zero_responder: Some("10.0.0.9:8082".parse().unwrap()),
+            ..BuildConfig::default()
+        }
+    }
+
+    const KEDA_ZERO: &str =
+        "  autoscaling:\n    minReplicas: 0\n    maxReplicas: 3\n    provider: keda\n";
+
     #[test]
-    fn keda_reports_missing_autoscaler_and_zero() {
-        let s = svc("  autoscaling:\n    minReplicas: 0\n    maxReplicas: 3\n    provider: keda\n");
+    fn keda_at_zero_is_scaled_to_zero_and_healthy() {
+        let s = svc(KEDA_ZERO);
         let obs = Observed {
             deployment: Some(deployment(0, 0, 0, 0)),
             ..Observed::default()
         };
-        let st = run(&s, &obs, 10);
+        let st = run_with(&s, &keda_config(), &obs, 10);
+        assert_eq!(st.desired_replicas, Some(0));
         assert_eq!(get(&st, READY).reason, reasons::SCALED_TO_ZERO);
-        assert_eq!(get(&st, DEGRADED).reason, reasons::AUTOSCALER_NOT_SUPPORTED);
+        assert!(
+            get(&st, READY).message.contains("503"),
+            "{}",
+            get(&st, READY).message
+        );
+        assert_eq!(get(&st, PROGRESSING).reason, reasons::RECONCILED);
+        assert_eq!(get(&st, DEGRADED).reason, reasons::HEALTHY);
+    }
+
+    #[test]
+    fn keda_without_what_it_needs_is_degraded_and_says_what() {
+        let s = svc(KEDA_ZERO);
+        let obs = Observed {
+            deployment: Some(deployment(0, 0, 0, 0)),
+            ..Observed::default()
+        };
+        // No --keda-prometheus-url.
+        let st = run(&s, &obs, 10);
+        assert_eq!(get(&st, DEGRADED).reason, reasons::KEDA_NOT_CONFIGURED);
+        assert!(get(&st, DEGRADED).message.contains("--keda-prometheus-url"));
+        // No responder address for scale to zero.
+        let no_responder = BuildConfig {
+            zero_responder: None,
+            ..keda_config()
+        };
+        let st = run_with(&s, &no_responder, &obs, 10);
+        assert_eq!(get(&st, DEGRADED).reason, reasons::KEDA_NOT_CONFIGURED);
+        assert!(get(&st, DEGRADED).message.contains("refused connection"));
+        // No KEDA in the cluster.
+        let missing = Observed {
+            keda_missing: true,
+            ..obs.clone()
+        };
+        let st = run_with(&s, &keda_config(), &missing, 10);
+        assert_eq!(get(&st, DEGRADED).reason, reasons::KEDA_NOT_INSTALLED);
+        // KEDA cannot evaluate a trigger.
+        let so: ScaledObject = serde_json::from_value(serde_json::json!({
+            "apiVersion": "keda.sh/v1alpha1", "kind": "ScaledObject",
+            "metadata": {"name": "sr", "namespace": "ml"},
+            "spec": {"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "sr"}, "triggers": []},
+            "status": {"conditions": [{"type": "Ready", "status": "False", "reason": "ScaledObjectCheckFailed",
+                                       "message": "prometheus: connection refused"}]}
+        }))
+        .unwrap();
+        let failing = Observed {
+            scaled_object: Some(so),
+            ..obs
+        };
+        let st = run_with(&s, &keda_config(), &failing, 10);
+        assert_eq!(get(&st, DEGRADED).reason, reasons::AUTOSCALER_NOT_READY);
+        assert!(get(&st, DEGRADED).message.contains("connection refused"));
     }
 
     #[test]

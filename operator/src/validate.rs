@@ -10,7 +10,7 @@ use std::fmt;
 
 use hndsr_crds::{
     AutoscalingProvider, AutoscalingSpec, EffectiveServing, HndsrService, HndsrServiceSpec,
-    Precision, TargetPerPod, WeightsSpec,
+    KedaSpec, Precision, TargetPerPod, WeightsSpec,
 };
 use k8s_openapi::api::autoscaling::v2::HPAScalingRules;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -390,6 +390,9 @@ fn check_autoscaling(a: &AutoscalingSpec, serving: &EffectiveServing, p: &mut Pr
     if let Some(t) = &a.target_per_pod {
         check_targets(t, serving, p);
     }
+    if let Some(k) = &a.keda {
+        check_keda(a, k, p);
+    }
     if let Some(b) = &a.behavior {
         for (field, rules) in [
             ("spec.autoscaling.behavior.scaleUp", &b.scale_up),
@@ -398,6 +401,58 @@ fn check_autoscaling(a: &AutoscalingSpec, serving: &EffectiveServing, p: &mut Pr
             if let Some(rules) = rules {
                 check_scaling_rules(field, rules, p);
             }
+        }
+    }
+}
+
+/// KEDA settings: only with provider keda; schedules KEDA's cron scaler
+/// can read, with floors inside the bounds.
+fn check_keda(a: &AutoscalingSpec, k: &KedaSpec, p: &mut Problems) {
+    if a.provider != Some(AutoscalingProvider::Keda) {
+        p.add("spec.autoscaling.keda", "needs provider keda");
+    }
+    if k.polling_interval_seconds.is_some_and(|s| s < 1) {
+        p.add(
+            "spec.autoscaling.keda.pollingIntervalSeconds",
+            "must be at least 1",
+        );
+    }
+    if k.idle_seconds_before_zero.is_some_and(|s| s < 0) {
+        p.add(
+            "spec.autoscaling.keda.idleSecondsBeforeZero",
+            "must not be negative",
+        );
+    }
+    for (i, s) in k.schedules.iter().enumerate() {
+        let field = format!("spec.autoscaling.keda.schedules[{i}]");
+        if s.timezone.trim().is_empty() {
+            p.add(
+                &format!("{field}.timezone"),
+                "must name an IANA time zone, e.g. Europe/Berlin",
+            );
+        }
+        for (name, expr) in [("start", &s.start), ("end", &s.end)] {
+            let fields = expr.split_whitespace().count();
+            if fields != 5 {
+                p.add(
+                    &format!("{field}.{name}"),
+                    format!(
+                        "{expr:?} is not a 5-field cron expression (minute hour day month weekday)"
+                    ),
+                );
+            }
+        }
+        if s.start.split_whitespace().eq(s.end.split_whitespace()) {
+            p.add(
+                &format!("{field}.end"),
+                "must differ from start (the window would be empty)",
+            );
+        }
+        if s.replicas < 1 || s.replicas > a.max_replicas {
+            p.add(
+                &format!("{field}.replicas"),
+                format!("must be between 1 and maxReplicas ({})", a.max_replicas),
+            );
         }
     }
 }

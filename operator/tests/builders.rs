@@ -20,14 +20,26 @@ fn desired(svc: &HndsrService, cfg: &BuildConfig) -> Result<Children, InvalidSpe
     resolve_and_build(svc, cfg).map(|(_, children)| children)
 }
 
-const CHILD_FILES: [&str; 6] = [
+const CHILD_FILES: [&str; 8] = [
     "deployment.yaml",
     "service.yaml",
     "hpa.yaml",
     "pdb.yaml",
     "placeholder.yaml",
     "standby.yaml",
+    "scaledobject.yaml",
+    "zero-endpointslice.yaml",
 ];
+
+/// The operator settings the goldens are built with: KEDA's Prometheus and
+/// a zero responder configured (they only show in provider `keda` cases).
+fn golden_config() -> BuildConfig {
+    BuildConfig {
+        keda_prometheus_url: Some("http://prometheus.monitoring.svc:9090".to_owned()),
+        zero_responder: Some("10.244.0.5:8082".parse().unwrap()),
+        ..BuildConfig::default()
+    }
+}
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
@@ -43,7 +55,7 @@ fn to_yaml<T: serde::Serialize>(v: &T) -> String {
 
 /// What a case produces: file name → contents.
 fn outputs(svc: &HndsrService) -> Vec<(&'static str, String)> {
-    match desired(svc, &BuildConfig::default()) {
+    match desired(svc, &golden_config()) {
         Err(e) => vec![("error.txt", format!("{e}\n"))],
         Ok(c) => {
             let mut out = vec![
@@ -61,6 +73,12 @@ fn outputs(svc: &HndsrService) -> Vec<(&'static str, String)> {
             }
             if let Some(s) = &c.standby {
                 out.push(("standby.yaml", to_yaml(s)));
+            }
+            if let Some(s) = &c.scaled_object {
+                out.push(("scaledobject.yaml", to_yaml(s)));
+            }
+            if let Some(s) = &c.zero_slice {
+                out.push(("zero-endpointslice.yaml", to_yaml(s)));
             }
             out
         }
@@ -134,9 +152,24 @@ fn replicas_left_out_when_an_autoscaler_owns_them() {
 
 #[test]
 fn keda_builds_no_hpa_and_leaves_replicas_to_it() {
-    let c = desired(&load("keda"), &BuildConfig::default()).unwrap();
+    let c = desired(&load("keda"), &golden_config()).unwrap();
     assert!(c.hpa.is_none());
     assert_eq!(c.deployment.spec.replicas, None);
+    let so = c.scaled_object.expect("a ScaledObject");
+    assert_eq!(so.spec.min_replica_count, Some(0));
+    assert!(
+        so.spec.triggers.iter().any(|t| t.name == "wake"),
+        "scale to zero needs the wake trigger"
+    );
+    assert!(c.zero_slice.is_some());
+    // Without the operator's settings there is nothing to build.
+    let bare = desired(&load("keda"), &BuildConfig::default()).unwrap();
+    assert!(bare.scaled_object.is_none() && bare.zero_slice.is_none());
+    // A floor of one pod never goes to zero: no wake trigger, no responder.
+    let floor = desired(&load("keda-floor"), &golden_config()).unwrap();
+    let so = floor.scaled_object.expect("a ScaledObject");
+    assert!(so.spec.triggers.iter().all(|t| t.name != "wake"));
+    assert!(floor.zero_slice.is_none());
 }
 
 #[test]

@@ -21,6 +21,7 @@ use hndsr_operator::{
     slim,
     ssa::{self, SPEC_HASH},
     status::{self, Observed},
+    zero::ZeroResponder,
 };
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
@@ -88,6 +89,10 @@ enum Scenario {
     DeploymentApplyFails,
     /// A Service with the child's name exists, made by someone else.
     ForeignService,
+    /// The API server has no keda.sh API.
+    KedaMissing,
+    /// The zero EndpointSlice exists (ours).
+    ZeroSliceExists,
 }
 
 impl Scenario {
@@ -106,6 +111,28 @@ impl Scenario {
                 StatusCode::INTERNAL_SERVER_ERROR,
                 json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
                        "message": "etcdserver: request timed out", "reason": "InternalError", "code": 500}),
+            );
+        }
+        if self == Self::KedaMissing && call.path.contains("/scaledobjects/") {
+            return (
+                StatusCode::NOT_FOUND,
+                json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                       "message": "the server could not find the requested resource",
+                       "reason": "NotFound", "code": 404}),
+            );
+        }
+        if call.method == Method::GET
+            && self == Self::ZeroSliceExists
+            && call.path.contains("/endpointslices/")
+        {
+            let name = call.path.rsplit('/').next().unwrap();
+            return (
+                StatusCode::OK,
+                json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                       "metadata": {"name": name, "namespace": "team-a",
+                                    "ownerReferences": [{"apiVersion": "hndsr.io/v1alpha1", "kind": "HndsrService",
+                                                         "name": "sr", "uid": "uid-sr", "controller": true}]},
+                       "addressType": "IPv4", "endpoints": []}),
             );
         }
         if call.method == Method::GET {
@@ -240,6 +267,11 @@ struct Harness {
 }
 
 fn harness() -> Harness {
+    harness_with(BuildConfig::default())
+}
+
+/// A harness whose operator has `cfg` (e.g. KEDA settings).
+fn harness_with(cfg: BuildConfig) -> Harness {
     let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let client = Client::new(svc, "default");
     let (deployments, dw) = reflector::store();
@@ -256,13 +288,9 @@ fn harness() -> Harness {
         pods,
         synced,
     };
-    let ctx = Context::new(
-        client,
-        "test-0",
-        Metrics::new(),
-        stores,
-        BuildConfig::default(),
-    );
+    let metrics = Metrics::new();
+    let zero = ZeroResponder::new(&metrics, "cluster.local", 10);
+    let ctx = Context::new(client, "test-0", metrics, stores, cfg, zero);
     let mut h = Harness {
         ctx,
         caches: Caches {
@@ -313,6 +341,7 @@ impl Harness {
             Metrics::new(),
             stores,
             BuildConfig::default(),
+            self.ctx.zero.clone(),
         );
         self.caches.deployments = dw;
         held
@@ -1117,4 +1146,118 @@ async fn no_promotion_across_pod_specs_or_without_a_warm_pod() {
         "{:?}",
         api_calls(&calls)
     );
+}
+
+fn keda_config() -> BuildConfig {
+    BuildConfig {
+        keda_prometheus_url: Some("http://prometheus:9090".to_owned()),
+        zero_responder: Some("10.88.0.1:8082".parse().unwrap()),
+        ..BuildConfig::default()
+    }
+}
+
+/// `sr` with provider keda and `minReplicas: 0`, its Deployment scaled to
+/// zero by KEDA (in the cache), its status converged from that.
+fn keda_at_zero(h: &mut Harness) -> HndsrService {
+    let mut svc = service("img:1", 1);
+    let a = svc.spec.autoscaling.as_mut().unwrap();
+    a.min_replicas = Some(0);
+    a.provider = Some(hndsr_crds::AutoscalingProvider::Keda);
+    let (eff, c) = builders::resolve_and_build(&svc, &keda_config()).unwrap();
+    let mut dep = live(c.deployment.clone());
+    dep.metadata.generation = Some(1);
+    dep.spec.replicas = Some(0);
+    dep.status = Some(DeploymentStatus {
+        observed_generation: Some(1),
+        ..DeploymentStatus::default()
+    });
+    h.put_deployment(dep.clone());
+    put_meta(&mut h.caches.services, live(c.service.clone()));
+    put_meta(&mut h.caches.pdbs, live(c.pdb.clone().unwrap()));
+    let observed = Observed {
+        deployment: Some(dep),
+        ..Observed::default()
+    };
+    svc.status = Some(status::compute(
+        &svc,
+        Ok((&eff, &c)),
+        &observed,
+        Timestamp::now(),
+    ));
+    svc
+}
+
+#[tokio::test]
+async fn a_keda_service_at_zero_routes_its_service_to_the_zero_responder() {
+    let mut h = harness_with(keda_config());
+    let svc = keda_at_zero(&mut h);
+    let (result, calls) = h.reconcile(&svc, Scenario::Accept).await;
+    result.unwrap();
+    assert_eq!(
+        api_calls(&calls),
+        [
+            "GET scaledobjects",
+            "GET scaledobjects",
+            "PATCH scaledobjects",
+            "GET endpointslices",
+            "GET services",
+            "GET endpointslices",
+            "PATCH endpointslices",
+        ]
+    );
+    let slice = &calls
+        .iter()
+        .find(|c| c.method == Method::PATCH && c.path.contains("/endpointslices/"))
+        .unwrap()
+        .body;
+    assert_eq!(slice["metadata"]["name"], "sr-zero");
+    assert_eq!(
+        slice["metadata"]["labels"]["kubernetes.io/service-name"],
+        "sr"
+    );
+    assert_eq!(slice["endpoints"][0]["addresses"][0], "10.88.0.1");
+    assert_eq!(slice["ports"][0]["port"], 8082);
+    assert!(
+        h.ctx.zero.contains("team-a", "sr"),
+        "the responder answers for sr"
+    );
+}
+
+#[tokio::test]
+async fn a_ready_pod_after_zero_takes_the_service_back_from_the_responder() {
+    let mut h = harness_with(keda_config());
+    let svc = keda_at_zero(&mut h);
+    h.ctx.zero.insert("team-a", "sr", None);
+    put(&mut h.caches.pods, pod("sr-abc", "serving", true, "h", "t"));
+    let (result, calls) = h.reconcile(&svc, Scenario::ZeroSliceExists).await;
+    result.unwrap();
+    let calls = api_calls(&calls);
+    assert_eq!(
+        calls
+            .iter()
+            .filter(|c| c.contains("endpointslices"))
+            .collect::<Vec<_>>(),
+        ["GET endpointslices", "DELETE endpointslices"],
+        "{calls:?}"
+    );
+    assert!(
+        !h.ctx.zero.contains("team-a", "sr"),
+        "the wake request is cleared"
+    );
+}
+
+#[tokio::test]
+async fn keda_missing_from_the_cluster_is_reported_not_retried() {
+    let mut h = harness_with(keda_config());
+    let svc = keda_at_zero(&mut h);
+    let (result, calls) = h.reconcile(&svc, Scenario::KedaMissing).await;
+    result.expect("a missing KEDA is a status, not an error to retry");
+    let degraded = written_status(&calls)["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Degraded")
+        .unwrap()
+        .clone();
+    assert_eq!(degraded["reason"], "KedaNotInstalled", "{degraded}");
 }

@@ -10,19 +10,27 @@ mod deployment;
 mod hpa;
 mod pdb;
 mod placeholder;
+mod scaled_object;
 mod service;
+mod zero;
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 
 use hndsr_crds::{AutoscalingProvider, HndsrService, labels};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::Resource as _;
 
 pub use deployment::standby_name;
+pub use scaled_object::{
+    ScaledObject, WAKE_METRIC, WAKE_NAMESPACE_LABEL, WAKE_SERVICE_LABEL, not_ready_message,
+};
+pub use zero::zero_slice_name;
 
 use crate::effective::{EffectiveSpec, Standby};
 pub use crate::validate::{InvalidSpec, Problem};
@@ -47,6 +55,13 @@ pub struct BuildConfig {
     pub log_json: bool,
     /// PriorityClass of capacity placeholders whose spec names none.
     pub placeholder_priority_class: String,
+    /// Prometheus KEDA's scalers query (`--keda-prometheus-url`); `None`:
+    /// provider `keda` cannot be served (status says so).
+    pub keda_prometheus_url: Option<String>,
+    /// Address the Service of a service at zero sends requests to: the
+    /// operator's zero responder as the cluster reaches it; `None`: no
+    /// responder (connections at zero are refused; status says so).
+    pub zero_responder: Option<SocketAddr>,
 }
 
 impl Default for BuildConfig {
@@ -56,14 +71,15 @@ impl Default for BuildConfig {
             cluster_domain: DEFAULT_CLUSTER_DOMAIN.to_owned(),
             log_json: true,
             placeholder_priority_class: DEFAULT_PLACEHOLDER_PRIORITY_CLASS.to_owned(),
+            keda_prometheus_url: None,
+            zero_responder: None,
         }
     }
 }
 
 /// The objects one `HndsrService` wants to exist.
 ///
-/// `#[non_exhaustive]`: the standby Deployment (prewarm) and a KEDA
-/// ScaledObject are added later without breaking callers.
+/// `#[non_exhaustive]`: children can be added without breaking callers.
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub struct Children {
@@ -72,8 +88,15 @@ pub struct Children {
     /// Service `<name>`: selects serving pods only.
     pub service: Service,
     /// HorizontalPodAutoscaler `<name>`; `None` when autoscaling is off or
-    /// the provider is `keda` (not reconciled yet; status says so).
+    /// the provider is `keda`.
     pub hpa: Option<HorizontalPodAutoscaler>,
+    /// KEDA ScaledObject `<name>`; `None` unless the provider is `keda` and
+    /// the operator knows its Prometheus (`--keda-prometheus-url`).
+    pub scaled_object: Option<ScaledObject>,
+    /// EndpointSlice `<name>-zero` to the zero responder; built for provider
+    /// `keda` with `minReplicas: 0` and a responder, applied only while the
+    /// service is at zero ([`crate::zero::at_zero`]).
+    pub zero_slice: Option<EndpointSlice>,
     /// PodDisruptionBudget `<name>`; `None` when `disruption.enabled` is false.
     pub pdb: Option<PodDisruptionBudget>,
     /// Deployment `<name>-placeholder`: capacity placeholders; `None`
@@ -112,6 +135,16 @@ pub fn desired(
         Some(AutoscalingProvider::Hpa) => Some(hpa::build(&ctx)),
         Some(AutoscalingProvider::Keda) | None => None,
     };
+    let scaled_object = eff
+        .keda
+        .as_ref()
+        .zip(cfg.keda_prometheus_url.as_deref())
+        .map(|(keda, prometheus)| scaled_object::build(&ctx, keda, prometheus));
+    let zero_slice = eff
+        .scales_to_zero()
+        .then_some(cfg.zero_responder)
+        .flatten()
+        .map(|responder| zero::build(&ctx, responder));
     let pdb = eff.pdb.as_ref().map(|bound| pdb::build(&ctx, bound));
     let placeholders = eff
         .placeholders
@@ -122,6 +155,8 @@ pub fn desired(
         deployment,
         service,
         hpa,
+        scaled_object,
+        zero_slice,
         pdb,
         placeholders,
         standby,
