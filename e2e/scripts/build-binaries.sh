@@ -9,6 +9,7 @@
 #   distribution-v3.1.2/registry                        (the image registry on 127.0.0.1)
 #   prometheus-v0.316.0/{prometheus,promtool}
 #   prometheus-adapter-v0.12.0/adapter                  (wrapper module e2e/go/prometheus-adapter)
+#   keda-v2.21.0/{keda,keda-adapter,crds/*.yaml}        (wrapper module e2e/go/keda)
 #   etcd-v3.6.16/etcd
 #   kwok-v0.8.0/kwok
 #   helm-v3.22.0/helm
@@ -35,6 +36,7 @@ DISTRIBUTION_VERSION=v3.1.2
 PROMETHEUS_VERSION=v0.316.0
 PROMETHEUS_RELEASE=3.16.0 # what v0.316.0 calls itself
 PROMETHEUS_ADAPTER_VERSION=v0.12.0
+KEDA_VERSION=v2.21.0 # also in e2e/go/keda/go.mod
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 e2e_dir="$(dirname "$here")"
@@ -208,6 +210,21 @@ if start "$dir"; then
     finish "$dir"
 fi
 
+dir="$bin_root/keda-${KEDA_VERSION}"
+if start "$dir"; then
+    keda_flags="-s -w -X github.com/kedacore/keda/v2/version.Version=${KEDA_VERSION#v}"
+    (cd "$e2e_dir/go/keda" &&
+        go build -trimpath -ldflags "$keda_flags" -o "$dir.partial/keda" github.com/kedacore/keda/v2/cmd/operator &&
+        go build -trimpath -ldflags "$keda_flags" -o "$dir.partial/keda-adapter" github.com/kedacore/keda/v2/cmd/adapter &&
+        keda_src="$(go list -m -f '{{.Dir}}' github.com/kedacore/keda/v2)" &&
+        mkdir -p "$dir.partial/crds" &&
+        cp "$keda_src"/config/crd/bases/*.yaml "$dir.partial/crds/") ||
+        die "building KEDA failed"
+    grep -q "^require github.com/kedacore/keda/v2 ${KEDA_VERSION}$" "$e2e_dir/go/keda/go.mod" ||
+        die "e2e/go/keda/go.mod does not require KEDA ${KEDA_VERSION}"
+    finish "$dir"
+fi
+
 echo
 echo "e2e binaries in $bin_root:"
 echo "  $bin_root/kubernetes-${KUBERNETES_VERSION}/{kube-apiserver,kube-controller-manager,kube-scheduler,kubectl}"
@@ -218,3 +235,4 @@ echo "  $bin_root/kubernetes-node-${KUBERNETES_VERSION}/{kubelet,kube-proxy}"
 echo "  $bin_root/distribution-${DISTRIBUTION_VERSION}/registry"
 echo "  $bin_root/prometheus-${PROMETHEUS_VERSION}/{prometheus,promtool}"
 echo "  $bin_root/prometheus-adapter-${PROMETHEUS_ADAPTER_VERSION}/adapter"
+echo "  $bin_root/keda-${KEDA_VERSION}/{keda,keda-adapter,crds}"

@@ -23,6 +23,9 @@ pub const PROMETHEUS_VERSION: &str = "v0.316.0";
 /// `sigs.k8s.io/prometheus-adapter` version.
 pub const PROMETHEUS_ADAPTER_VERSION: &str = "v0.12.0";
 
+/// `github.com/kedacore/keda/v2` version (operator and metrics adapter).
+pub const KEDA_VERSION: &str = "v2.21.0";
+
 /// The command that builds the binaries (run from the repository root).
 pub const BUILD_COMMAND: &str = "bash e2e/scripts/build-binaries.sh";
 
@@ -58,6 +61,12 @@ pub struct Binaries {
     pub promtool: PathBuf,
     /// prometheus-adapter
     pub prometheus_adapter: PathBuf,
+    /// KEDA's operator (with its gRPC metrics service)
+    pub keda: PathBuf,
+    /// KEDA's external-metrics apiserver
+    pub keda_adapter: PathBuf,
+    /// KEDA's CRDs (`*.yaml`)
+    pub keda_crds: PathBuf,
 }
 
 impl Binaries {
@@ -72,6 +81,7 @@ impl Binaries {
         let k8s = root.join(format!("kubernetes-{KUBERNETES_VERSION}"));
         let node = root.join(format!("kubernetes-node-{KUBERNETES_VERSION}"));
         let prometheus = root.join(format!("prometheus-{PROMETHEUS_VERSION}"));
+        let keda = root.join(format!("keda-{KEDA_VERSION}"));
         let bins = Self {
             kube_apiserver: k8s.join("kube-apiserver"),
             kube_controller_manager: k8s.join("kube-controller-manager"),
@@ -90,6 +100,9 @@ impl Binaries {
             prometheus_adapter: root
                 .join(format!("prometheus-adapter-{PROMETHEUS_ADAPTER_VERSION}"))
                 .join("adapter"),
+            keda: keda.join("keda"),
+            keda_adapter: keda.join("keda-adapter"),
+            keda_crds: keda.join("crds"),
         };
         for path in [
             &bins.kube_apiserver,
@@ -105,6 +118,9 @@ impl Binaries {
             &bins.prometheus,
             &bins.promtool,
             &bins.prometheus_adapter,
+            &bins.keda,
+            &bins.keda_adapter,
+            &bins.keda_crds.join("keda.sh_scaledobjects.yaml"),
         ] {
             if !path.is_file() {
                 return Err(Error::MissingBinary { path: path.clone() });

@@ -124,7 +124,7 @@ impl Pki {
             "kube-apiserver",
             None,
             &apiserver_sans,
-            ExtendedKeyUsagePurpose::ServerAuth,
+            &[ExtendedKeyUsagePurpose::ServerAuth],
             &ca,
         )?;
         write(&pki.apiserver_cert, &serving.0)?;
@@ -134,7 +134,7 @@ impl Pki {
             "hndsr-e2e-admin",
             Some("system:masters"),
             &[],
-            ExtendedKeyUsagePurpose::ClientAuth,
+            &[ExtendedKeyUsagePurpose::ClientAuth],
             &ca,
         )?;
         write(&pki.admin_cert, &admin.0)?;
@@ -146,7 +146,7 @@ impl Pki {
             FRONT_PROXY_CLIENT_CN,
             None,
             &[],
-            ExtendedKeyUsagePurpose::ClientAuth,
+            &[ExtendedKeyUsagePurpose::ClientAuth],
             &front_proxy_ca,
         )?;
         write(&pki.front_proxy_client_cert, &front_proxy.0)?;
@@ -189,7 +189,7 @@ impl Pki {
                 &pki.kube_proxy_key,
             ),
         ] {
-            let pair = leaf(cn, org, sans, usage, &ca)?;
+            let pair = leaf(cn, org, sans, &[usage], &ca)?;
             write(cert, &pair.0)?;
             write(key, &pair.1)?;
         }
@@ -199,6 +199,28 @@ impl Pki {
         write(&pki.service_account_pub, &sa.public_key_pem())?;
         Ok(pki)
     }
+}
+
+/// Writes `ca.crt`, `tls.crt` and `tls.key` into `dir`: a fresh CA and one
+/// certificate for `localhost` / `127.0.0.1` usable as server and client,
+/// the mutual-TLS layout KEDA's operator and metrics adapter both read from
+/// their `--cert-dir`.
+pub fn mutual_tls_dir(dir: &Path, cn: &str) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(Error::io("creating", dir))?;
+    let ca = new_ca(&format!("{cn}-ca"))?;
+    write(&dir.join("ca.crt"), &ca.pem())?;
+    let (cert, key) = leaf(
+        cn,
+        None,
+        &["localhost", "127.0.0.1"],
+        &[
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ],
+        &ca,
+    )?;
+    write(&dir.join("tls.crt"), &cert)?;
+    write(&dir.join("tls.key"), &key)
 }
 
 fn cert_err(what: &'static str) -> impl FnOnce(rcgen::Error) -> Error {
@@ -232,7 +254,7 @@ fn leaf(
     cn: &str,
     org: Option<&str>,
     sans: &[&str],
-    usage: ExtendedKeyUsagePurpose,
+    usage: &[ExtendedKeyUsagePurpose],
     ca: &CertifiedIssuer<'static, KeyPair>,
 ) -> Result<(String, String)> {
     let key = KeyPair::generate().map_err(cert_err("leaf key"))?;
@@ -243,7 +265,7 @@ fn leaf(
         KeyUsagePurpose::DigitalSignature,
         KeyUsagePurpose::KeyEncipherment,
     ];
-    params.extended_key_usages = vec![usage];
+    params.extended_key_usages = usage.to_vec();
     params.use_authority_key_identifier_extension = true;
     let cert = params
         .signed_by(&key, ca)

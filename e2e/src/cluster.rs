@@ -12,6 +12,7 @@ use kube::{Client, Config};
 
 use crate::bins::{self, Binaries};
 use crate::certs::{FRONT_PROXY_CLIENT_CN, NodeIdentity, Pki};
+use crate::keda::Keda;
 use crate::monitoring::Monitoring;
 use crate::node::{self, NodeConfig, RealNode};
 use crate::process::{Proc, free_port, http_get, log_tail};
@@ -93,6 +94,7 @@ pub struct ControlPlane {
     images: Option<Images>,
     node: Option<RealNode>,
     monitoring: Option<Monitoring>,
+    keda: Option<Keda>,
 }
 
 impl ControlPlane {
@@ -138,6 +140,7 @@ impl ControlPlane {
             images: None,
             node: None,
             monitoring: None,
+            keda: None,
         };
         let timeout = opts.start_timeout;
 
@@ -218,6 +221,8 @@ impl ControlPlane {
         self.monitoring = Some(
             Monitoring::start(&self.bins, &self.dir, &self.kubeconfig, client, timeout).await?,
         );
+        self.keda =
+            Some(Keda::start(&self.bins, &self.dir, &self.kubeconfig, client, timeout).await?);
         Ok(())
     }
 
@@ -269,6 +274,9 @@ impl ControlPlane {
 
     /// Fails when any component has exited.
     pub fn check_running(&mut self) -> Result<()> {
+        if let Some(keda) = &mut self.keda {
+            keda.check_running()?;
+        }
         if let Some(monitoring) = &mut self.monitoring {
             monitoring.check_running()?;
         }
@@ -288,6 +296,9 @@ impl ControlPlane {
 
     /// Stops every component, the last started first.
     pub fn stop(&mut self) {
+        if let Some(mut keda) = self.keda.take() {
+            keda.stop();
+        }
         if let Some(mut monitoring) = self.monitoring.take() {
             monitoring.stop();
         }

@@ -17,6 +17,7 @@ pub mod certs;
 mod cluster;
 mod error;
 pub mod fixtures;
+pub mod keda;
 pub mod metrics_server;
 pub mod monitoring;
 pub mod node;

@@ -169,6 +169,20 @@ pub async fn register_api_service(
     service_name: &str,
     port: u16,
 ) -> Result<()> {
+    register_aggregated_api(client, namespace, service_name, port, GROUP, VERSION).await
+}
+
+/// Registers `group/version` as served on `localhost:port` the same way
+/// (KEDA's `external.metrics.k8s.io` too) and waits until it is Available.
+pub async fn register_aggregated_api(
+    client: &Client,
+    namespace: &str,
+    service_name: &str,
+    port: u16,
+    group: &str,
+    version: &str,
+) -> Result<()> {
+    let api_service_name = format!("{version}.{group}");
     let service: Service = serde_json::from_value(serde_json::json!({
         "apiVersion": "v1",
         "kind": "Service",
@@ -187,14 +201,14 @@ pub async fn register_api_service(
             &Patch::Apply(&service),
         )
         .await
-        .map_err(Error::kube("applying the custom-metrics Service"))?;
+        .map_err(Error::kube(format!("applying the {group} Service")))?;
     let api_service: APIService = serde_json::from_value(serde_json::json!({
         "apiVersion": "apiregistration.k8s.io/v1",
         "kind": "APIService",
-        "metadata": { "name": API_SERVICE },
+        "metadata": { "name": api_service_name },
         "spec": {
-            "group": GROUP,
-            "version": VERSION,
+            "group": group,
+            "version": version,
             "service": { "namespace": namespace, "name": service_name, "port": port },
             "insecureSkipTLSVerify": true,
             "groupPriorityMinimum": 100,
@@ -204,17 +218,17 @@ pub async fn register_api_service(
     .expect("the APIService literal is valid");
     let api: Api<APIService> = Api::all(client.clone());
     api.patch(
-        API_SERVICE,
+        &api_service_name,
         &PatchParams::apply(FIELD_MANAGER).force(),
         &Patch::Apply(&api_service),
     )
     .await
-    .map_err(Error::kube("applying the custom-metrics APIService"))?;
+    .map_err(Error::kube(format!("applying the {group} APIService")))?;
     wait::until(
-        "APIService custom.metrics.k8s.io Available",
+        format!("APIService {api_service_name} Available"),
         Duration::from_secs(60),
         || async {
-            let s = api.get(API_SERVICE).await?;
+            let s = api.get(&api_service_name).await?;
             let available = s
                 .status
                 .as_ref()

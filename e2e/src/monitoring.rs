@@ -30,11 +30,31 @@ pub struct Monitoring {
     prometheus_addr: String,
 }
 
+/// The directory of file-based scrape targets under the plane's `dir`:
+/// operators the tests run on the host ([`add_scrape_target`]).
+pub fn targets_dir(dir: &Path) -> std::path::PathBuf {
+    dir.join("prometheus").join("targets")
+}
+
+/// Makes Prometheus scrape `addr` (`host:port`, `/metrics`) as job
+/// `hndsr-operator`: a target file in `targets`, which Prometheus watches.
+pub fn add_scrape_target(targets: &Path, name: &str, addr: &str) -> Result<()> {
+    std::fs::create_dir_all(targets).map_err(Error::io("creating", targets))?;
+    let path = targets.join(format!("{name}.json"));
+    let text = serde_json::json!([{ "targets": [addr], "labels": { "instance_name": name } }]);
+    // Written aside and renamed, so Prometheus never reads half a file.
+    let partial = targets.join(format!(".{name}.json.partial"));
+    std::fs::write(&partial, text.to_string()).map_err(Error::io("writing", &partial))?;
+    std::fs::rename(&partial, &path).map_err(Error::io("renaming", &path))
+}
+
 /// The scrape configuration: every pod annotated `prometheus.io/scrape:
 /// "true"`, at its `prometheus.io/port` and `prometheus.io/path`, labelled
 /// with its namespace and pod (what the adapter rules attribute series by)
-/// and its HndsrService (what the chart's alerts group by).
-pub fn prometheus_config(kubeconfig: &Path) -> String {
+/// and its HndsrService (what the chart's alerts group by); and the
+/// operators in `targets` ([`add_scrape_target`]), whose zero responder's
+/// wake requests KEDA reads.
+pub fn prometheus_config(kubeconfig: &Path, targets: &Path) -> String {
     format!(
         r#"global:
   scrape_interval: {SCRAPE_INTERVAL}
@@ -66,8 +86,13 @@ scrape_configs:
         target_label: pod
       - source_labels: [__meta_kubernetes_pod_label_hndsr_io_service]
         target_label: hndsr_io_service
+  - job_name: hndsr-operator
+    file_sd_configs:
+      - files: ["{targets}/*.json"]
+        refresh_interval: 5s
 "#,
-        kubeconfig = kubeconfig.display()
+        kubeconfig = kubeconfig.display(),
+        targets = targets.display()
     )
 }
 
@@ -85,7 +110,7 @@ impl Monitoring {
         let prom_dir = dir.join("prometheus");
         std::fs::create_dir_all(&prom_dir).map_err(Error::io("creating", &prom_dir))?;
         let config = prom_dir.join("prometheus.yml");
-        std::fs::write(&config, prometheus_config(kubeconfig))
+        std::fs::write(&config, prometheus_config(kubeconfig, &targets_dir(dir)))
             .map_err(Error::io("writing", &config))?;
         let prometheus_addr = format!("127.0.0.1:{}", free_port()?);
         let prometheus = Proc::spawn(
@@ -177,7 +202,8 @@ mod tests {
 
     #[test]
     fn the_scrape_config_keeps_annotated_pods_with_namespace_and_pod_labels() {
-        let config = prometheus_config(Path::new("/k"));
+        let config = prometheus_config(Path::new("/k"), Path::new("/t"));
+        assert!(config.contains(r#"files: ["/t/*.json"]"#), "{config}");
         assert!(config.contains("kubeconfig_file: /k"), "{config}");
         assert!(config.contains("__meta_kubernetes_pod_annotation_prometheus_io_scrape"));
         assert!(config.contains("target_label: namespace"));

@@ -87,8 +87,11 @@ impl Operator {
     pub async fn start(kubeconfig: &Path, log_dir: &Path, opts: &OperatorOptions) -> Result<Self> {
         let bin = binary()?;
         let metrics_addr = format!("127.0.0.1:{}", free_port()?);
+        // Every operator here shares the host: its own zero-responder port,
+        // on every interface (kube-proxy forwards to the host's address).
         let mut args = vec![
             format!("--metrics-addr={metrics_addr}"),
+            format!("--zero-responder-addr=0.0.0.0:{}", free_port()?),
             format!("--identity={}", opts.identity),
         ];
         if let Some(ns) = &opts.watch_namespace {

@@ -35,6 +35,8 @@ pub struct Shared {
     pub binaries: Binaries,
     /// The images in the local registry (a real-node plane only).
     pub images: Option<Images>,
+    /// `127.0.0.1:PORT` of Prometheus (a real-node plane only).
+    pub prometheus: Option<String>,
 }
 
 static SHARED: OnceLock<std::result::Result<Shared, String>> = OnceLock::new();
@@ -93,6 +95,7 @@ fn start_on_own_thread(real_node: bool) -> std::result::Result<Shared, String> {
                         dir: plane.dir().to_owned(),
                         binaries: plane.binaries().clone(),
                         images: plane.images().cloned(),
+                        prometheus: plane.prometheus().map(str::to_owned),
                     };
                     eprintln!(
                         "hndsr-e2e: control plane up, KUBECONFIG={}",

@@ -1117,3 +1117,155 @@ async fn a_scale_up_is_served_by_a_promoted_standby_pod_within_seconds() -> anyh
     );
     run.finish(name).await
 }
+
+/// Provider keda with `minReplicas: 0` on the real node, with KEDA and
+/// Prometheus of the plane: idle, KEDA scales the Deployment to zero and
+/// the Service answers through the operator's zero responder; a request
+/// there gets 503 + Retry-After (never a refused connection) and wakes the
+/// service, and a client that honours Retry-After is served by the new pod.
+#[tokio::test]
+async fn keda_scales_an_idle_service_to_zero_and_a_request_brings_it_back() -> anyhow::Result<()> {
+    let name = "zero";
+    let idle_seconds = 10;
+    let ns = shared::namespace_with_real_node("e2e-keda").await?;
+    let images = ns
+        .shared
+        .images
+        .clone()
+        .expect("a real-node plane has images");
+    let prometheus = ns
+        .shared
+        .prometheus
+        .clone()
+        .ok_or_else(|| anyhow::anyhow!("the real-node plane runs Prometheus"))?;
+    fixtures::install_crd(&ns.client).await?;
+    let mut opts = OperatorOptions::for_namespace(&ns.name);
+    opts.extra_args = vec![
+        format!("--keda-prometheus-url=http://{prometheus}"),
+        format!("--zero-responder-ip={}", hndsr_e2e::node::host_address()?),
+        "--zero-retry-after-seconds=1".into(),
+    ];
+    let mut operator =
+        Operator::start(&ns.shared.kubeconfig, &ns.shared.dir.join("logs"), &opts).await?;
+    // Prometheus scrapes the operator: KEDA's wake trigger reads its gauge.
+    hndsr_e2e::monitoring::add_scrape_target(
+        &hndsr_e2e::monitoring::targets_dir(&ns.shared.dir),
+        &format!("operator-{}", ns.name),
+        operator.metrics_addr(),
+    )?;
+    let svcs: Api<HndsrService> = Api::namespaced(ns.client.clone(), &ns.name);
+    let pods: Api<Pod> = Api::namespaced(ns.client.clone(), &ns.name);
+    let spec = serde_json::json!({
+        "serving": { "rateLimitPerHour": 0, "drainSeconds": 2 },
+        "autoscaling": {
+            "minReplicas": 0,
+            "maxReplicas": 2,
+            "provider": "keda",
+            "keda": { "pollingIntervalSeconds": 1, "idleSecondsBeforeZero": idle_seconds },
+        },
+    });
+    let created = Instant::now();
+    svcs.create(
+        &PostParams::default(),
+        &cpu_service_with(name, &images.server, &weights_sha256()?, spec)?,
+    )
+    .await?;
+    let deployments: Api<Deployment> = Api::namespaced(ns.client.clone(), &ns.name);
+
+    // Idle from the start: KEDA scales the new Deployment to zero, its pod
+    // goes away and the status says so.
+    let idle = created;
+    wait::until(
+        "KEDA to scale the idle Deployment to 0",
+        TIMEOUT,
+        || async {
+            let replicas = deployments.get(name).await?.spec.replicas;
+            let pods = service_pods(&pods, name).await?;
+            Ok::<_, kube::Error>((replicas == Some(0) && pods.is_empty()).then_some(()))
+        },
+    )
+    .await?;
+    let to_zero = idle.elapsed();
+    wait::until("Ready=False/ScaledToZero", TIMEOUT, || async {
+        let svc = svcs.get(name).await?;
+        let ready = svc.status.and_then(|s| {
+            s.conditions
+                .into_iter()
+                .find(|c| c.type_ == conditions::READY)
+        });
+        Ok::<_, kube::Error>(
+            ready
+                .filter(|c| c.reason == conditions::reasons::SCALED_TO_ZERO)
+                .map(|_| ()),
+        )
+    })
+    .await?;
+
+    // At zero, through the Service as a client in the cluster: an immediate
+    // 503 with Retry-After from the zero responder.
+    let ip = Api::<Service>::namespaced(ns.client.clone(), &ns.name)
+        .get(name)
+        .await?
+        .spec
+        .and_then(|s| s.cluster_ip)
+        .ok_or_else(|| anyhow::anyhow!("Service {name} has no ClusterIP"))?;
+    let addr = format!("{ip}:80");
+    let sample = std::fs::read(bins::repo_root().join(SAMPLE))?;
+    let asked = Instant::now();
+    let (status, headers, body) = post(&addr, "/v1/upscale?scale=4", &sample).await?;
+    let first_answer = asked.elapsed();
+    assert_eq!(status, 503, "{headers}");
+    let lower = headers.to_ascii_lowercase();
+    assert!(lower.contains("retry-after: 1"), "{headers}");
+    let error: serde_json::Value = serde_json::from_slice(&body)?;
+    assert_eq!(error["type"], "scaled_to_zero", "{error}");
+
+    // A client that honours Retry-After: every answer is a 503 until the
+    // woken pod serves; a refused connection would be the silent failure
+    // scale to zero must not have.
+    let mut refusals = 0;
+    let (status, headers, body) = loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        match post(&addr, "/v1/upscale?scale=4", &sample).await {
+            Ok((503, _, _)) => refusals += 1,
+            Ok(answer) => break answer,
+            Err(e) => anyhow::bail!("request {} after the wake failed: {e}", refusals + 2),
+        }
+        anyhow::ensure!(
+            asked.elapsed() < TIMEOUT,
+            "not served within {TIMEOUT:?} of the first request at zero"
+        );
+    };
+    let served_after = asked.elapsed();
+    assert_eq!(status, 200, "{headers}");
+    assert_eq!(png_size(&body), Some((1024, 1024)), "{headers}");
+    let replicas = deployments.get(name).await?.spec.replicas;
+    assert_eq!(replicas, Some(1), "one request wakes one pod");
+
+    // Served by a pod again: the route to the responder is gone.
+    let slices: Api<k8s_openapi::api::discovery::v1::EndpointSlice> =
+        Api::namespaced(ns.client.clone(), &ns.name);
+    wait::until("the zero EndpointSlice to be removed", TIMEOUT, || async {
+        Ok::<_, kube::Error>(
+            slices
+                .get_opt(&format!("{name}-zero"))
+                .await?
+                .is_none()
+                .then_some(()),
+        )
+    })
+    .await?;
+    eprintln!(
+        "real node KEDA: idle -> 0 replicas {:.1}s (idleSecondsBeforeZero {idle_seconds}); \
+         at zero: first answer (503) {:.0}ms; first request -> 200 from the woken pod {:.1}s \
+         ({refusals} retries at Retry-After 1s)",
+        to_zero.as_secs_f64(),
+        first_answer.as_secs_f64() * 1000.0,
+        served_after.as_secs_f64(),
+    );
+    svcs.delete(name, &DeleteParams::default()).await?;
+    operator.check_running()?;
+    operator.stop();
+    ns.delete().await?;
+    Ok(())
+}

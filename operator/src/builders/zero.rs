@@ -17,7 +17,7 @@ use hndsr_contract::http;
 
 /// `endpointslice.kubernetes.io/managed-by` of the zero slice: anything
 /// but the EndpointSlice controller's own value keeps it from deleting it.
-pub const MANAGED_BY: &str = "hndsr.io/operator";
+pub const MANAGED_BY: &str = "hndsr-operator.hndsr.io";
 
 /// Name of the zero EndpointSlice of `name`.
 #[must_use]
