@@ -1118,6 +1118,24 @@ async fn a_scale_up_is_served_by_a_promoted_standby_pod_within_seconds() -> anyh
     run.finish(name).await
 }
 
+/// When the Deployment `name` is at zero replicas with no pod left.
+async fn wait_scaled_to_zero(
+    deployments: &Api<Deployment>,
+    pods: &Api<Pod>,
+    name: &str,
+) -> anyhow::Result<Instant> {
+    Ok(wait::until(
+        "KEDA to scale the idle Deployment to 0",
+        TIMEOUT,
+        || async {
+            let replicas = deployments.get(name).await?.spec.replicas;
+            let left = service_pods(pods, name).await?;
+            Ok::<_, kube::Error>((replicas == Some(0) && left.is_empty()).then(Instant::now))
+        },
+    )
+    .await?)
+}
+
 /// Provider keda with `minReplicas: 0` on the real node, with KEDA and
 /// Prometheus of the plane: idle, KEDA scales the Deployment to zero and
 /// the Service answers through the operator's zero responder; a request
@@ -1172,20 +1190,11 @@ async fn keda_scales_an_idle_service_to_zero_and_a_request_brings_it_back() -> a
     .await?;
     let deployments: Api<Deployment> = Api::namespaced(ns.client.clone(), &ns.name);
 
-    // Idle from the start: KEDA scales the new Deployment to zero, its pod
-    // goes away and the status says so.
-    let idle = created;
-    wait::until(
-        "KEDA to scale the idle Deployment to 0",
-        TIMEOUT,
-        || async {
-            let replicas = deployments.get(name).await?.spec.replicas;
-            let pods = service_pods(&pods, name).await?;
-            Ok::<_, kube::Error>((replicas == Some(0) && pods.is_empty()).then_some(()))
-        },
-    )
-    .await?;
-    let to_zero = idle.elapsed();
+    // Idle from the start: KEDA scales the new Deployment to zero (it
+    // starts the idle clock at creation), its pod goes away and the status
+    // says so.
+    let to_zero = wait_scaled_to_zero(&deployments, &pods, name).await?;
+    let to_zero = to_zero.duration_since(created);
     wait::until("Ready=False/ScaledToZero", TIMEOUT, || async {
         let svc = svcs.get(name).await?;
         let ready = svc.status.and_then(|s| {
@@ -1245,23 +1254,36 @@ async fn keda_scales_an_idle_service_to_zero_and_a_request_brings_it_back() -> a
     // Served by a pod again: the route to the responder is gone.
     let slices: Api<k8s_openapi::api::discovery::v1::EndpointSlice> =
         Api::namespaced(ns.client.clone(), &ns.name);
+    let zero_slice = format!("{name}-zero");
     wait::until("the zero EndpointSlice to be removed", TIMEOUT, || async {
-        Ok::<_, kube::Error>(
-            slices
-                .get_opt(&format!("{name}-zero"))
-                .await?
-                .is_none()
-                .then_some(()),
-        )
+        Ok::<_, kube::Error>(slices.get_opt(&zero_slice).await?.is_none().then_some(()))
     })
     .await?;
+
+    // Idle again after serving: back to zero once idleSecondsBeforeZero has
+    // passed without load, and the Service routes to the responder again.
+    let served_at = Instant::now();
+    let idle_again = wait_scaled_to_zero(&deployments, &pods, name)
+        .await?
+        .duration_since(served_at);
+    assert!(
+        idle_again >= Duration::from_secs(idle_seconds - 2),
+        "back to zero {idle_again:?} after serving, before the {idle_seconds}s idle period"
+    );
+    wait::until("the zero EndpointSlice again", TIMEOUT, || async {
+        Ok::<_, kube::Error>(slices.get_opt(&zero_slice).await?.map(|_| ()))
+    })
+    .await?;
+    let (status, headers, _) = post(&addr, "/v1/upscale?scale=4", &sample).await?;
+    assert_eq!(status, 503, "at zero again: {headers}");
     eprintln!(
-        "real node KEDA: idle -> 0 replicas {:.1}s (idleSecondsBeforeZero {idle_seconds}); \
-         at zero: first answer (503) {:.0}ms; first request -> 200 from the woken pod {:.1}s \
-         ({refusals} retries at Retry-After 1s)",
+        "real node KEDA: create -> 0 replicas {:.1}s; at zero: first answer (503) {:.0}ms; \
+         first request -> 200 from the woken pod {:.1}s ({refusals} retries at Retry-After 1s); \
+         served -> 0 replicas again {:.1}s (idleSecondsBeforeZero {idle_seconds})",
         to_zero.as_secs_f64(),
         first_answer.as_secs_f64() * 1000.0,
         served_after.as_secs_f64(),
+        idle_again.as_secs_f64(),
     );
     svcs.delete(name, &DeleteParams::default()).await?;
     operator.check_running()?;

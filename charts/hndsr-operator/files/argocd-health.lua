@@ -24,7 +24,8 @@ end
 -- once the Deployment has exceeded its progress deadline.
 local broken = {
   InvalidSpec = true, PodFailing = true, PodCreationFailed = true, Unschedulable = true,
-  RollingOut = true, AutoscalerNotSupported = true,
+  RollingOut = true, KedaNotConfigured = true, KedaNotInstalled = true,
+  AutoscalerNotReady = true,
 }
 if degraded ~= nil and degraded.status == "True" and broken[degraded.reason] then
   hs.status = "Degraded"
