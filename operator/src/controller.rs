@@ -436,6 +436,19 @@ async fn apply_children(
     {
         hand_over_replicas(ctx, ns, live).await?;
     }
+    // Leaving KEDA while it holds the Deployment at zero: an HPA does
+    // nothing for a target at zero replicas (it reads that as autoscaling
+    // switched off), so the service would stay at zero for good. Start it
+    // at the HPA's minimum, once, on the pass that switches.
+    if let (Some(hpa), Some(live)) = (&hpa, &live_deployment)
+        && was_keda(svc).0
+        && live.spec.replicas == Some(0)
+        && controlled_by(live, svc)
+    {
+        let min = hpa.spec.min_replicas.unwrap_or(1);
+        apply_replicas(ctx, ns, &name, min).await?;
+        tracing::info!(%name, namespace = %ns, replicas = min, "left KEDA at zero: started at the HPA's minimum");
+    }
     let applied_deployment = apply_one(svc, ctx, ns, deployment, live_deployment).await?;
     let live_service = get_cached(&stores.services, ns, &name).map(slim::from_meta);
     apply_one(svc, ctx, ns, service, live_service).await?;
@@ -547,7 +560,14 @@ async fn hand_over_replicas(ctx: &Context, ns: &str, live: &Deployment) -> Resul
     let Some(replicas) = live.spec.replicas else {
         return Ok(());
     };
-    let name = live.name_any();
+    apply_replicas(ctx, ns, &live.name_any(), replicas).await?;
+    tracing::info!(name = %live.name_any(), namespace = %ns, replicas, "handed spec.replicas over to the autoscaler");
+    Ok(())
+}
+
+/// `spec.replicas` of Deployment `name` set to `replicas` under the
+/// handover field manager (the autoscaler's next scale takes it over).
+async fn apply_replicas(ctx: &Context, ns: &str, name: &str, replicas: i32) -> Result<()> {
     let patch = serde_json::json!({
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -556,15 +576,14 @@ async fn hand_over_replicas(ctx: &Context, ns: &str, live: &Deployment) -> Resul
     });
     let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), ns);
     let params = PatchParams::apply(ssa::REPLICAS_HANDOVER_MANAGER).force();
-    api.patch(&name, &params, &Patch::Apply(&patch))
+    api.patch(name, &params, &Patch::Apply(&patch))
         .await
         .map_err(|source| Error::Apply {
             kind: "Deployment",
             namespace: ns.to_owned(),
-            name: name.clone(),
+            name: name.to_owned(),
             source,
         })?;
-    tracing::info!(%name, namespace = %ns, replicas, "handed spec.replicas over to the autoscaler");
     Ok(())
 }
 

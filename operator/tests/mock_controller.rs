@@ -1261,3 +1261,49 @@ async fn keda_missing_from_the_cluster_is_reported_not_retried() {
         .clone();
     assert_eq!(degraded["reason"], "KedaNotInstalled", "{degraded}");
 }
+
+#[tokio::test]
+async fn leaving_keda_at_zero_starts_the_hpa_path_at_its_minimum() {
+    let mut h = harness_with(keda_config());
+    let at_zero = keda_at_zero(&mut h);
+    let mut hpa = at_zero.clone();
+    let a = hpa.spec.autoscaling.as_mut().unwrap();
+    a.min_replicas = Some(1);
+    a.provider = None;
+    hpa.metadata.generation = Some(2);
+    let (result, calls) = h.reconcile(&hpa, Scenario::Accept).await;
+    result.unwrap();
+    let first = calls
+        .iter()
+        .find(|c| c.method == Method::PATCH && c.path.contains("/deployments/"))
+        .expect("a Deployment patch");
+    assert!(
+        first
+            .query
+            .contains("fieldManager=hndsr-operator-replicas-handover"),
+        "{}",
+        first.query
+    );
+    assert_eq!(
+        first.body["spec"]["replicas"], 1,
+        "an HPA cannot start from zero"
+    );
+    // Once the status says hpa, a Deployment at zero is someone's choice.
+    let mut settled = hpa.clone();
+    settled
+        .status
+        .as_mut()
+        .unwrap()
+        .autoscaling
+        .as_mut()
+        .unwrap()
+        .provider = hndsr_crds::AutoscalingProvider::Hpa;
+    let (_, calls) = h.reconcile(&settled, Scenario::Accept).await;
+    assert!(
+        !calls.iter().any(|c| c
+            .query
+            .contains("fieldManager=hndsr-operator-replicas-handover")),
+        "{:?}",
+        api_calls(&calls)
+    );
+}
