@@ -1276,6 +1276,13 @@ async fn keda_scales_an_idle_service_to_zero_and_a_request_brings_it_back() -> a
     .await?;
     let (status, headers, _) = post(&addr, "/v1/upscale?scale=4", &sample).await?;
     assert_eq!(status, 503, "at zero again: {headers}");
+    // Through all of it the ScaledObject was written once: KEDA's own
+    // writes to it (finalizer, status) are no drift to revert.
+    let metrics = operator.metrics().await.unwrap_or_default();
+    assert!(
+        metrics.contains(r#"hndsr_operator_applies_total{kind="ScaledObject"} 1"#),
+        "{metrics}"
+    );
     eprintln!(
         "real node KEDA: create -> 0 replicas {:.1}s; at zero: first answer (503) {:.0}ms; \
          first request -> 200 from the woken pod {:.1}s ({refusals} retries at Retry-After 1s); \
