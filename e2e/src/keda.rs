@@ -96,6 +96,9 @@ impl Keda {
             &bins.keda_adapter,
             &[
                 format!("--secure-port={adapter_port}"),
+                // Its own metrics server: on every interface, port 8080
+                // unless told otherwise.
+                format!("--port={}", free_port()?),
                 "--bind-address=127.0.0.1".into(),
                 format!("--cert-dir={}", certs.display()),
                 format!("--kubeconfig={kubeconfig}"),
