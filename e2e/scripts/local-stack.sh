@@ -37,11 +37,16 @@ echo "==> control plane, registry and real node"
 "$profile_dir/hndsr-e2e" up --detach --real-node --dir "$state"
 registry="$(awk '$1 == "registry" {print $2}' "$state/up.log")"
 [[ -n "$registry" ]] || { echo "local-stack: no registry in $state/up.log" >&2; exit 1; }
+# KEDA runs on the host beside Prometheus: the ScaledObjects of provider-keda
+# services name this address, which KEDA (not the operator) dials.
+prometheus="$(awk '$1 == "prometheus" {print $2}' "$state/up.log")"
+[[ -n "$prometheus" ]] || { echo "local-stack: no prometheus in $state/up.log" >&2; exit 1; }
 
 echo "==> the operator, in-cluster (helm install charts/hndsr-operator)"
 helm install hndsr-operator charts/hndsr-operator --namespace hndsr-system --create-namespace \
   --set "image.registry=$registry,image.tag=$(awk -F'"' '/^version = / {print $2; exit}' Cargo.toml)" \
   --set "fetcherImage=$registry/hndsr/fetch:1,replicaCount=1,logJson=false" \
+  --set "keda.prometheusUrl=http://$prometheus" \
   --set 'nodeSelector.hndsr\.io/pool=cpu' --wait --timeout 180s >/dev/null
 
 echo "==> sample HndsrService (docs/examples/quickstart.yaml), image from $registry, on the real node"
@@ -61,7 +66,7 @@ kubectl get pods -n hndsr-system -o wide
 echo
 echo "    operator log: KUBECONFIG=$PWD/$state/kubeconfig $kubectl_bin logs -n hndsr-system deploy/hndsr-operator"
 echo "    KUBECONFIG=$PWD/$state/kubeconfig $kubectl_bin get hsvc,hpa"
-echo "    Prometheus: http://$(awk '$1 == "prometheus" {print $2}' "$state/up.log")"
+echo "    Prometheus: http://$prometheus (KEDA runs too: try docs/examples/autoscaling-keda.yaml)"
 echo
 echo "==> svc/quickstart on http://127.0.0.1:$port (kubectl port-forward); in another shell:"
 echo "    curl -s --data-binary @docs/samples/nile-256.png -H 'content-type: image/png' \\"
