@@ -23,15 +23,29 @@ pub fn crd_path() -> PathBuf {
 /// Server-side-applies `crds/hndsrservice.yaml` and waits until it is
 /// Established. Safe to call from several tests at once.
 pub async fn install_crd(client: &Client) -> Result<CustomResourceDefinition> {
-    let path = crd_path();
-    let text = std::fs::read_to_string(&path).map_err(|source| Error::Io {
-        op: "reading the CRD manifest (generate it with `make generate`)",
-        path: path.clone(),
+    apply_crd_file(
+        client,
+        &crd_path(),
+        "reading the CRD manifest (generate it with `make generate`)",
+    )
+    .await
+}
+
+/// Server-side-applies the CustomResourceDefinition in `path` (KEDA's too)
+/// and waits until it is Established; `reading` names the read in errors.
+pub async fn apply_crd_file(
+    client: &Client,
+    path: &std::path::Path,
+    reading: &'static str,
+) -> Result<CustomResourceDefinition> {
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+        op: reading,
+        path: path.to_owned(),
         source,
     })?;
     let crd: CustomResourceDefinition =
         serde_yaml::from_str(&text).map_err(|e| Error::Kubeconfig {
-            path: path.clone(),
+            path: path.to_owned(),
             message: format!("not a CustomResourceDefinition: {e}"),
         })?;
     let name = crd.metadata.name.clone().unwrap_or_default();

@@ -12,20 +12,19 @@
 //! prometheus-adapter.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Namespace;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::{
     Api, Client,
     api::{Patch, PatchParams},
 };
 
 use crate::bins::Binaries;
-use crate::fixtures::FIELD_MANAGER;
+use crate::fixtures::{FIELD_MANAGER, apply_crd_file};
 use crate::metrics_server::register_aggregated_api;
-use crate::process::{Proc, free_port, http_get, log_tail};
-use crate::{Error, Result, certs, wait};
+use crate::process::{Proc, free_port, wait_http_ok};
+use crate::{Error, Result, certs};
 
 /// The namespace KEDA's processes say they run in.
 pub const NAMESPACE: &str = "keda";
@@ -143,68 +142,27 @@ impl Keda {
     }
 
     async fn wait_operator(&mut self, probe: &str, timeout: Duration) -> Result<()> {
-        let start = Instant::now();
-        loop {
-            self.check_running()?;
-            if let Some((200, _)) = http_get(probe, "/readyz").await {
-                return Ok(());
-            }
-            if start.elapsed() > timeout {
-                return Err(Error::Timeout {
-                    what: "KEDA operator /readyz".into(),
-                    waited: timeout,
-                    detail: format!(": {}", log_tail(self.operator.log(), 20)),
-                });
-            }
-            tokio::time::sleep(wait::POLL).await;
-        }
+        let log = self.operator.log().to_owned();
+        wait_http_ok(
+            probe,
+            "/readyz",
+            "KEDA operator /readyz",
+            &log,
+            timeout,
+            || self.check_running(),
+        )
+        .await
     }
 }
 
 /// Applies every CRD in `dir` and waits until each is Established.
 async fn install_crds(client: &Client, dir: &Path) -> Result<()> {
-    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let mut names = Vec::new();
     let entries = std::fs::read_dir(dir).map_err(Error::io("reading", dir))?;
     for entry in entries {
         let path = entry.map_err(Error::io("reading", dir))?.path();
-        if path.extension().is_none_or(|e| e != "yaml") {
-            continue;
+        if path.extension().is_some_and(|e| e == "yaml") {
+            apply_crd_file(client, &path, "reading a KEDA CRD").await?;
         }
-        let text = std::fs::read_to_string(&path).map_err(Error::io("reading", &path))?;
-        let crd: CustomResourceDefinition =
-            serde_yaml::from_str(&text).map_err(|e| Error::Kubeconfig {
-                path: path.clone(),
-                message: format!("not a CustomResourceDefinition: {e}"),
-            })?;
-        let name = crd.metadata.name.clone().unwrap_or_default();
-        api.patch(
-            &name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&crd),
-        )
-        .await
-        .map_err(Error::kube(format!("applying CRD {name}")))?;
-        names.push(name);
-    }
-    for name in names {
-        wait::until(
-            format!("CRD {name} Established"),
-            Duration::from_secs(60),
-            || async {
-                let crd = api.get(&name).await?;
-                let established = crd
-                    .status
-                    .as_ref()
-                    .and_then(|s| s.conditions.as_ref())
-                    .is_some_and(|cs| {
-                        cs.iter()
-                            .any(|c| c.type_ == "Established" && c.status == "True")
-                    });
-                Ok::<_, kube::Error>(established.then_some(()))
-            },
-        )
-        .await?;
     }
     Ok(())
 }

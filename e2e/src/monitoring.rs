@@ -7,14 +7,14 @@
 //! operator's HPAs scale on what the pods report.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use kube::Client;
 
 use crate::bins::{self, Binaries};
 use crate::metrics_server::register_api_service;
-use crate::process::{Proc, free_port, http_get, log_tail};
-use crate::{Error, Result, wait};
+use crate::process::{Proc, free_port, wait_http_ok};
+use crate::{Error, Result};
 
 /// The chart's prometheus-adapter rules, used unchanged.
 pub const ADAPTER_RULES: &str = "charts/hndsr-operator/files/prometheus-adapter-rules.yaml";
@@ -178,21 +178,17 @@ impl Monitoring {
     }
 
     async fn wait_prometheus(&mut self, timeout: Duration) -> Result<()> {
-        let start = Instant::now();
-        loop {
-            self.check_running()?;
-            if let Some((200, _)) = http_get(&self.prometheus_addr, "/-/ready").await {
-                return Ok(());
-            }
-            if start.elapsed() > timeout {
-                return Err(Error::Timeout {
-                    what: "Prometheus /-/ready".into(),
-                    waited: timeout,
-                    detail: format!(": {}", log_tail(self.prometheus.log(), 20)),
-                });
-            }
-            tokio::time::sleep(wait::POLL).await;
-        }
+        let addr = self.prometheus_addr.clone();
+        let log = self.prometheus.log().to_owned();
+        wait_http_ok(
+            &addr,
+            "/-/ready",
+            "Prometheus /-/ready",
+            &log,
+            timeout,
+            || self.check_running(),
+        )
+        .await
     }
 }
 

@@ -246,6 +246,34 @@ pub async fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
         .ok()?
 }
 
+/// Polls `GET path` on `addr` until it answers 200. Fails early when
+/// `check_running` does (a component exited), and after `timeout` with the
+/// tail of `log`, naming `what`.
+pub async fn wait_http_ok(
+    addr: &str,
+    path: &str,
+    what: &str,
+    log: &Path,
+    timeout: Duration,
+    mut check_running: impl FnMut() -> Result<()>,
+) -> Result<()> {
+    let start = Instant::now();
+    loop {
+        check_running()?;
+        if let Some((200, _)) = http_get(addr, path).await {
+            return Ok(());
+        }
+        if start.elapsed() > timeout {
+            return Err(Error::Timeout {
+                what: what.to_owned(),
+                waited: timeout,
+                detail: format!(": {}", log_tail(log, 20)),
+            });
+        }
+        tokio::time::sleep(crate::wait::POLL).await;
+    }
+}
+
 /// Whether process `pid` exists and is not a zombie (a killed process whose
 /// parent has not reaped it yet counts as gone).
 pub fn pid_alive(pid: u32) -> bool {

@@ -285,7 +285,7 @@ async fn reconcile_keda(
             .get_opt(&name)
             .await
             .map_err(read("ScaledObject", name.clone()))?;
-        match apply_one(svc, ctx, ns, so.clone(), live.clone()).await {
+        match apply_read(svc, ctx, ns, so.clone(), live.clone()).await {
             Ok(applied) => observed.scaled_object = applied.or(live),
             // The API server has no keda.sh API: KEDA is not installed.
             Err(Error::Apply {
@@ -319,7 +319,7 @@ async fn reconcile_keda(
                 ctx.zero
                     .insert(ns, &name, cluster_ip(ctx, ns, &name).await?);
             }
-            apply_one(svc, ctx, ns, slice.clone(), live).await?;
+            apply_read(svc, ctx, ns, slice.clone(), live).await?;
         }
         _ => {
             ctx.zero.remove(ns, &name);
@@ -497,21 +497,45 @@ where
         + Clone
         + std::fmt::Debug,
 {
-    let kind = static_kind::<K>();
-    let name = desired.name_any();
-    let api: Api<K> = Api::namespaced(ctx.client.clone(), ns);
     // Never take over an object someone else made: the cache only holds
     // objects with our label, so on a miss ask the API server (a read on the
     // rare create path only) before applying over whatever has that name.
     let live = match live {
         Some(live) => Some(live),
-        None => api.get_opt(&name).await.map_err(|source| Error::Read {
-            kind,
-            namespace: ns.to_owned(),
-            name: name.clone(),
-            source,
-        })?,
+        None => {
+            let api: Api<K> = Api::namespaced(ctx.client.clone(), ns);
+            let name = desired.name_any();
+            api.get_opt(&name).await.map_err(|source| Error::Read {
+                kind: static_kind::<K>(),
+                namespace: ns.to_owned(),
+                name,
+                source,
+            })?
+        }
     };
+    // Boxed: inlined, the two state machines overflow a debug-build stack.
+    Box::pin(apply_read(svc, ctx, ns, desired, live)).await
+}
+
+/// [`apply_one`] over `live` as just read from the API server (no cache
+/// behind it, so `None` means absent, not "not cached").
+async fn apply_read<K>(
+    svc: &HndsrService,
+    ctx: &Context,
+    ns: &str,
+    desired: K,
+    live: Option<K>,
+) -> Result<Option<K>>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+        + Serialize
+        + DeserializeOwned
+        + Clone
+        + std::fmt::Debug,
+{
+    let kind = static_kind::<K>();
+    let name = desired.name_any();
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), ns);
     if let Some(existing) = &live
         && !controlled_by(existing, svc)
     {

@@ -1197,11 +1197,9 @@ async fn a_keda_service_at_zero_routes_its_service_to_the_zero_responder() {
         api_calls(&calls),
         [
             "GET scaledobjects",
-            "GET scaledobjects",
             "PATCH scaledobjects",
             "GET endpointslices",
             "GET services",
-            "GET endpointslices",
             "PATCH endpointslices",
         ]
     );
