@@ -10,6 +10,7 @@
 #   prometheus-v0.316.0/{prometheus,promtool}
 #   prometheus-adapter-v0.12.0/adapter                  (wrapper module e2e/go/prometheus-adapter)
 #   keda-v2.21.0/{keda,keda-adapter,crds/*.yaml}        (wrapper module e2e/go/keda)
+#   argo-cd-v3.6.2/{argocd,crds/*.yaml,bin/*.sh}        (wrapper module e2e/go/argo-cd; Go 1.27)
 #   etcd-v3.6.16/etcd
 #   kwok-v0.8.0/kwok
 #   helm-v3.22.0/helm
@@ -37,6 +38,10 @@ PROMETHEUS_VERSION=v0.316.0
 PROMETHEUS_RELEASE=3.16.0 # what v0.316.0 calls itself
 PROMETHEUS_ADAPTER_VERSION=v0.12.0
 KEDA_VERSION=v2.21.0 # also in e2e/go/keda/go.mod
+ARGOCD_VERSION=v3.6.2 # also in e2e/go/argo-cd/go.mod
+# Argo CD's go.mod asks for Go 1.27; the go command fetches that toolchain
+# from the module proxy (and caches it) when an older one is installed.
+ARGOCD_GOTOOLCHAIN=go1.27.3
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 e2e_dir="$(dirname "$here")"
@@ -225,6 +230,31 @@ if start "$dir"; then
     finish "$dir"
 fi
 
+# Argo CD is one binary; ARGOCD_BINARY_NAME picks the role (application
+# controller, repo server, or the CLI with `argocd admin`). Its image also
+# puts two scripts from its source on PATH, which the repo server runs for
+# every manifest generation (commit signature checks): bin/ holds them.
+dir="$bin_root/argo-cd-${ARGOCD_VERSION}"
+if start "$dir"; then
+    argocd_flags="-s -w"
+    for v in "version=${ARGOCD_VERSION#v}" "gitTag=${ARGOCD_VERSION}" gitTreeState=clean buildDate=1970-01-01T00:00:00Z; do
+        argocd_flags+=" -X github.com/argoproj/argo-cd/v3/common.${v}"
+    done
+    (cd "$e2e_dir/go/argo-cd" &&
+        export GOTOOLCHAIN="$ARGOCD_GOTOOLCHAIN" &&
+        go build -trimpath -ldflags "$argocd_flags" -o "$dir.partial/argocd" github.com/argoproj/argo-cd/v3/cmd &&
+        argocd_src="$(go list -m -f '{{.Dir}}' github.com/argoproj/argo-cd/v3)" &&
+        mkdir -p "$dir.partial/crds" "$dir.partial/bin" &&
+        cp "$argocd_src"/manifests/crds/*-crd.yaml "$dir.partial/crds/" &&
+        install -m 0755 "$argocd_src"/hack/git-verify-wrapper.sh "$argocd_src"/hack/gpg-wrapper.sh \
+            "$dir.partial/bin/") ||
+        die "building Argo CD failed"
+    grep -q "^require github.com/argoproj/argo-cd/v3 ${ARGOCD_VERSION}$" "$e2e_dir/go/argo-cd/go.mod" &&
+        grep -q "github.com/argoproj/argo-cd/gitops-engine/v3 ${ARGOCD_VERSION} " "$e2e_dir/go/argo-cd/go.mod" ||
+        die "e2e/go/argo-cd/go.mod does not require Argo CD ${ARGOCD_VERSION}"
+    finish "$dir"
+fi
+
 echo
 echo "e2e binaries in $bin_root:"
 echo "  $bin_root/kubernetes-${KUBERNETES_VERSION}/{kube-apiserver,kube-controller-manager,kube-scheduler,kubectl}"
@@ -236,3 +266,4 @@ echo "  $bin_root/distribution-${DISTRIBUTION_VERSION}/registry"
 echo "  $bin_root/prometheus-${PROMETHEUS_VERSION}/{prometheus,promtool}"
 echo "  $bin_root/prometheus-adapter-${PROMETHEUS_ADAPTER_VERSION}/adapter"
 echo "  $bin_root/keda-${KEDA_VERSION}/{keda,keda-adapter,crds}"
+echo "  $bin_root/argo-cd-${ARGOCD_VERSION}/{argocd,crds,bin}"

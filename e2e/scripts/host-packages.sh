@@ -2,7 +2,8 @@
 # The Debian packages the images and the real node need: podman + runc build
 # and run images without a daemon, debootstrap makes their base, containerd +
 # runc + the CNI plugins + iptables + conntrack run the node's pods, static
-# busybox is the weights fetcher image's wget. Installs
+# busybox is the weights fetcher image's wget, redis-server and git serve
+# Argo CD's repo server and application controller. Installs
 # what is missing (as root, from the machine's apt sources); without root it
 # fails with the command to run.
 set -euo pipefail
@@ -11,7 +12,7 @@ declare -A probe=(
     [podman]=podman [runc]=runc [debootstrap]=debootstrap [containerd]=containerd
     [containernetworking-plugins]=/usr/lib/cni/bridge [iptables]=iptables [conntrack]=conntrack
     [iproute2]=ip [util-linux]=setpriv [gcc]=gcc [libc6-dev]=/usr/lib/x86_64-linux-gnu/libc.a
-    [busybox-static]=/bin/busybox
+    [busybox-static]=/bin/busybox [redis-server]=/usr/bin/redis-server [git]=git
 )
 missing=()
 for pkg in "${!probe[@]}"; do
