@@ -44,12 +44,12 @@ server-hndsr: prereqs ## the server with the trained HNDSR weights, on 127.0.0.1
 	  --weights-sha256 $$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["sha256"])' $(basename $(HNDSR_WEIGHTS)).json)
 
 .PHONY: e2e-binaries
-e2e-binaries: ## build (once, cached in ~/.cache/hndsr/e2e-bin) etcd, kube-*, kubectl, kwok, helm from their Go modules
+e2e-binaries: ## build (once, cached in ~/.cache/hndsr/e2e-bin) etcd, kube-*, kubectl, kwok, helm, Prometheus, KEDA, Argo CD from their Go modules
 	@command -v go >/dev/null || { echo "error: go not found (Go >= 1.26 builds the e2e control plane)" >&2; exit 1; }
 	bash e2e/scripts/build-binaries.sh
 
 .PHONY: host-packages
-host-packages: ## install the Debian packages of the images and the real node (podman, runc, debootstrap, containerd, CNI plugins, iptables)
+host-packages: ## install the Debian packages of the images, the real node and Argo CD (podman, runc, debootstrap, containerd, CNI plugins, iptables, redis, git)
 	@bash e2e/scripts/host-packages.sh
 
 .PHONY: images
@@ -107,8 +107,12 @@ unit: prereqs ## unit, mocked-API and HTTP tests of every crate
 rules: e2e-binaries ## the chart's alerts as it renders them: promtool check, and promtool unit tests on fixture series
 	bash charts/hndsr-operator/tests/check-rules.sh
 
+.PHONY: argocd-health
+argocd-health: e2e-binaries ## the chart's Argo CD health check for HndsrService, run offline by Argo CD's Lua engine on fixture objects
+	bash charts/hndsr-operator/tests/check-argocd-health.sh
+
 .PHONY: test
-test: lint deny check-generated unit rules e2e ## every test: lint, licences, generated-file drift, unit/HTTP/mocked-API, alert rules, e2e
+test: lint deny check-generated unit rules argocd-health e2e ## every test: lint, licences, generated-file drift, unit/HTTP/mocked-API, alert rules, Argo CD health check, e2e
 	@echo "make test: all green"
 
 .PHONY: bench

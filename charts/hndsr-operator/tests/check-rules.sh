@@ -9,33 +9,15 @@
 #   4. the chart lints with the rules on, and renders no PrometheusRule
 #      with the default values.
 #
-# helm and promtool come from the e2e binary cache (`make e2e-binaries`;
-# $HNDSR_E2E_BIN_DIR, default ~/.cache/hndsr/e2e-bin), at the versions
-# e2e/scripts/build-binaries.sh pins.
+# helm and promtool come from the e2e binary cache (common.sh).
 set -euo pipefail
 
-here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-chart="$(dirname "$here")"
-repo="$(cd "$chart/../.." && pwd)"
-bin_root="${HNDSR_E2E_BIN_DIR:-$HOME/.cache/hndsr/e2e-bin}"
+script=check-rules
+# shellcheck source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-die() {
-    echo "check-rules: error: $*" >&2
-    exit 1
-}
-
-pinned() {
-    sed -n "s/^$1=\([^ ]*\).*/\1/p" "$repo/e2e/scripts/build-binaries.sh"
-}
-
-helm="$bin_root/helm-$(pinned HELM_VERSION)/helm"
-promtool="$bin_root/prometheus-$(pinned PROMETHEUS_VERSION)/promtool"
-for b in "$helm" "$promtool"; do
-    [ -x "$b" ] || die "$b not found; run 'make e2e-binaries' (builds helm and promtool into $bin_root)"
-done
-
-work="$(mktemp -d)"
-trap 'rm -rf "$work"' EXIT
+helm="$(pinned_binary HELM_VERSION helm helm)"
+promtool="$(pinned_binary PROMETHEUS_VERSION prometheus promtool)"
 
 # The PrometheusRule's `spec` (the template's last key, indented by two)
 # is the rule file: take what follows `spec:` and drop the indentation.
