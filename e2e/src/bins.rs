@@ -26,6 +26,10 @@ pub const PROMETHEUS_ADAPTER_VERSION: &str = "v0.12.0";
 /// `github.com/kedacore/keda/v2` version (operator and metrics adapter).
 pub const KEDA_VERSION: &str = "v2.21.0";
 
+/// `github.com/argoproj/argo-cd/v3` version (application controller, repo
+/// server, and the CLI's offline `argocd admin`).
+pub const ARGOCD_VERSION: &str = "v3.6.2";
+
 /// The command that builds the binaries (run from the repository root).
 pub const BUILD_COMMAND: &str = "bash e2e/scripts/build-binaries.sh";
 
@@ -67,6 +71,12 @@ pub struct Binaries {
     pub keda_adapter: PathBuf,
     /// KEDA's CRDs (`*.yaml`)
     pub keda_crds: PathBuf,
+    /// Argo CD (one binary; `ARGOCD_BINARY_NAME` picks the role)
+    pub argocd: PathBuf,
+    /// Argo CD's CRDs (`*-crd.yaml`)
+    pub argocd_crds: PathBuf,
+    /// The scripts Argo CD's image puts on PATH (`git-verify-wrapper.sh`, ...)
+    pub argocd_scripts: PathBuf,
 }
 
 impl Binaries {
@@ -82,6 +92,7 @@ impl Binaries {
         let node = root.join(format!("kubernetes-node-{KUBERNETES_VERSION}"));
         let prometheus = root.join(format!("prometheus-{PROMETHEUS_VERSION}"));
         let keda = root.join(format!("keda-{KEDA_VERSION}"));
+        let argocd = root.join(format!("argo-cd-{ARGOCD_VERSION}"));
         let bins = Self {
             kube_apiserver: k8s.join("kube-apiserver"),
             kube_controller_manager: k8s.join("kube-controller-manager"),
@@ -103,6 +114,9 @@ impl Binaries {
             keda: keda.join("keda"),
             keda_adapter: keda.join("keda-adapter"),
             keda_crds: keda.join("crds"),
+            argocd: argocd.join("argocd"),
+            argocd_crds: argocd.join("crds"),
+            argocd_scripts: argocd.join("bin"),
         };
         for path in [
             &bins.kube_apiserver,
@@ -121,6 +135,9 @@ impl Binaries {
             &bins.keda,
             &bins.keda_adapter,
             &bins.keda_crds.join("keda.sh_scaledobjects.yaml"),
+            &bins.argocd,
+            &bins.argocd_crds.join("application-crd.yaml"),
+            &bins.argocd_scripts.join("git-verify-wrapper.sh"),
         ] {
             if !path.is_file() {
                 return Err(Error::MissingBinary { path: path.clone() });

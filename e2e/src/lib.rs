@@ -12,6 +12,7 @@
 //! Pods run on fake GPU nodes driven by kwok: nothing in them executes, pod IPs
 //! are fake, so tests assert on API state only.
 
+pub mod argocd;
 pub mod bins;
 pub mod certs;
 mod cluster;
