@@ -13,7 +13,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::{
@@ -24,7 +24,7 @@ use rand::Rng;
 
 use crate::bins::{Binaries, repo_root};
 use crate::fixtures::{FIELD_MANAGER, apply_crd_file};
-use crate::process::{Proc, free_port, log_tail, wait_http_ok};
+use crate::process::{Proc, free_port, log_tail, run_output, wait_http_ok, wait_tcp_open};
 use crate::{Error, Result};
 
 /// Where redis-server is (Debian's package; `make host-packages` installs it).
@@ -77,13 +77,13 @@ impl ArgoCdOptions {
     }
 }
 
-/// Redis, the repo server and the application controller, running.
+/// Redis, the repo server and the application controller, running; dropped,
+/// they stop in that order reversed (fields drop in declaration order).
 #[derive(Debug)]
 pub struct ArgoCd {
-    redis: Proc,
-    repo_server: Proc,
     controller: Proc,
-    namespace: String,
+    repo_server: Proc,
+    redis: Proc,
 }
 
 impl ArgoCd {
@@ -129,7 +129,11 @@ impl ArgoCd {
             &[],
         )?;
         let redis_addr = format!("127.0.0.1:{redis_port}");
-        wait_tcp(&redis_addr, opts.timeout, "redis", &mut redis).await?;
+        let log = redis.log().to_owned();
+        wait_tcp_open(&redis_addr, "redis", &log, opts.timeout, || {
+            redis.check_running()
+        })
+        .await?;
 
         let kubeconfig = kubeconfig.display().to_string();
         let path = |sub: &str| state.join(sub).display().to_string();
@@ -156,7 +160,7 @@ impl ArgoCd {
         };
 
         let repo_port = free_port()?;
-        let repo_metrics = format!("127.0.0.1:{}", free_port()?);
+        let repo_metrics_port = free_port()?;
         let mut repo_server = Proc::spawn(
             &format!("argocd-repo-server-{ns}"),
             &bins.argocd,
@@ -164,7 +168,7 @@ impl ArgoCd {
                 "--address=127.0.0.1".into(),
                 format!("--port={repo_port}"),
                 "--metrics-address=127.0.0.1".into(),
-                format!("--metrics-port={}", port_of(&repo_metrics)),
+                format!("--metrics-port={repo_metrics_port}"),
                 format!("--redis={redis_addr}"),
                 // gRPC over TLS as installed (a self-signed certificate the
                 // repo server makes; the controller does not pin it).
@@ -175,7 +179,7 @@ impl ArgoCd {
         )?;
         let log = repo_server.log().to_owned();
         wait_http_ok(
-            &repo_metrics,
+            &format!("127.0.0.1:{repo_metrics_port}"),
             "/healthz?full=true",
             "Argo CD repo server /healthz",
             &log,
@@ -207,10 +211,9 @@ impl ArgoCd {
             &env("argocd-application-controller"),
         )?;
         let mut argocd = Self {
-            redis,
-            repo_server,
             controller,
-            namespace: ns.to_owned(),
+            repo_server,
+            redis,
         };
         let log = argocd.controller.log().to_owned();
         wait_http_ok(
@@ -223,16 +226,6 @@ impl ArgoCd {
         )
         .await?;
         Ok(argocd)
-    }
-
-    /// The namespace of its settings and Applications.
-    pub fn namespace(&self) -> &str {
-        &self.namespace
-    }
-
-    /// The application controller's log (sync and health decisions).
-    pub fn controller_log(&self) -> &Path {
-        self.controller.log()
     }
 
     /// The end of the controller's and the repo server's logs, for failures.
@@ -250,40 +243,26 @@ impl ArgoCd {
         self.repo_server.check_running()?;
         self.controller.check_running()
     }
-
-    /// Stops all three.
-    pub fn stop(&mut self) {
-        self.controller.stop(Duration::from_secs(5));
-        self.repo_server.stop(Duration::from_secs(5));
-        self.redis.stop(Duration::from_secs(5));
-    }
 }
 
 /// The chart's argocd-cm data for HndsrService: `helm template` with
 /// `argocdHealthCheck.enabled=true`, its ConfigMap's `data`.
 pub fn chart_health_check(bins: &Binaries) -> Result<BTreeMap<String, String>> {
     let chart = repo_root().join("charts/hndsr-operator");
-    let out = Command::new(&bins.helm)
-        .args(["template", "hndsr"])
-        .arg(&chart)
-        .args([
-            "--set",
-            "argocdHealthCheck.enabled=true",
-            "--show-only",
-            "templates/argocd-health.yaml",
-        ])
-        .output()
-        .map_err(|source| Error::Spawn {
-            name: "helm template".into(),
-            source,
-        })?;
-    if !out.status.success() {
-        return Err(Error::Setup(format!(
-            "helm template of the Argo CD health check failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        )));
-    }
-    let cm: ConfigMap = serde_yaml::from_slice(&out.stdout).map_err(|e| {
+    let rendered = run_output(
+        Command::new(&bins.helm)
+            .args(["template", "hndsr"])
+            .arg(&chart)
+            .args([
+                "--set",
+                "argocdHealthCheck.enabled=true",
+                "--show-only",
+                "templates/argocd-health.yaml",
+            ]),
+        "helm template",
+        "helm template of the Argo CD health check",
+    )?;
+    let cm: ConfigMap = serde_yaml::from_slice(&rendered).map_err(|e| {
         Error::Setup(format!(
             "the chart's Argo CD health check is not a ConfigMap: {e}"
         ))
@@ -367,29 +346,6 @@ async fn install_crds(client: &Client, dir: &Path) -> Result<()> {
     Ok(())
 }
 
-fn port_of(addr: &str) -> &str {
-    addr.rsplit_once(':').map_or(addr, |(_, port)| port)
-}
-
-/// Waits until `addr` accepts TCP connections.
-async fn wait_tcp(addr: &str, timeout: Duration, what: &str, proc: &mut Proc) -> Result<()> {
-    let start = Instant::now();
-    loop {
-        proc.check_running()?;
-        if tokio::net::TcpStream::connect(addr).await.is_ok() {
-            return Ok(());
-        }
-        if start.elapsed() > timeout {
-            return Err(Error::Timeout {
-                what: format!("{what} on {addr}"),
-                waited: timeout,
-                detail: format!(": {}", log_tail(proc.log(), 20)),
-            });
-        }
-        tokio::time::sleep(crate::wait::POLL).await;
-    }
-}
-
 /// A local git repository an Application reads through a `file://` URL (as
 /// Argo CD's own end-to-end tests do), committed to by the test.
 #[derive(Debug)]
@@ -435,31 +391,22 @@ impl GitRepo {
     }
 
     fn git(&self, args: &[&str]) -> Result<String> {
-        let out = Command::new("git")
-            .arg("-C")
-            .arg(&self.dir)
-            .args([
-                "-c",
-                "user.name=hndsr e2e",
-                "-c",
-                "user.email=e2e@hndsr.invalid",
-                "-c",
-                "commit.gpgsign=false",
-            ])
-            .args(args)
-            .output()
-            .map_err(|source| Error::Spawn {
-                name: "git (install it with `make host-packages`)".into(),
-                source,
-            })?;
-        if !out.status.success() {
-            return Err(Error::Setup(format!(
-                "git {} in {} failed: {}",
-                args.join(" "),
-                self.dir.display(),
-                String::from_utf8_lossy(&out.stderr)
-            )));
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        let stdout = run_output(
+            Command::new("git")
+                .arg("-C")
+                .arg(&self.dir)
+                .args([
+                    "-c",
+                    "user.name=hndsr e2e",
+                    "-c",
+                    "user.email=e2e@hndsr.invalid",
+                    "-c",
+                    "commit.gpgsign=false",
+                ])
+                .args(args),
+            "git (install it with `make host-packages`)",
+            &format!("git {} in {}", args.join(" "), self.dir.display()),
+        )?;
+        Ok(String::from_utf8_lossy(&stdout).into_owned())
     }
 }

@@ -16,6 +16,7 @@
 //! (also run on drop) sends SIGTERM, waits, then SIGKILLs.
 
 use std::fs::File;
+use std::future::Future;
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -255,12 +256,46 @@ pub async fn wait_http_ok(
     what: &str,
     log: &Path,
     timeout: Duration,
-    mut check_running: impl FnMut() -> Result<()>,
+    check_running: impl FnMut() -> Result<()>,
 ) -> Result<()> {
+    poll_ready(what, log, timeout, check_running, || async {
+        matches!(http_get(addr, path).await, Some((200, _)))
+    })
+    .await
+}
+
+/// Like [`wait_http_ok`], until `addr` accepts TCP connections (a server
+/// that speaks no HTTP, such as redis).
+pub async fn wait_tcp_open(
+    addr: &str,
+    what: &str,
+    log: &Path,
+    timeout: Duration,
+    check_running: impl FnMut() -> Result<()>,
+) -> Result<()> {
+    poll_ready(what, log, timeout, check_running, || async {
+        tokio::net::TcpStream::connect(addr).await.is_ok()
+    })
+    .await
+}
+
+/// Calls `ready` every [`crate::wait::POLL`] until it says yes; fails early
+/// when `check_running` does, and after `timeout` with the tail of `log`.
+async fn poll_ready<F, Fut>(
+    what: &str,
+    log: &Path,
+    timeout: Duration,
+    mut check_running: impl FnMut() -> Result<()>,
+    mut ready: F,
+) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
     let start = Instant::now();
     loop {
         check_running()?;
-        if let Some((200, _)) = http_get(addr, path).await {
+        if ready().await {
             return Ok(());
         }
         if start.elapsed() > timeout {
@@ -272,6 +307,23 @@ pub async fn wait_http_ok(
         }
         tokio::time::sleep(crate::wait::POLL).await;
     }
+}
+
+/// Runs `cmd` to completion and returns its standard output; `program`
+/// names it when it cannot start, `what` when it exits non-zero (with its
+/// standard error).
+pub fn run_output(cmd: &mut Command, program: &str, what: &str) -> Result<Vec<u8>> {
+    let out = cmd.output().map_err(|source| Error::Spawn {
+        name: program.to_owned(),
+        source,
+    })?;
+    if !out.status.success() {
+        return Err(Error::Setup(format!(
+            "{what} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )));
+    }
+    Ok(out.stdout)
 }
 
 /// Whether process `pid` exists and is not a zombie (a killed process whose

@@ -483,6 +483,26 @@ async fn apply_children(
     Ok(applied_deployment)
 }
 
+/// A child object the operator applies or deletes: namespaced, typed,
+/// (de)serialisable.
+trait Child:
+    Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+    + Serialize
+    + DeserializeOwned
+    + Clone
+    + std::fmt::Debug
+{
+}
+
+impl<K> Child for K where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+        + Serialize
+        + DeserializeOwned
+        + Clone
+        + std::fmt::Debug
+{
+}
+
 async fn apply_one<K>(
     svc: &HndsrService,
     ctx: &Context,
@@ -491,11 +511,7 @@ async fn apply_one<K>(
     live: Option<K>,
 ) -> Result<Option<K>>
 where
-    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
-        + Serialize
-        + DeserializeOwned
-        + Clone
-        + std::fmt::Debug,
+    K: Child,
 {
     // Never take over an object someone else made: the cache only holds
     // objects with our label, so on a miss ask the API server (a read on the
@@ -527,11 +543,7 @@ async fn apply_read<K>(
     live: Option<K>,
 ) -> Result<Option<K>>
 where
-    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
-        + Serialize
-        + DeserializeOwned
-        + Clone
-        + std::fmt::Debug,
+    K: Child,
 {
     let kind = static_kind::<K>();
     let name = desired.name_any();
@@ -625,10 +637,7 @@ async fn delete_if_owned<K>(
     live: Option<K>,
 ) -> Result<()>
 where
-    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
-        + DeserializeOwned
-        + Clone
-        + std::fmt::Debug,
+    K: Child,
 {
     let Some(live) = live else { return Ok(()) };
     if !controlled_by(&live, svc) {
