@@ -101,6 +101,16 @@ pub enum Error {
         /// When the queue ahead should have drained enough.
         retry_after: Duration,
     },
+    /// Running this request now, beside the computations running, would
+    /// slow one of them past its deadline; nothing was queued.
+    #[error(
+        "the server is busy with requests this one would slow past their deadlines; retry after {}s",
+        .retry_after.as_secs()
+    )]
+    DeadlineCrowded {
+        /// When the computation it would slow should be done.
+        retry_after: Duration,
+    },
     /// This request alone would take longer than its deadline on this
     /// server, whatever the queue.
     #[error(
@@ -203,6 +213,7 @@ impl Error {
             | Self::Unavailable { .. }
             | Self::OutOfMemory { .. }
             | Self::DeadlineWait { .. }
+            | Self::DeadlineCrowded { .. }
             | Self::DeviceLost { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::DeadlineTooSlow { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             Self::SlowUpload { .. } => StatusCode::REQUEST_TIMEOUT,
@@ -231,7 +242,7 @@ impl Error {
             Self::Overloaded { .. } => "overloaded",
             Self::Unavailable { .. } => "unavailable",
             Self::OutOfMemory { .. } => "out_of_memory",
-            Self::DeadlineWait { .. } => "deadline_wait",
+            Self::DeadlineWait { .. } | Self::DeadlineCrowded { .. } => "deadline_wait",
             Self::DeadlineTooSlow { .. } => "deadline_too_slow",
             Self::SlowUpload { .. } => "slow_upload",
             Self::DeviceLost { .. } => "device_lost",
@@ -263,6 +274,7 @@ impl Error {
                 | Self::Overloaded { .. }
                 | Self::Unavailable { .. }
                 | Self::DeadlineWait { .. }
+                | Self::DeadlineCrowded { .. }
                 | Self::DeadlineTooSlow { .. }
                 | Self::SlowUpload { .. }
                 | Self::NotFound
@@ -279,6 +291,7 @@ impl Error {
             | Self::Unavailable { retry_after }
             | Self::OutOfMemory { retry_after }
             | Self::DeadlineWait { retry_after, .. }
+            | Self::DeadlineCrowded { retry_after }
             | Self::DeviceLost { retry_after } => Some(*retry_after),
             _ => None,
         }

@@ -88,6 +88,82 @@ async fn a_request_that_cannot_finish_in_its_deadline_is_refused_at_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_request_is_charged_for_the_computations_it_would_share_the_device_with() {
+    // Two permits on one core: two calls at once run at half speed each.
+    let backend = Arc::new(FakeBackend::new(Duration::ZERO));
+    backend.set_delay_per_output_megapixel(Duration::from_secs(10));
+    backend.share_cores(Some(1));
+    let s = start_unready(
+        &["--request-timeout-s", "5", "--max-concurrent", "2"],
+        Arc::clone(&backend),
+    )
+    .await;
+    s.wait_ready().await;
+    backend.reset_counts();
+    let slowdown = s.info().await["limits"]["shared_slowdown"]
+        .as_f64()
+        .unwrap();
+    assert!(
+        (1.5..2.5).contains(&slowdown),
+        "warm-up measured it: {slowdown}"
+    );
+
+    // 0.26 output megapixels: about 2.6 s alone (3.1 s with the margin),
+    // admitted with a deadline of 4 s.
+    let first = {
+        let (c, url, body) = (
+            s.client.clone(),
+            s.url(paths::UPSCALE_PATH),
+            png(128, 128, 1),
+        );
+        tokio::spawn(async move {
+            c.post(url)
+                .header("x-request-timeout-ms", "4000")
+                .body(body)
+                .send()
+                .await
+                .unwrap()
+        })
+    };
+    eventually("the first runs", || async { s.backend.running() == 1 }).await;
+
+    // A permit is free, so there is no wait; but beside the first it
+    // would run at half speed, ~5.2 s, past its 5 s deadline. Alone it
+    // would have fitted.
+    let res = s.upscale(png(128, 128, 2), "scale=4").await;
+    assert_eq!(res.status(), 503);
+    let b = body(res).await;
+    assert_eq!(b["type"], "deadline_wait");
+    assert!(
+        b["error"].as_str().unwrap().contains("would need about"),
+        "{b}"
+    );
+
+    // 0.15 Mpx fits its own deadline (~2.9 s shared), but would hold the
+    // first back ~1.4 s: past the first's 4 s. Refused to keep the
+    // admitted one on time.
+    let res = s.upscale(png(96, 96, 3), "scale=4").await;
+    assert_eq!(res.status(), 503);
+    assert!(res.headers().contains_key("retry-after"));
+    let b = body(res).await;
+    assert_eq!(b["type"], "deadline_wait");
+    assert!(
+        b["error"]
+            .as_str()
+            .unwrap()
+            .contains("slow past their deadlines"),
+        "{b}"
+    );
+
+    // A small one (0.04 s, 0.08 s shared) fits beside it.
+    assert_eq!(s.upscale(png(16, 16, 4), "scale=4").await.status(), 200);
+    let res = first.await.unwrap();
+    assert_eq!(res.status(), 200, "the admitted request met its deadline");
+    assert_eq!(s.backend.calls(), 2);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_request_the_queue_would_make_late_gets_503_and_retry_after() {
     let s = paced(
         &["--request-timeout-s", "5", "--max-concurrent", "1"],

@@ -36,6 +36,7 @@ pub enum Failure {
 pub struct FakeBackend {
     delay: Mutex<Duration>,
     per_output_mpx: Mutex<Duration>,
+    cores: Mutex<Option<usize>>,
     failures: Mutex<VecDeque<Failure>>,
     calls: AtomicUsize,
     running: AtomicUsize,
@@ -57,6 +58,7 @@ impl FakeBackend {
         Self {
             delay: Mutex::new(delay),
             per_output_mpx: Mutex::new(Duration::ZERO),
+            cores: Mutex::new(None),
             failures: Mutex::new(VecDeque::new()),
             calls: AtomicUsize::new(0),
             running: AtomicUsize::new(0),
@@ -89,6 +91,13 @@ impl FakeBackend {
     /// its output, as a real model's time grows with the image.
     pub fn set_delay_per_output_megapixel(&self, per_mpx: Duration) {
         *self.per_output_mpx.lock() = per_mpx;
+    }
+
+    /// Makes calls share `cores` cores, as CPU inference does: with more
+    /// calls running than cores, each advances at cores ÷ running of its
+    /// pace alone (processor sharing). `None`: every call as if alone.
+    pub fn share_cores(&self, cores: Option<usize>) {
+        *self.cores.lock() = cores;
     }
 
     /// Makes the next call fail this way (failures queue up in order).
@@ -207,20 +216,30 @@ impl Backend for FakeBackend {
             None => {}
         }
 
-        let started = Instant::now();
         let out_mpx =
             f64::from(job.image.width * job.scale) * f64::from(job.image.height * job.scale) / 1e6;
         let per_size = self.per_output_mpx.lock().mul_f64(out_mpx);
+        // The work done so far, in seconds of a call running alone.
+        let mut done = Duration::ZERO;
+        let mut last = Instant::now();
         loop {
             if cancel.is_cancelled() {
                 self.cancelled.fetch_add(1, Ordering::SeqCst);
                 return Err(BackendError::Cancelled);
             }
-            let left = (*self.delay.lock() + per_size).saturating_sub(started.elapsed());
+            let now = Instant::now();
+            let share = match *self.cores.lock() {
+                #[allow(clippy::cast_precision_loss)]
+                Some(cores) => (cores as f64 / self.running().max(1) as f64).min(1.0),
+                None => 1.0,
+            };
+            done += now.duration_since(last).mul_f64(share);
+            last = now;
+            let left = (*self.delay.lock() + per_size).saturating_sub(done);
             if left.is_zero() {
                 break;
             }
-            std::thread::sleep(left.min(STEP));
+            std::thread::sleep(left.div_f64(share).min(STEP));
         }
         Ok(nearest(&job.image, job.scale))
     }

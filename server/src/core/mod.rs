@@ -25,7 +25,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{Semaphore, oneshot};
 
 use self::coalesce::{Coalescer, Joined};
-use self::estimate::{Backlog, Entry, Estimator};
+use self::estimate::{Backlog, Entry, Estimator, Refusal};
 use self::executor::{Executor, Permit, Task};
 use crate::backend::{Backend, BackendError, BackendInfo, CancellationToken, Job, Planar};
 use crate::codec;
@@ -251,48 +251,44 @@ impl Core {
 
     async fn calibrate(&self) -> Result<(), BackendError> {
         let inner = &self.inner;
-        let scale = inner.default_scale;
-        let mut points: Vec<(u64, Duration)> = Vec::new();
+        let mut points: Vec<(u32, u64, Duration)> = Vec::new();
         for side in CALIBRATION_SIDES {
-            let image = calibration_png(side)?;
-            let work = inner.backend.work(side, side, scale, None);
-            let failed = |e: Error| BackendError::Load(format!("calibration at {side}²: {e}"));
-            let (planar, layout, decode) = decode_off_thread(image, u64::MAX, &inner.metrics)
-                .await
-                .map_err(failed)?;
-            let permit = Arc::clone(&inner.permits)
-                .acquire_owned()
-                .await
-                .map_err(|_| BackendError::Load("the permit semaphore is closed".to_owned()))?;
-            let job = Job {
-                image: planar,
-                scale,
-                steps: None,
-                seed: 0,
-            };
-            let (out, inference) = infer(inner, job, CancellationToken::new(), permit)
-                .await
-                .map_err(failed)?;
-            let (_, encode) = encode_off_thread(out, layout, &inner.metrics)
-                .await
-                .map_err(failed)?;
-            let took = decode + inference + encode;
-            points.push((work, took));
+            let (work, took) = time_request_path(inner, side).await?;
+            points.push((side, work, took));
             if points.len() >= 2 && took >= CALIBRATION_TARGET {
                 break;
             }
         }
-        if let [.., small, large] = points[..] {
-            inner.estimator.calibrate(small, large);
-            tracing::info!(
-                small_pixels = small.0,
-                small_ms = small.1.as_millis(),
-                large_pixels = large.0,
-                large_ms = large.1.as_millis(),
-                one_mpx_ms = inner.estimator.service(1_000_000).as_millis(),
-                "service-time estimator calibrated"
-            );
-        }
+        let [.., small, large] = points[..] else {
+            return Ok(());
+        };
+        inner
+            .estimator
+            .calibrate((small.1, small.2), (large.1, large.2));
+        // The larger size again, on every permit at once: how much the
+        // computations slow each other.
+        let slots = inner.limits.max_concurrent.get();
+        let sharing = if slots > 1 {
+            let runs = (0..slots).map(|_| time_request_path(inner, large.0));
+            let together = futures::future::try_join_all(runs).await?;
+            let sum: Duration = together.iter().map(|(_, took)| *took).sum();
+            let mean = sum / u32::try_from(slots).unwrap_or(u32::MAX);
+            estimate::Sharing::measured(slots, large.2, mean)
+        } else {
+            estimate::Sharing::default()
+        };
+        inner.estimator.calibrate_sharing(sharing);
+        inner.backlog.set_sharing(sharing);
+        tracing::info!(
+            small_pixels = small.1,
+            small_ms = small.2.as_millis(),
+            large_pixels = large.1,
+            large_ms = large.2.as_millis(),
+            one_mpx_ms = inner.estimator.service(1_000_000).as_millis(),
+            slots,
+            slowdown_with_all_slots_busy = sharing.full,
+            "service-time estimator calibrated"
+        );
         Ok(())
     }
 
@@ -314,6 +310,13 @@ impl Core {
     #[must_use]
     pub fn deadline_margin(&self) -> f64 {
         self.inner.estimator.margin()
+    }
+
+    /// How much slower each computation runs with every permit busy than
+    /// alone (see [`estimate::Sharing`]).
+    #[must_use]
+    pub fn shared_slowdown(&self) -> f64 {
+        self.inner.estimator.sharing().full
     }
 
     /// The backend's self-description.
@@ -408,11 +411,13 @@ impl Core {
         let work = inner
             .backend
             .work(probe.width, probe.height, scale, req.steps);
-        let estimate = self.admit_by_estimate(&req, work, probe, scale)?;
+        let backlog = self.admit_by_estimate(&req, work, probe, scale)?;
 
         let key = self.key(&req, scale).await?;
         match inner.flights.join(key) {
             Joined::Follower(waiter) => {
+                // It computes nothing: the leader's place is the flight's.
+                drop(backlog);
                 inner.metrics.inc_coalesced();
                 let upscaled = waiter.wait().await?;
                 Ok(Answer {
@@ -426,7 +431,7 @@ impl Core {
                 let cost = Cost {
                     need_mib,
                     work,
-                    estimate,
+                    backlog,
                 };
                 tokio::spawn(async move {
                     let result = compute(&inner, req, scale, cost, token).await.map(Arc::new);
@@ -443,15 +448,16 @@ impl Core {
 
     /// Refuses at once a request that cannot finish within its deadline:
     /// 422 when it would be over the deadline even alone on this pod, 503
-    /// when the work ahead and the current pace make it late. Returns the
-    /// estimate at the current pace.
+    /// when the work ahead, the computations it would share the device
+    /// with and the current pace make it late, or when it would make a
+    /// running computation late. Returns its place in the backlog.
     fn admit_by_estimate(
         &self,
         req: &UpscaleRequest,
         work: u64,
         probe: codec::Probe,
         scale: u32,
-    ) -> Result<Duration, Error> {
+    ) -> Result<Entry, Error> {
         let inner = &self.inner;
         // 422 only for what this pod cannot do in the deadline even alone;
         // what the current load makes late is the 503 below.
@@ -465,24 +471,27 @@ impl Core {
                 out_height: u64::from(probe.height) * u64::from(scale),
             });
         }
-        let service = inner.estimator.service(work);
-        let factor = inner.estimator.margin();
-        let margin = |d: Duration| d.mul_f64(factor);
-        let wait = inner
+        let now = Instant::now();
+        let planned = estimate::Request {
+            work,
+            deadline: req.deadline.at,
+            slots: inner.limits.max_concurrent.get(),
+        };
+        inner
             .backlog
-            .wait(inner.limits.max_concurrent.get(), Instant::now());
-        let remaining = req.deadline.remaining();
-        if margin(wait + service) > remaining {
-            // Once the queue ahead has shrunk by the excess, it would fit.
-            let excess = margin(wait + service).saturating_sub(remaining);
-            let retry_after = Duration::from_secs(excess.as_secs_f64().ceil().max(1.0) as u64);
-            return Err(Error::DeadlineWait {
-                estimate: margin(wait + service),
-                remaining,
-                retry_after,
-            });
-        }
-        Ok(service)
+            .admit(&inner.estimator, planned, now)
+            .map_err(|refusal| match refusal {
+                Refusal::Late { estimate, excess } => Error::DeadlineWait {
+                    estimate,
+                    remaining: req.deadline.at.saturating_duration_since(now),
+                    // Once the queue ahead has shrunk by the excess, it
+                    // would fit.
+                    retry_after: whole_seconds(excess),
+                },
+                Refusal::Crowded { done_in } => Error::DeadlineCrowded {
+                    retry_after: whole_seconds(done_in),
+                },
+            })
     }
 
     async fn key(&self, req: &UpscaleRequest, scale: u32) -> Result<coalesce::Key, Error> {
@@ -562,14 +571,19 @@ fn calibration_png(side: u32) -> Result<Bytes, BackendError> {
 }
 
 /// What admission decided a computation will cost.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 struct Cost {
     /// Its share of the memory budget.
     need_mib: u64,
     /// Work units ([`Backend::work`]).
     work: u64,
-    /// Estimated service time.
-    estimate: Duration,
+    /// Its place in the backlog, with its estimated service time.
+    backlog: Entry,
+}
+
+/// A Retry-After of at least a second, in whole seconds.
+fn whole_seconds(d: Duration) -> Duration {
+    Duration::from_secs(d.as_secs_f64().ceil().max(1.0) as u64)
 }
 
 /// The share of the memory budget a request waits for, in MiB (at least 1).
@@ -597,8 +611,12 @@ async fn compute(
 ) -> Result<Upscaled, Error> {
     inner.metrics.queue_depth.inc();
     let queued = Queued(inner.metrics.queue_depth.clone());
-    let backlog: Entry = inner.backlog.enqueue(cost.estimate);
-    let need_mib = cost.need_mib;
+    let Cost {
+        need_mib,
+        work,
+        backlog,
+    } = cost;
+    let estimate = backlog.estimate();
     // Memory before the permit, always in that order: a request that holds
     // a permit never waits for memory, so the two cannot deadlock.
     let _memory = match &inner.memory {
@@ -646,20 +664,23 @@ async fn compute(
         Err(e) => {
             if matches!(e, Error::Cancelled) {
                 // It ran this long without finishing: a lower bound.
-                inner
-                    .estimator
-                    .observe_at_least(cost.work, decode + started.elapsed());
+                inner.estimator.observe_at_least(
+                    work,
+                    decode + started.elapsed(),
+                    backlog.mean_running(),
+                );
             }
             return Err(e);
         }
     };
+    let running = backlog.mean_running();
     drop(backlog);
     let (width, height) = (out.width, out.height);
     let (encoded, encode) = encode_off_thread(out, layout.with(req.output), &inner.metrics).await?;
     let service = decode + inference + encode;
-    inner.estimator.observe(cost.work, service);
-    inner.estimator.record_error(cost.estimate, service);
-    inner.metrics.observe_estimate(cost.estimate, service);
+    inner.estimator.observe(work, service, running);
+    inner.estimator.record_error(estimate, service);
+    inner.metrics.observe_estimate(estimate, service);
     Ok(Upscaled {
         image: Bytes::from(encoded.bytes),
         content_type: encoded.content_type,
@@ -671,9 +692,39 @@ async fn compute(
             decode,
             inference,
             encode,
-            estimate: cost.estimate,
+            estimate,
         },
     })
+}
+
+/// Times one request's path (decode, backend, encode) on a generated
+/// `side`² image at the default scale, for calibration; returns its work
+/// units and the time.
+async fn time_request_path(inner: &Inner, side: u32) -> Result<(u64, Duration), BackendError> {
+    let scale = inner.default_scale;
+    let failed = |e: Error| BackendError::Load(format!("calibration at {side}²: {e}"));
+    let image = calibration_png(side)?;
+    let work = inner.backend.work(side, side, scale, None);
+    let (planar, layout, decode) = decode_off_thread(image, u64::MAX, &inner.metrics)
+        .await
+        .map_err(failed)?;
+    let permit = Arc::clone(&inner.permits)
+        .acquire_owned()
+        .await
+        .map_err(|_| BackendError::Load("the permit semaphore is closed".to_owned()))?;
+    let job = Job {
+        image: planar,
+        scale,
+        steps: None,
+        seed: 0,
+    };
+    let (out, inference) = infer(inner, job, CancellationToken::new(), permit)
+        .await
+        .map_err(failed)?;
+    let (_, encode) = encode_off_thread(out, layout, &inner.metrics)
+        .await
+        .map_err(failed)?;
+    Ok((work, decode + inference + encode))
 }
 
 /// Decodes on the blocking pool; returns the image, its layout and the time.

@@ -119,6 +119,10 @@ pub struct InfoLimits {
     /// The factor deadline admission multiplies estimates by now (the
     /// recent 95th percentile of measured ÷ estimated, at least 1.2).
     pub deadline_margin: f64,
+    /// How much slower each computation runs with all `max_concurrent`
+    /// running at once than alone (measured at warm-up; 1 before it).
+    /// Admission charges a request for the computations beside it.
+    pub shared_slowdown: f64,
 }
 
 /// Answer of `/v1/info`.
@@ -456,6 +460,7 @@ pub(super) async fn info(State(state): State<AppState>) -> Json<InfoResponse> {
                 .estimate(256, 256, state.core.default_scale())
                 .as_secs_f64(),
             deadline_margin: state.core.deadline_margin(),
+            shared_slowdown: state.core.shared_slowdown(),
         },
     })
 }
