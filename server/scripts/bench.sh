@@ -28,7 +28,8 @@
 #      default server at concurrency 16 reaches of it, per answer encoding
 #      (PNG fast, PNG none, TIFF);
 #   8. "deadline": steady load (concurrency MAX_CONCURRENT, mixed 128²-512²
-#      inputs) then 10x overload on the hndsr fast profile (bicubic without
+#      inputs; once with clients that retry at once, once with clients that
+#      wait as Retry-After says) then 10x overload on the hndsr fast profile (bicubic without
 #      BENCH_WEIGHTS): the estimator's measured/estimated ratio, refusals by
 #      type, 504s;
 #   9. "soak": BENCH_SOAK_SECONDS (600) at 10x overload, the server's RSS,
@@ -38,7 +39,8 @@
 # 100000), MAX_CONCURRENT (4), MAX_QUEUE_DEPTH (20), BENCH_WEIGHTS (unset),
 # BENCH_TILES, BENCH_EDGE (the input PNGs' edge, default 256), BENCH_SECTIONS
 # (default "load clients threads tiles": 1+2, 3, 4, 5; also "profiles cpu
-# deadline soak"), BENCH_PROFILES, BENCH_SOAK_SECONDS, CARGO_TARGET_DIR.
+# deadline soak"), BENCH_PROFILES, BENCH_SOAK_SECONDS, CARGO_TARGET_DIR,
+# BENCH_KEEP=1 (keep the servers' logs and the load generators' results).
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -76,7 +78,10 @@ stop_server() {
   fi
   SERVER_PID=""
 }
-cleanup() { stop_server; rm -rf "$WORK"; }
+cleanup() {
+  stop_server
+  if [[ "${BENCH_KEEP:-0}" == 1 ]]; then echo "bench: logs and results kept in $WORK" >&2; else rm -rf "$WORK"; fi
+}
 trap cleanup EXIT INT TERM
 
 free_port() {
@@ -403,16 +408,20 @@ if want deadline; then
   echo
   echo "| load | requests | 200 | refused by estimate (503 deadline_wait / 422 deadline_too_slow) | 503 overloaded | 504 | measured/estimated service p10 / p50 / p90 (n) |"
   echo "|---|---:|---:|---:|---:|---:|---|"
-  for load in "steady:$MAX_CONCURRENT" "overload:$((10 * MAX_QUEUE_DEPTH))"; do
-    c="${load#*:}"
+  # steady: each refused client sends its next request at once; polite:
+  # the same clients wait as Retry-After says; overload: 10x the queue.
+  for load in "steady:$MAX_CONCURRENT:" "polite:$MAX_CONCURRENT:--honour-retry-after" \
+              "overload:$((10 * MAX_QUEUE_DEPTH)):"; do
+    name="${load%%:*}"; rest="${load#*:}"; c="${rest%%:*}"; flags="${rest#*:}"
     pids=()
     for e in 128 256 384 512; do
-      "$LOADGEN" run --url "$URL" --body "$WORK/mix-$e.png" --content-type image/png \
-        -c "$(( (c + 3) / 4 ))" -d "$((2 * SECONDS_PER_LEVEL))" --timeout 60 --json >"$WORK/dl-${load%%:*}-$e.json" &
+      # shellcheck disable=SC2086 # $flags is empty or one flag
+      "$LOADGEN" run --url "$URL" --body "$WORK/mix-$e.png" --content-type image/png $flags \
+        -c "$(( (c + 3) / 4 ))" -d "$((2 * SECONDS_PER_LEVEL))" --timeout 60 --json >"$WORK/dl-$name-$e.json" &
       pids+=($!)
     done
     wait "${pids[@]}"
-    python3 - "${load%%:*}, concurrency $c" "$WORK"/dl-"${load%%:*}"-*.json <<'PY'
+    python3 - "$name, concurrency $c" "$WORK"/dl-"$name"-*.json <<'PY'
 import json, sys
 label, paths = sys.argv[1], sys.argv[2:]
 req = ok = t504 = 0; types = {}; n_ratio = 0; p = []

@@ -54,6 +54,10 @@ pub struct Plan {
     pub timeout: Duration,
     /// Send `X-Forwarded-For` with a distinct address per request.
     pub distinct_clients: bool,
+    /// After an answer with `Retry-After` (seconds), wait that long before
+    /// the next request, as a well-behaved client does. Off: send the next
+    /// at once (the overload a misbehaving client makes).
+    pub honour_retry_after: bool,
 }
 
 /// Latency summary, in milliseconds.
@@ -262,6 +266,8 @@ struct Tally {
 /// What one answer told.
 struct Answer {
     status: u16,
+    /// Its `Retry-After`, in seconds.
+    retry_after: Option<Duration>,
     /// The JSON error `type` of a non-2xx answer.
     kind: Option<String>,
     /// Measured ÷ estimated service time of a 200.
@@ -325,6 +331,12 @@ pub async fn run(plan: Plan) -> anyhow::Result<Report> {
                                 *tally.types.entry(kind).or_default() += 1;
                             }
                             tally.ratios.extend(answer.ratio);
+                            if plan.honour_retry_after
+                                && let Some(pause) = answer.retry_after
+                            {
+                                let until = (Instant::now() + pause).min(deadline);
+                                tokio::time::sleep_until(until.into()).await;
+                            }
                         }
                         Ok(Err(e)) => record_error(&mut tally, e.to_string(), took),
                         Err(_) => record_error(&mut tally, "timed out".to_owned(), took),
@@ -424,6 +436,12 @@ async fn send(
         .await
         .map_err(|e| anyhow::anyhow!("{e:?}"))?;
     let status = resp.status().as_u16();
+    let retry_after = resp
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs);
     let ratio = resp
         .headers()
         .get("server-timing")
@@ -441,6 +459,7 @@ async fn send(
         .and_then(|v| v["type"].as_str().map(str::to_owned));
     Ok(Answer {
         status,
+        retry_after,
         kind,
         ratio: if status == 200 { ratio } else { None },
     })
@@ -549,12 +568,12 @@ mod tests {
         assert_ne!(png, synthetic_png(32, 24, 1).unwrap());
     }
 
-    #[tokio::test]
-    async fn counts_statuses_against_a_local_server() {
+    /// A minimal HTTP/1.1 server on loopback answering every request with
+    /// `resp` (an empty body).
+    async fn answering(resp: &'static [u8]) -> std::net::SocketAddr {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        // A minimal HTTP/1.1 server: every request gets 503 with an empty body.
         tokio::spawn(async move {
             loop {
                 let Ok((mut sock, _)) = listener.accept().await else {
@@ -563,18 +582,18 @@ mod tests {
                 tokio::spawn(async move {
                     let mut buf = vec![0u8; 4096];
                     while let Ok(n) = sock.read(&mut buf).await {
-                        if n == 0 {
-                            return;
-                        }
-                        let resp = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n";
-                        if sock.write_all(resp).await.is_err() {
+                        if n == 0 || sock.write_all(resp).await.is_err() {
                             return;
                         }
                     }
                 });
             }
         });
-        let plan = Plan {
+        addr
+    }
+
+    fn plan(addr: std::net::SocketAddr) -> Plan {
+        Plan {
             url: format!("http://{addr}/").parse().unwrap(),
             method: Method::GET,
             bodies: Vec::new(),
@@ -585,11 +604,41 @@ mod tests {
             max_duration: Duration::from_secs(20),
             timeout: Duration::from_secs(5),
             distinct_clients: true,
-        };
-        let report = run(plan).await.unwrap();
+            honour_retry_after: false,
+        }
+    }
+
+    const REFUSAL: &[u8] =
+        b"HTTP/1.1 503 Service Unavailable\r\nretry-after: 1\r\ncontent-length: 0\r\n\r\n";
+
+    #[tokio::test]
+    async fn counts_statuses_against_a_local_server() {
+        let report = run(plan(answering(REFUSAL).await)).await.unwrap();
         assert_eq!(report.requests, 40);
         assert_eq!(report.status_counts.get("503"), Some(&40), "{report:?}");
         assert_eq!(report.latency.unwrap().count, 40);
+    }
+
+    #[tokio::test]
+    async fn a_well_behaved_client_waits_as_retry_after_says() {
+        let addr = answering(REFUSAL).await;
+        let polite = Plan {
+            concurrency: 1,
+            requests: None,
+            duration: Some(Duration::from_millis(1500)),
+            honour_retry_after: true,
+            ..plan(addr)
+        };
+        let report = run(polite).await.unwrap();
+        // At 0 s and at 1 s; then the run is over.
+        assert_eq!(report.requests, 2, "{report:?}");
+        let eager = Plan {
+            concurrency: 1,
+            requests: None,
+            duration: Some(Duration::from_millis(300)),
+            ..plan(addr)
+        };
+        assert!(run(eager).await.unwrap().requests > 10);
     }
 
     #[tokio::test]
@@ -614,6 +663,7 @@ mod tests {
             max_duration: Duration::from_secs(1),
             timeout: Duration::from_secs(60),
             distinct_clients: false,
+            honour_retry_after: false,
         };
         let began = Instant::now();
         let report = run(plan).await.unwrap();

@@ -76,6 +76,10 @@ struct RunArgs {
     /// Send `X-Forwarded-For` with a distinct synthetic address per request.
     #[arg(long)]
     distinct_clients: bool,
+    /// After an answer with Retry-After, wait that long before the next
+    /// request (a well-behaved client); by default the next goes at once.
+    #[arg(long)]
+    honour_retry_after: bool,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -132,6 +136,7 @@ fn plan(args: &RunArgs) -> anyhow::Result<Plan> {
         max_duration: seconds("max-duration", args.max_duration)?,
         timeout: seconds("timeout", args.timeout)?,
         distinct_clients: args.distinct_clients,
+        honour_retry_after: args.honour_retry_after,
     })
 }
 
