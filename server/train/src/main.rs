@@ -4,6 +4,7 @@
 //! ```text
 //! hndsr-train train  --config small --out ckpt/ --steps 4000 [--resume]
 //! hndsr-train eval   --weights ckpt/latest.safetensors --steps 0,4,20,50 --table eval.md
+//! hndsr-train report --weights server/models/hndsr-medium.safetensors --split validation
 //! hndsr-train export --checkpoint ckpt/ --out server/models/hndsr-medium.safetensors
 //! hndsr-train soup   --weights a.safetensors,b.safetensors --out soup.safetensors --version 1.0.0
 //! ```
@@ -11,10 +12,12 @@
 mod bandlimit;
 mod bench;
 mod data;
+mod degrade;
 mod grow;
 mod linear;
 mod metrics;
 mod probe;
+mod report;
 mod soup;
 
 use std::path::{Path, PathBuf};
@@ -55,6 +58,9 @@ enum Command {
     Train(TrainArgs),
     /// PSNR / SSIM on the held-out regions: bicubic vs the model.
     Eval(EvalArgs),
+    /// The model card's quality table: a split, both degradations, the
+    /// server's profiles.
+    Report(report::ReportArgs),
     /// Copy a checkpoint's weights out with a full manifest.
     Export(ExportArgs),
     /// Average weights of one shape variable by variable (a model soup),
@@ -327,6 +333,7 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Train(args) => train(&args, &data, device),
         Command::Eval(args) => eval(&args, &data, device),
+        Command::Report(args) => report::report(&args, &data, device),
         Command::Export(args) => export(&args),
         Command::Soup(args) => {
             let m = soup::soup(&args)?;
