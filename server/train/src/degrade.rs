@@ -62,6 +62,36 @@ impl Degradation {
     }
 }
 
+/// The LR inputs of a training batch of HR crops (`[B, 3, H, W]` on the
+/// CPU): each crop's by [`Degradation::Realistic`] with probability
+/// `fraction` (seeded from `rng`), else by the training degradation in f32
+/// as before. With `fraction` 0 it draws nothing from `rng`, so runs
+/// without it see the same crops as before.
+///
+/// # Errors
+/// JPEG encoding or decoding failed.
+pub fn training_batch(
+    hr: &Tensor,
+    scale: i64,
+    fraction: f64,
+    rng: &mut SplitMix64,
+) -> Result<Tensor> {
+    let matched = crate::data::degrade(hr, scale);
+    if fraction <= 0.0 {
+        return Ok(matched);
+    }
+    let crops = (0..hr.size()[0])
+        .map(|i| {
+            if unit(rng) < fraction {
+                Degradation::Realistic.apply(&hr.narrow(0, i, 1), scale, rng.next_u64())
+            } else {
+                Ok(matched.narrow(0, i, 1))
+            }
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Tensor::cat(&crops, 0))
+}
+
 /// One image's realistic degradation.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Realistic {
@@ -223,6 +253,30 @@ mod tests {
             rms > 0.8 / 255.0,
             "blur, noise and JPEG change the input: {rms}"
         );
+    }
+
+    #[test]
+    fn a_training_batch_mixes_the_degradations_by_the_fraction() {
+        let hr = Tensor::cat(&[hr(), hr().flip([3]), hr().flip([2]), hr()], 0);
+        let matched = crate::data::degrade(&hr, 4);
+        let mut rng = SplitMix64::new(3);
+        let none = training_batch(&hr, 4, 0.0, &mut rng).unwrap();
+        assert!(max_diff(&none, &matched) < 1e-9);
+        assert_eq!(
+            rng.next_u64(),
+            SplitMix64::new(3).next_u64(),
+            "nothing drawn"
+        );
+        let all = training_batch(&hr, 4, 1.0, &mut SplitMix64::new(3)).unwrap();
+        assert_eq!(all.size(), matched.size());
+        for i in 0..4 {
+            assert!(
+                max_diff(&all.narrow(0, i, 1), &matched.narrow(0, i, 1)) > 1e-3,
+                "crop {i}"
+            );
+        }
+        let again = training_batch(&hr, 4, 1.0, &mut SplitMix64::new(3)).unwrap();
+        assert!(max_diff(&all, &again) < 1e-9, "seeded");
     }
 
     #[test]

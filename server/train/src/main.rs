@@ -137,6 +137,11 @@ struct TrainArgs {
     /// linear, so the pair stays exact).
     #[arg(long, default_value_t = 0.0)]
     negate_fraction: f64,
+    /// Probability that a crop's LR input is made by the realistic
+    /// degradation (blur, noise, 8 bits, JPEG; `degrade.rs`) instead of
+    /// the training one, so the network learns to restore real inputs.
+    #[arg(long, default_value_t = 0.0, value_parser = fraction)]
+    realistic_fraction: f64,
     /// Checkpoint every N steps.
     #[arg(long, default_value_t = 250)]
     save_every: u64,
@@ -301,6 +306,9 @@ struct TrainState {
     /// With `--init`: the initial weights' training data, from their manifest.
     #[serde(default)]
     inherited_data: Vec<String>,
+    /// The largest `--realistic-fraction` any run of this checkpoint used.
+    #[serde(default)]
+    realistic_fraction: f64,
 }
 
 impl TrainState {
@@ -314,6 +322,7 @@ impl TrainState {
             log: Vec::new(),
             sources: Vec::new(),
             inherited_data: Vec::new(),
+            realistic_fraction: 0.0,
         }
     }
 }
@@ -366,6 +375,15 @@ fn config_from(name: &str) -> Result<HndsrConfig> {
         .with_context(|| format!("parse config {}", path.display()))?;
     cfg.validate().map_err(anyhow::Error::msg)?;
     Ok(cfg)
+}
+
+/// A probability: a number in [0, 1].
+fn fraction(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(p) if (0.0..=1.0).contains(&p) => Ok(p),
+        Ok(p) => Err(format!("{p} is not a probability (0 to 1)")),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// A loss term's weight: a finite number ≥ 0.
@@ -430,6 +448,7 @@ fn train(args: &TrainArgs, data_dir: &Path, device: Device) -> Result<()> {
             state.sources.push(name.clone());
         }
     }
+    state.realistic_fraction = state.realistic_fraction.max(args.realistic_fraction);
     state.commands.push(command_line());
     let cfg = state.config.clone();
     if args.crop % cfg.scale != 0 {
@@ -490,8 +509,10 @@ fn train(args: &TrainArgs, data_dir: &Path, device: Device) -> Result<()> {
             args.lr * warm * (0.05 + 0.95 * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())),
         );
 
-        let hr = set.batch(&mut rng, args.batch).to_device(device);
-        let lr_img = data::degrade(&hr, cfg.scale);
+        let hr = set.batch(&mut rng, args.batch);
+        let lr_img = degrade::training_batch(&hr, cfg.scale, args.realistic_fraction, &mut rng)?
+            .to_device(device);
+        let hr = hr.to_device(device);
         let (mu, features) = if args.freeze_regressor {
             tch::no_grad(|| net.regress(&lr_img))
         } else if args.ensemble_loss {
@@ -631,6 +652,21 @@ fn training_data(state: &TrainState) -> Vec<String> {
         lines.push(
             "LR = clamp(_upsample_bicubic2d_aa(HR, HR/4, align_corners=false), 0, 1), f32".into(),
         );
+    }
+    if state.realistic_fraction > 0.0 {
+        let line = format!(
+            "up to {:.0}% of the crops: LR = the realistic degradation (Gaussian blur σ {}–{} HR px, the same ÷4, noise σ {}–{} levels, 8-bit, JPEG quality {}–{})",
+            100.0 * state.realistic_fraction,
+            degrade::BLUR_SIGMA.0,
+            degrade::BLUR_SIGMA.1,
+            degrade::NOISE_LEVELS.0,
+            degrade::NOISE_LEVELS.1,
+            degrade::JPEG_QUALITY.0,
+            degrade::JPEG_QUALITY.1
+        );
+        if !lines.contains(&line) {
+            lines.push(line);
+        }
     }
     lines
 }
@@ -918,6 +954,7 @@ mod tests {
             log: Vec::new(),
             sources: vec!["aero".into(), "landsat".into(), "aero".into()],
             inherited_data: vec!["initial weights: aero from PyWavelets".into()],
+            realistic_fraction: 0.0,
         };
         let lines = training_data(&state);
         assert_eq!(lines.len(), 4, "{lines:#?}");
@@ -925,6 +962,18 @@ mod tests {
         assert!(lines[1].starts_with("aero (PyWavelets 1.9.0)") && lines[1].contains("344..512"));
         assert!(lines[2].starts_with("Landsat 8") && lines[2].contains("0..512"));
         assert!(lines[3].starts_with("LR = "));
+        // A run with realistic inputs says so, once.
+        let realistic = TrainState {
+            realistic_fraction: 0.5,
+            ..state
+        };
+        let lines = training_data(&realistic);
+        assert_eq!(lines.len(), 5, "{lines:#?}");
+        assert!(
+            lines[4].starts_with("up to 50% of the crops: LR = the realistic degradation"),
+            "{}",
+            lines[4]
+        );
     }
 
     #[test]
