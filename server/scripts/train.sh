@@ -80,7 +80,7 @@ regress() {
 regress "$finetune_min" 8 96 5e-4 "$mix"
 # 4. μ on larger crops (48² LR). Kept because the shipped weights went
 #    through it; the manifest now has servers cut 24² LR tiles instead, the
-#    size of the 96² crops of every later stage (docs/model.md#tile-size).
+#    size of the 96² crops of every later stage (docs/model-log.md#tile-size).
 regress "$large_min" 2 192 2e-4 "$mix"
 # 5. μ with the oblique aerial photos added (held-out aero +0.50 -> +0.71 dB
 #    plain in the shipped run, every other held-out set level or better).

@@ -207,7 +207,7 @@ impl TorchHndsr {
             .ok_or_else(|| missing("the weights' sha256"))?;
         let device =
             hndsr_torch::open_device(&cfg.device).map_err(|e| BackendError::Load(e.to_string()))?;
-        // Unset: fp16 on CUDA, where it scores as fp32 (docs/model.md#precision)
+        // Unset: fp16 on CUDA, where it scores as fp32 (docs/model-log.md#precision)
         // for half the memory traffic; fp32 on the CPU.
         let precision: Precision = match cfg.precision.as_deref() {
             Some(p) => p.parse().map_err(|e: HndsrError| load_error(&e))?,

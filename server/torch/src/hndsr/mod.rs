@@ -91,7 +91,7 @@ const CPU_BATCH_PIXELS: i64 = 128 * 128;
 /// edge is a quality setting: the layers keep a fixed number of modes, which
 /// span the frequencies the network was trained on only when the tile is
 /// the size of the training crops (a manifest's `tile`;
-/// docs/model.md#tile-size).
+/// docs/model-log.md#tile-size).
 #[must_use]
 pub fn tiles_for(edge: i64, device: Device) -> TileConfig {
     let budget = if device.is_cuda() {
