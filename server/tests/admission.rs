@@ -164,6 +164,24 @@ async fn a_request_is_charged_for_the_computations_it_would_share_the_device_wit
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn warm_up_calibration_is_not_counted_as_active_requests() {
+    // Autoscalers read hndsr_active_requests: a pod calibrating on every
+    // permit at once must not look busy with clients.
+    let backend = Arc::new(FakeBackend::new(Duration::ZERO));
+    backend.set_delay_per_output_megapixel(Duration::from_secs(10));
+    backend.share_cores(Some(1));
+    let s = start_unready(&["--max-concurrent", "2"], Arc::clone(&backend)).await;
+    eventually("calibration on both permits", || async {
+        s.backend.running() == 2
+    })
+    .await;
+    let text = s.metrics().await;
+    assert!(text.contains("hndsr_active_requests 0"), "{text}");
+    s.wait_ready().await;
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_request_the_queue_would_make_late_gets_503_and_retry_after() {
     let s = paced(
         &["--request-timeout-s", "5", "--max-concurrent", "1"],

@@ -659,6 +659,7 @@ async fn compute(
         steps: req.steps,
         seed: req.seed,
     };
+    let permit = Permit::new(permit, inner.metrics.active_requests.clone());
     let (out, inference) = match infer(inner, job, cancel, permit).await {
         Ok(out) => out,
         Err(e) => {
@@ -718,9 +719,22 @@ async fn time_request_path(inner: &Inner, side: u32) -> Result<(u64, Duration), 
         steps: None,
         seed: 0,
     };
-    let (out, inference) = infer(inner, job, CancellationToken::new(), permit)
-        .await
-        .map_err(failed)?;
+    // Not client demand: counted apart from `hndsr_active_requests`, which
+    // autoscalers read (with every permit busy at once, a pod warming up
+    // would otherwise ask for more replicas).
+    let calibrating = prometheus::IntGauge::new(
+        "hndsr_calibration_computations",
+        "calibration computations running (not exported)",
+    )
+    .map_err(|e| BackendError::Load(format!("calibration gauge: {e}")))?;
+    let (out, inference) = infer(
+        inner,
+        job,
+        CancellationToken::new(),
+        Permit::new(permit, calibrating),
+    )
+    .await
+    .map_err(failed)?;
     let (_, encode) = encode_off_thread(out, layout, &inner.metrics)
         .await
         .map_err(failed)?;
@@ -767,7 +781,7 @@ async fn infer(
     inner: &Inner,
     job: Job,
     cancel: CancellationToken,
-    permit: tokio::sync::OwnedSemaphorePermit,
+    permit: Permit,
 ) -> Result<(Planar, Duration), Error> {
     let (channels, want_w, want_h) = (
         job.image.channels,
@@ -778,7 +792,7 @@ async fn infer(
     inner.executor.upscale(Task {
         job,
         cancel,
-        permit: Permit::new(permit, inner.metrics.active_requests.clone()),
+        permit,
         reply,
     })?;
     let out = answer
