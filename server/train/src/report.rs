@@ -55,6 +55,16 @@ pub struct ReportArgs {
     /// bound the time of the quality profile on a CPU.
     #[arg(long)]
     max_images: Option<usize>,
+    /// Also the `fast` profile refined by this many DDIM steps of the
+    /// diffusion refiner (a column each; the profiles run at the
+    /// manifest's default steps).
+    #[arg(long, value_delimiter = ',')]
+    refiner_steps: Vec<u32>,
+    /// Also the fine-detail figures of every column: the power above the
+    /// LR Nyquist ÷ the HR image's, and the spectral distance there
+    /// (`metrics::detail`).
+    #[arg(long)]
+    detail: bool,
     /// Write the Markdown tables here.
     #[arg(long)]
     table: Option<PathBuf>,
@@ -69,11 +79,22 @@ pub enum Profile {
     Quality,
 }
 
-/// One source's figures under one degradation: PSNR (dB) and SSIM per row.
+/// One column's figures on one source, means over its images.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+struct Figure {
+    psnr: f64,
+    ssim: f64,
+    /// Power above the LR Nyquist ÷ the HR image's.
+    detail_ratio: f64,
+    /// Mean |dB| between the two spectra there.
+    detail_db: f64,
+}
+
+/// One source's figures under one degradation, a [`Figure`] per column.
 struct Row {
     source: String,
     images: usize,
-    figures: Vec<(f64, f64)>,
+    figures: Vec<Figure>,
 }
 
 pub fn report(args: &ReportArgs, data_dir: &Path, device: Device) -> Result<()> {
@@ -91,9 +112,15 @@ pub fn report(args: &ReportArgs, data_dir: &Path, device: Device) -> Result<()> 
                 m.with_projection_steps(manifest.projection_steps.unwrap_or(0))?
             }
         };
-        models.push((profile, model));
+        models.push((profile.label().to_owned(), model, None));
+    }
+    for &n in &args.refiner_steps {
+        let label = format!("`fast`, {n} DDIM steps");
+        models.push((label, load()?.with_tile(FAST_TILE)?, Some(n)));
     }
     let steps = manifest.default_steps.unwrap_or(0);
+    let mut columns = vec!["bicubic".to_owned()];
+    columns.extend(models.iter().map(|(label, _, _)| label.clone()));
     let scale = manifest.scale;
     let mut sets = data::split_sets(data_dir, scale, args.split)?;
     if let Some(max) = args.max_images.filter(|&m| m > 0) {
@@ -131,24 +158,33 @@ pub fn report(args: &ReportArgs, data_dir: &Path, device: Device) -> Result<()> 
                 .enumerate()
                 .map(|(i, hr)| degradation.apply(hr, scale, image_seed(s, i)))
                 .collect::<Result<_>>()?;
-            let measure = |run: &dyn Fn(&Tensor) -> Result<Tensor>| -> Result<(f64, f64)> {
-                let (mut p, mut q) = (0.0, 0.0);
+            let measure = |run: &dyn Fn(&Tensor) -> Result<Tensor>| -> Result<Figure> {
+                let mut f = Figure::default();
                 for (hr, lr) in set.images.iter().zip(&inputs) {
                     let (sr, hr) = (reduce(&run(lr)?), reduce(hr));
-                    p += metrics::psnr(&sr, &hr, scale);
-                    q += metrics::ssim(&sr, &hr, scale);
+                    f.psnr += metrics::psnr(&sr, &hr, scale);
+                    f.ssim += metrics::ssim(&sr, &hr, scale);
+                    if args.detail {
+                        let (ratio, db) = metrics::detail(&sr, &hr, scale);
+                        f.detail_ratio += ratio;
+                        f.detail_db += db;
+                    }
                 }
                 let n = set.images.len() as f64;
-                Ok((p / n, q / n))
+                Ok(Figure {
+                    psnr: f.psnr / n,
+                    ssim: f.ssim / n,
+                    detail_ratio: f.detail_ratio / n,
+                    detail_db: f.detail_db / n,
+                })
             };
             let started = Instant::now();
             let mut figures = vec![measure(&|lr| {
                 Ok(upsample_bicubic(lr, scale)?.clamp(0.0, 1.0))
             })?];
-            for (_, model) in &models {
-                figures.push(measure(&|lr| {
-                    Ok(model.upscale_image(lr, steps, 0, &never)?)
-                })?);
+            for (_, model, refiner) in &models {
+                let n = refiner.unwrap_or(steps);
+                figures.push(measure(&|lr| Ok(model.upscale_image(lr, n, 0, &never)?))?);
             }
             eprintln!(
                 "{} | {} | {} | {:.0} s",
@@ -156,7 +192,7 @@ pub fn report(args: &ReportArgs, data_dir: &Path, device: Device) -> Result<()> 
                 degradation.label(),
                 figures
                     .iter()
-                    .map(|(p, q)| format!("{p:.3} dB / {q:.4}"))
+                    .map(|f| format!("{:.3} dB / {:.4}", f.psnr, f.ssim))
                     .collect::<Vec<_>>()
                     .join(" | "),
                 started.elapsed().as_secs_f64()
@@ -167,7 +203,7 @@ pub fn report(args: &ReportArgs, data_dir: &Path, device: Device) -> Result<()> 
                 figures,
             });
         }
-        out.push_str(&table(degradation, &args.profiles, &rows));
+        out.push_str(&table(degradation, &columns, &rows, args.detail));
     }
     println!("{out}");
     if let Some(path) = &args.table {
@@ -192,47 +228,64 @@ fn subsample(set: &mut EvalSet, max: usize) {
     }
 }
 
-fn table(degradation: Degradation, profiles: &[Profile], rows: &[Row]) -> String {
-    let mut s = format!(
-        "\n**{}**\n\n| source | images | bicubic |",
-        degradation.label()
-    );
-    for p in profiles {
-        let _ = write!(s, " {} |", p.label());
+fn table(degradation: Degradation, columns: &[String], rows: &[Row], detail: bool) -> String {
+    let mut s = format!("\n**{}**\n\n| source | images |", degradation.label());
+    for c in columns {
+        let _ = write!(s, " {c} |");
     }
-    s.push_str("\n|---|---:|---|");
-    s.push_str(&"---|".repeat(profiles.len()));
+    s.push_str("\n|---|---:|");
+    s.push_str(&"---|".repeat(columns.len()));
     s.push('\n');
-    let columns = profiles.len() + 1;
-    let mut sums = vec![(0.0, 0.0); columns];
+    let mut sums = vec![Figure::default(); columns.len()];
     for row in rows {
         let _ = write!(s, "| {} | {} |", row.source, row.images);
-        for (c, &(p, q)) in row.figures.iter().enumerate() {
-            let _ = write!(s, " {}", cell(p, q, row.figures[0].0, c));
-            sums[c].0 += p;
-            sums[c].1 += q;
+        for (c, f) in row.figures.iter().enumerate() {
+            let _ = write!(s, " {}", cell(f, row.figures[0].psnr, c, detail));
+            sums[c].psnr += f.psnr;
+            sums[c].ssim += f.ssim;
+            sums[c].detail_ratio += f.detail_ratio;
+            sums[c].detail_db += f.detail_db;
         }
         s.push('\n');
     }
     if !rows.is_empty() {
         let n = rows.len() as f64;
         let _ = write!(s, "| **mean of the sources** | |");
-        let base = sums[0].0 / n;
-        for (c, &(p, q)) in sums.iter().enumerate() {
-            let _ = write!(s, " {}", cell(p / n, q / n, base, c));
+        let mean: Vec<Figure> = sums
+            .iter()
+            .map(|f| Figure {
+                psnr: f.psnr / n,
+                ssim: f.ssim / n,
+                detail_ratio: f.detail_ratio / n,
+                detail_db: f.detail_db / n,
+            })
+            .collect();
+        for (c, f) in mean.iter().enumerate() {
+            let _ = write!(s, " {}", cell(f, mean[0].psnr, c, detail));
         }
         s.push('\n');
+    }
+    if detail {
+        s.push_str(
+            "\nEach cell: PSNR / SSIM (dB over bicubic); detail: power above the LR Nyquist ÷ \
+             the HR image's, spectral distance there in dB (`metrics::detail`).\n",
+        );
     }
     s
 }
 
-/// `PSNR / SSIM`, with the gain over bicubic after the first column.
-fn cell(psnr: f64, ssim: f64, bicubic: f64, column: usize) -> String {
-    if column == 0 {
-        format!("{psnr:.2} / {ssim:.4} |")
-    } else {
-        format!("{psnr:.2} / {ssim:.4} ({:+.2}) |", psnr - bicubic)
+/// `PSNR / SSIM`, with the gain over bicubic after the first column, and
+/// with `detail` the fine-detail figures.
+fn cell(f: &Figure, bicubic: f64, column: usize, detail: bool) -> String {
+    let mut c = format!("{:.2} / {:.4}", f.psnr, f.ssim);
+    if column > 0 {
+        let _ = write!(c, " ({:+.2})", f.psnr - bicubic);
     }
+    if detail {
+        let _ = write!(c, "; detail ×{:.2}, {:.1} dB", f.detail_ratio, f.detail_db);
+    }
+    c.push_str(" |");
+    c
 }
 
 impl Profile {
@@ -259,24 +312,34 @@ impl Split {
 mod tests {
     use super::*;
 
+    fn fig(psnr: f64, ssim: f64) -> Figure {
+        Figure {
+            psnr,
+            ssim,
+            detail_ratio: 0.5,
+            detail_db: 3.0,
+        }
+    }
+
     #[test]
-    fn the_table_gives_each_profile_its_gain_over_bicubic_and_a_mean() {
+    fn the_table_gives_each_column_its_gain_over_bicubic_and_a_mean() {
         let rows = vec![
             Row {
                 source: "a".into(),
                 images: 2,
-                figures: vec![(30.0, 0.8), (31.0, 0.82), (31.5, 0.83)],
+                figures: vec![fig(30.0, 0.8), fig(31.0, 0.82), fig(31.5, 0.83)],
             },
             Row {
                 source: "b".into(),
                 images: 1,
-                figures: vec![(20.0, 0.5), (20.5, 0.52), (19.0, 0.49)],
+                figures: vec![fig(20.0, 0.5), fig(20.5, 0.52), fig(19.0, 0.49)],
             },
         ];
-        let t = table(
-            Degradation::Matched,
-            &[Profile::Fast, Profile::Quality],
-            &rows,
+        let columns = ["bicubic", "`fast`", "`quality`"].map(String::from);
+        let t = table(Degradation::Matched, &columns, &rows, false);
+        assert!(
+            t.contains("| source | images | bicubic | `fast` | `quality` |"),
+            "{t}"
         );
         assert!(
             t.contains(
@@ -290,7 +353,18 @@ mod tests {
             ),
             "{t}"
         );
-        assert!(t.contains("| **mean of the sources** | | 25.00 / 0.6500 | 25.75 / 0.6700 (+0.75) | 25.25 / 0.6600 (+0.25) |"), "{t}");
+        assert!(
+            t.contains(
+                "| **mean of the sources** | | 25.00 / 0.6500 | 25.75 / 0.6700 (+0.75) | 25.25 / 0.6600 (+0.25) |"
+            ),
+            "{t}"
+        );
+        assert!(!t.contains("detail"));
+        let t = table(Degradation::Matched, &columns, &rows, true);
+        assert!(
+            t.contains("| a | 2 | 30.00 / 0.8000; detail ×0.50, 3.0 dB |"),
+            "{t}"
+        );
     }
 
     #[test]
