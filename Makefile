@@ -127,13 +127,14 @@ train: prereqs ## train HNDSR from scratch, export + evaluate (knobs: server/scr
 GPU_KIT ?= target/gpu-kit
 
 .PHONY: gpu-kit
-gpu-kit: prereqs ## build the GPU checks' stripped binaries into target/gpu-kit (carry it to a CUDA machine, then: bash server/scripts/bench-gpu.sh)
+gpu-kit: prereqs ## build the GPU checks' stripped binaries into target/gpu-kit (carry it to a CUDA machine, then: bash server/scripts/bench-gpu.sh); GPU_KIT_DATA=1 adds the training images for server/scripts/train-gpu.sh
 	$(CARGO) build --release --locked -p hndsr-server --bin hndsr-server -p hndsr-loadgen --bin hndsr-loadgen -p hndsr-train --bin hndsr-train
 	$(CARGO) test --release --locked -p hndsr-torch --features cuda-tests --test hndsr_cuda --test cuda --no-run
 	@mkdir -p $(GPU_KIT)
 	@for b in hndsr-server hndsr-loadgen hndsr-train; do strip -o $(GPU_KIT)/$$b target/release/$$b; done
 	@for t in hndsr_cuda cuda; do \
 	  f=$$(ls -t target/release/deps/$$t-* | grep -v '\.d$$' | head -1); strip -o $(GPU_KIT)/$$t "$$f"; done
+	@if [ "$(GPU_KIT_DATA)" = 1 ]; then bash server/scripts/gpu-kit-data.sh $(GPU_KIT)/data; fi
 	@du -sh $(GPU_KIT)
 
 .PHONY: bench-gpu
