@@ -650,7 +650,8 @@ fn luma(x: &Tensor) -> Tensor {
     (x * w.to_device(x.device())).sum_dim_intlist(1, true, Kind::Float)
 }
 
-fn unit(rng: &mut SplitMix64) -> f64 {
+/// Uniform in [0, 1) from `rng`.
+pub fn unit(rng: &mut SplitMix64) -> f64 {
     (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64
 }
 
@@ -666,6 +667,20 @@ pub struct EvalSet {
     pub images: Vec<Tensor>,
     /// Metrics on one channel (the source is gray).
     pub gray: bool,
+}
+
+impl EvalSet {
+    /// Keeps `max` evenly spaced images (all when there are no more),
+    /// saying so in the name: bounds the time of slow rows on a CPU.
+    pub fn keep_evenly(&mut self, max: usize) {
+        let n = self.images.len();
+        if max > 0 && n > max {
+            self.images = (0..max)
+                .map(|k| self.images[k * n / max].shallow_clone())
+                .collect();
+            self.name = format!("{} (subset: {max} of {n} tiles, evenly spaced)", self.name);
+        }
+    }
 }
 
 /// Which images an evaluation reads.

@@ -13,8 +13,10 @@
 //! sees the same inputs.
 
 use anyhow::{Context, Result};
-use hndsr_torch::hndsr::diffusion::SplitMix64;
+use hndsr_torch::hndsr::diffusion::{self, SplitMix64};
 use image::codecs::jpeg::JpegEncoder;
+
+use crate::data::unit;
 use tch::{Kind, Tensor};
 
 /// σ of the HR blur, in HR pixels.
@@ -54,8 +56,8 @@ impl Degradation {
                 let p = Realistic::draw(seed);
                 let blurred = gaussian_blur(hr, p.blur_sigma);
                 let lr = crate::data::degrade(&blurred, scale);
-                let mut rng = SplitMix64::new(seed ^ 0x6e6f_6973_6500_0000);
-                let noise = normal_like(&lr, &mut rng) * (p.noise_levels / 255.0);
+                let noise =
+                    normal_like(&lr, seed ^ 0x6e6f_6973_6500_0000) * (p.noise_levels / 255.0);
                 jpeg(&quantise(&(lr + noise).clamp(0.0, 1.0)), p.jpeg_quality)
             }
         }
@@ -119,25 +121,11 @@ impl Realistic {
     }
 }
 
-fn unit(rng: &mut SplitMix64) -> f64 {
-    (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-}
-
-/// Standard normal samples shaped like `x` (Box–Muller on the seeded
-/// stream, so the noise does not depend on libtorch's generator).
-fn normal_like(x: &Tensor, rng: &mut SplitMix64) -> Tensor {
-    let n = x.numel();
-    let mut v = Vec::with_capacity(n);
-    while v.len() < n {
-        let u1 = unit(rng).max(f64::MIN_POSITIVE);
-        let u2 = unit(rng);
-        let r = (-2.0 * u1.ln()).sqrt();
-        let t = std::f64::consts::TAU * u2;
-        v.push((r * t.cos()) as f32);
-        v.push((r * t.sin()) as f32);
-    }
-    v.truncate(n);
-    Tensor::from_slice(&v).view(x.size().as_slice())
+/// Standard normal samples shaped like `x`: the seeded host stream of
+/// [`diffusion::normal_noise`], so the noise does not depend on libtorch's
+/// generator.
+fn normal_like(x: &Tensor, seed: u64) -> Tensor {
+    Tensor::from_slice(&diffusion::normal_noise(seed, x.numel())).view(x.size().as_slice())
 }
 
 /// Rounds to the 256 levels of an 8-bit image.

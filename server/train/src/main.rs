@@ -702,16 +702,9 @@ fn eval(args: &EvalArgs, data_dir: &Path, device: Device) -> Result<()> {
         None => None,
     };
     let mut sets = data::eval_sets(data_dir, scale, &args.sources)?;
-    if let Some(max) = args.max_tiles.filter(|&m| m > 0) {
+    if let Some(max) = args.max_tiles {
         for set in &mut sets {
-            let n = set.images.len();
-            if n > max {
-                let keep: Vec<Tensor> = (0..max)
-                    .map(|k| set.images[k * n / max].shallow_clone())
-                    .collect();
-                set.name = format!("{} (subset: {max} of {n} tiles, evenly spaced)", set.name);
-                set.images = keep;
-            }
+            set.keep_evenly(max);
         }
     }
     let never = || false;

@@ -19,7 +19,7 @@ use hndsr_torch::hndsr::{HndsrModel, Manifest, Precision, manifest_path};
 use hndsr_torch::upsample_bicubic;
 use tch::{Device, Kind, Tensor};
 
-use crate::data::{self, EvalSet, Split};
+use crate::data::{self, Split};
 use crate::degrade::Degradation;
 use crate::metrics;
 
@@ -123,9 +123,9 @@ pub fn report(args: &ReportArgs, data_dir: &Path, device: Device) -> Result<()> 
     columns.extend(models.iter().map(|(label, _, _)| label.clone()));
     let scale = manifest.scale;
     let mut sets = data::split_sets(data_dir, scale, args.split)?;
-    if let Some(max) = args.max_images.filter(|&m| m > 0) {
+    if let Some(max) = args.max_images {
         for set in &mut sets {
-            subsample(set, max);
+            set.keep_evenly(max);
         }
     }
     let never = || false;
@@ -215,17 +215,6 @@ pub fn report(args: &ReportArgs, data_dir: &Path, device: Device) -> Result<()> 
 /// A seed per (source, image), the same for every row and run.
 fn image_seed(source: usize, image: usize) -> u64 {
     ((source as u64) << 32 | image as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)
-}
-
-/// Keeps `max` evenly spaced images of `set`.
-fn subsample(set: &mut EvalSet, max: usize) {
-    let n = set.images.len();
-    if n > max {
-        set.images = (0..max)
-            .map(|k| set.images[k * n / max].shallow_clone())
-            .collect();
-        set.name = format!("{} (subset: {max} of {n}, evenly spaced)", set.name);
-    }
 }
 
 fn table(degradation: Degradation, columns: &[String], rows: &[Row], detail: bool) -> String {
