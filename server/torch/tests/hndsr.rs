@@ -6,8 +6,8 @@ use std::f64::consts::TAU;
 use hndsr_torch::TorchError;
 use hndsr_torch::hndsr::spectral::SpectralConv2d;
 use hndsr_torch::hndsr::{
-    HndsrConfig, HndsrError, HndsrModel, MAX_TILE, MIN_TILE, Manifest, Precision, default_tiles,
-    manifest_path, tiles_for,
+    Encoder, HndsrConfig, HndsrError, HndsrModel, HndsrNet, MAX_TILE, MIN_TILE, Manifest,
+    Precision, default_tiles, manifest_path, regression_parameter_count, tiles_for,
 };
 use hndsr_torch::tiling::TileConfig;
 use tch::{Device, Kind, Tensor, nn};
@@ -23,7 +23,12 @@ fn tiny(seed: u64) -> HndsrModel {
 /// [`tiny`] with noise of `relative` × the mean magnitude of each variable
 /// plus `floor`.
 fn tiny_with(seed: u64, relative: f64, floor: f64) -> HndsrModel {
-    let model = HndsrModel::random(&HndsrConfig::tiny(), Device::Cpu, seed).unwrap();
+    randomised(&HndsrConfig::tiny(), seed, relative, floor)
+}
+
+/// A model of `cfg` with every weight randomised as [`tiny_with`] says.
+fn randomised(cfg: &HndsrConfig, seed: u64, relative: f64, floor: f64) -> HndsrModel {
+    let model = HndsrModel::random(cfg, Device::Cpu, seed).unwrap();
     tch::manual_seed(seed as i64 + 1);
     tch::no_grad(|| {
         for (name, mut v) in model.var_store().variables() {
@@ -470,7 +475,7 @@ fn self_ensemble_is_the_mean_over_the_eight_symmetries() {
 fn preset_sizes_match_the_design() {
     let count = |cfg: HndsrConfig| {
         let vs = nn::VarStore::new(Device::Cpu);
-        let _ = hndsr_torch::hndsr::HndsrNet::new(&vs.root(), &cfg);
+        let _ = HndsrNet::new(&vs.root(), &cfg);
         hndsr_torch::hndsr::parameter_count(&vs)
     };
     let tiny = count(HndsrConfig::tiny());
@@ -483,6 +488,83 @@ fn preset_sizes_match_the_design() {
         "medium has {medium}"
     );
     assert!((5_000_000..9_000_000).contains(&base), "base has {base}");
+}
+
+/// The baseline is IMDN as published for ×4 (715,176 parameters in the
+/// paper's code: head, six distillation blocks, fusion, tail, shuffle
+/// conv), and the ablation is `medium` less exactly its spectral weights.
+#[test]
+fn the_baseline_and_the_ablation_have_their_stated_sizes() {
+    let regression = |cfg: &HndsrConfig| {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let _ = HndsrNet::new(&vs.root(), cfg);
+        let names: Vec<String> = vs.variables().into_keys().collect();
+        (regression_parameter_count(&vs), names)
+    };
+    let (imdn, _) = regression(&HndsrConfig::imdn());
+    assert_eq!(imdn, 715_176);
+
+    let (medium, _) = regression(&HndsrConfig::medium());
+    let (ablated, names) = regression(&HndsrConfig::medium_no_spectral());
+    assert!(names.iter().all(|n| !n.contains("spectral")), "{names:?}");
+    let c = HndsrConfig::medium();
+    let spectral = c.blocks * 2 * c.width * c.width * 2 * c.modes * c.modes;
+    assert_eq!(ablated, medium - spectral);
+}
+
+/// Every encoder starts as bicubic (the shuffle conv is zero), keeps
+/// samples independent of their batch, and loads back from its weights
+/// and manifest as the server loads them.
+#[test]
+fn every_encoder_starts_as_bicubic_batches_per_sample_and_round_trips() {
+    let small_imdn = HndsrConfig {
+        width: 16,
+        blocks: 2,
+        unet: vec![32, 64],
+        ..HndsrConfig::imdn()
+    };
+    let no_spectral = HndsrConfig {
+        modes: 0,
+        ..HndsrConfig::tiny()
+    };
+    let x = image(3, 12, 10, 0.4);
+    let bicubic = hndsr_torch::upsample_bicubic(&x, 4)
+        .unwrap()
+        .clamp(0.0, 1.0);
+    for (seed, cfg) in [(21, small_imdn), (22, no_spectral)] {
+        let fresh = HndsrModel::random(&cfg, Device::Cpu, seed).unwrap();
+        let y = fresh.upscale(&x, 0, 0, NEVER).unwrap();
+        assert!(max_abs_diff(&y, &bicubic) < 1e-5, "{:?}", cfg.encoder);
+
+        let model = randomised(&cfg, seed, 0.5, 0.01);
+        let together = model.upscale(&x, 2, 5, NEVER).unwrap();
+        let alone = model.upscale(&x.narrow(0, 1, 1), 2, 5, NEVER).unwrap();
+        assert!(max_abs_diff(&alone, &together.narrow(0, 1, 1)) < 1e-5);
+        let mu = model.upscale(&x, 0, 0, NEVER).unwrap();
+        assert!(max_abs_diff(&mu, &bicubic) > 1e-4, "the learned part runs");
+
+        let dir = tempfile::tempdir().unwrap();
+        let weights = dir.path().join("w.safetensors");
+        let manifest = model
+            .save(&weights, Manifest::untrained(model.config(), 0))
+            .unwrap();
+        let loaded =
+            HndsrModel::load(&weights, &manifest.sha256, Device::Cpu, Precision::Fp32).unwrap();
+        let again = loaded.upscale(&x, 2, 5, NEVER).unwrap();
+        assert_eq!(max_abs_diff(&together, &again), 0.0);
+
+        // Read as the other encoder, the manifest does not describe these
+        // weights.
+        let mut wrong = manifest.clone();
+        wrong.config.encoder = match cfg.encoder {
+            Encoder::Fourier => Encoder::Imdn,
+            Encoder::Imdn => Encoder::Fourier,
+        };
+        wrong.write(&manifest_path(&weights)).unwrap();
+        assert!(
+            HndsrModel::load(&weights, &manifest.sha256, Device::Cpu, Precision::Fp32).is_err()
+        );
+    }
 }
 
 #[test]

@@ -30,7 +30,7 @@ use hndsr_torch::hndsr::net;
 use hndsr_torch::hndsr::{
     EvalFigure, HndsrConfig, HndsrModel, HndsrNet, MAX_PROJECTION_STEPS, MAX_TILE, MIN_TILE,
     Manifest, Precision, TrainingInfo, load_weights_from_bytes, manifest_path, parameter_count,
-    save_weights,
+    regression_parameter_count, save_weights,
 };
 use hndsr_torch::{consistency, open_device, upsample_bicubic};
 use serde::{Deserialize, Serialize};
@@ -75,7 +75,8 @@ enum Command {
 
 #[derive(Debug, Args)]
 struct TrainArgs {
-    /// Preset (tiny, small, medium, base) or a JSON file with a config.
+    /// Preset (tiny, small, medium, base, medium-no-spectral, imdn) or a
+    /// JSON file with a config.
     #[arg(long, default_value = "small")]
     config: String,
     /// Checkpoint directory.
@@ -369,7 +370,10 @@ fn config_from(name: &str) -> Result<HndsrConfig> {
     }
     let path = Path::new(name);
     if !path.is_file() {
-        bail!("unknown config {name:?}: not a preset (tiny, small, medium, base) nor a JSON file");
+        bail!(
+            "unknown config {name:?}: not a preset ({}) nor a JSON file",
+            HndsrConfig::PRESETS.join(", ")
+        );
     }
     let cfg: HndsrConfig = serde_json::from_str(&std::fs::read_to_string(path)?)
         .with_context(|| format!("parse config {}", path.display()))?;
@@ -466,9 +470,11 @@ fn train(args: &TrainArgs, data_dir: &Path, device: Device) -> Result<()> {
         println!("from {}; new variables: {fresh:?}", path.display());
     }
     println!(
-        "config {} ({} parameters), start at step {}",
+        "config {} ({} encoder; {} parameters, {} in the regression path), start at step {}",
         cfg.name,
+        cfg.encoder.label(),
         parameter_count(&vs),
+        regression_parameter_count(&vs),
         state.step
     );
     let set = data::TrainSet::load(data_dir, args.crop, &mix, augment)?;

@@ -13,11 +13,13 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 use clap::Args;
-use hndsr_torch::hndsr::{HndsrModel, Manifest, Precision, manifest_path};
+use hndsr_torch::hndsr::{
+    HndsrModel, HndsrNet, Manifest, Precision, manifest_path, regression_parameter_count,
+};
 use hndsr_torch::upsample_bicubic;
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Kind, Tensor, nn};
 
 use crate::data::{self, Split};
 use crate::degrade::Degradation;
@@ -28,9 +30,11 @@ const FAST_TILE: i64 = 256;
 
 #[derive(Debug, Args)]
 pub struct ReportArgs {
-    /// Weights (`.safetensors`, manifest alongside).
-    #[arg(long)]
-    weights: PathBuf,
+    /// Weights (`.safetensors`, manifest alongside); several, comma
+    /// separated, put them side by side in one table (same scale), each
+    /// column named by its manifest's version.
+    #[arg(long, required = true, value_delimiter = ',')]
+    weights: Vec<PathBuf>,
     /// Which split: validation (choices are made here) or test (sources
     /// never trained on; read once per release).
     #[arg(long, value_enum, default_value = "validation")]
@@ -97,10 +101,26 @@ struct Row {
     figures: Vec<Figure>,
 }
 
-pub fn report(args: &ReportArgs, data_dir: &Path, device: Device) -> Result<()> {
-    let manifest = Manifest::read(&manifest_path(&args.weights))?;
-    let load = || HndsrModel::load(&args.weights, &manifest.sha256, device, Precision::Fp32);
-    let mut models = Vec::new();
+/// One column of the table: a model as a profile (or a refiner setting)
+/// serves it.
+struct Column {
+    label: String,
+    model: HndsrModel,
+    steps: u32,
+}
+
+/// The columns of one weights file: its profiles, then its refiner
+/// settings; `prefix` names the weights when there are several.
+fn columns_of(
+    args: &ReportArgs,
+    weights: &Path,
+    prefix: &str,
+    device: Device,
+) -> Result<Vec<Column>> {
+    let manifest = Manifest::read(&manifest_path(weights))?;
+    let load = || HndsrModel::load(weights, &manifest.sha256, device, Precision::Fp32);
+    let steps = manifest.default_steps.unwrap_or(0);
+    let mut columns = Vec::new();
     for &profile in &args.profiles {
         let model = match profile {
             Profile::Fast => load()?.with_tile(FAST_TILE)?,
@@ -112,15 +132,50 @@ pub fn report(args: &ReportArgs, data_dir: &Path, device: Device) -> Result<()> 
                 m.with_projection_steps(manifest.projection_steps.unwrap_or(0))?
             }
         };
-        models.push((profile.label().to_owned(), model, None));
+        columns.push(Column {
+            label: format!("{prefix}{}", profile.label()),
+            model,
+            steps,
+        });
     }
     for &n in &args.refiner_steps {
-        let label = format!("`fast`, {n} DDIM steps");
-        models.push((label, load()?.with_tile(FAST_TILE)?, Some(n)));
+        columns.push(Column {
+            label: format!("{prefix}`fast`, {n} DDIM steps"),
+            model: load()?.with_tile(FAST_TILE)?,
+            steps: n,
+        });
     }
-    let steps = manifest.default_steps.unwrap_or(0);
+    Ok(columns)
+}
+
+pub fn report(args: &ReportArgs, data_dir: &Path, device: Device) -> Result<()> {
+    let manifests = args
+        .weights
+        .iter()
+        .map(|w| Manifest::read(&manifest_path(w)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let manifest = &manifests[0];
+    if let Some(other) = manifests.iter().find(|m| m.scale != manifest.scale) {
+        bail!(
+            "the weights side by side must share a scale: {} is x{}, {} x{}",
+            manifest.version,
+            manifest.scale,
+            other.version,
+            other.scale
+        );
+    }
+    let several = args.weights.len() > 1;
+    let mut models = Vec::new();
+    for (weights, m) in args.weights.iter().zip(&manifests) {
+        let prefix = if several {
+            format!("{} ", m.version)
+        } else {
+            String::new()
+        };
+        models.extend(columns_of(args, weights, &prefix, device)?);
+    }
     let mut columns = vec!["bicubic".to_owned()];
-    columns.extend(models.iter().map(|(label, _, _)| label.clone()));
+    columns.extend(models.iter().map(|c| c.label.clone()));
     let scale = manifest.scale;
     let mut sets = data::split_sets(data_dir, scale, args.split)?;
     if let Some(max) = args.max_images {
@@ -130,14 +185,14 @@ pub fn report(args: &ReportArgs, data_dir: &Path, device: Device) -> Result<()> 
     }
     let never = || false;
     let mut out = format!(
-        "Weights {} ({}), split **{}**, {} DDIM steps; PSNR (dB, peak 1) / SSIM on the HR \
-         image, {scale}-pixel border shaved; gray sources on the mean of the channels. \
-         Rows in parentheses: dB over bicubic.\n",
-        manifest.version,
-        &manifest.sha256[..12.min(manifest.sha256.len())],
+        "Split **{}**; PSNR (dB, peak 1) / SSIM on the HR image, {scale}-pixel border \
+         shaved; gray sources on the mean of the channels. In parentheses: dB over \
+         bicubic.\n\n",
         args.split.label(),
-        steps
     );
+    for (weights, m) in args.weights.iter().zip(&manifests) {
+        let _ = writeln!(out, "{}", weights_line(weights, m)?);
+    }
     out.push('\n');
     for set in &sets {
         let _ = writeln!(out, "- `{}`: {}", set.source, set.name);
@@ -182,9 +237,10 @@ pub fn report(args: &ReportArgs, data_dir: &Path, device: Device) -> Result<()> 
             let mut figures = vec![measure(&|lr| {
                 Ok(upsample_bicubic(lr, scale)?.clamp(0.0, 1.0))
             })?];
-            for (_, model, refiner) in &models {
-                let n = refiner.unwrap_or(steps);
-                figures.push(measure(&|lr| Ok(model.upscale_image(lr, n, 0, &never)?))?);
+            for c in &models {
+                figures.push(measure(&|lr| {
+                    Ok(c.model.upscale_image(lr, c.steps, 0, &never)?)
+                })?);
             }
             eprintln!(
                 "{} | {} | {} | {:.0} s",
@@ -210,6 +266,26 @@ pub fn report(args: &ReportArgs, data_dir: &Path, device: Device) -> Result<()> 
         std::fs::write(path, &out)?;
     }
     Ok(())
+}
+
+/// The weights' line above the table: version, digest, encoder, size and
+/// default DDIM steps.
+fn weights_line(weights: &Path, m: &Manifest) -> Result<String> {
+    let vs = nn::VarStore::new(Device::Cpu);
+    let _net = HndsrNet::new(&vs.root(), &m.config);
+    Ok(format!(
+        "Weights {} ({}, `{}`): {} encoder, {} parameters in the regression path, \
+         {} DDIM steps by default.",
+        m.version,
+        &m.sha256[..12.min(m.sha256.len())],
+        weights
+            .file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default(),
+        m.config.encoder.label(),
+        regression_parameter_count(&vs),
+        m.default_steps.unwrap_or(0),
+    ))
 }
 
 /// A seed per (source, image), the same for every row and run.
@@ -353,6 +429,19 @@ mod tests {
         assert!(
             t.contains("| a | 2 | 30.00 / 0.8000; detail ×0.50, 3.0 dB |"),
             "{t}"
+        );
+    }
+
+    #[test]
+    fn the_weights_line_names_the_encoder_and_the_regression_size() {
+        let mut m = Manifest::untrained(&hndsr_torch::hndsr::HndsrConfig::imdn(), 0);
+        m.version = "b-imdn".into();
+        m.sha256 = "ab".repeat(32);
+        let line = weights_line(Path::new("x/b.safetensors"), &m).unwrap();
+        assert_eq!(
+            line,
+            "Weights b-imdn (abababababab, `b.safetensors`): IMDN encoder, 715176 parameters \
+             in the regression path, 0 DDIM steps by default."
         );
     }
 

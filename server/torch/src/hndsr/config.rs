@@ -13,6 +13,36 @@ pub enum Prediction {
     X0,
 }
 
+/// The regression path's body on the LR grid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Encoder {
+    /// HNDSR's operator encoder: `blocks` Fourier blocks of `width`
+    /// channels (a spectral convolution with `modes` modes, a gated
+    /// depthwise 3×3, a pointwise 1×1 and a dense 3×3 pair of `local`
+    /// hidden channels), then a 3×3 conv + GELU before the shuffle conv.
+    /// `modes: 0` drops the spectral convolution (its ablation).
+    #[default]
+    Fourier,
+    /// The literature baseline: IMDN's body (Hui et al., "Lightweight Image
+    /// Super-Resolution with Information Multi-distillation Network", ACM
+    /// MM 2019): `blocks` information multi-distillation blocks of `width`
+    /// channels with contrast-aware channel attention, a 1×1 fusion of
+    /// every block's output, a 3×3 conv and a long skip, then one 3×3 conv
+    /// into the pixel shuffle. `modes` and `local` are unused.
+    Imdn,
+}
+
+impl Encoder {
+    /// Name for tables and logs.
+    pub const fn label(self) -> &'static str {
+        match self {
+            Self::Fourier => "HNDSR (Fourier)",
+            Self::Imdn => "IMDN",
+        }
+    }
+}
+
 /// Shape of an HNDSR network. The upscaling factor is fixed per network
 /// (decoder = conv + pixel shuffle); the operator encoder's weights do not
 /// depend on the grid size.
@@ -24,11 +54,16 @@ pub struct HndsrConfig {
     pub channels: i64,
     /// Fixed upscaling factor.
     pub scale: i64,
+    /// The regression path's body (a manifest without the field is HNDSR's
+    /// own, [`Encoder::Fourier`]).
+    #[serde(default)]
+    pub encoder: Encoder,
     /// Operator encoder width (channels on the LR grid).
     pub width: i64,
     /// Number of Fourier blocks.
     pub blocks: i64,
-    /// Kept Fourier modes per axis (clipped to what a small grid has).
+    /// Kept Fourier modes per axis (clipped to what a small grid has); 0
+    /// leaves the Fourier blocks without their spectral convolution.
     pub modes: i64,
     /// Hidden channels of the dense 3×3 conv pair each Fourier block adds
     /// for local detail (0 = none; the first `small` weights, 0.1.0, have
@@ -54,6 +89,7 @@ impl HndsrConfig {
             name: "tiny".into(),
             channels: 3,
             scale: 4,
+            encoder: Encoder::Fourier,
             width: 16,
             blocks: 2,
             modes: 8,
@@ -109,6 +145,41 @@ impl HndsrConfig {
         }
     }
 
+    /// `medium` without the spectral convolutions (`modes: 0`): the
+    /// ablation that shows what the Fourier layers add.
+    pub fn medium_no_spectral() -> Self {
+        Self {
+            name: "medium-no-spectral".into(),
+            modes: 0,
+            ..Self::medium()
+        }
+    }
+
+    /// IMDN as published for ×4 (64 channels, 6 blocks; ≈0.7 M parameters
+    /// in the regression path) behind HNDSR's interface, with `medium`'s
+    /// denoiser: the literature baseline HNDSR is measured against.
+    pub fn imdn() -> Self {
+        Self {
+            name: "imdn".into(),
+            encoder: Encoder::Imdn,
+            width: 64,
+            blocks: 6,
+            modes: 0,
+            local: 0,
+            ..Self::medium()
+        }
+    }
+
+    /// The preset names [`HndsrConfig::preset`] knows.
+    pub const PRESETS: [&'static str; 6] = [
+        "tiny",
+        "small",
+        "medium",
+        "base",
+        "medium-no-spectral",
+        "imdn",
+    ];
+
     /// A preset by name.
     pub fn preset(name: &str) -> Option<Self> {
         match name {
@@ -116,6 +187,8 @@ impl HndsrConfig {
             "small" => Some(Self::small()),
             "medium" => Some(Self::medium()),
             "base" => Some(Self::base()),
+            "medium-no-spectral" => Some(Self::medium_no_spectral()),
+            "imdn" => Some(Self::imdn()),
             _ => None,
         }
     }
@@ -127,9 +200,21 @@ impl HndsrConfig {
 
     /// Checks the invariants the network relies on.
     pub fn validate(&self) -> Result<(), String> {
-        if self.channels < 1 || self.scale < 1 || self.width < 1 || self.modes < 1 || self.local < 0
+        if self.channels < 1
+            || self.scale < 1
+            || self.width < 1
+            || self.blocks < 1
+            || self.modes < 0
+            || self.local < 0
         {
             return Err(format!("non-positive size in {self:?}"));
+        }
+        // IMDN splits a quarter of each block's channels off three times.
+        if self.encoder == Encoder::Imdn && (self.width < 8 || self.width % 4 != 0) {
+            return Err(format!(
+                "an IMDN encoder needs a width that is a multiple of 4 and at least 8, got {}",
+                self.width
+            ));
         }
         if self.unet.is_empty() || self.unet.iter().any(|&c| c < 8 || c % 8 != 0) {
             return Err(format!(
@@ -155,6 +240,33 @@ mod tests {
         let cfg: HndsrConfig = serde_json::from_value(json).unwrap();
         assert_eq!(cfg.local, 0);
         assert_eq!(cfg.validate(), Ok(()));
+    }
+
+    #[test]
+    fn a_manifest_config_without_encoder_reads_as_hndsrs_own() {
+        let mut json = serde_json::to_value(HndsrConfig::medium()).unwrap();
+        json.as_object_mut().unwrap().remove("encoder");
+        let cfg: HndsrConfig = serde_json::from_value(json).unwrap();
+        assert_eq!(cfg, HndsrConfig::medium());
+    }
+
+    #[test]
+    fn every_preset_name_is_known_and_valid() {
+        for name in HndsrConfig::PRESETS {
+            let cfg = HndsrConfig::preset(name).unwrap();
+            assert_eq!(cfg.name, name);
+            assert_eq!(cfg.validate(), Ok(()), "{name}");
+        }
+        assert_eq!(HndsrConfig::preset("huge"), None);
+    }
+
+    #[test]
+    fn an_imdn_width_that_cannot_be_split_is_refused() {
+        let cfg = HndsrConfig {
+            width: 30,
+            ..HndsrConfig::imdn()
+        };
+        assert!(cfg.validate().unwrap_err().contains("multiple of 4"));
     }
 
     #[test]

@@ -40,7 +40,7 @@ use crate::error::{TchResultExt, TorchError};
 use crate::tiling::{TileConfig, run_tiled};
 
 pub use batched::{Batched, PassObserver, TileBatcher};
-pub use config::{HndsrConfig, Prediction};
+pub use config::{Encoder, HndsrConfig, Prediction};
 pub use manifest::{EvalFigure, Manifest, TrainingInfo, manifest_path};
 pub use net::HndsrNet;
 
@@ -236,6 +236,17 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 /// Number of scalar parameters in a var store.
 pub fn parameter_count(vs: &nn::VarStore) -> i64 {
     vs.variables().values().map(Tensor::numel).sum::<usize>() as i64
+}
+
+/// Parameters of the regression path (encoder and decoder, without the
+/// diffusion denoiser): the figure to compare with super-resolution
+/// networks from the literature.
+pub fn regression_parameter_count(vs: &nn::VarStore) -> i64 {
+    vs.variables()
+        .iter()
+        .filter(|(name, _)| name.starts_with("encoder.") || name.starts_with("decoder."))
+        .map(|(_, t)| t.numel())
+        .sum::<usize>() as i64
 }
 
 /// Runs `f` and turns a tch panic (tch's infallible ops panic on libtorch

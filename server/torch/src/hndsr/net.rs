@@ -1,6 +1,8 @@
 //! The HNDSR network: operator encoder + pixel-shuffle decoder (→ μ) and a
 //! time-conditioned U-Net denoiser for the residual `HR − μ`, all on the LR
-//! grid.
+//! grid. The encoder can also be IMDN's body ([`Encoder::Imdn`]), the
+//! literature baseline HNDSR's is measured against, so both train, export,
+//! evaluate and serve through the same code.
 //!
 //! Everything here is batch-independent per sample (group norm, no batch
 //! norm), so a tile's output does not depend on what it is batched with.
@@ -10,7 +12,7 @@
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
 
-use super::config::HndsrConfig;
+use super::config::{Encoder, HndsrConfig};
 use super::spectral::SpectralConv2d;
 
 fn conv(vs: nn::Path, c_in: i64, c_out: i64, k: i64) -> nn::Conv2D {
@@ -42,7 +44,7 @@ fn group_norm(vs: nn::Path, c: i64) -> nn::GroupNorm {
 /// was).
 #[derive(Debug)]
 struct FourierBlock {
-    spectral: SpectralConv2d,
+    spectral: Option<SpectralConv2d>,
     pointwise: nn::Conv2D,
     depthwise: nn::Conv2D,
     gate: nn::Conv2D,
@@ -57,7 +59,8 @@ impl FourierBlock {
             ..Default::default()
         };
         Self {
-            spectral: SpectralConv2d::new(&(vs / "spectral"), width, width, modes),
+            spectral: (modes > 0)
+                .then(|| SpectralConv2d::new(&(vs / "spectral"), width, width, modes)),
             pointwise: conv(vs / "pointwise", width, width, 1),
             depthwise: nn::conv2d(vs / "depthwise", width, width, 3, dw),
             gate: conv(vs / "gate", width, width, 1),
@@ -72,7 +75,10 @@ impl FourierBlock {
 
     fn forward(&self, x: &Tensor) -> Tensor {
         let gated = self.depthwise.forward(x) * self.gate.forward(x).sigmoid();
-        let mut y = self.spectral.forward(x) + self.pointwise.forward(x) + gated;
+        let mut y = self.pointwise.forward(x) + gated;
+        if let Some(spectral) = &self.spectral {
+            y += spectral.forward(x);
+        }
         if let Some((l1, l2)) = &self.local {
             y += l2.forward(&l1.forward(x).gelu("none"));
         }
@@ -80,13 +86,174 @@ impl FourierBlock {
     }
 }
 
-/// Operator encoder on the LR grid and conv + pixel-shuffle decoder.
+/// IMDN's activation: leaky ReLU with slope 0.05 (tch's `leaky_relu` has
+/// libtorch's fixed 0.01); for a slope below 1 it is `max(x, 0.05·x)`.
+fn lrelu(x: &Tensor) -> Tensor {
+    x.maximum(&(x * 0.05))
+}
+
+/// Contrast-aware channel attention (IMDN's CCA): each channel is scaled by
+/// `σ(up(relu(down(std + mean))))`, with the standard deviation and mean
+/// taken over the grid.
+#[derive(Debug)]
+struct ContrastAttention {
+    down: nn::Conv2D,
+    up: nn::Conv2D,
+}
+
+impl ContrastAttention {
+    fn new(vs: &nn::Path, c: i64) -> Self {
+        let reduced = (c / 16).max(1);
+        Self {
+            down: conv(vs / "down", c, reduced, 1),
+            up: conv(vs / "up", reduced, c, 1),
+        }
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let mean = x.mean_dim([2i64, 3].as_slice(), true, None);
+        let var = (x - &mean)
+            .square()
+            .mean_dim([2i64, 3].as_slice(), true, None);
+        let stats = var.sqrt() + mean;
+        let weight = self.up.forward(&self.down.forward(&stats).relu()).sigmoid();
+        x * weight
+    }
+}
+
+/// One information multi-distillation block: three 3×3 convs each keep a
+/// quarter of their output ("distilled") and pass the rest on, a fourth
+/// conv turns the remainder into a quarter too; the four quarters are
+/// concatenated, weighted by [`ContrastAttention`], fused by a 1×1 conv and
+/// added to the input.
+#[derive(Debug)]
+struct ImdBlock {
+    convs: [nn::Conv2D; 4],
+    attention: ContrastAttention,
+    fuse: nn::Conv2D,
+    distilled: i64,
+}
+
+impl ImdBlock {
+    fn new(vs: &nn::Path, c: i64) -> Self {
+        let distilled = c / 4;
+        let rest = c - distilled;
+        Self {
+            convs: [
+                conv(vs / "conv1", c, c, 3),
+                conv(vs / "conv2", rest, c, 3),
+                conv(vs / "conv3", rest, c, 3),
+                conv(vs / "conv4", rest, distilled, 3),
+            ],
+            attention: ContrastAttention::new(&(vs / "attention"), c),
+            fuse: conv(vs / "fuse", c, c, 1),
+            distilled,
+        }
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let c = x.size()[1];
+        let mut kept = Vec::with_capacity(4);
+        let mut rest = x.shallow_clone();
+        for conv in &self.convs[..3] {
+            let out = lrelu(&conv.forward(&rest));
+            kept.push(out.narrow(1, 0, self.distilled));
+            rest = out.narrow(1, self.distilled, c - self.distilled);
+        }
+        kept.push(self.convs[3].forward(&rest));
+        let joined = Tensor::cat(&kept, 1);
+        self.fuse.forward(&self.attention.forward(&joined)) + x
+    }
+}
+
+/// IMDN's body: head conv, the distillation blocks, a 1×1 fusion of every
+/// block's output, a 3×3 conv, and a long skip from the head.
+#[derive(Debug)]
+struct ImdnBody {
+    head: nn::Conv2D,
+    blocks: Vec<ImdBlock>,
+    fuse: nn::Conv2D,
+    tail: nn::Conv2D,
+}
+
+impl ImdnBody {
+    fn new(vs: &nn::Path, cfg: &HndsrConfig) -> Self {
+        let width = cfg.width;
+        Self {
+            head: conv(vs / "head", cfg.channels, width, 3),
+            blocks: (0..cfg.blocks)
+                .map(|i| ImdBlock::new(&(vs / format!("block{i}")), width))
+                .collect(),
+            fuse: conv(vs / "fuse", width * cfg.blocks, width, 1),
+            tail: conv(vs / "tail", width, width, 3),
+        }
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let start = self.head.forward(x);
+        let mut f = start.shallow_clone();
+        let mut outs = Vec::with_capacity(self.blocks.len());
+        for block in &self.blocks {
+            f = block.forward(&f);
+            outs.push(f.shallow_clone());
+        }
+        let fused = lrelu(&self.fuse.forward(&Tensor::cat(&outs, 1)));
+        self.tail.forward(&fused) + start
+    }
+}
+
+/// The regression path's body: `lr − 0.5` (reflect-padded) → features of
+/// `width` channels on the LR grid.
+#[derive(Debug)]
+enum Body {
+    Fourier {
+        lift: nn::Conv2D,
+        blocks: Vec<FourierBlock>,
+    },
+    Imdn(Box<ImdnBody>),
+}
+
+impl Body {
+    fn new(vs: &nn::Path, cfg: &HndsrConfig) -> Self {
+        match cfg.encoder {
+            Encoder::Fourier => Body::Fourier {
+                lift: conv(vs / "lift", cfg.channels, cfg.width, 3),
+                blocks: (0..cfg.blocks)
+                    .map(|i| {
+                        FourierBlock::new(
+                            &(vs / format!("block{i}")),
+                            cfg.width,
+                            cfg.modes,
+                            cfg.local,
+                        )
+                    })
+                    .collect(),
+            },
+            Encoder::Imdn => Body::Imdn(Box::new(ImdnBody::new(vs, cfg))),
+        }
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        match self {
+            Body::Fourier { lift, blocks } => {
+                let mut f = lift.forward(x);
+                for block in blocks {
+                    f = block.forward(&f);
+                }
+                f
+            }
+            Body::Imdn(body) => body.forward(x),
+        }
+    }
+}
+
+/// Encoder body on the LR grid and pixel-shuffle decoder: HNDSR's is a 3×3
+/// conv + GELU then the shuffle conv, IMDN's the shuffle conv alone.
 #[derive(Debug)]
 struct Regressor {
-    lift: nn::Conv2D,
-    blocks: Vec<FourierBlock>,
-    dec1: nn::Conv2D,
-    dec2: nn::Conv2D,
+    body: Body,
+    hidden: Option<nn::Conv2D>,
+    shuffle: nn::Conv2D,
 }
 
 /// A U-Net residual block with an additive time embedding.
@@ -166,22 +333,12 @@ impl HndsrNet {
     pub fn new(vs: &nn::Path, cfg: &HndsrConfig) -> Self {
         let c = cfg.channels;
         let s2 = cfg.scale * cfg.scale;
-        let enc = vs / "encoder";
         let regressor = Regressor {
-            lift: conv(&enc / "lift", c, cfg.width, 3),
-            blocks: (0..cfg.blocks)
-                .map(|i| {
-                    FourierBlock::new(
-                        &(&enc / format!("block{i}")),
-                        cfg.width,
-                        cfg.modes,
-                        cfg.local,
-                    )
-                })
-                .collect(),
-            dec1: conv(vs / "decoder" / "conv1", cfg.width, cfg.width, 3),
+            body: Body::new(&(vs / "encoder"), cfg),
+            hidden: (cfg.encoder == Encoder::Fourier)
+                .then(|| conv(vs / "decoder" / "conv1", cfg.width, cfg.width, 3)),
             // Zero-initialised: an untrained μ is exactly bicubic.
-            dec2: zero_conv(vs / "decoder" / "conv2", cfg.width, c * s2, 3),
+            shuffle: zero_conv(vs / "decoder" / "conv2", cfg.width, c * s2, 3),
         };
 
         let den = vs / "denoiser";
@@ -265,15 +422,12 @@ impl HndsrNet {
             self.cfg.pad.min(w - 1).max(0),
         );
         let x = (lr - 0.5).reflection_pad2d([pw, pw, ph, ph]);
-        let mut f = r.lift.forward(&x);
-        for block in &r.blocks {
-            f = block.forward(&f);
-        }
-        let f = f.narrow(2, ph, h).narrow(3, pw, w);
-        let detail = r
-            .dec2
-            .forward(&r.dec1.forward(&f).gelu("none"))
-            .pixel_shuffle(s);
+        let f = r.body.forward(&x).narrow(2, ph, h).narrow(3, pw, w);
+        let hidden = match &r.hidden {
+            Some(conv) => conv.forward(&f).gelu("none"),
+            None => f.shallow_clone(),
+        };
+        let detail = r.shuffle.forward(&hidden).pixel_shuffle(s);
         let base = lr.upsample_bicubic2d([h * s, w * s], false, None::<f64>, None::<f64>);
         (base + detail, f)
     }
