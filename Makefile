@@ -125,7 +125,7 @@ train: prereqs ## train HNDSR from scratch, export + evaluate (knobs: server/scr
 	bash server/scripts/train.sh
 
 .PHONY: baseline
-baseline: prereqs ## HNDSR vs the IMDN baseline vs HNDSR without its spectral branch, same data and steps, side by side on validation (knobs: server/scripts/baseline.sh; about an hour on 2 CPU cores)
+baseline: prereqs ## HNDSR vs the IMDN baseline vs HNDSR without its spectral branch, same data and steps, side by side on validation (knobs: server/scripts/baseline.sh; about 50 minutes with JOBS=2 THREADS=1 on 2 CPU cores)
 	bash server/scripts/baseline.sh
 
 GPU_KIT ?= target/gpu-kit
