@@ -372,7 +372,7 @@ fn config_from(name: &str) -> Result<HndsrConfig> {
     if !path.is_file() {
         bail!(
             "unknown config {name:?}: not a preset ({}) nor a JSON file",
-            HndsrConfig::PRESETS.join(", ")
+            HndsrConfig::PRESETS.map(|(name, _)| name).join(", ")
         );
     }
     let cfg: HndsrConfig = serde_json::from_str(&std::fs::read_to_string(path)?)

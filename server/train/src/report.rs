@@ -114,10 +114,10 @@ struct Column {
 fn columns_of(
     args: &ReportArgs,
     weights: &Path,
+    manifest: &Manifest,
     prefix: &str,
     device: Device,
 ) -> Result<Vec<Column>> {
-    let manifest = Manifest::read(&manifest_path(weights))?;
     let load = || HndsrModel::load(weights, &manifest.sha256, device, Precision::Fp32);
     let steps = manifest.default_steps.unwrap_or(0);
     let mut columns = Vec::new();
@@ -172,7 +172,7 @@ pub fn report(args: &ReportArgs, data_dir: &Path, device: Device) -> Result<()> 
         } else {
             String::new()
         };
-        models.extend(columns_of(args, weights, &prefix, device)?);
+        models.extend(columns_of(args, weights, m, &prefix, device)?);
     }
     let mut columns = vec!["bicubic".to_owned()];
     columns.extend(models.iter().map(|c| c.label.clone()));
@@ -271,6 +271,7 @@ pub fn report(args: &ReportArgs, data_dir: &Path, device: Device) -> Result<()> 
 /// The weights' line above the table: version, digest, encoder, size and
 /// default DDIM steps.
 fn weights_line(weights: &Path, m: &Manifest) -> Result<String> {
+    // The network's shape alone gives the count; no weights are read.
     let vs = nn::VarStore::new(Device::Cpu);
     let _net = HndsrNet::new(&vs.root(), &m.config);
     Ok(format!(

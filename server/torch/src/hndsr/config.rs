@@ -43,6 +43,9 @@ impl Encoder {
     }
 }
 
+/// A preset's constructor.
+pub type Preset = fn() -> HndsrConfig;
+
 /// Shape of an HNDSR network. The upscaling factor is fixed per network
 /// (decoder = conv + pixel shuffle); the operator encoder's weights do not
 /// depend on the grid size.
@@ -170,27 +173,22 @@ impl HndsrConfig {
         }
     }
 
-    /// The preset names [`HndsrConfig::preset`] knows.
-    pub const PRESETS: [&'static str; 6] = [
-        "tiny",
-        "small",
-        "medium",
-        "base",
-        "medium-no-spectral",
-        "imdn",
+    /// Every preset, by name: the one table [`HndsrConfig::preset`] reads.
+    pub const PRESETS: [(&'static str, Preset); 6] = [
+        ("tiny", Self::tiny),
+        ("small", Self::small),
+        ("medium", Self::medium),
+        ("base", Self::base),
+        ("medium-no-spectral", Self::medium_no_spectral),
+        ("imdn", Self::imdn),
     ];
 
     /// A preset by name.
     pub fn preset(name: &str) -> Option<Self> {
-        match name {
-            "tiny" => Some(Self::tiny()),
-            "small" => Some(Self::small()),
-            "medium" => Some(Self::medium()),
-            "base" => Some(Self::base()),
-            "medium-no-spectral" => Some(Self::medium_no_spectral()),
-            "imdn" => Some(Self::imdn()),
-            _ => None,
-        }
+        Self::PRESETS
+            .iter()
+            .find(|(preset, _)| *preset == name)
+            .map(|(_, make)| make())
     }
 
     /// The denoiser works on `pixel_unshuffle(residual, scale)`.
@@ -252,7 +250,7 @@ mod tests {
 
     #[test]
     fn every_preset_name_is_known_and_valid() {
-        for name in HndsrConfig::PRESETS {
+        for (name, _) in HndsrConfig::PRESETS {
             let cfg = HndsrConfig::preset(name).unwrap();
             assert_eq!(cfg.name, name);
             assert_eq!(cfg.validate(), Ok(()), "{name}");
