@@ -7,7 +7,7 @@ use hndsr_torch::TorchError;
 use hndsr_torch::hndsr::spectral::SpectralConv2d;
 use hndsr_torch::hndsr::{
     Encoder, HndsrConfig, HndsrError, HndsrModel, HndsrNet, MAX_TILE, MIN_TILE, Manifest,
-    Precision, default_tiles, manifest_path, regression_parameter_count, tiles_for,
+    Precision, ResidualNorm, default_tiles, manifest_path, regression_parameter_count, tiles_for,
 };
 use hndsr_torch::tiling::TileConfig;
 use tch::{Device, Kind, Tensor, nn};
@@ -466,9 +466,82 @@ fn self_ensemble_is_the_mean_over_the_eight_symmetries() {
         max_abs_diff(&ensembled, &plain) > 1e-3,
         "the learned part must not be inert"
     );
-    // The denoiser runs on the ensembled μ.
     let sampled = model.upscale(&x, 2, 0, NEVER).unwrap();
     assert_eq!(sampled.size(), [2, 3, 36, 52]);
+}
+
+#[test]
+fn the_refiner_is_conditioned_on_one_pass_and_adds_to_the_ensembled_mu() {
+    // The denoiser trains on one pass's μ and features; with the
+    // self-ensemble it must see that pair, not the mean with the identity
+    // pass's features. So the residual it adds is the plain model's.
+    let plain = tiny(21);
+    let x = image(2, 9, 13, 0.8);
+    let residual = |m: &HndsrModel| {
+        let refined = m.upscale(&x, 2, 7, NEVER).unwrap();
+        let mu = m.upscale(&x, 0, 7, NEVER).unwrap();
+        (refined, mu)
+    };
+    let (plain_refined, plain_mu) = residual(&plain);
+    // The same instance: tests share libtorch's global generator.
+    let ensembled = plain.with_self_ensemble(true);
+    let (ens_refined, ens_mu) = residual(&ensembled);
+    // Where no output was clamped, the differences are the residuals.
+    let inside = |t: &Tensor| t.gt(1e-3).logical_and(&t.lt(1.0 - 1e-3));
+    let mask = inside(&plain_refined)
+        .logical_and(&inside(&plain_mu))
+        .logical_and(&inside(&ens_refined))
+        .logical_and(&inside(&ens_mu));
+    assert!(
+        mask.to_kind(Kind::Float)
+            .mean(Kind::Float)
+            .double_value(&[])
+            > 0.5
+    );
+    let r_plain = (&plain_refined - &plain_mu).masked_select(&mask);
+    let r_ens = (&ens_refined - &ens_mu).masked_select(&mask);
+    assert!(
+        r_plain.abs().max().double_value(&[]) > 1e-3,
+        "a live denoiser"
+    );
+    let d = max_abs_diff(&r_plain, &r_ens);
+    assert!(d < 1e-4, "{d} vs {}", r_plain.abs().max().double_value(&[]));
+    assert!(max_abs_diff(&plain_mu, &ens_mu) > 1e-3, "the μ differ");
+}
+
+#[test]
+fn a_detail_normalised_truncated_refiner_samples_each_tile_on_its_own() {
+    let cfg = HndsrConfig {
+        residual_norm: ResidualNorm::Detail,
+        residual_scale: 0.5,
+        start_time: 0.7,
+        ..HndsrConfig::tiny()
+    };
+    let model = randomised(&cfg, 22, 0.5, 0.01);
+    // Tiles of very different detail share a batch.
+    let batch = Tensor::cat(
+        &[
+            image(1, 12, 12, 0.2),
+            (image(1, 12, 12, 1.3) - 0.5) * 0.05 + 0.5,
+            image(1, 12, 12, 2.9),
+        ],
+        0,
+    );
+    let together = model.upscale(&batch, 3, 4, NEVER).unwrap();
+    for i in 0..3 {
+        let alone = model.upscale(&batch.narrow(0, i, 1), 3, 4, NEVER).unwrap();
+        assert!(
+            max_abs_diff(&alone, &together.narrow(0, i, 1)) < 1e-5,
+            "tile {i}"
+        );
+    }
+    let again = model.upscale(&batch, 3, 4, NEVER).unwrap();
+    assert_eq!(max_abs_diff(&together, &again), 0.0);
+    let mu = model.upscale(&batch, 0, 4, NEVER).unwrap();
+    assert!(
+        max_abs_diff(&together, &mu) > 1e-4,
+        "steps > 0 adds a residual"
+    );
 }
 
 #[test]

@@ -16,7 +16,10 @@
 //!   it passed before.
 //!
 //! Width, scale and the denoiser's shape cannot grow this way (they change
-//! what the trained layers see) and are rejected.
+//! what the trained layers see) and are rejected. The denoiser can instead
+//! start afresh (`fresh_denoiser`), which is also the only way to change
+//! the units and schedule it works in (`residual_norm`, `residual_scale`,
+//! `start_time`): a refiner trained for a final, frozen regressor.
 
 use std::path::Path;
 
@@ -39,10 +42,15 @@ pub fn check_growth(base: &HndsrConfig, grown: &HndsrConfig) -> Result<()> {
             grown.modes
         );
     }
+    // The refiner's units and schedule may change: the denoiser then
+    // starts afresh (`init_from(…, fresh_denoiser)`).
     let same_rest = HndsrConfig {
         blocks: base.blocks,
         local: base.local,
         modes: base.modes,
+        residual_norm: base.residual_norm,
+        residual_scale: base.residual_scale,
+        start_time: base.start_time,
         ..grown.clone()
     };
     if &same_rest != base {
@@ -53,8 +61,15 @@ pub fn check_growth(base: &HndsrConfig, grown: &HndsrConfig) -> Result<()> {
 
 /// Copies the weights in `init` (whose manifest is `manifest`) into `vs`
 /// (built for a config that [`check_growth`] accepted) and silences what is
-/// new. Returns the names of the variables `init` did not have, sorted.
-pub fn init_from(vs: &nn::VarStore, init: &Path, manifest: &Manifest) -> Result<Vec<String>> {
+/// new. With `fresh_denoiser` the denoiser keeps the initialisation `vs`
+/// was built with. Returns the names of the variables not taken from
+/// `init`, sorted.
+pub fn init_from(
+    vs: &nn::VarStore,
+    init: &Path,
+    manifest: &Manifest,
+    fresh_denoiser: bool,
+) -> Result<Vec<String>> {
     let bytes = std::fs::read(init).with_context(|| format!("read {}", init.display()))?;
     let old = nn::VarStore::new(Device::Cpu);
     let _net = HndsrNet::new(&old.root(), &manifest.config);
@@ -65,6 +80,10 @@ pub fn init_from(vs: &nn::VarStore, init: &Path, manifest: &Manifest) -> Result<
     let _no_grad = tch::no_grad_guard();
     let mut fresh = Vec::new();
     for (name, mut var) in vs.variables() {
+        if fresh_denoiser && name.starts_with("denoiser.") {
+            fresh.push(name);
+            continue;
+        }
         match old.get(&name) {
             Some(src) if src.size() == var.size() => var.copy_(src),
             Some(src) => {
@@ -199,7 +218,13 @@ mod tests {
         check_growth(&base, &grown).unwrap();
         let vs = nn::VarStore::new(Device::Cpu);
         let net = HndsrNet::new(&vs.root(), &grown);
-        let fresh = init_from(&vs, &path, &Manifest::read(&manifest_path(&path)).unwrap()).unwrap();
+        let fresh = init_from(
+            &vs,
+            &path,
+            &Manifest::read(&manifest_path(&path)).unwrap(),
+            false,
+        )
+        .unwrap();
         assert!(
             fresh
                 .iter()
@@ -242,5 +267,50 @@ mod tests {
         assert_eq!(new_rows.abs().sum(Kind::Float).double_value(&[]), 0.0);
         let new_grad = spectral.grad().narrow(2, base.modes, 6);
         assert!(new_grad.abs().sum(Kind::Float).double_value(&[]) > 0.0);
+    }
+
+    #[test]
+    fn a_fresh_denoiser_keeps_the_regressor_and_may_change_its_units() {
+        tch::manual_seed(5);
+        let base = HndsrConfig::tiny();
+        let old_vs = nn::VarStore::new(Device::Cpu);
+        let _old = HndsrNet::new(&old_vs.root(), &base);
+        tch::no_grad(|| {
+            for (_, mut v) in old_vs.variables() {
+                let noise = v.randn_like() * 0.05;
+                v.copy_(&(&v + noise));
+            }
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.safetensors");
+        save_weights(&old_vs, &base, &path, Manifest::untrained(&base, 0)).unwrap();
+
+        let refined = HndsrConfig {
+            residual_norm: hndsr_torch::hndsr::ResidualNorm::Detail,
+            residual_scale: 0.5,
+            start_time: 0.8,
+            ..base.clone()
+        };
+        check_growth(&base, &refined).unwrap();
+        let vs = nn::VarStore::new(Device::Cpu);
+        let _net = HndsrNet::new(&vs.root(), &refined);
+        let manifest = Manifest::read(&manifest_path(&path)).unwrap();
+        let fresh = init_from(&vs, &path, &manifest, true).unwrap();
+        assert!(!fresh.is_empty() && fresh.iter().all(|n| n.starts_with("denoiser.")));
+        let (old, new) = (old_vs.variables(), vs.variables());
+        let same = |name: &str| (&old[name] - &new[name]).abs().max().double_value(&[]) == 0.0;
+        assert!(
+            same("decoder.conv2.weight"),
+            "the regressor is the initial one"
+        );
+        // The output conv starts at zero again, not at the trained values.
+        assert!(!same("denoiser.output.weight"));
+        assert_eq!(
+            new["denoiser.output.weight"]
+                .abs()
+                .sum(Kind::Float)
+                .double_value(&[]),
+            0.0
+        );
     }
 }

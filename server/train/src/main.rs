@@ -27,10 +27,11 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use hndsr_torch::hndsr::diffusion::{self, SplitMix64};
 use hndsr_torch::hndsr::net;
+use hndsr_torch::hndsr::residual;
 use hndsr_torch::hndsr::{
     EvalFigure, HndsrConfig, HndsrModel, HndsrNet, MAX_PROJECTION_STEPS, MAX_TILE, MIN_TILE,
-    Manifest, Precision, TrainingInfo, load_weights_from_bytes, manifest_path, parameter_count,
-    regression_parameter_count, save_weights,
+    Manifest, Precision, ResidualNorm, TrainingInfo, load_weights_from_bytes, manifest_path,
+    parameter_count, regression_parameter_count, save_weights,
 };
 use hndsr_torch::{consistency, open_device, upsample_bicubic};
 use serde::{Deserialize, Serialize};
@@ -177,6 +178,21 @@ struct TrainArgs {
     /// weights' output).
     #[arg(long, requires = "init")]
     modes: Option<i64>,
+    /// With `--init`: start the denoiser from scratch instead of the initial
+    /// weights' (e.g. to train a refiner for a final, frozen regressor).
+    #[arg(long, requires = "init")]
+    fresh_denoiser: bool,
+    /// With `--fresh-denoiser`: how the residual is scaled for the denoiser
+    /// (`global` or `detail`, per sample; `residual.rs`).
+    #[arg(long, value_parser = residual_norm, requires = "fresh_denoiser")]
+    residual_norm: Option<ResidualNorm>,
+    /// With `--fresh-denoiser`: the residual's scale factor.
+    #[arg(long, requires = "fresh_denoiser")]
+    residual_scale: Option<f64>,
+    /// With `--fresh-denoiser`: where sampling starts on the noise schedule,
+    /// in (0, 1] (the denoiser trains on `t ∈ (0, start]`).
+    #[arg(long, requires = "fresh_denoiser")]
+    start_time: Option<f64>,
     /// Run the cosine decay over this run's wall time (`--minutes`) instead
     /// of its steps, so a run on a machine of unknown speed still ends at the
     /// low learning rate.
@@ -382,6 +398,14 @@ fn config_from(name: &str) -> Result<HndsrConfig> {
 }
 
 /// A probability: a number in [0, 1].
+fn residual_norm(text: &str) -> Result<ResidualNorm, String> {
+    match text {
+        "global" => Ok(ResidualNorm::Global),
+        "detail" => Ok(ResidualNorm::Detail),
+        other => Err(format!("expected global or detail, got '{other}'")),
+    }
+}
+
 fn fraction(text: &str) -> Result<f64, String> {
     match text.parse::<f64>() {
         Ok(p) if (0.0..=1.0).contains(&p) => Ok(p),
@@ -433,6 +457,15 @@ fn train(args: &TrainArgs, data_dir: &Path, device: Device) -> Result<()> {
         if let Some(modes) = args.modes {
             config.modes = modes;
         }
+        if let Some(norm) = args.residual_norm {
+            config.residual_norm = norm;
+        }
+        if let Some(scale) = args.residual_scale {
+            config.residual_scale = scale;
+        }
+        if let Some(start) = args.start_time {
+            config.start_time = start;
+        }
         config.validate().map_err(anyhow::Error::msg)?;
         grow::check_growth(&m.config, &config)?;
         let inherited_data = inherit_data(&m.training.data);
@@ -466,8 +499,18 @@ fn train(args: &TrainArgs, data_dir: &Path, device: Device) -> Result<()> {
         let bytes = std::fs::read(&weights)?;
         load_weights_from_bytes(&vs, &bytes, &weights)?;
     } else if let Some((path, manifest)) = &init {
-        let fresh = grow::init_from(&vs, path, manifest)?;
-        println!("from {}; new variables: {fresh:?}", path.display());
+        let fresh = grow::init_from(&vs, path, manifest, args.fresh_denoiser)?;
+        let (denoiser, other): (Vec<_>, Vec<_>) =
+            fresh.iter().partition(|name| name.starts_with("denoiser."));
+        println!(
+            "from {}; new variables: {other:?}{}",
+            path.display(),
+            if args.fresh_denoiser {
+                format!("; a fresh denoiser ({} variables)", denoiser.len())
+            } else {
+                String::new()
+            }
+        );
     }
     println!(
         "config {} ({} encoder; {} parameters, {} in the regression path), start at step {}",
@@ -519,12 +562,19 @@ fn train(args: &TrainArgs, data_dir: &Path, device: Device) -> Result<()> {
         let lr_img = degrade::training_batch(&hr, cfg.scale, args.realistic_fraction, &mut rng)?
             .to_device(device);
         let hr = hr.to_device(device);
-        let (mu, features) = if args.freeze_regressor {
-            tch::no_grad(|| net.regress(&lr_img))
+        // μ for the regression loss, and the one pass's μ and features the
+        // denoiser is conditioned on (as when serving).
+        let (mu, mu_pass, features) = if args.freeze_regressor {
+            let (mu, features) = tch::no_grad(|| net.regress(&lr_img));
+            (mu.shallow_clone(), mu, features)
         } else if args.ensemble_loss {
-            net.regress_self_ensemble(&lr_img)
+            let e = net
+                .regress_self_ensemble_checked(&lr_img, &|| false)
+                .expect("never cancelled");
+            (e.mean, e.identity, e.features)
         } else {
-            net.regress(&lr_img)
+            let (mu, features) = net.regress(&lr_img);
+            (mu.shallow_clone(), mu, features)
         };
         let error = &mu - &hr;
         let l1 = error.abs().mean(Kind::Float);
@@ -546,13 +596,15 @@ fn train(args: &TrainArgs, data_dir: &Path, device: Device) -> Result<()> {
             loss += (&mu - back).abs().mean(Kind::Float) * args.equivariance;
         }
         if args.denoiser_weight > 0.0 {
-            let residual = ((&hr - mu.detach()) * cfg.residual_scale).pixel_unshuffle(cfg.scale);
+            let mu_pass = mu_pass.detach();
+            let residual = residual::encode(&cfg, &hr, &mu_pass);
             let b = args.batch as i64;
-            let t = Tensor::rand([b], (Kind::Float, device));
+            // Only the part of the schedule that sampling visits.
+            let t = Tensor::rand([b], (Kind::Float, device)) * cfg.start_time;
             let eps = residual.randn_like();
             let (alpha, sigma) = diffusion::alpha_sigma_tensor(&t);
             let x_t = &alpha * &residual + &sigma * &eps;
-            let cond = net.condition(&mu.detach(), &features.detach());
+            let cond = net.condition(&mu_pass, &features.detach());
             let out = net.denoise(&x_t, &t, &cond);
             let target = diffusion::target(cfg.prediction, &residual, &eps, &alpha, &sigma);
             let dn = (out - target).square().mean(Kind::Float);

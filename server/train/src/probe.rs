@@ -4,13 +4,14 @@
 //! something predicts x̂₀ with less error than the trivial guess 0 (whose
 //! error is the residual's own energy); where its error exceeds that, DDIM
 //! adds more than it recovers. `r` is the scaled, unshuffled residual the
-//! denoiser works on, `(HR − μ) · residual_scale`.
+//! denoiser works on (`hndsr_torch::hndsr::residual::encode`).
 
 use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use clap::Args;
 use hndsr_torch::hndsr::diffusion::{self, SplitMix64};
+use hndsr_torch::hndsr::residual;
 use hndsr_torch::hndsr::{HndsrModel, Manifest, Precision, manifest_path};
 use tch::{Device, Kind, Tensor};
 
@@ -58,7 +59,7 @@ pub fn probe(args: &ProbeArgs, data_dir: &Path, device: Device) -> Result<()> {
                 let lr = data::degrade(&hr, cfg.scale);
                 let (mu, features) = net.regress(&lr);
                 let cond = net.condition(&mu, &features);
-                let r = ((&hr - &mu) * cfg.residual_scale).pixel_unshuffle(cfg.scale);
+                let r = residual::encode(&cfg, &hr, &mu);
                 for _ in 0..args.draws {
                     tch::manual_seed((rng.next_u64() >> 1) as i64);
                     let eps = r.randn_like();

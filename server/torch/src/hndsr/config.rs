@@ -43,6 +43,20 @@ impl Encoder {
     }
 }
 
+/// How the residual `HR − μ` is brought to the denoiser's units.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResidualNorm {
+    /// `(HR − μ) · residual_scale` for every sample alike.
+    #[default]
+    Global,
+    /// `(HR − μ) · residual_scale / d(μ)` per sample, where `d(μ)` is the
+    /// RMS of the input's own fine detail (floored; `residual.rs`):
+    /// residual energy differs more than tenfold between sources, and μ,
+    /// unlike HR, is known when sampling.
+    Detail,
+}
+
 /// A preset's constructor.
 pub type Preset = fn() -> HndsrConfig;
 
@@ -83,6 +97,21 @@ pub struct HndsrConfig {
     /// The residual `HR − μ` is multiplied by this before diffusion so the
     /// denoiser works on roughly unit-variance data.
     pub residual_scale: f64,
+    /// Per-sample or global residual scaling (a manifest without the field
+    /// reads as [`ResidualNorm::Global`]).
+    #[serde(default)]
+    pub residual_norm: ResidualNorm,
+    /// Where sampling starts on the noise schedule, in (0, 1]: from
+    /// `σ(start)·ε` around μ (a zero residual) rather than from pure noise
+    /// at 1, so the steps are spent where the residual is still visible.
+    /// The denoiser trains on `t ∈ (0, start]` (a manifest without the
+    /// field reads as 1, the full schedule).
+    #[serde(default = "full_schedule")]
+    pub start_time: f64,
+}
+
+const fn full_schedule() -> f64 {
+    1.0
 }
 
 impl HndsrConfig {
@@ -101,6 +130,8 @@ impl HndsrConfig {
             unet: vec![32, 64],
             prediction: Prediction::V,
             residual_scale: 10.0,
+            residual_norm: ResidualNorm::Global,
+            start_time: 1.0,
         }
     }
 
@@ -223,6 +254,12 @@ impl HndsrConfig {
         if self.pad < 0 || self.residual_scale.is_nan() || self.residual_scale <= 0.0 {
             return Err("pad must be >= 0 and residual_scale > 0".into());
         }
+        if !(self.start_time > 0.0 && self.start_time <= 1.0) {
+            return Err(format!(
+                "start_time must be in (0, 1], got {}",
+                self.start_time
+            ));
+        }
         Ok(())
     }
 }
@@ -246,6 +283,32 @@ mod tests {
         json.as_object_mut().unwrap().remove("encoder");
         let cfg: HndsrConfig = serde_json::from_value(json).unwrap();
         assert_eq!(cfg, HndsrConfig::medium());
+    }
+
+    #[test]
+    fn a_manifest_config_without_the_refiner_fields_reads_as_the_global_full_schedule() {
+        let mut json = serde_json::to_value(HndsrConfig::medium()).unwrap();
+        let fields = json.as_object_mut().unwrap();
+        fields.remove("residual_norm");
+        fields.remove("start_time");
+        let cfg: HndsrConfig = serde_json::from_value(json).unwrap();
+        assert_eq!(cfg.residual_norm, ResidualNorm::Global);
+        assert_eq!(cfg.start_time, 1.0);
+        assert_eq!(cfg, HndsrConfig::medium());
+    }
+
+    #[test]
+    fn a_start_time_outside_the_schedule_is_refused() {
+        for start_time in [0.0, -0.5, 1.5, f64::NAN] {
+            let cfg = HndsrConfig {
+                start_time,
+                ..HndsrConfig::tiny()
+            };
+            assert!(
+                cfg.validate().unwrap_err().contains("start_time"),
+                "{start_time}"
+            );
+        }
     }
 
     #[test]

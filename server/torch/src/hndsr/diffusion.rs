@@ -73,29 +73,31 @@ pub fn split_prediction(
     }
 }
 
-/// The DDIM time grid for `steps` steps: `1 = t₀ > t₁ > … > t_steps = 0`.
-pub fn time_grid(steps: u32) -> Vec<f64> {
+/// The DDIM time grid for `steps` steps from `start`:
+/// `start = t₀ > t₁ > … > t_steps = 0`, evenly spaced.
+pub fn time_grid(start: f64, steps: u32) -> Vec<f64> {
     (0..=steps)
         .rev()
-        .map(|k| f64::from(k) / f64::from(steps))
+        .map(|k| start * f64::from(k) / f64::from(steps))
         .collect()
 }
 
 /// SplitMix64: a tiny, well-mixed generator. Noise is produced on the host
 /// from it so a seed means the same noise on every device and every
 /// libtorch build, and no global torch RNG state is shared between threads.
-/// Deterministic DDIM (η = 0) from `x` at `t = 1` down to `t = 0` in
+/// Deterministic DDIM (η = 0) from `x` at `t = start` down to `t = 0` in
 /// `steps` evenly spaced steps. `predict(x_t, t)` returns the network's
 /// output for `prediction` (f32, shaped like `x`). `cancel` runs before each
 /// step; `None` means it asked to stop and no further step ran.
 pub fn ddim(
     mut x: Tensor,
+    start: f64,
     steps: u32,
     prediction: Prediction,
     cancel: &dyn Fn() -> bool,
     mut predict: impl FnMut(&Tensor, f64) -> Tensor,
 ) -> Option<Tensor> {
-    for pair in time_grid(steps).windows(2) {
+    for pair in time_grid(start, steps).windows(2) {
         if cancel() {
             return None;
         }
@@ -267,12 +269,32 @@ mod tests {
                     let s = Tensor::from(sigma as f32);
                     target(prediction, &x0, &eps, &a, &s)
                 };
-                let out = ddim(noise.shallow_clone(), steps, prediction, &|| false, oracle)
-                    .expect("not cancelled");
-                let err = (&out - &x0).abs().max().double_value(&[]);
-                assert!(err < 1e-4, "{prediction:?}, {steps} steps: max error {err}");
+                for start in [1.0, 0.6] {
+                    let (alpha, sigma) = alpha_sigma(start);
+                    let x = if start < 1.0 {
+                        &x0 * alpha + &noise * sigma
+                    } else {
+                        noise.shallow_clone()
+                    };
+                    let out = ddim(x, start, steps, prediction, &|| false, oracle)
+                        .expect("not cancelled");
+                    let err = (&out - &x0).abs().max().double_value(&[]);
+                    assert!(
+                        err < 1e-4,
+                        "{prediction:?}, {steps} steps from {start}: max error {err}"
+                    );
+                }
             }
         }
+    }
+
+    #[test]
+    fn a_truncated_grid_starts_where_asked_and_ends_clean() {
+        assert_eq!(time_grid(1.0, 4), [1.0, 0.75, 0.5, 0.25, 0.0]);
+        let grid = time_grid(0.8, 4);
+        assert_eq!(grid.len(), 5);
+        assert!((grid[0] - 0.8).abs() < 1e-12 && grid[4] == 0.0);
+        assert!(grid.windows(2).all(|p| (p[0] - p[1] - 0.2).abs() < 1e-12));
     }
 
     #[test]
@@ -285,6 +307,7 @@ mod tests {
         let mut predicted = 0;
         let out = ddim(
             Tensor::zeros([1], (Kind::Float, Device::Cpu)),
+            1.0,
             10,
             Prediction::V,
             &cancel,

@@ -26,6 +26,7 @@ pub mod config;
 pub mod diffusion;
 pub mod manifest;
 pub mod net;
+pub mod residual;
 pub mod spectral;
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -40,9 +41,9 @@ use crate::error::{TchResultExt, TorchError};
 use crate::tiling::{TileConfig, run_tiled};
 
 pub use batched::{Batched, PassObserver, TileBatcher};
-pub use config::{Encoder, HndsrConfig, Prediction};
+pub use config::{Encoder, HndsrConfig, Prediction, ResidualNorm};
 pub use manifest::{EvalFigure, Manifest, TrainingInfo, manifest_path};
-pub use net::HndsrNet;
+pub use net::{HndsrNet, SelfEnsemble};
 
 /// LR tile edge of [`default_tiles`]: a 256² input is one tile (→ 1024² at
 /// ×4) instead of nine overlapping 128² ones (measured through the server:
@@ -510,24 +511,32 @@ impl HndsrModel {
         };
         guarded("hndsr forward", || {
             let x = x.to_kind(self.precision.kind());
-            let (mu, features) = if self.self_ensemble {
-                self.net
+            // The denoiser is conditioned on one pass's own μ and features
+            // (what it trained on); its residual is added to the served μ.
+            let (mu, conditioning) = if self.self_ensemble {
+                let e = self
+                    .net
                     .regress_self_ensemble_checked(&x, cancel)
-                    .ok_or(TorchError::Cancelled)?
+                    .ok_or(TorchError::Cancelled)?;
+                (e.mean, (e.identity, e.features))
             } else {
-                self.net.regress(&x)
+                let (mu, features) = self.net.regress(&x);
+                (mu.shallow_clone(), (mu, features))
             };
             let y = if steps == 0 {
                 mu
             } else {
-                let residual = self.sample_residual(&mu, &features, steps, &seeds, cancel)?;
+                let (mu_pass, features) = conditioning;
+                let residual = self.sample_residual(&mu_pass, &features, steps, &seeds, cancel)?;
                 mu + residual
             };
             Ok(y.to_kind(Kind::Float).clamp(0.0, 1.0))
         })
     }
 
-    /// DDIM from pure noise to the residual `HR − μ` (on the HR grid).
+    /// DDIM to the residual `HR − μ` (on the HR grid), from `σ(start)·ε`
+    /// at the config's `start_time`: a zero residual (μ itself) under
+    /// that much noise. `mu` and `features` come from one regression pass.
     fn sample_residual(
         &self,
         mu: &Tensor,
@@ -545,19 +554,19 @@ impl HndsrModel {
             .iter()
             .map(|&s| diffusion::normal_noise_on(s, per_tile, mu.device()).view([1, c, h, w]))
             .collect();
+        let (_, sigma) = diffusion::alpha_sigma(cfg.start_time);
         let x = Tensor::cat(&noise, 0)
             .to_device(mu.device())
-            .to_kind(Kind::Float);
-        let x = diffusion::ddim(x, steps, cfg.prediction, cancel, |x, t| {
+            .to_kind(Kind::Float)
+            * sigma;
+        let x = diffusion::ddim(x, cfg.start_time, steps, cfg.prediction, cancel, |x, t| {
             let t_batch = Tensor::full([b], t, (Kind::Float, mu.device()));
             self.net
                 .denoise(&x.to_kind(cond.kind()), &t_batch, &cond)
                 .to_kind(Kind::Float)
         })
         .ok_or(TorchError::Cancelled)?;
-        Ok((x / cfg.residual_scale)
-            .pixel_shuffle(cfg.scale)
-            .to_kind(mu.kind()))
+        Ok(residual::decode(cfg, &x, mu).to_kind(mu.kind()))
     }
 
     /// Upscales one image `[1, C, H, W]` (C = 1 gray, 2 gray+alpha, 3 RGB,

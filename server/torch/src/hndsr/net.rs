@@ -319,6 +319,19 @@ pub fn untransform(y: &Tensor, rot: i64, flip: bool) -> Tensor {
     y.rot90(-rot, [2, 3])
 }
 
+/// What [`HndsrNet::regress_self_ensemble_checked`] returns.
+#[derive(Debug)]
+pub struct SelfEnsemble {
+    /// μ averaged over the eight symmetries: the regression output served.
+    pub mean: Tensor,
+    /// The untransformed pass's own μ.
+    pub identity: Tensor,
+    /// The untransformed pass's encoder features. With `identity` they are
+    /// a pair the denoiser has seen in training; the mean with these
+    /// features is not.
+    pub features: Tensor,
+}
+
 /// The whole network. Built on a [`nn::Path`] so the trainer and the
 /// inference wrapper share one definition and one variable naming.
 #[derive(Debug)]
@@ -439,18 +452,21 @@ impl HndsrNet {
     /// transforms of each grid orientation run as one batch; on the CPU one
     /// at a time (measured: batching them doubled the CPU time per tile).
     pub fn regress_self_ensemble(&self, lr: &Tensor) -> (Tensor, Tensor) {
-        self.regress_self_ensemble_checked(lr, &|| false)
-            .expect("never cancelled")
+        let e = self
+            .regress_self_ensemble_checked(lr, &|| false)
+            .expect("never cancelled");
+        (e.mean, e.features)
     }
 
     /// [`HndsrNet::regress_self_ensemble`] that checks `cancel` before each
     /// forward call and returns `None` once it says stop: a self-ensembled
-    /// 256² tile is seconds of CPU work.
+    /// 256² tile is seconds of CPU work. Also keeps the identity pass's own
+    /// μ, which the denoiser is conditioned on.
     pub fn regress_self_ensemble_checked(
         &self,
         lr: &Tensor,
         cancel: &dyn Fn() -> bool,
-    ) -> Option<(Tensor, Tensor)> {
+    ) -> Option<SelfEnsemble> {
         let per_call = if lr.device().is_cuda() { 4 } else { 1 };
         self.ensemble(lr, per_call, cancel)
     }
@@ -462,8 +478,10 @@ impl HndsrNet {
     /// When `per_call` is not 1, 2 or 4 (the transforms of one call must
     /// share a grid shape).
     pub fn regress_self_ensemble_in(&self, lr: &Tensor, per_call: usize) -> (Tensor, Tensor) {
-        self.ensemble(lr, per_call, &|| false)
-            .expect("never cancelled")
+        let e = self
+            .ensemble(lr, per_call, &|| false)
+            .expect("never cancelled");
+        (e.mean, e.features)
     }
 
     /// The 8-symmetry mean, `per_call` transforms per forward call, `cancel`
@@ -473,14 +491,14 @@ impl HndsrNet {
         lr: &Tensor,
         per_call: usize,
         cancel: &dyn Fn() -> bool,
-    ) -> Option<(Tensor, Tensor)> {
+    ) -> Option<SelfEnsemble> {
         assert!(
             matches!(per_call, 1 | 2 | 4),
             "per_call must be 1, 2 or 4, got {per_call}"
         );
         let b = lr.size()[0];
         let mut sum: Option<Tensor> = None;
-        let mut features = None;
+        let mut identity = None;
         // Rotations k and k + 2, each plain and flipped, share a grid shape.
         let all: Vec<(i64, bool)> = [0, 2, 1, 3]
             .into_iter()
@@ -495,8 +513,8 @@ impl HndsrNet {
                 .map(|&(rot, flip)| transform(lr, rot, flip))
                 .collect();
             let (mu, f) = self.regress(&Tensor::cat(&inputs, 0));
-            if features.is_none() {
-                features = Some(f.narrow(0, 0, b));
+            if identity.is_none() {
+                identity = Some((mu.narrow(0, 0, b), f.narrow(0, 0, b)));
             }
             for (i, &(rot, flip)) in variants.iter().enumerate() {
                 let y = untransform(&mu.narrow(0, i as i64 * b, b), rot, flip);
@@ -506,8 +524,12 @@ impl HndsrNet {
                 });
             }
         }
-        let mu = sum.expect("eight variants") / 8.0;
-        Some((mu, features.expect("the identity pass ran")))
+        let (identity, features) = identity.expect("the identity pass ran");
+        Some(SelfEnsemble {
+            mean: sum.expect("eight variants") / 8.0,
+            identity,
+            features,
+        })
     }
 
     /// The denoiser's conditioning: encoder features and the unshuffled μ.
