@@ -510,6 +510,29 @@ fn the_refiner_is_conditioned_on_one_pass_and_adds_to_the_ensembled_mu() {
 }
 
 #[test]
+fn the_refiner_strength_scales_the_added_residual() {
+    let model = tiny(23);
+    assert_eq!(model.refiner_strength(), 1.0);
+    let x = image(1, 10, 12, 0.4);
+    let mu = model.upscale(&x, 0, 3, NEVER).unwrap();
+    let full = model.upscale(&x, 2, 3, NEVER).unwrap();
+    let model = model.with_refiner_strength(0.25).unwrap();
+    let quarter = model.upscale(&x, 2, 3, NEVER).unwrap();
+    let inside = |t: &Tensor| t.gt(1e-3).logical_and(&t.lt(1.0 - 1e-3));
+    let mask = inside(&mu).logical_and(&inside(&full));
+    let expected = (&mu + (&full - &mu) * 0.25).masked_select(&mask);
+    assert!(max_abs_diff(&full.masked_select(&mask), &mu.masked_select(&mask)) > 1e-3);
+    assert!(max_abs_diff(&quarter.masked_select(&mask), &expected) < 1e-5);
+    assert_eq!(
+        max_abs_diff(&model.upscale(&x, 0, 3, NEVER).unwrap(), &mu),
+        0.0
+    );
+    for bad in [0.0, 1.01, f64::NAN] {
+        assert!(tiny(23).with_refiner_strength(bad).is_err(), "{bad}");
+    }
+}
+
+#[test]
 fn a_detail_normalised_truncated_refiner_samples_each_tile_on_its_own() {
     let cfg = HndsrConfig {
         residual_norm: ResidualNorm::Detail,
@@ -583,6 +606,11 @@ fn the_baseline_and_the_ablation_have_their_stated_sizes() {
     let c = HndsrConfig::medium();
     let spectral = c.blocks * 2 * c.width * c.width * 2 * c.modes * c.modes;
     assert_eq!(ablated, medium - spectral);
+
+    // The spectral-free design at IMDN's size.
+    let (wide, names) = regression(&HndsrConfig::wide());
+    assert_eq!(wide, 749_088);
+    assert!(names.iter().all(|n| !n.contains("spectral")), "{names:?}");
 }
 
 /// Every encoder starts as bicubic (the shuffle conv is zero), keeps

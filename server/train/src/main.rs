@@ -306,6 +306,11 @@ struct ExportArgs {
     /// manifest).
     #[arg(long, value_parser = clap::value_parser!(u32).range(0..=i64::from(MAX_PROJECTION_STEPS)))]
     projection_steps: Option<u32>,
+    /// Share of the refiner's sampled residual servers add to μ at
+    /// `steps > 0`, in (0, 1] (written into the manifest; pick it on
+    /// validation with `report --refiner-strengths`).
+    #[arg(long, value_parser = refiner_strength)]
+    refiner_strength: Option<f64>,
 }
 
 /// Training progress kept next to the checkpoint.
@@ -398,6 +403,11 @@ fn config_from(name: &str) -> Result<HndsrConfig> {
 }
 
 /// A probability: a number in [0, 1].
+fn refiner_strength(text: &str) -> Result<f64, String> {
+    let value: f64 = text.parse().map_err(|e| format!("{text}: {e}"))?;
+    hndsr_torch::hndsr::check_refiner_strength(value).map(|()| value)
+}
+
 fn residual_norm(text: &str) -> Result<ResidualNorm, String> {
     match text {
         "global" => Ok(ResidualNorm::Global),
@@ -667,6 +677,7 @@ fn export(args: &ExportArgs) -> Result<()> {
         self_ensemble: args.self_ensemble,
         tile: args.tile,
         projection_steps: args.projection_steps,
+        refiner_strength: args.refiner_strength,
         ..Manifest::untrained(&state.config, 0)
     };
     let written = save_weights(&vs, &state.config, &args.out, manifest)?;

@@ -64,6 +64,11 @@ pub struct ReportArgs {
     /// manifest's default steps).
     #[arg(long, value_delimiter = ',')]
     refiner_steps: Vec<u32>,
+    /// With `--refiner-steps`: a column per step count and each of these
+    /// refiner strengths (share of the sampled residual added to μ, in
+    /// (0, 1]) instead of the manifest's.
+    #[arg(long, value_delimiter = ',', requires = "refiner_steps", value_parser = crate::refiner_strength)]
+    refiner_strengths: Vec<f64>,
     /// Also the fine-detail figures of every column: the power above the
     /// LR Nyquist ÷ the HR image's, and the spectral distance there
     /// (`metrics::detail`).
@@ -139,11 +144,22 @@ fn columns_of(
         });
     }
     for &n in &args.refiner_steps {
-        columns.push(Column {
-            label: format!("{prefix}`fast`, {n} DDIM steps"),
-            model: load()?.with_tile(FAST_TILE)?,
-            steps: n,
-        });
+        if args.refiner_strengths.is_empty() {
+            columns.push(Column {
+                label: format!("{prefix}`fast`, {n} DDIM steps"),
+                model: load()?.with_tile(FAST_TILE)?,
+                steps: n,
+            });
+        }
+        for &strength in &args.refiner_strengths {
+            columns.push(Column {
+                label: format!("{prefix}`fast`, {n} DDIM steps × {strength}"),
+                model: load()?
+                    .with_tile(FAST_TILE)?
+                    .with_refiner_strength(strength)?,
+                steps: n,
+            });
+        }
     }
     Ok(columns)
 }

@@ -204,14 +204,34 @@ impl HndsrConfig {
         }
     }
 
+    /// HNDSR's blocks without the spectral convolutions, wider and deeper
+    /// (width 48, 8 blocks, local 96; ≈0.75 M parameters in the regression
+    /// path, IMDN's size): the design that matches IMDN trained the same
+    /// way, where the spectral branch added nothing (docs/model.md). Its
+    /// refiner works on per-sample residual units from `t = 0.8`.
+    pub fn wide() -> Self {
+        Self {
+            name: "wide".into(),
+            width: 48,
+            blocks: 8,
+            modes: 0,
+            local: 96,
+            residual_scale: 1.0,
+            residual_norm: ResidualNorm::Detail,
+            start_time: 0.8,
+            ..Self::medium()
+        }
+    }
+
     /// Every preset, by name: the one table [`HndsrConfig::preset`] reads.
-    pub const PRESETS: [(&'static str, Preset); 6] = [
+    pub const PRESETS: [(&'static str, Preset); 7] = [
         ("tiny", Self::tiny),
         ("small", Self::small),
         ("medium", Self::medium),
         ("base", Self::base),
         ("medium-no-spectral", Self::medium_no_spectral),
         ("imdn", Self::imdn),
+        ("wide", Self::wide),
     ];
 
     /// A preset by name.

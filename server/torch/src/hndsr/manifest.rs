@@ -85,6 +85,12 @@ pub struct Manifest {
     /// manifests: none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub projection_steps: Option<u32>,
+    /// Share of the refiner's sampled residual added to μ at `steps > 0`,
+    /// in (0, 1] (absent in older manifests: 1, all of it). Below 1 the
+    /// output trades some of the restored detail for fidelity: chosen on
+    /// validation ([`super::check_refiner_strength`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refiner_strength: Option<f64>,
 }
 
 impl Manifest {
@@ -104,6 +110,7 @@ impl Manifest {
             self_ensemble: None,
             tile: None,
             projection_steps: None,
+            refiner_strength: None,
         }
     }
 
@@ -135,6 +142,12 @@ impl Manifest {
         }
         if let Some(steps) = manifest.projection_steps {
             super::check_projection_steps(steps).map_err(|message| HndsrError::Manifest {
+                path: path.to_owned(),
+                message,
+            })?;
+        }
+        if let Some(strength) = manifest.refiner_strength {
+            super::check_refiner_strength(strength).map_err(|message| HndsrError::Manifest {
                 path: path.to_owned(),
                 message,
             })?;
@@ -221,5 +234,24 @@ mod tests {
         m.write(&path).unwrap();
         let err = Manifest::read(&path).unwrap_err().to_string();
         assert!(err.contains("above the maximum of 100"), "{err}");
+    }
+
+    #[test]
+    fn refiner_strength_is_optional_round_trips_and_is_range_checked_on_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.json");
+        let mut m = Manifest::untrained(&HndsrConfig::tiny(), 1);
+        m.write(&path).unwrap();
+        assert!(!std::fs::read_to_string(&path).unwrap().contains("strength"));
+        assert_eq!(Manifest::read(&path).unwrap().refiner_strength, None);
+        m.refiner_strength = Some(0.5);
+        m.write(&path).unwrap();
+        assert_eq!(Manifest::read(&path).unwrap().refiner_strength, Some(0.5));
+        for bad in [0.0, -0.1, 1.5] {
+            m.refiner_strength = Some(bad);
+            m.write(&path).unwrap();
+            let err = Manifest::read(&path).unwrap_err().to_string();
+            assert!(err.contains("refiner strength"), "{bad}: {err}");
+        }
     }
 }

@@ -61,6 +61,16 @@ pub const MAX_TILE: i64 = 1024;
 /// LR-consistency projection for ([`HndsrModel::with_projection_steps`]).
 pub const MAX_PROJECTION_STEPS: u32 = 100;
 
+/// Checks a refiner strength asked for by a manifest or a caller: the share
+/// of the sampled residual added to μ, in (0, 1].
+pub fn check_refiner_strength(strength: f64) -> Result<(), String> {
+    if strength > 0.0 && strength <= 1.0 {
+        Ok(())
+    } else {
+        Err(format!("refiner strength {strength} is outside (0, 1]"))
+    }
+}
+
 /// Checks a projection step count asked for by a manifest or a server.
 pub fn check_projection_steps(steps: u32) -> Result<(), String> {
     if steps <= MAX_PROJECTION_STEPS {
@@ -280,6 +290,7 @@ pub struct HndsrModel {
     tiles: TileConfig,
     self_ensemble: bool,
     projection_steps: u32,
+    refiner_strength: f64,
 }
 
 impl HndsrModel {
@@ -299,6 +310,7 @@ impl HndsrModel {
             tiles: default_tiles(device),
             self_ensemble: false,
             projection_steps: 0,
+            refiner_strength: 1.0,
         })
     }
 
@@ -342,6 +354,7 @@ impl HndsrModel {
         let net = HndsrNet::new(&vs.root(), &manifest.config);
         load_weights_from_bytes(&vs, &bytes, weights)?;
         cast_keeping_spectral(&mut vs, precision);
+        let refiner_strength = manifest.refiner_strength.unwrap_or(1.0);
         Ok(Self {
             vs,
             net,
@@ -350,6 +363,7 @@ impl HndsrModel {
             tiles: default_tiles(device),
             self_ensemble: false,
             projection_steps: 0,
+            refiner_strength,
         })
     }
 
@@ -407,6 +421,20 @@ impl HndsrModel {
     /// Conjugate-gradient steps of the LR-consistency projection (0 = off).
     pub fn projection_steps(&self) -> u32 {
         self.projection_steps
+    }
+
+    /// Adds `strength` × the sampled residual to μ at `steps > 0`, in
+    /// (0, 1]. Loaded models start at their manifest's `refiner_strength`
+    /// (1 where it has none).
+    pub fn with_refiner_strength(mut self, strength: f64) -> Result<Self, HndsrError> {
+        check_refiner_strength(strength).map_err(HndsrError::Config)?;
+        self.refiner_strength = strength;
+        Ok(self)
+    }
+
+    /// Share of the sampled residual added to μ at `steps > 0`.
+    pub fn refiner_strength(&self) -> f64 {
+        self.refiner_strength
     }
 
     /// Changes the tiling used by [`HndsrModel::upscale_image`] in place.
@@ -528,7 +556,7 @@ impl HndsrModel {
             } else {
                 let (mu_pass, features) = conditioning;
                 let residual = self.sample_residual(&mu_pass, &features, steps, &seeds, cancel)?;
-                mu + residual
+                mu + residual * self.refiner_strength
             };
             Ok(y.to_kind(Kind::Float).clamp(0.0, 1.0))
         })
