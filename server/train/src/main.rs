@@ -525,7 +525,7 @@ fn train(args: &TrainArgs, data_dir: &Path, device: Device) -> Result<()> {
     println!(
         "config {} ({} encoder; {} parameters, {} in the regression path), start at step {}",
         cfg.name,
-        cfg.encoder.label(),
+        cfg.body_label(),
         parameter_count(&vs),
         regression_parameter_count(&vs),
         state.step
@@ -1082,6 +1082,42 @@ mod tests {
                 let err = parse(flag, bad).unwrap_err().to_string();
                 assert!(err.contains(flag), "{flag} {bad}: {err}");
             }
+        }
+    }
+
+    #[test]
+    fn the_refiners_units_change_only_with_a_fresh_denoiser_and_strengths_are_checked() {
+        let train = |extra: &[&str]| {
+            let mut argv = vec!["hndsr-train", "train", "--out", "ck"];
+            argv.extend_from_slice(extra);
+            Cli::try_parse_from(argv)
+        };
+        let fresh = ["--init", "w.safetensors", "--fresh-denoiser"];
+        let units = ["--residual-norm", "detail", "--start-time", "0.8"];
+        assert!(train(&[&fresh[..], &units[..]].concat()).is_ok());
+        // New units without a fresh denoiser, or a fresh one without --init.
+        assert!(train(&[&fresh[..1], &fresh[1..2], &units[..]].concat()).is_err());
+        assert!(train(&["--fresh-denoiser"]).is_err());
+        let err = train(&[&fresh[..], &["--residual-norm", "local"][..]].concat())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("expected global or detail"), "{err}");
+
+        let export = |strength: &str| {
+            Cli::try_parse_from([
+                "hndsr-train",
+                "export",
+                "--checkpoint",
+                "ck",
+                "--out",
+                "w.safetensors",
+                "--refiner-strength",
+                strength,
+            ])
+        };
+        assert!(export("0.5").is_ok());
+        for bad in ["0", "1.5", "-1", "NaN", "half"] {
+            assert!(export(bad).is_err(), "{bad}");
         }
     }
 

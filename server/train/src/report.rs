@@ -299,7 +299,7 @@ fn weights_line(weights: &Path, m: &Manifest) -> Result<String> {
             .file_name()
             .map(|n| n.to_string_lossy())
             .unwrap_or_default(),
-        m.config.encoder.label(),
+        m.config.body_label(),
         regression_parameter_count(&vs),
         m.default_steps.unwrap_or(0),
     ))

@@ -242,6 +242,15 @@ impl HndsrConfig {
             .map(|(_, make)| make())
     }
 
+    /// Name of the regression path's body for tables and logs (HNDSR's
+    /// blocks without spectral convolutions say so).
+    pub fn body_label(&self) -> &'static str {
+        match self.encoder {
+            Encoder::Fourier if self.modes == 0 => "HNDSR (no spectral convolutions)",
+            encoder => encoder.label(),
+        }
+    }
+
     /// The denoiser works on `pixel_unshuffle(residual, scale)`.
     pub fn unshuffled_channels(&self) -> i64 {
         self.channels * self.scale * self.scale
@@ -339,6 +348,16 @@ mod tests {
             assert_eq!(cfg.validate(), Ok(()), "{name}");
         }
         assert_eq!(HndsrConfig::preset("huge"), None);
+    }
+
+    #[test]
+    fn tables_name_the_body_with_or_without_spectral_convolutions() {
+        assert_eq!(HndsrConfig::medium().body_label(), "HNDSR (Fourier)");
+        assert_eq!(
+            HndsrConfig::wide().body_label(),
+            "HNDSR (no spectral convolutions)"
+        );
+        assert_eq!(HndsrConfig::imdn().body_label(), "IMDN");
     }
 
     #[test]
