@@ -34,7 +34,7 @@ server: prereqs ## only the server, on 127.0.0.1:8080 with the bicubic backend
 	@echo "  curl -s --data-binary @docs/samples/nile-256.png -H 'content-type: image/png' 'http://127.0.0.1:8080/v1/upscale?scale=4' -o /tmp/up.png"
 	./target/release/hndsr-server --listen 127.0.0.1:8080 --backend bicubic
 
-HNDSR_WEIGHTS ?= server/models/hndsr-medium.safetensors
+HNDSR_WEIGHTS ?= server/models/hndsr.safetensors
 
 .PHONY: server-hndsr
 server-hndsr: prereqs ## the server with the trained HNDSR weights, on 127.0.0.1:8080 (profile: HNDSR_PROFILE, else fast on the CPU; docs/server.md#serving-profiles)

@@ -70,7 +70,7 @@ fi
 
 revision="$(git rev-parse HEAD 2>/dev/null || echo unknown)"
 git diff --quiet HEAD 2>/dev/null || revision="$revision-dirty"
-weights=server/models/hndsr-medium.safetensors
+weights=server/models/hndsr.safetensors
 manifest="${weights%.safetensors}.json"
 weights_sha256="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["sha256"])' "$manifest")"
 

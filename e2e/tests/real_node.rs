@@ -23,7 +23,7 @@ const SAMPLE: &str = "docs/samples/nile-256.png";
 /// After a server is SIGKILLed: the kubelet notices the exit (PLEG), the
 /// pod turns NotReady, the endpoint is withdrawn and kube-proxy resyncs.
 const KILL_WINDOW: Duration = Duration::from_secs(3);
-const WEIGHTS_MANIFEST: &str = "server/models/hndsr-medium.json";
+const WEIGHTS_MANIFEST: &str = "server/models/hndsr.json";
 
 fn weights_sha256() -> anyhow::Result<String> {
     let text = std::fs::read_to_string(bins::repo_root().join(WEIGHTS_MANIFEST))?;
@@ -808,18 +808,18 @@ async fn the_chart_runs_the_operator_in_cluster_under_its_service_account() -> a
 async fn serve_weights() -> anyhow::Result<(String, tokio::task::JoinHandle<()>)> {
     use axum::routing::get;
     let models = bins::repo_root().join("server/models");
-    let weights = std::sync::Arc::new(std::fs::read(models.join("hndsr-medium.safetensors"))?);
-    let manifest = std::sync::Arc::new(std::fs::read(models.join("hndsr-medium.json"))?);
+    let weights = std::sync::Arc::new(std::fs::read(models.join("hndsr.safetensors"))?);
+    let manifest = std::sync::Arc::new(std::fs::read(models.join("hndsr.json"))?);
     let app = axum::Router::new()
         .route(
-            "/models/hndsr-medium.safetensors",
+            "/models/hndsr.safetensors",
             get(move || {
                 let w = weights.clone();
                 async move { w.as_ref().clone() }
             }),
         )
         .route(
-            "/models/hndsr-medium.json",
+            "/models/hndsr.json",
             get(move || {
                 let m = manifest.clone();
                 async move { m.as_ref().clone() }
@@ -858,7 +858,7 @@ async fn weights_from_a_url_are_fetched_and_digest_checked_in_a_real_pod() -> an
             "model": {
                 "image": images.server,
                 "backend": "hndsr",
-                "weights": { "uri": format!("{base}/hndsr-medium.safetensors"), "sha256": digest },
+                "weights": { "uri": format!("{base}/hndsr.safetensors"), "sha256": digest },
                 "profile": "fast",
             },
         })

@@ -23,7 +23,7 @@ set -uo pipefail
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 KIT="${GPU_KIT:-$REPO_ROOT/target/gpu-kit}"
 SECONDS_PER_LEVEL="${BENCH_SECONDS:-10}"
-WEIGHTS="$REPO_ROOT/server/models/hndsr-medium.safetensors"
+WEIGHTS="$REPO_ROOT/server/models/hndsr.safetensors"
 SAMPLE="$REPO_ROOT/docs/samples/nile-256.png"
 
 for bin in hndsr-server hndsr-loadgen hndsr-train hndsr_cuda cuda; do

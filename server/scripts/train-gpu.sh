@@ -51,12 +51,12 @@ export LD_LIBRARY_PATH="${TORCH_LIB:+$TORCH_LIB${LD_LIBRARY_PATH:+:}}${LD_LIBRAR
 mkdir -p "$out"
 started=$(date +%s)
 "$bin" --data "$kit/data" --device "$device" --threads 8 train \
-  --init server/models/hndsr-medium.safetensors --out "$out/ckpt" --steps "$steps" \
+  --init server/models/hndsr.safetensors --out "$out/ckpt" --steps "$steps" \
   --batch "$batch" --crop 96 --lr "$lr" --denoiser-weight 0 --mix "$mix" --gray-fraction 0.3 \
   --zoom-max 2 --zoom-fraction 0.5 --realistic-fraction "$realistic" --seed "$seed" \
   --save-every 2000 | tee "$out/train.log"
-"$bin" export --checkpoint "$out/ckpt" --out "$out/hndsr-medium-gpu.safetensors" \
+"$bin" export --checkpoint "$out/ckpt" --out "$out/hndsr-gpu.safetensors" \
   --version "gpu-$(date +%Y%m%d)-realistic$realistic" --default-steps 0 --self-ensemble true \
   --tile 24 --projection-steps 0
 rm -rf "$out/ckpt"
-echo "trained $steps steps in $(( $(date +%s) - started )) s; weights: $out/hndsr-medium-gpu.safetensors"
+echo "trained $steps steps in $(( $(date +%s) - started )) s; weights: $out/hndsr-gpu.safetensors"

@@ -15,7 +15,7 @@ use tch::{Device, Kind, Tensor};
 #[derive(Debug, Args)]
 pub struct BenchArgs {
     /// Weights (`.safetensors`, manifest alongside).
-    #[arg(long, default_value = "server/models/hndsr-medium.safetensors")]
+    #[arg(long, default_value = "server/models/hndsr.safetensors")]
     weights: PathBuf,
     /// Edge of the square LR tile, in pixels.
     #[arg(long, default_value_t = 256)]

@@ -4,8 +4,8 @@
 //! ```text
 //! hndsr-train train  --config small --out ckpt/ --steps 4000 [--resume]
 //! hndsr-train eval   --weights ckpt/latest.safetensors --steps 0,4,20,50 --table eval.md
-//! hndsr-train report --weights server/models/hndsr-medium.safetensors --split validation
-//! hndsr-train export --checkpoint ckpt/ --out server/models/hndsr-medium.safetensors
+//! hndsr-train report --weights server/models/hndsr.safetensors --split validation
+//! hndsr-train export --checkpoint ckpt/ --out server/models/hndsr.safetensors
 //! hndsr-train soup   --weights a.safetensors,b.safetensors --out soup.safetensors --version 1.0.0
 //! ```
 
