@@ -164,6 +164,30 @@ mod tests {
     use hndsr_torch::hndsr::{manifest_path, save_weights};
     use tch::Kind;
 
+    /// A `cfg` network whose every weight is noised (the zero-started convs
+    /// are not zero), saved with its manifest in a temporary directory.
+    fn trained_looking(
+        cfg: &HndsrConfig,
+    ) -> (
+        nn::VarStore,
+        HndsrNet,
+        tempfile::TempDir,
+        std::path::PathBuf,
+    ) {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let net = HndsrNet::new(&vs.root(), cfg);
+        tch::no_grad(|| {
+            for (_, mut v) in vs.variables() {
+                let noise = v.randn_like() * 0.05;
+                v.copy_(&(&v + noise));
+            }
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.safetensors");
+        save_weights(&vs, cfg, &path, Manifest::untrained(cfg, 0)).unwrap();
+        (vs, net, dir, path)
+    }
+
     #[test]
     fn growth_is_only_more_blocks_wider_local_branches_or_more_modes() {
         let base = HndsrConfig::tiny();
@@ -196,18 +220,7 @@ mod tests {
     fn a_grown_network_starts_with_the_initial_output_and_can_learn() {
         tch::manual_seed(3);
         let base = HndsrConfig::tiny();
-        let old_vs = nn::VarStore::new(Device::Cpu);
-        let old_net = HndsrNet::new(&old_vs.root(), &base);
-        // Trained-looking weights: the zero-started convs are not zero.
-        tch::no_grad(|| {
-            for (_, mut v) in old_vs.variables() {
-                let noise = v.randn_like() * 0.05;
-                v.copy_(&(&v + noise));
-            }
-        });
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("w.safetensors");
-        save_weights(&old_vs, &base, &path, Manifest::untrained(&base, 0)).unwrap();
+        let (_old_vs, old_net, _dir, path) = trained_looking(&base);
 
         let grown = HndsrConfig {
             blocks: base.blocks + 2,
@@ -273,17 +286,7 @@ mod tests {
     fn a_fresh_denoiser_keeps_the_regressor_and_may_change_its_units() {
         tch::manual_seed(5);
         let base = HndsrConfig::tiny();
-        let old_vs = nn::VarStore::new(Device::Cpu);
-        let _old = HndsrNet::new(&old_vs.root(), &base);
-        tch::no_grad(|| {
-            for (_, mut v) in old_vs.variables() {
-                let noise = v.randn_like() * 0.05;
-                v.copy_(&(&v + noise));
-            }
-        });
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("w.safetensors");
-        save_weights(&old_vs, &base, &path, Manifest::untrained(&base, 0)).unwrap();
+        let (old_vs, _old, _dir, path) = trained_looking(&base);
 
         let refined = HndsrConfig {
             residual_norm: hndsr_torch::hndsr::ResidualNorm::Detail,
