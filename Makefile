@@ -124,6 +124,10 @@ bench: prereqs ## load-test the release server on 127.0.0.1 and print the figure
 train: prereqs ## train HNDSR from scratch, export + evaluate (knobs: server/scripts/train.sh; hours on CPU)
 	bash server/scripts/train.sh
 
+.PHONY: train-realistic
+train-realistic: prereqs ## fine-tune the weights for realistic inputs (profile realistic) from the shipped ones, export + evaluate (knobs: server/scripts/train-realistic.sh; about an hour on CPU)
+	bash server/scripts/train-realistic.sh
+
 .PHONY: baseline
 baseline: prereqs ## HNDSR vs the IMDN baseline vs HNDSR without its spectral branch, same data and steps, side by side on validation (knobs: server/scripts/baseline.sh; about 50 minutes with JOBS=2 THREADS=1 on 2 CPU cores)
 	bash server/scripts/baseline.sh

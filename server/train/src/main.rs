@@ -29,9 +29,9 @@ use hndsr_torch::hndsr::diffusion::{self, SplitMix64};
 use hndsr_torch::hndsr::net;
 use hndsr_torch::hndsr::residual;
 use hndsr_torch::hndsr::{
-    EvalFigure, HndsrConfig, HndsrModel, HndsrNet, MAX_PROJECTION_STEPS, MAX_TILE, MIN_TILE,
-    Manifest, Precision, ResidualNorm, TrainingInfo, load_weights_from_bytes, manifest_path,
-    parameter_count, regression_parameter_count, save_weights,
+    EvalFigure, HndsrConfig, HndsrModel, HndsrNet, Inputs, MAX_PROJECTION_STEPS, MAX_TILE,
+    MIN_TILE, Manifest, Precision, ResidualNorm, TrainingInfo, load_weights_from_bytes,
+    manifest_path, parameter_count, regression_parameter_count, save_weights,
 };
 use hndsr_torch::{consistency, open_device, upsample_bicubic};
 use serde::{Deserialize, Serialize};
@@ -76,7 +76,7 @@ enum Command {
 
 #[derive(Debug, Args)]
 struct TrainArgs {
-    /// Preset (tiny, small, medium, base, medium-no-spectral, imdn) or a
+    /// Preset (tiny, small, medium, base, medium-no-spectral, imdn, wide) or a
     /// JSON file with a config.
     #[arg(long, default_value = "small")]
     config: String,
@@ -311,6 +311,11 @@ struct ExportArgs {
     /// validation with `report --refiner-strengths`).
     #[arg(long, value_parser = refiner_strength)]
     refiner_strength: Option<f64>,
+    /// The inputs the weights were trained for, `matched` or `realistic`
+    /// (written into the manifest; servers pair `realistic` weights with
+    /// the `realistic` profile and never project them).
+    #[arg(long, default_value = "matched", value_parser = clap::builder::ValueParser::new(|s: &str| s.parse::<Inputs>()))]
+    inputs: Inputs,
 }
 
 /// Training progress kept next to the checkpoint.
@@ -658,6 +663,7 @@ fn export(args: &ExportArgs) -> Result<()> {
     let vs = nn::VarStore::new(Device::Cpu);
     let _net = HndsrNet::new(&vs.root(), &state.config);
     load_weights_from_bytes(&vs, &bytes, &src)?;
+    check_inputs_label(args.inputs, state.realistic_fraction, args.projection_steps)?;
     if let Some(dir) = args.out.parent() {
         std::fs::create_dir_all(dir)?;
     }
@@ -678,10 +684,34 @@ fn export(args: &ExportArgs) -> Result<()> {
         tile: args.tile,
         projection_steps: args.projection_steps,
         refiner_strength: args.refiner_strength,
+        inputs: Some(args.inputs),
         ..Manifest::untrained(&state.config, 0)
     };
     let written = save_weights(&vs, &state.config, &args.out, manifest)?;
     println!("{} sha256 {}", args.out.display(), written.sha256);
+    Ok(())
+}
+
+/// Refuses a manifest label the training contradicts: `realistic` for
+/// weights that never saw a realistic input, or with the projection (which
+/// inverts the matched degradation only).
+fn check_inputs_label(
+    inputs: Inputs,
+    realistic_fraction: f64,
+    projection_steps: Option<u32>,
+) -> Result<()> {
+    if inputs == Inputs::Realistic {
+        if realistic_fraction <= 0.0 {
+            bail!(
+                "--inputs realistic: this checkpoint was never trained on realistic inputs (train with --realistic-fraction)"
+            );
+        }
+        if projection_steps.unwrap_or(0) > 0 {
+            bail!(
+                "--inputs realistic with --projection-steps: the projection inverts the matched degradation only; export with --projection-steps 0"
+            );
+        }
+    }
     Ok(())
 }
 
@@ -1174,5 +1204,53 @@ mod tests {
         std::fs::write(&path, serde_json::to_string(&bad).unwrap()).unwrap();
         let err = config_from(path.to_str().unwrap()).unwrap_err().to_string();
         assert!(err.contains("multiples of 8"), "{err}");
+    }
+
+    #[test]
+    fn the_realistic_label_needs_realistic_training_and_no_projection() {
+        check_inputs_label(Inputs::Realistic, 1.0, Some(0)).unwrap();
+        check_inputs_label(Inputs::Realistic, 0.5, None).unwrap();
+        check_inputs_label(Inputs::Matched, 0.0, Some(5)).unwrap();
+        let err = check_inputs_label(Inputs::Realistic, 0.0, None).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("never trained on realistic inputs"),
+            "{err}"
+        );
+        let err = check_inputs_label(Inputs::Realistic, 1.0, Some(5)).unwrap_err();
+        assert!(err.to_string().contains("--projection-steps 0"), "{err}");
+
+        let cli = Cli::try_parse_from([
+            "hndsr-train",
+            "export",
+            "--checkpoint",
+            "c",
+            "--out",
+            "o.safetensors",
+            "--version",
+            "1",
+            "--inputs",
+            "realistic",
+        ])
+        .unwrap();
+        let Command::Export(args) = cli.command else {
+            panic!("export")
+        };
+        assert_eq!(args.inputs, Inputs::Realistic);
+        assert!(
+            Cli::try_parse_from([
+                "hndsr-train",
+                "export",
+                "--checkpoint",
+                "c",
+                "--out",
+                "o",
+                "--version",
+                "1",
+                "--inputs",
+                "blurry",
+            ])
+            .is_err()
+        );
     }
 }

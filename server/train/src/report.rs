@@ -5,9 +5,11 @@
 //!   where every choice is made) or `test` (sources never trained on and
 //!   never used for a choice; read once per release);
 //! - both degradations of [`Degradation`];
-//! - the rows users read: bicubic and the server's two profiles, `fast`
-//!   (whole 256² LR tiles, one pass) and `quality` (the manifest's tile,
-//!   self-ensemble and LR-consistency projection, as a server serves it).
+//! - the rows users read: bicubic and the server's profiles, `fast`
+//!   (whole 256² LR tiles, one pass), `quality` (the manifest's tile,
+//!   self-ensemble and LR-consistency projection, as a server serves it)
+//!   and, for weights trained for realistic inputs, `realistic` (`fast`'s
+//!   settings on them).
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -16,7 +18,7 @@ use std::time::Instant;
 use anyhow::{Result, bail};
 use clap::Args;
 use hndsr_torch::hndsr::{
-    HndsrModel, HndsrNet, Manifest, Precision, manifest_path, regression_parameter_count,
+    HndsrModel, HndsrNet, Inputs, Manifest, Precision, manifest_path, regression_parameter_count,
 };
 use hndsr_torch::upsample_bicubic;
 use tch::{Device, Kind, Tensor, nn};
@@ -86,6 +88,8 @@ pub enum Profile {
     Fast,
     /// The manifest's serving recommendations.
     Quality,
+    /// `fast` on weights trained for realistic inputs (refused for others).
+    Realistic,
 }
 
 /// One column's figures on one source, means over its images.
@@ -129,6 +133,10 @@ fn columns_of(
     for &profile in &args.profiles {
         let model = match profile {
             Profile::Fast => load()?.with_tile(FAST_TILE)?,
+            Profile::Realistic => {
+                check_realistic(manifest)?;
+                load()?.with_tile(FAST_TILE)?
+            }
             Profile::Quality => {
                 let mut m = load()?.with_self_ensemble(manifest.self_ensemble.unwrap_or(false));
                 if let Some(tile) = manifest.tile {
@@ -162,6 +170,19 @@ fn columns_of(
         }
     }
     Ok(columns)
+}
+
+/// The `realistic` profile serves weights trained for realistic inputs
+/// only (the server's rule).
+fn check_realistic(manifest: &Manifest) -> Result<()> {
+    if manifest.inputs() != Inputs::Realistic {
+        bail!(
+            "profile realistic: {} was not trained for realistic inputs (its manifest says {})",
+            manifest.version,
+            manifest.inputs().as_str()
+        );
+    }
+    Ok(())
 }
 
 pub fn report(args: &ReportArgs, data_dir: &Path, device: Device) -> Result<()> {
@@ -376,6 +397,7 @@ impl Profile {
         match self {
             Self::Fast => "`fast`",
             Self::Quality => "`quality`",
+            Self::Realistic => "`realistic`",
         }
     }
 }
@@ -393,6 +415,15 @@ impl Split {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_realistic_profile_needs_realistic_weights() {
+        let mut m = Manifest::untrained(&hndsr_torch::hndsr::HndsrConfig::tiny(), 1);
+        let err = check_realistic(&m).unwrap_err().to_string();
+        assert!(err.contains("not trained for realistic inputs"), "{err}");
+        m.inputs = Some(Inputs::Realistic);
+        check_realistic(&m).unwrap();
+    }
 
     fn fig(psnr: f64, ssim: f64) -> Figure {
         Figure {

@@ -45,6 +45,42 @@ pub struct EvalFigure {
     pub ssim: f64,
 }
 
+/// The inputs a set of weights was trained for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Inputs {
+    /// The one degradation the training pairs were made with (antialiased
+    /// bicubic ÷ scale, 8 bits): what the LR-consistency projection inverts.
+    #[default]
+    Matched,
+    /// Real-sensor-like inputs: unknown blur, noise and JPEG on top of the
+    /// downsampling. The projection does not apply to them.
+    Realistic,
+}
+
+impl Inputs {
+    /// The name in manifests, flags and `/v1/info`.
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Matched => "matched",
+            Self::Realistic => "realistic",
+        }
+    }
+}
+
+impl std::str::FromStr for Inputs {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "matched" => Ok(Self::Matched),
+            "realistic" => Ok(Self::Realistic),
+            other => Err(format!("inputs {other:?}: expected matched or realistic")),
+        }
+    }
+}
+
 /// Everything known about one weight file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {
@@ -91,9 +127,19 @@ pub struct Manifest {
     /// validation ([`super::check_refiner_strength`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refiner_strength: Option<f64>,
+    /// The inputs these weights were trained for (absent in older
+    /// manifests: [`Inputs::Matched`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inputs: Option<Inputs>,
 }
 
 impl Manifest {
+    /// The inputs these weights were trained for.
+    #[must_use]
+    pub fn inputs(&self) -> Inputs {
+        self.inputs.unwrap_or_default()
+    }
+
     /// The manifest of a randomly initialised network.
     pub fn untrained(cfg: &HndsrConfig, parameters: i64) -> Self {
         Self {
@@ -111,6 +157,7 @@ impl Manifest {
             tile: None,
             projection_steps: None,
             refiner_strength: None,
+            inputs: None,
         }
     }
 
@@ -151,6 +198,14 @@ impl Manifest {
                 path: path.to_owned(),
                 message,
             })?;
+        }
+        if manifest.inputs() == Inputs::Realistic && manifest.projection_steps.unwrap_or(0) > 0 {
+            return Err(HndsrError::Manifest {
+                path: path.to_owned(),
+                message: "weights for realistic inputs recommend the LR-consistency projection, \
+                          which inverts the matched degradation only: set projection_steps to 0"
+                    .into(),
+            });
         }
         Ok(manifest)
     }
@@ -253,5 +308,37 @@ mod tests {
             let err = Manifest::read(&path).unwrap_err().to_string();
             assert!(err.contains("refiner strength"), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn inputs_default_to_matched_and_realistic_weights_refuse_the_projection() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.json");
+        let mut m = Manifest::untrained(&HndsrConfig::tiny(), 1);
+        m.projection_steps = Some(5);
+        m.write(&path).unwrap();
+        assert!(!std::fs::read_to_string(&path).unwrap().contains("inputs"));
+        assert_eq!(Manifest::read(&path).unwrap().inputs(), Inputs::Matched);
+
+        m.inputs = Some(Inputs::Realistic);
+        m.write(&path).unwrap();
+        let err = Manifest::read(&path).unwrap_err().to_string();
+        assert!(err.contains("set projection_steps to 0"), "{err}");
+
+        m.projection_steps = Some(0);
+        m.write(&path).unwrap();
+        assert!(
+            std::fs::read_to_string(&path)
+                .unwrap()
+                .contains(r#""inputs": "realistic""#)
+        );
+        assert_eq!(Manifest::read(&path).unwrap().inputs(), Inputs::Realistic);
+        assert_eq!("realistic".parse::<Inputs>(), Ok(Inputs::Realistic));
+        assert!(
+            "blurry"
+                .parse::<Inputs>()
+                .unwrap_err()
+                .contains("matched or realistic")
+        );
     }
 }

@@ -42,7 +42,7 @@ use crate::tiling::{TileConfig, run_tiled};
 
 pub use batched::{Batched, PassObserver, TileBatcher};
 pub use config::{Encoder, HndsrConfig, Prediction, ResidualNorm};
-pub use manifest::{EvalFigure, Manifest, TrainingInfo, manifest_path};
+pub use manifest::{EvalFigure, Inputs, Manifest, TrainingInfo, manifest_path};
 pub use net::{HndsrNet, SelfEnsemble};
 
 /// LR tile edge of [`default_tiles`]: a 256² input is one tile (→ 1024² at
