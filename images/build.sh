@@ -70,8 +70,14 @@ fi
 
 revision="$(git rev-parse HEAD 2>/dev/null || echo unknown)"
 git diff --quiet HEAD 2>/dev/null || revision="$revision-dirty"
+# The image ships both committed weights (hndsr_contract::bundled): the
+# default ones (matched inputs) and those for realistic inputs.
 weights=server/models/hndsr.safetensors
 manifest="${weights%.safetensors}.json"
+realistic=server/models/hndsr-realistic.safetensors
+for f in "$weights" "$manifest" "$realistic" "${realistic%.safetensors}.json"; do
+    [[ -f "$f" ]] || die "$f missing (committed weights; see docs/model.md)"
+done
 weights_sha256="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["sha256"])' "$manifest")"
 
 for bin in hndsr-server hndsr-operator; do
@@ -93,7 +99,7 @@ stage_server() {
         [[ -d "${LIBTORCH_CUDA:-}" ]] || die "VARIANT=$variant needs LIBTORCH_CUDA=<a CUDA libtorch's lib directory>"
         cp -L "$LIBTORCH_CUDA"/*.so* "$ctx/libtorch/"
     fi
-    cp "$weights" "$manifest" "$ctx/models/"
+    cp "$weights" "$manifest" "$realistic" "${realistic%.safetensors}.json" "$ctx/models/"
     cp server/Containerfile "$ctx/Containerfile"
 }
 

@@ -112,8 +112,12 @@ pub struct HndsrServiceSpec {
 
 /// The inference server image and the model it serves.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[x_kube(validation = Rule::new("self.backend != 'hndsr' || has(self.weights)")
-    .message("backend hndsr needs model.weights"))]
+#[x_kube(
+    validation = Rule::new("self.backend != 'hndsr' || has(self.weights)")
+        .message("backend hndsr needs model.weights"),
+    validation = Rule::new("!has(self.profile) || self.profile != 'realistic' || !has(self.projectionSteps) || self.projectionSteps == 0")
+        .message("model.projectionSteps must be 0 with profile realistic: the projection inverts the matched degradation only")
+)]
 #[serde(rename_all = "camelCase")]
 pub struct ModelSpec {
     /// Container image of the HNDSR inference server.
@@ -139,9 +143,13 @@ pub struct ModelSpec {
     pub scale: Option<i32>,
     /// Serving profile: `fast` (one network pass per 256² tile, no
     /// self-ensemble, no diffusion, no projection: about a second for a
-    /// 256² image on two CPU cores) or `quality` (what the weights' manifest
-    /// recommends: tens of times the work for about +0.1 dB). Unset: `fast`
-    /// on CPU pods (`resources.gpu` 0), `quality` on GPU pods.
+    /// 256² image on two CPU cores), `quality` (what the weights' manifest
+    /// recommends: tens of times the work for about +0.1 dB) or `realistic`
+    /// (`fast` on weights trained for real-sensor inputs with blur, noise
+    /// and JPEG, never with the projection; with `weights.bundled` the
+    /// image's `hndsr-realistic.safetensors` is served). Unset: `realistic`
+    /// for weights whose manifest says `inputs: realistic`, else `fast` on
+    /// CPU pods (`resources.gpu` 0) and `quality` on GPU pods.
     /// `samplingSteps`, `selfEnsemble`, `tile` and `projectionSteps`, when
     /// set, win over the profile. Backend `hndsr` only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -204,12 +212,14 @@ impl Backend {
     }
 }
 
-/// Serving profile of the `hndsr` backend: `fast` or `quality`.
+/// Serving profile of the `hndsr` backend: `fast`, `quality` or
+/// `realistic`.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum ServingProfile {
     Fast,
     Quality,
+    Realistic,
 }
 
 impl ServingProfile {
@@ -218,6 +228,7 @@ impl ServingProfile {
         match self {
             ServingProfile::Fast => hndsr_contract::profile::FAST,
             ServingProfile::Quality => hndsr_contract::profile::QUALITY,
+            ServingProfile::Realistic => hndsr_contract::profile::REALISTIC,
         }
     }
 }
@@ -302,9 +313,11 @@ pub struct WeightsSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 2048))]
     pub manifest_uri: Option<String>,
-    /// `true`: the weights the server image ships (its `HNDSR_WEIGHTS_PATH`,
-    /// with the manifest beside them), as the project's `hndsr-server` image
-    /// does; no volume, no download. `sha256` still pins them.
+    /// `true`: the weights the server image ships, as the project's
+    /// `hndsr-server` image does; no volume, no download. The image's own
+    /// `HNDSR_WEIGHTS_PATH` (with the manifest beside it), or with profile
+    /// `realistic` its `hndsr-realistic.safetensors` in the same directory
+    /// (`/opt/hndsr/models`). `sha256` still pins them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bundled: Option<bool>,
     /// Path of the safetensors file inside the `pvc` or `image` volume

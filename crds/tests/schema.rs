@@ -66,6 +66,7 @@ fn schema_has_the_cel_rules() {
         "[has(self.pvc), has(self.image), has(self.uri), has(self.bundled) && self.bundled].exists_one(x, x)",
         "!has(self.file) || !has(self.bundled) || !self.bundled",
         "self.backend != 'hndsr' || has(self.weights)",
+        "!has(self.profile) || self.profile != 'realistic' || !has(self.projectionSteps) || self.projectionSteps == 0",
         "!(has(self.maxUnavailable) && has(self.minAvailable))",
         "!(has(self.standbyReplicas) && has(self.standbyPercent))",
     ];

@@ -147,6 +147,23 @@ async fn invalid_hndsrservice_is_rejected_with_the_cel_message() -> anyhow::Resu
 
     let err = rejection(
         &api,
+        "realistic-with-projection",
+        serde_json::json!({ "model": {
+            "image": "hndsr/server:e2e",
+            "backend": "hndsr",
+            "profile": "realistic",
+            "projectionSteps": 5,
+            "weights": { "bundled": true, "sha256": "a".repeat(64) },
+        } }),
+    )
+    .await?;
+    assert!(
+        err.contains("model.projectionSteps must be 0 with profile realistic"),
+        "{err}"
+    );
+
+    let err = rejection(
+        &api,
         "keda-settings-for-hpa",
         serde_json::json!({
             "model": { "image": "hndsr/server:e2e", "backend": "bicubic" },

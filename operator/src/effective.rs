@@ -9,7 +9,8 @@
 
 use hndsr_crds::{
     AutoscalingMetric, AutoscalingProvider, Backend, EffectiveAutoscaling, EffectiveServing,
-    HndsrService, HndsrServiceSpec, Precision, PullPolicy, ScaleSchedule, WeightsSpec,
+    HndsrService, HndsrServiceSpec, Precision, PullPolicy, ScaleSchedule, ServingProfile,
+    WeightsSpec,
 };
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscalerBehavior;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -21,7 +22,9 @@ use crate::validate::{self, InvalidSpec};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EffectiveWeights {
     /// Path of the weights file inside the server container; `None` for
-    /// bundled weights (the image's own `HNDSR_WEIGHTS_PATH` holds).
+    /// bundled weights served as the image ships them (its own
+    /// `HNDSR_WEIGHTS_PATH` holds), the image's realistic weights for
+    /// bundled weights with profile `realistic`.
     pub path: Option<String>,
     /// For `weights.uri`: where the init container downloads the manifest
     /// from; `None` when it cannot be derived (validation refuses that).
@@ -162,7 +165,11 @@ impl EffectiveSpec {
                 .unwrap_or_else(|| defaults::GPU_RESOURCE_NAME.to_owned()),
             device: if gpu > 0 { "cuda" } else { "cpu" },
             image_pull_policy: spec.model.image_pull_policy,
-            weights: spec.model.weights.as_ref().map(weights),
+            weights: spec
+                .model
+                .weights
+                .as_ref()
+                .map(|w| weights(w, spec.model.profile)),
             autoscaling: autoscaling(spec, &serving),
             keda: keda(spec),
             serving,
@@ -233,15 +240,21 @@ fn serving(spec: &HndsrServiceSpec) -> EffectiveServing {
     }
 }
 
-fn weights(w: &WeightsSpec) -> EffectiveWeights {
-    let path = (w.bundled != Some(true)).then(|| {
+fn weights(w: &WeightsSpec, profile: Option<ServingProfile>) -> EffectiveWeights {
+    use hndsr_contract::bundled;
+    let path = if w.bundled == Some(true) {
+        // The image ships one set of weights per kind of input; the
+        // `realistic` profile serves the other one.
+        (profile == Some(ServingProfile::Realistic))
+            .then(|| format!("{}/{}", bundled::DIR, bundled::REALISTIC_WEIGHTS_FILE))
+    } else {
         // A download is always saved under the default name.
         let file = match (&w.uri, &w.file) {
             (None, Some(file)) => file.as_str(),
             _ => defaults::WEIGHTS_FILE,
         };
-        format!("{}/{file}", defaults::WEIGHTS_DIR)
-    });
+        Some(format!("{}/{file}", defaults::WEIGHTS_DIR))
+    };
     EffectiveWeights {
         path,
         manifest_uri: w.uri.is_some().then(|| defaults::manifest_uri(w)).flatten(),
@@ -418,6 +431,16 @@ mod tests {
         assert_eq!(uri.manifest_uri.as_deref(), Some("https://h/v1/w.json"));
         let bundled = w("  weights:\n    bundled: true\n");
         assert_eq!(bundled.path, None);
+        let quality = w("  profile: quality\n  weights:\n    bundled: true\n");
+        assert_eq!(quality.path, None);
+        let realistic = w("  profile: realistic\n  weights:\n    bundled: true\n");
+        assert_eq!(
+            realistic.path.as_deref(),
+            Some("/opt/hndsr/models/hndsr-realistic.safetensors")
+        );
+        // Weights of the user's own are served as given, whatever the profile.
+        let own = w("  profile: realistic\n  weights:\n    pvc:\n      claimName: c\n");
+        assert_eq!(own.path.as_deref(), Some("/weights/model.safetensors"));
     }
 
     #[test]

@@ -135,6 +135,14 @@ pub fn validate(svc: &HndsrService, eff: &EffectiveSpec) -> Result<(), InvalidSp
             "backend hndsr needs weights (pvc, image, uri or bundled)",
         );
     }
+    if spec.model.profile == Some(hndsr_crds::ServingProfile::Realistic)
+        && spec.model.projection_steps.is_some_and(|n| n > 0)
+    {
+        p.add(
+            "spec.model.projectionSteps",
+            "must be 0 with profile realistic: the projection inverts the matched degradation only",
+        );
+    }
     check_gpu(eff, &mut p);
     check_cpu_and_memory(spec, &mut p);
     check_trusted_proxies(spec, &mut p);

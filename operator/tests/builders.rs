@@ -225,7 +225,40 @@ fn documented_examples_are_valid() {
         svc.metadata.uid = Some("example".to_owned());
         desired(&svc, &BuildConfig::default())
             .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        if let Some(w) = svc
+            .spec
+            .model
+            .weights
+            .as_ref()
+            .filter(|w| w.bundled == Some(true))
+        {
+            assert_eq!(
+                w.sha256,
+                bundled_sha256(svc.spec.model.profile),
+                "{}: bundled weights must pin the committed ones, or the server refuses them",
+                path.display()
+            );
+        }
         n += 1;
     }
     assert!(n >= 5);
+}
+
+/// The sha256 of the committed weights the server image bundles for
+/// `profile` (their manifest's).
+fn bundled_sha256(profile: Option<hndsr_crds::ServingProfile>) -> String {
+    let file = match profile {
+        Some(hndsr_crds::ServingProfile::Realistic) => {
+            hndsr_contract::bundled::REALISTIC_WEIGHTS_FILE
+        }
+        _ => hndsr_contract::bundled::WEIGHTS_FILE,
+    };
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../server/models")
+        .join(file)
+        .with_extension("json");
+    let manifest: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(&manifest).expect("committed manifest"))
+            .expect("manifest JSON");
+    manifest["sha256"].as_str().expect("sha256").to_owned()
 }

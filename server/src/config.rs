@@ -88,9 +88,11 @@ pub struct Args {
     pub weights_sha256: Option<String>,
 
     /// Serving profile of the `hndsr` backend: `fast` (256² tiles, one
-    /// pass, no diffusion, no projection) or `quality` (the weights
-    /// manifest's recommendations). Unset: `fast` on the CPU, `quality` on
-    /// CUDA. The four knobs below, when set, win over the profile.
+    /// pass, no diffusion, no projection), `quality` (the weights
+    /// manifest's recommendations) or `realistic` (`fast` on weights
+    /// trained for real-sensor inputs; never projected). Unset:
+    /// `realistic` for such weights, else `fast` on the CPU and `quality`
+    /// on CUDA. The four knobs below, when set, win over the profile.
     #[arg(long, env = env::PROFILE, value_enum)]
     pub profile: Option<Profile>,
 
@@ -641,7 +643,10 @@ mod tests {
         assert_eq!(c.model.sampling_steps, None, "unset: the weights decide");
         assert_eq!(c.model.self_ensemble, None, "unset: the weights decide");
         assert_eq!(c.model.tile, None, "unset: the weights decide");
-        assert_eq!(c.model.profile, None, "unset: the device decides");
+        assert_eq!(
+            c.model.profile, None,
+            "unset: the weights, then the device decide"
+        );
     }
 
     #[test]
@@ -653,6 +658,10 @@ mod tests {
         assert_eq!(
             parse(&["--profile", "fast"]).unwrap().model.profile,
             Some(Profile::Fast)
+        );
+        assert_eq!(
+            parse(&["--profile", "realistic"]).unwrap().model.profile,
+            Some(Profile::Realistic)
         );
         let e = Args::try_parse_from(["hndsr-server", "--profile", "best"]).unwrap_err();
         assert!(e.to_string().contains("--profile"), "{e}");

@@ -8,10 +8,15 @@
 //! - `quality`: what the weights' manifest recommends (the shipped weights:
 //!   24² tiles, ×8 self-ensemble, 5 projection steps): about +0.1 dB for
 //!   tens of times the work, a GPU's profile.
+//! - `realistic`: `fast`'s settings on weights trained for real-sensor
+//!   inputs (blur, noise, JPEG; their manifest says `inputs: realistic`),
+//!   never with the projection, which inverts the matched degradation only.
 //!
-//! The default follows the device (CPU → `fast`, CUDA → `quality`). A knob
+//! The default follows the weights, then the device: `realistic` for
+//! realistic weights, else CPU → `fast`, CUDA → `quality`. A knob
 //! configured on its own (`HNDSR_TILE`, ...) wins over the profile, which
-//! wins over the manifest. [`resolve`] is that rule, without torch.
+//! wins over the manifest. [`resolve`] is that rule and [`check_pairing`]
+//! the one between profile and weights, without torch.
 
 use hndsr_contract::profile as names;
 
@@ -34,6 +39,8 @@ pub enum Profile {
     Fast,
     /// The weights' manifest recommendations.
     Quality,
+    /// `fast` on weights trained for realistic inputs; no projection.
+    Realistic,
 }
 
 impl Profile {
@@ -43,15 +50,19 @@ impl Profile {
         match self {
             Self::Fast => names::FAST,
             Self::Quality => names::QUALITY,
+            Self::Realistic => names::REALISTIC,
         }
     }
 
-    /// The profile a device serves when none is configured: `fast` on the
-    /// CPU (the manifest's profile takes tens of seconds per 256² image
-    /// there), `quality` on CUDA.
+    /// The profile served when none is configured: `realistic` for weights
+    /// trained for realistic inputs; otherwise `fast` on the CPU (the
+    /// manifest's profile takes tens of seconds per 256² image there),
+    /// `quality` on CUDA.
     #[must_use]
-    pub fn default_for(device: &str) -> Self {
-        if device.trim().eq_ignore_ascii_case("cpu") {
+    pub fn default_for(device: &str, inputs: Inputs) -> Self {
+        if inputs == Inputs::Realistic {
+            Self::Realistic
+        } else if device.trim().eq_ignore_ascii_case("cpu") {
             Self::Fast
         } else {
             Self::Quality
@@ -99,7 +110,46 @@ impl Profile {
                 projection_steps: Some(0),
             },
             Self::Quality => manifest,
+            Self::Realistic => Knobs {
+                steps: Some(manifest.steps.unwrap_or(0)),
+                projection_steps: Some(0),
+                ..Self::Fast.knobs(manifest)
+            },
         }
+    }
+}
+
+/// What the weights were trained for: their manifest's `inputs` (kept
+/// here, not taken from the model crate, so that the rule builds without
+/// libtorch).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Inputs {
+    /// The training degradation (the projection inverts it).
+    Matched,
+    /// Real-sensor-like inputs (blur, noise, JPEG).
+    Realistic,
+}
+
+/// Refuses a profile, or a projection, the weights were not trained for:
+/// `realistic` needs realistic weights, and the projection (which inverts
+/// the matched degradation) never runs on realistic weights.
+///
+/// # Errors
+/// The reason, naming what to change.
+pub fn check_pairing(settings: &Settings, inputs: Inputs) -> Result<(), String> {
+    match inputs {
+        Inputs::Matched if settings.profile == Profile::Realistic => Err(format!(
+            "profile {} needs weights trained for realistic inputs (manifest inputs: realistic; \
+             the project's image ships them as {}), these are for matched inputs",
+            names::REALISTIC,
+            hndsr_contract::bundled::REALISTIC_WEIGHTS_FILE,
+        )),
+        Inputs::Realistic if settings.projection_steps > 0 => Err(format!(
+            "{} projection steps on weights for realistic inputs: the LR-consistency \
+             projection inverts the matched degradation only; set the projection steps to 0",
+            settings.projection_steps
+        )),
+        _ => Ok(()),
     }
 }
 
@@ -142,10 +192,71 @@ mod tests {
     };
 
     #[test]
-    fn the_device_picks_the_default_profile() {
-        assert_eq!(Profile::default_for("cpu"), Profile::Fast);
-        assert_eq!(Profile::default_for("cuda"), Profile::Quality);
-        assert_eq!(Profile::default_for("cuda:1"), Profile::Quality);
+    fn the_weights_then_the_device_pick_the_default_profile() {
+        for (device, inputs, expected) in [
+            ("cpu", Inputs::Matched, Profile::Fast),
+            ("cuda", Inputs::Matched, Profile::Quality),
+            ("cuda:1", Inputs::Matched, Profile::Quality),
+            ("cpu", Inputs::Realistic, Profile::Realistic),
+            ("cuda", Inputs::Realistic, Profile::Realistic),
+        ] {
+            assert_eq!(
+                Profile::default_for(device, inputs),
+                expected,
+                "{device} {inputs:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn realistic_is_fast_without_the_projection_and_keeps_the_manifests_steps() {
+        let s = resolve(Profile::Realistic, Knobs::default(), SHIPPED);
+        assert_eq!(
+            (s.steps, s.self_ensemble, s.tile, s.projection_steps),
+            (0, false, FAST_TILE, 0)
+        );
+        let four = Knobs {
+            steps: Some(4),
+            ..SHIPPED
+        };
+        assert_eq!(resolve(Profile::Realistic, Knobs::default(), four).steps, 4);
+        assert_eq!(
+            resolve(Profile::Realistic, Knobs::default(), Knobs::default()).steps,
+            0,
+            "no recommendation: the regression output alone"
+        );
+    }
+
+    #[test]
+    fn profiles_and_weights_must_agree() {
+        let realistic = resolve(Profile::Realistic, Knobs::default(), SHIPPED);
+        let err = check_pairing(&realistic, Inputs::Matched).unwrap_err();
+        assert!(
+            err.contains("needs weights trained for realistic inputs"),
+            "{err}"
+        );
+        check_pairing(&realistic, Inputs::Realistic).unwrap();
+
+        // The projection never runs on realistic weights, whoever asks.
+        let quality = resolve(Profile::Quality, Knobs::default(), SHIPPED);
+        check_pairing(&quality, Inputs::Matched).unwrap();
+        let err = check_pairing(&quality, Inputs::Realistic).unwrap_err();
+        assert!(err.contains("set the projection steps to 0"), "{err}");
+        let configured = Knobs {
+            projection_steps: Some(3),
+            ..Knobs::default()
+        };
+        let err = check_pairing(
+            &resolve(Profile::Realistic, configured, SHIPPED),
+            Inputs::Realistic,
+        )
+        .unwrap_err();
+        assert!(err.contains("3 projection steps"), "{err}");
+        check_pairing(
+            &resolve(Profile::Fast, Knobs::default(), SHIPPED),
+            Inputs::Realistic,
+        )
+        .unwrap();
     }
 
     #[test]
@@ -202,7 +313,7 @@ mod tests {
 
     #[test]
     fn names_match_the_contract() {
-        for p in [Profile::Fast, Profile::Quality] {
+        for p in [Profile::Fast, Profile::Quality, Profile::Realistic] {
             assert!(names::ALL.contains(&p.as_str()));
             let parsed = <Profile as clap::ValueEnum>::from_str(p.as_str(), false).unwrap();
             assert_eq!(parsed, p);

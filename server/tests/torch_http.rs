@@ -11,7 +11,7 @@ use common::{TestServer, config, png, start_with_backend};
 use hndsr_server::backend::BackendInfo;
 use hndsr_server::config::Config;
 use hndsr_server::server::build_backend;
-use hndsr_torch::hndsr::{HndsrConfig, HndsrModel, Manifest};
+use hndsr_torch::hndsr::{HndsrConfig, HndsrModel, Inputs, Manifest};
 use image::GenericImageView as _;
 
 async fn start_bicubic() -> TestServer {
@@ -154,6 +154,59 @@ fn the_cpu_serves_the_fast_profile_unless_told_otherwise() {
         (Some("fast"), 3, Some(256)),
         "a knob set on its own wins over the profile"
     );
+}
+
+/// Tiny weights labelled as trained for realistic inputs (never projected).
+fn realistic(m: &mut Manifest) {
+    like_shipped(m);
+    m.projection_steps = Some(0);
+    m.inputs = Some(Inputs::Realistic);
+}
+
+#[test]
+fn realistic_weights_serve_the_realistic_profile_and_matched_ones_refuse_it() {
+    let info = hndsr_info(realistic, &[]).unwrap();
+    assert_eq!(
+        info.profile.as_deref(),
+        Some("realistic"),
+        "the weights decide"
+    );
+    assert_eq!(
+        (
+            info.default_steps,
+            info.self_ensemble,
+            info.tile,
+            info.projection_steps
+        ),
+        (0, false, Some(256), 0)
+    );
+    let on_gpu_default = hndsr_info(realistic, &["--profile", "quality"]).unwrap();
+    assert_eq!(
+        on_gpu_default.projection_steps, 0,
+        "the manifest's, not projected"
+    );
+
+    let err = hndsr_info(like_shipped, &["--profile", "realistic"]).unwrap_err();
+    assert!(
+        err.contains("needs weights trained for realistic inputs"),
+        "{err}"
+    );
+    let err = hndsr_info(realistic, &["--projection-steps", "5"]).unwrap_err();
+    assert!(
+        err.contains("inverts the matched degradation only"),
+        "{err}"
+    );
+    // A manifest that recommends the projection for realistic weights is
+    // refused as it is read.
+    let err = hndsr_info(
+        |m| {
+            like_shipped(m);
+            m.inputs = Some(Inputs::Realistic);
+        },
+        &[],
+    )
+    .unwrap_err();
+    assert!(err.contains("set projection_steps to 0"), "{err}");
 }
 
 #[test]

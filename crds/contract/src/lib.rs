@@ -175,6 +175,57 @@ pub mod profile {
     pub const FAST: &str = "fast";
     /// What the weights' manifest recommends.
     pub const QUALITY: &str = "quality";
+    /// `fast` on the weights trained for real-sensor inputs (blur, noise,
+    /// JPEG), never with the LR-consistency projection.
+    pub const REALISTIC: &str = "realistic";
     /// Every profile name.
-    pub const ALL: &[&str] = &[FAST, QUALITY];
+    pub const ALL: &[&str] = &[FAST, QUALITY, REALISTIC];
+}
+
+/// The weights the project's `hndsr-server` image ships (`bundled: true`
+/// in an `HndsrService`), each with its JSON manifest beside it.
+pub mod bundled {
+    /// The directory holding them.
+    pub const DIR: &str = "/opt/hndsr/models";
+    /// Weights for the matched degradation: the profiles `fast` and
+    /// `quality`, and the image's default `HNDSR_WEIGHTS_PATH`.
+    pub const WEIGHTS_FILE: &str = "hndsr.safetensors";
+    /// Weights for realistic inputs: the profile `realistic`.
+    pub const REALISTIC_WEIGHTS_FILE: &str = "hndsr-realistic.safetensors";
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bundled;
+
+    fn repo_file(path: &str) -> String {
+        let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
+        std::fs::read_to_string(format!("{root}/{path}")).expect(path)
+    }
+
+    /// The operator points `realistic` pods at a path of the server image:
+    /// the image must put both weights there.
+    #[test]
+    fn the_server_image_ships_the_bundled_weights_where_the_contract_says() {
+        let containerfile = repo_file("server/Containerfile");
+        assert!(
+            containerfile.contains(&format!("COPY models/ {}/", bundled::DIR)),
+            "{containerfile}"
+        );
+        assert!(
+            containerfile.contains(&format!(
+                "HNDSR_WEIGHTS_PATH={}/{}",
+                bundled::DIR,
+                bundled::WEIGHTS_FILE
+            )),
+            "{containerfile}"
+        );
+        let build = repo_file("images/build.sh");
+        for file in [bundled::WEIGHTS_FILE, bundled::REALISTIC_WEIGHTS_FILE] {
+            assert!(
+                build.contains(&format!("server/models/{file}")),
+                "images/build.sh stages {file}"
+            );
+        }
+    }
 }

@@ -104,7 +104,7 @@ pub struct BackendInfo {
     pub precision: String,
     /// Upscaling factors this backend accepts.
     pub scales: Vec<u32>,
-    /// Serving profile in force (`fast`, `quality`); `None` for backends
+    /// Serving profile in force (`fast`, `quality`, `realistic`); `None` for backends
     /// without knobs (`bicubic`).
     pub profile: Option<String>,
     /// DDIM steps used when a request names none (0 for backends without

@@ -238,9 +238,13 @@ impl TorchHndsr {
             )));
         }
         let manifest = model.manifest();
+        let inputs = match manifest.inputs() {
+            hndsr_torch::hndsr::Inputs::Matched => profile::Inputs::Matched,
+            hndsr_torch::hndsr::Inputs::Realistic => profile::Inputs::Realistic,
+        };
         let profile = cfg
             .profile
-            .unwrap_or_else(|| Profile::default_for(&cfg.device));
+            .unwrap_or_else(|| Profile::default_for(&cfg.device, inputs));
         let configured = Knobs {
             steps: cfg.sampling_steps,
             self_ensemble: cfg.self_ensemble,
@@ -254,6 +258,7 @@ impl TorchHndsr {
             projection_steps: manifest.projection_steps,
         };
         let settings = profile::resolve(profile, configured, recommended);
+        profile::check_pairing(&settings, inputs).map_err(BackendError::Load)?;
         let default_steps = settings.steps;
         if default_steps > MAX_SAMPLING_STEPS {
             return Err(BackendError::Load(format!(
@@ -268,6 +273,7 @@ impl TorchHndsr {
         tracing::info!(
             profile = profile.as_str(),
             configured_profile = ?cfg.profile.map(Profile::as_str),
+            inputs = manifest.inputs().as_str(),
             default_steps,
             self_ensemble,
             tile,

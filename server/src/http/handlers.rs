@@ -144,8 +144,9 @@ pub struct InfoResponse {
     pub scales: Vec<u32>,
     /// Factor used when a request names none.
     pub default_scale: u32,
-    /// Serving profile (`fast`, `quality`; `hndsr` only): `HNDSR_PROFILE`,
-    /// else the device's default. The four settings below are its values,
+    /// Serving profile (`fast`, `quality`, `realistic`; `hndsr` only):
+    /// `HNDSR_PROFILE`, else `realistic` for weights trained for realistic
+    /// inputs, else the device's default. The four settings below are its values,
     /// with any knob configured on its own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub profile: Option<String>,
