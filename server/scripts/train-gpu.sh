@@ -88,7 +88,7 @@ if [[ "$what" != matched ]]; then
     | tee -a "$out/train-realistic.log"
   run "$bin" export --checkpoint "$out/ckpt" --out "$out/hndsr-realistic.safetensors" \
     --version "gpu-$(date +%Y%m%d)-realistic" --inputs realistic --default-steps 0 \
-    --self-ensemble false --tile 256 --projection-steps 0 --refiner-strength 0.5
+    --self-ensemble true --tile 256 --projection-steps 0 --refiner-strength 0.5
   rm -rf "$out/ckpt"
 fi
 echo "trained ($what) in $(( $(date +%s) - started )) s; weights in $out"

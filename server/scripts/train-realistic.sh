@@ -59,11 +59,12 @@ if [[ "$denoise_steps" != 0 ]]; then
     "${common[@]}" --seed "$((seed + 1))" --save-every 1000
 fi
 # Weights + manifest: labelled for realistic inputs, so servers pick the
-# `realistic` profile and never run the projection; the refiner at the
-# matched weights' strength.
+# `realistic` profile and never run the projection; `quality` on them adds
+# the ×8 self-ensemble on 256² tiles; the refiner at the matched weights'
+# strength.
 weights="$out/hndsr-realistic.safetensors"
 run "$bin" export --checkpoint "$out/ckpt" --out "$weights" --version "$version" \
-  --inputs realistic --default-steps 0 --self-ensemble false --tile 256 --projection-steps 0 \
+  --inputs realistic --default-steps 0 --self-ensemble true --tile 256 --projection-steps 0 \
   --refiner-strength 0.5
 for split in validation test; do
   run "$bin" --threads "$threads" --device "$device" report --weights "$weights" --split "$split" \
