@@ -30,9 +30,10 @@ jobs="${JOBS:-1}"
 out="${OUT:-target/baseline}"
 split="${SPLIT:-validation}"
 seed="${SEED:-7}"
-# The shipped weights' last data mix (server/scripts/train.sh, stage 7),
-# without the zoom and negation augmentations.
-mix="aero=0.3,oblique1=0.1,oblique3=0.1,yell_road=0.14,landsat=0.18,bluemarble=0.1,rgbn=0.08"
+source server/scripts/recipe.sh
+# The shipped recipe's mix (recipe.sh), without the zoom and negation
+# augmentations.
+mix="$RECIPE_MIX"
 [[ "$steps" =~ ^[1-9][0-9]*$ ]] || { echo "baseline.sh: STEPS must be a positive whole number, got '$steps'" >&2; exit 2; }
 [[ "$seed" =~ ^[0-9]+$ ]] || { echo "baseline.sh: SEED must be a whole number, got '$seed'" >&2; exit 2; }
 [[ "$jobs" =~ ^[1-9][0-9]*$ ]] || { echo "baseline.sh: JOBS must be a positive whole number, got '$jobs'" >&2; exit 2; }
@@ -40,7 +41,6 @@ mix="aero=0.3,oblique1=0.1,oblique3=0.1,yell_road=0.14,landsat=0.18,bluemarble=0
 bash server/scripts/fetch-data.sh >/dev/null
 cargo build --release --locked -p hndsr-train
 bin=target/release/hndsr-train
-run() { echo "+ $*" >&2; "$@"; }
 mkdir -p "$out"
 
 IFS=, read -r -a names <<<"$configs"

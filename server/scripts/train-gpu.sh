@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The shipped weights' training recipes on a lent CUDA machine (the `device`
-# tool's H100 / H200): `make train`'s two stages from scratch (the matched
-# weights), then `make train-realistic`'s two stages on them (the weights
-# for realistic inputs), with the same step counts, batch and seeds as on
-# the CPU. Writes both weights with their manifests and the training logs
+# tool's H100 / H200): train.sh (`make train`: the matched weights, from
+# scratch), then train-realistic.sh (`make train-realistic`: the weights for
+# realistic inputs, from those), run as they are with the same step counts,
+# batch and seeds as on the CPU, on the carried kit's binary and images. Writes both weights with their manifests and the training logs
 # under $OUT, which comes back to the machine that sent the run. Evaluate
 # them there (`hndsr-train report`, as train.sh and train-realistic.sh do).
 #
@@ -40,11 +40,9 @@ realistic_seed="${REALISTIC_SEED:-71}"
 device="${DEVICE:-cuda}"
 kit="${KIT:-target/gpu-kit}"
 out="${OUT:-target/train-gpu}"
-mix="aero=0.3,oblique1=0.1,oblique3=0.1,yell_road=0.14,landsat=0.18,bluemarble=0.1,rgbn=0.08"
 case "$what" in matched | realistic | both) ;; *) echo "train-gpu: WHAT must be matched, realistic or both, got '$what'" >&2; exit 2 ;; esac
-for n in "$regress_steps" "$denoise_steps" "$realistic_steps" "$realistic_denoise" "$batch" "$seed" "$realistic_seed"; do
-  [[ "$n" =~ ^[0-9]+$ ]] || { echo "train-gpu: step counts, BATCH and seeds must be whole numbers, got '$n'" >&2; exit 2; }
-done
+source server/scripts/recipe.sh
+whole_numbers train-gpu "$regress_steps" "$denoise_steps" "$realistic_steps" "$realistic_denoise" "$batch" "$seed" "$realistic_seed"
 
 bin="$kit/hndsr-train"
 [[ -x "$bin" ]] || { echo "train-gpu: $bin missing: run 'make gpu-kit GPU_KIT_DATA=1' and carry $kit" >&2; exit 1; }
@@ -59,36 +57,20 @@ export LD_LIBRARY_PATH="${TORCH_LIB:+$TORCH_LIB${LD_LIBRARY_PATH:+:}}${LD_LIBRAR
 
 mkdir -p "$out"
 started=$(date +%s)
-run() { echo "+ $*" >&2; "$@"; }
-train() { run "$bin" --data "$kit/data" --device "$device" --threads 8 train "$@"; }
-common=(--batch "$batch" --crop 96 --mix "$mix" --gray-fraction 0.3 --zoom-max 2 --zoom-fraction 0.5
-  --negate-fraction 0.5)
-
+# The two recipes themselves, on the kit's binary and images, no reports
+# (they run where the weights come back).
+export HNDSR_TRAIN_BIN="$bin" HNDSR_DATA="$kit/data" DEVICE="$device" THREADS=8 BATCH="$batch" REPORT=0
 init=server/models/hndsr.safetensors
 if [[ "$what" != realistic ]]; then
-  # train.sh's stages 1 and 2 and its export.
-  train --config wide --out "$out/ckpt" --steps "$regress_steps" --lr 1e-3 --denoiser-weight 0 \
-    "${common[@]}" --seed "$seed" --save-every 2000 | tee "$out/train-matched.log"
-  train --out "$out/ckpt" --resume --freeze-regressor --restart-schedule \
-    --steps "$((regress_steps + denoise_steps))" --lr 1e-3 --denoiser-weight 1 \
-    "${common[@]}" --seed "$((seed + 1))" --save-every 2000 | tee -a "$out/train-matched.log"
-  init="$out/hndsr.safetensors"
-  run "$bin" export --checkpoint "$out/ckpt" --out "$init" --version "gpu-$(date +%Y%m%d)" \
-    --default-steps 0 --self-ensemble true --tile 24 --projection-steps 5 --refiner-strength 0.5
+  REGRESS_STEPS="$regress_steps" DENOISE_STEPS="$denoise_steps" SEED="$seed" OUT="$out" \
+    VERSION="gpu-$(date +%Y%m%d)" bash server/scripts/train.sh 2>&1 | tee "$out/train-matched.log"
+  init="$out/hndsr-$(basename "${CONFIG:-wide}" .json).safetensors"  # train.sh's name for them
   rm -rf "$out/ckpt"
 fi
 if [[ "$what" != matched ]]; then
-  # train-realistic.sh's stages and its export.
-  train --init "$init" --out "$out/ckpt" --steps "$realistic_steps" --lr 5e-4 --denoiser-weight 0 \
-    "${common[@]}" --realistic-fraction 1 --seed "$realistic_seed" --save-every 2000 \
-    | tee "$out/train-realistic.log"
-  train --out "$out/ckpt" --resume --freeze-regressor --restart-schedule \
-    --steps "$((realistic_steps + realistic_denoise))" --lr 1e-3 --denoiser-weight 1 \
-    "${common[@]}" --realistic-fraction 1 --seed "$((realistic_seed + 1))" --save-every 2000 \
-    | tee -a "$out/train-realistic.log"
-  run "$bin" export --checkpoint "$out/ckpt" --out "$out/hndsr-realistic.safetensors" \
-    --version "gpu-$(date +%Y%m%d)-realistic" --inputs realistic --default-steps 0 \
-    --self-ensemble true --tile 256 --projection-steps 0 --refiner-strength 0.5
+  INIT="$init" REGRESS_STEPS="$realistic_steps" DENOISE_STEPS="$realistic_denoise" \
+    SEED="$realistic_seed" OUT="$out" VERSION="gpu-$(date +%Y%m%d)-realistic" \
+    bash server/scripts/train-realistic.sh 2>&1 | tee "$out/train-realistic.log"
   rm -rf "$out/ckpt"
 fi
 echo "trained ($what) in $(( $(date +%s) - started )) s; weights in $out"

@@ -21,9 +21,14 @@
 #   SEED=71               stage 1's seed (stage 2 uses SEED + 1)
 #   OUT=target/train-realistic   checkpoints, exported weights, report tables
 #   VERSION=0.7.0-realistic      manifest version label
+#   BATCH=8               crops per step (the shipped recipe's 8)
+#   REPORT=1              0 skips the report tables
+#   HNDSR_TRAIN_BIN       an hndsr-train to run instead of building one (with
+#                         HNDSR_DATA: a carried kit; server/scripts/train-gpu.sh)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 
+source server/scripts/recipe.sh
 init="${INIT:-server/models/hndsr.safetensors}"
 device="${DEVICE:-cpu}"
 threads="${THREADS:-2}"
@@ -31,32 +36,25 @@ regress_steps="${REGRESS_STEPS:-5000}"
 denoise_steps="${DENOISE_STEPS:-3000}"
 lr="${LR:-5e-4}"
 seed="${SEED:-71}"
+batch="${BATCH:-8}"
 out="${OUT:-target/train-realistic}"
 version="${VERSION:-0.7.0-realistic}"
-# The matched weights' sources and augmentations (train.sh).
-mix="aero=0.3,oblique1=0.1,oblique3=0.1,yell_road=0.14,landsat=0.18,bluemarble=0.1,rgbn=0.08"
-for n in "$regress_steps" "$denoise_steps" "$seed"; do
-  [[ "$n" =~ ^[0-9]+$ ]] || { echo "train-realistic.sh: step counts and SEED must be whole numbers, got '$n'" >&2; exit 2; }
-done
+whole_numbers train-realistic.sh "$regress_steps" "$denoise_steps" "$seed" "$batch"
 [[ "$regress_steps" -gt 0 ]] || { echo "train-realistic.sh: REGRESS_STEPS must be at least 1" >&2; exit 2; }
 [[ -f "$init" ]] || { echo "train-realistic.sh: INIT $init not found" >&2; exit 2; }
 
-bash server/scripts/fetch-data.sh >/dev/null
-cargo build --release --locked -p hndsr-train
-bin=target/release/hndsr-train
-run() { echo "+ $*" >&2; "$@"; }
-
+bin=$(recipe_bin)
 rm -rf "$out/ckpt"
 mkdir -p "$out"
 train() { run "$bin" --threads "$threads" --device "$device" train "$@"; }
-common=(--batch 8 --crop 96 --mix "$mix" --gray-fraction 0.3 --zoom-max 2 --zoom-fraction 0.5
-  --negate-fraction 0.5 --realistic-fraction 1)
+# The matched recipe's crops (recipe.sh), every LR input realistic.
+crops=(--batch "$batch" "${RECIPE_CROPS[@]}" --realistic-fraction 1)
 train --init "$init" --out "$out/ckpt" --steps "$regress_steps" --lr "$lr" --denoiser-weight 0 \
-  "${common[@]}" --seed "$seed" --save-every 500
+  "${crops[@]}" --seed "$seed" --save-every 500
 if [[ "$denoise_steps" != 0 ]]; then
   train --out "$out/ckpt" --resume --freeze-regressor --restart-schedule \
     --steps "$((regress_steps + denoise_steps))" --lr 1e-3 --denoiser-weight 1 \
-    "${common[@]}" --seed "$((seed + 1))" --save-every 1000
+    "${crops[@]}" --seed "$((seed + 1))" --save-every 1000
 fi
 # Weights + manifest: labelled for realistic inputs, so servers pick the
 # `realistic` profile and never run the projection; `quality` on them adds
@@ -66,6 +64,7 @@ weights="$out/hndsr-realistic.safetensors"
 run "$bin" export --checkpoint "$out/ckpt" --out "$weights" --version "$version" \
   --inputs realistic --default-steps 0 --self-ensemble true --tile 256 --projection-steps 0 \
   --refiner-strength 0.5
+[[ "${REPORT:-1}" == 0 ]] && { echo "weights: $weights (manifest: ${weights%.safetensors}.json)"; exit 0; }
 for split in validation test; do
   run "$bin" --threads "$threads" --device "$device" report --weights "$weights" --split "$split" \
     --profiles realistic --table "$out/report-$split.md"

@@ -24,6 +24,10 @@
 #                         realistic degradation (blur, noise, JPEG;
 #                         docs/model.md); the shipped weights used none
 #   SEED=9                stage 1's seed (stage 2 uses SEED + 1)
+#   BATCH=8               crops per step (the shipped recipe's 8)
+#   REPORT=1              0 skips the report tables
+#   HNDSR_TRAIN_BIN       an hndsr-train to run instead of building one (with
+#                         HNDSR_DATA: a carried kit; server/scripts/train-gpu.sh)
 #   OUT=target/train      checkpoints, exported weights, report tables
 #   VERSION=0.7.0         manifest version label
 #   DEFAULT_STEPS=0       DDIM steps the manifest recommends to servers
@@ -32,6 +36,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 
+source server/scripts/recipe.sh
 config="${CONFIG:-wide}"
 device="${DEVICE:-cpu}"
 threads="${THREADS:-2}"
@@ -39,40 +44,28 @@ regress_steps="${REGRESS_STEPS:-8000}"
 denoise_steps="${DENOISE_STEPS:-6000}"
 realistic="${REALISTIC_FRACTION:-0}"
 seed="${SEED:-9}"
+batch="${BATCH:-8}"
 out="${OUT:-target/train}"
 version="${VERSION:-0.7.0}"
 default_steps="${DEFAULT_STEPS:-0}"
 strength="${REFINER_STRENGTH:-0.5}"
-# Every training source but the noisy NEON meadow (which cost the other
-# sources when trained on: docs/model-log.md).
-mix="aero=0.3,oblique1=0.1,oblique3=0.1,yell_road=0.14,landsat=0.18,bluemarble=0.1,rgbn=0.08"
-for n in "$regress_steps" "$denoise_steps" "$seed"; do
-  [[ "$n" =~ ^[0-9]+$ ]] || { echo "train.sh: step counts and SEED must be whole numbers, got '$n'" >&2; exit 2; }
-done
+whole_numbers train.sh "$regress_steps" "$denoise_steps" "$seed" "$batch"
 [[ "$regress_steps" -gt 0 ]] || { echo "train.sh: REGRESS_STEPS must be at least 1" >&2; exit 2; }
 
-bash server/scripts/fetch-data.sh >/dev/null
-cargo build --release --locked -p hndsr-train
-bin=target/release/hndsr-train
-run() { echo "+ $*" >&2; "$@"; }
-
+bin=$(recipe_bin)
 rm -rf "$out/ckpt"
 mkdir -p "$out"
 train() { run "$bin" --threads "$threads" --device "$device" train "$@"; }
-# 1. μ: 96² crops, 30 % of the colour crops gray, half zoomed out up to 2×
-#    (finer textures than the photographs hold), half negated (1 − crop;
-#    the degradation is linear, so the pair stays exact).
-train --config "$config" --out "$out/ckpt" --steps "$regress_steps" \
-  --batch 8 --crop 96 --lr 1e-3 --denoiser-weight 0 --mix "$mix" --gray-fraction 0.3 \
-  --zoom-max 2 --zoom-fraction 0.5 --negate-fraction 0.5 --realistic-fraction "$realistic" \
-  --seed "$seed" --save-every 500
+# 1. μ, on the recipe's crops (recipe.sh).
+train --config "$config" --out "$out/ckpt" --steps "$regress_steps" --batch "$batch" --lr 1e-3 \
+  --denoiser-weight 0 "${RECIPE_CROPS[@]}" --realistic-fraction "$realistic" --seed "$seed" \
+  --save-every 500
 # 2. The refiner against that μ, in the config's residual units and
 #    schedule (the `wide` preset: per-sample units, sampling from t = 0.8).
 if [[ "$denoise_steps" != 0 ]]; then
   train --out "$out/ckpt" --resume --freeze-regressor --restart-schedule \
-    --steps "$((regress_steps + denoise_steps))" --batch 8 --crop 96 --lr 1e-3 \
-    --denoiser-weight 1 --mix "$mix" --gray-fraction 0.3 --zoom-max 2 --zoom-fraction 0.5 \
-    --negate-fraction 0.5 --seed "$((seed + 1))" --save-every 1000
+    --steps "$((regress_steps + denoise_steps))" --batch "$batch" --lr 1e-3 --denoiser-weight 1 \
+    "${RECIPE_CROPS[@]}" --seed "$((seed + 1))" --save-every 1000
 fi
 # 3. Weights + manifest (servers: DDIM steps $DEFAULT_STEPS, self-ensemble on,
 #    24² LR tiles: the LR size of the 96² training crops, 5 steps of the
@@ -81,6 +74,7 @@ weights="$out/hndsr-$(basename "$config" .json).safetensors"
 run "$bin" export --checkpoint "$out/ckpt" --out "$weights" --version "$version" \
   --default-steps "$default_steps" --self-ensemble true --tile 24 --projection-steps 5 \
   --refiner-strength "$strength"
+[[ "${REPORT:-1}" == 0 ]] && { echo "weights: $weights (manifest: ${weights%.safetensors}.json)"; exit 0; }
 for split in validation test; do
   run "$bin" --threads "$threads" --device "$device" report --weights "$weights" --split "$split" \
     --profiles fast --table "$out/report-$split.md"
