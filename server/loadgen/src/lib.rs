@@ -58,6 +58,13 @@ pub struct Plan {
     /// the next request, as a well-behaved client does. Off: send the next
     /// at once (the overload a misbehaving client makes).
     pub honour_retry_after: bool,
+    /// Clients that do not act in step, as real ones do not: each starts at
+    /// a random moment within the first second, and (with
+    /// `honour_retry_after`) waits a random extra of up to half of each
+    /// Retry-After. Without it every client starts at once, and clients
+    /// refused together come back together, since Retry-After is in whole
+    /// seconds: the run then measures how fast a burst drains.
+    pub jitter: bool,
 }
 
 /// Latency summary, in milliseconds.
@@ -277,6 +284,20 @@ struct Answer {
 /// Runs `plan` to completion and reports.
 ///
 /// # Errors
+/// A pseudo-random duration in `[0, span)`, a function of `seed` (the
+/// splitmix64 finaliser), so runs repeat.
+#[must_use]
+pub fn jitter(seed: u64, span: Duration) -> Duration {
+    let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    // The top 53 bits as a fraction in [0, 1).
+    #[allow(clippy::cast_precision_loss)]
+    let fraction = (z >> 11) as f64 / (1u64 << 53) as f64;
+    span.mul_f64(fraction)
+}
+
 /// A target that is not loopback, or a plan with no stopping rule.
 pub async fn run(plan: Plan) -> anyhow::Result<Report> {
     check_target(&plan.url)?;
@@ -303,11 +324,15 @@ pub async fn run(plan: Plan) -> anyhow::Result<Report> {
     let next = Arc::new(AtomicU64::new(0));
     let plan = Arc::new(plan);
 
-    let workers: Vec<_> = (0..plan.concurrency)
-        .map(|_| {
+    let workers: Vec<_> = (0..plan.concurrency as u64)
+        .map(|w| {
             let (client, next, plan) = (client.clone(), Arc::clone(&next), Arc::clone(&plan));
             tokio::spawn(async move {
                 let mut tally = Tally::default();
+                if plan.jitter {
+                    let at = (start + jitter(w, Duration::from_secs(1))).min(deadline);
+                    tokio::time::sleep_until(at.into()).await;
+                }
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     if plan.requests.is_some_and(|n| i >= n) || Instant::now() >= deadline {
@@ -334,7 +359,12 @@ pub async fn run(plan: Plan) -> anyhow::Result<Report> {
                             if plan.honour_retry_after
                                 && let Some(pause) = answer.retry_after
                             {
-                                let until = (Instant::now() + pause).min(deadline);
+                                let extra = if plan.jitter {
+                                    jitter((w << 32) ^ i, pause / 2)
+                                } else {
+                                    Duration::ZERO
+                                };
+                                let until = (Instant::now() + pause + extra).min(deadline);
                                 tokio::time::sleep_until(until.into()).await;
                             }
                         }
@@ -605,6 +635,7 @@ mod tests {
             timeout: Duration::from_secs(5),
             distinct_clients: true,
             honour_retry_after: false,
+            jitter: false,
         }
     }
 
@@ -641,6 +672,47 @@ mod tests {
         assert!(run(eager).await.unwrap().requests > 10);
     }
 
+    #[test]
+    fn jitter_spreads_over_its_span_and_repeats() {
+        let span = Duration::from_secs(1);
+        let v: Vec<Duration> = (0..1000).map(|s| jitter(s, span)).collect();
+        assert!(v.iter().all(|d| *d < span));
+        assert!(v.iter().any(|d| *d < span / 20) && v.iter().any(|d| *d > span * 19 / 20));
+        let mean = v.iter().sum::<Duration>() / 1000;
+        assert!((span * 2 / 5..span * 3 / 5).contains(&mean), "{mean:?}");
+        assert_eq!(jitter(7, span), jitter(7, span));
+        assert_eq!(jitter(7, Duration::ZERO), Duration::ZERO);
+    }
+
+    #[tokio::test]
+    async fn jittered_clients_do_not_start_together() {
+        let addr = answering(REFUSAL).await;
+        let spread = Plan {
+            concurrency: 16,
+            requests: None,
+            duration: Some(Duration::from_millis(500)),
+            honour_retry_after: true,
+            jitter: true,
+            ..plan(addr)
+        };
+        // Each client sends once, at its start, if that falls in the run.
+        let late = (0..16)
+            .filter(|&w| jitter(w, Duration::from_secs(1)) >= Duration::from_millis(500))
+            .count();
+        assert!((1..16).contains(&late), "the seeds make a test: {late}");
+        let report = run(spread).await.unwrap();
+        assert_eq!(report.requests, 16 - late as u64, "{report:?}");
+        let together = Plan {
+            jitter: false,
+            concurrency: 16,
+            requests: None,
+            duration: Some(Duration::from_millis(500)),
+            honour_retry_after: true,
+            ..plan(addr)
+        };
+        assert_eq!(run(together).await.unwrap().requests, 16);
+    }
+
     #[tokio::test]
     async fn stops_by_itself_on_time() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -664,6 +736,7 @@ mod tests {
             timeout: Duration::from_secs(60),
             distinct_clients: false,
             honour_retry_after: false,
+            jitter: false,
         };
         let began = Instant::now();
         let report = run(plan).await.unwrap();

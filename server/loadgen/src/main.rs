@@ -80,6 +80,12 @@ struct RunArgs {
     /// request (a well-behaved client); by default the next goes at once.
     #[arg(long)]
     honour_retry_after: bool,
+    /// Clients out of step, as real ones are: each starts within the first
+    /// second and, with --honour-retry-after, waits up to half a
+    /// Retry-After longer at random; by default all start at once and come
+    /// back together.
+    #[arg(long)]
+    jitter: bool,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -137,6 +143,7 @@ fn plan(args: &RunArgs) -> anyhow::Result<Plan> {
         timeout: seconds("timeout", args.timeout)?,
         distinct_clients: args.distinct_clients,
         honour_retry_after: args.honour_retry_after,
+        jitter: args.jitter,
     })
 }
 
