@@ -24,6 +24,9 @@ pub const MAX_SCALE: u32 = 8;
 /// input at ×4 fits, a full-size input at ×8 does not.
 pub const OUTPUT_PIXELS_FACTOR: u64 = 16;
 
+/// Largest nice value (lowest priority) Linux has.
+pub const MAX_NICE: u8 = 19;
+
 /// Largest accepted `--sampling-steps` and per-request `steps`.
 pub const MAX_SAMPLING_STEPS: u32 = 1000;
 
@@ -152,6 +155,15 @@ pub struct Args {
     /// pod's CPU allotment).
     #[arg(long, env = env::TORCH_THREADS)]
     pub torch_threads: Option<NonZeroUsize>,
+
+    /// How many nice values (0–19) below the HTTP threads the inference
+    /// threads and the libtorch workers they start run. Higher: on a CPU
+    /// busy with inference, probes, uploads and refusals are scheduled
+    /// first, and clients that retry without waiting take CPU from
+    /// inference (measured both ways in docs/benchmarks.md).
+    #[arg(long, env = env::INFERENCE_NICE, default_value_t = 0,
+          value_parser = clap::value_parser!(u8).range(0..=i64::from(MAX_NICE)))]
+    pub inference_nice: u8,
 
     /// Host memory (MiB) the server may commit to the image buffers of
     /// running and waiting requests at once (decoded input, blended output,
@@ -285,6 +297,8 @@ pub struct Limits {
     /// Host memory (MiB) for the image buffers of all requests at once;
     /// `None`: no budget.
     pub memory_budget_mib: Option<u64>,
+    /// Nice steps the inference threads run below the HTTP threads.
+    pub inference_nice: u8,
 }
 
 impl Limits {
@@ -472,6 +486,7 @@ impl Args {
                 max_payload_bytes: usize::try_from(payload_mb * MIB).unwrap_or(usize::MAX),
                 drain: Duration::from_secs(self.drain_seconds.into()),
                 memory_budget_mib: memory_budget_mib(self.memory_budget_mb, cgroup_memory_limit()),
+                inference_nice: self.inference_nice,
             },
             http: HttpConfig {
                 rate_limit_per_hour: NonZeroU32::new(self.rate_limit_per_hour),
@@ -721,6 +736,18 @@ mod tests {
             let arg = format!("--projection-steps={bad}");
             let e = Args::try_parse_from(["hndsr-server", &arg]).unwrap_err();
             assert!(e.to_string().contains("--projection-steps"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn inference_nice_is_a_nice_value_and_off_by_default() {
+        assert_eq!(parse(&[]).unwrap().limits.inference_nice, 0);
+        let c = parse(&["--inference-nice", "19"]).unwrap();
+        assert_eq!(c.limits.inference_nice, 19);
+        for bad in ["20", "-1", "low"] {
+            let arg = format!("--inference-nice={bad}");
+            let e = Args::try_parse_from(["hndsr-server", &arg]).unwrap_err();
+            assert!(e.to_string().contains("--inference-nice"), "{bad}: {e}");
         }
     }
 

@@ -60,6 +60,9 @@ pub mod env {
     pub const CPUS: &str = "HNDSR_CPUS";
     /// libtorch intra-op threads per inference thread; unset: `HNDSR_CPUS`.
     pub const TORCH_THREADS: &str = "HNDSR_TORCH_THREADS";
+    /// How many nice values (0–19) below the HTTP threads the inference
+    /// threads run; default 0.
+    pub const INFERENCE_NICE: &str = "HNDSR_INFERENCE_NICE";
     /// Host memory (MiB) the server commits to the image buffers of its
     /// requests at once; 0: no budget; unset: 60% of the container's
     /// memory limit.

@@ -7,6 +7,10 @@
 //! calls in progress never exceeds the number of permits, whatever happened
 //! to the request that asked for it. A panic is caught, answered as
 //! [`Error::BackendPanic`], and the thread goes on serving.
+//!
+//! The threads lower their own OS priority (nice) before they touch the
+//! backend, so the libtorch worker threads they start inherit it: on a busy
+//! CPU the HTTP threads (probes, refusals, uploads) are scheduled first.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
@@ -90,14 +94,17 @@ impl Drop for Alive {
 }
 
 impl Executor {
-    /// Starts `threads` inference threads.
+    /// Starts `threads` inference threads, each `nice` steps below the
+    /// caller's priority.
     pub(crate) fn start(
         backend: Arc<dyn Backend>,
         threads: usize,
+        nice: u8,
         metrics: &Metrics,
     ) -> std::io::Result<Self> {
         // Every queued task holds a permit, so `threads` slots always suffice.
         let (tx, rx) = crossbeam_channel::bounded::<Work>(threads);
+        tracing::info!(threads, nice, "inference threads (nice: steps below the HTTP threads)");
         let alive = Arc::new(AtomicUsize::new(0));
         let device_lost = Arc::new(AtomicBool::new(false));
         for i in 0..threads {
@@ -109,6 +116,7 @@ impl Executor {
                 .name(format!("hndsr-infer-{i}"))
                 .spawn(move || {
                     let _alive = guard;
+                    lower_priority(nice);
                     worker(&rx, backend.as_ref(), &metrics, &lost);
                 })?;
         }
@@ -148,6 +156,36 @@ impl Executor {
                 Error::Internal("the inference threads have stopped".to_owned())
             }
         })
+    }
+}
+
+/// Lowers the calling thread's priority by `steps` nice values (Linux keeps
+/// the nice value per thread, and a thread starts with its creator's).
+/// Raising one's nice value needs no privilege; a refusal (a seccomp
+/// profile, say) is logged and the thread runs at normal priority.
+#[cfg(target_os = "linux")]
+fn lower_priority(steps: u8) {
+    if steps == 0 {
+        return;
+    }
+    let lowered = rustix::process::getpriority_process(None).and_then(|now| {
+        let target = (now + i32::from(steps)).min(i32::from(crate::config::MAX_NICE));
+        rustix::process::setpriority_process(None, target).map(|()| target)
+    });
+    match lowered {
+        Ok(nice) => tracing::debug!(nice, "inference thread priority lowered"),
+        Err(e) => tracing::warn!(
+            error = %e,
+            "cannot lower the inference thread's priority; it competes with the HTTP threads"
+        ),
+    }
+}
+
+/// Elsewhere `setpriority(PRIO_PROCESS, 0)` would lower the whole process.
+#[cfg(not(target_os = "linux"))]
+fn lower_priority(steps: u8) {
+    if steps > 0 {
+        tracing::warn!("inference thread priority is only lowered on Linux");
     }
 }
 
@@ -218,4 +256,66 @@ fn run(
         model_cpu: thread_cpu.saturating_sub(conversions.to_tensor + conversions.from_tensor),
         conversions,
     })
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::backend::fake::FakeBackend;
+    use crate::backend::{BackendInfo, CancellationToken, Job, Planar};
+
+    /// Records the nice value of the thread that warms it up, and of a
+    /// thread that one starts (as libtorch starts its OpenMP workers).
+    #[derive(Debug)]
+    struct Priorities {
+        fake: FakeBackend,
+        seen: Mutex<Vec<(i32, i32)>>,
+    }
+
+    impl Backend for Priorities {
+        fn info(&self) -> BackendInfo {
+            self.fake.info()
+        }
+        fn warm_up(&self) -> Result<(), BackendError> {
+            let nice = || rustix::process::getpriority_process(None).expect("getpriority");
+            let own = nice();
+            let child = std::thread::spawn(nice).join().expect("child thread");
+            self.seen.lock().expect("lock").push((own, child));
+            Ok(())
+        }
+        fn upscale(&self, job: &Job, cancel: &CancellationToken) -> Result<Planar, BackendError> {
+            self.fake.upscale(job, cancel)
+        }
+    }
+
+    async fn seen_with(nice: u8) -> (i32, i32) {
+        let backend = Arc::new(Priorities {
+            fake: FakeBackend::new(Duration::ZERO),
+            seen: Mutex::new(Vec::new()),
+        });
+        let executor = Executor::start(
+            Arc::clone(&backend) as Arc<dyn Backend>,
+            1,
+            nice,
+            &Metrics::new(),
+        )
+        .expect("threads start");
+        executor.warm_up().await.expect("warm-up");
+        let seen = backend.seen.lock().expect("lock");
+        seen[0]
+    }
+
+    #[tokio::test]
+    async fn inference_threads_and_the_threads_they_start_run_at_lower_priority() {
+        let base = rustix::process::getpriority_process(None).expect("getpriority");
+        let max = i32::from(crate::config::MAX_NICE);
+        let want = (base + 3).min(max);
+        assert_eq!(seen_with(3).await, (want, want));
+        assert_eq!(seen_with(0).await, (base, base), "0 leaves the priority alone");
+        assert_eq!(seen_with(19).await, (max, max), "capped at the lowest priority");
+        let after = rustix::process::getpriority_process(None).expect("getpriority");
+        assert_eq!(after, base, "the caller's own priority is untouched");
+    }
 }

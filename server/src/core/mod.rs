@@ -215,7 +215,12 @@ impl Core {
         }
         backend.attach_metrics(&metrics);
         let threads = limits.max_concurrent.get();
-        let executor = Executor::start(Arc::clone(&backend), threads, &metrics)
+        let executor = Executor::start(
+            Arc::clone(&backend),
+            threads,
+            limits.inference_nice,
+            &metrics,
+        )
             .map_err(|e| BackendError::Load(format!("starting the inference threads: {e}")))?;
         Ok(Self {
             inner: Arc::new(Inner {
@@ -837,6 +842,7 @@ mod tests {
             max_payload_bytes: 1 << 20,
             drain: Duration::from_secs(1),
             memory_budget_mib: None,
+            inference_nice: 0,
         };
         let backend = Arc::new(FakeBackend::new(Duration::ZERO));
         Core::start(backend, limits, 2, Metrics::new()).expect("core starts")
