@@ -290,26 +290,42 @@ fn planes<T: Copy>(
 }
 
 /// Planar (CHW) `f32` → interleaved (HWC) samples, clamped and rounded.
-fn interleave<T>(p: &Planar, from_f32: impl Fn(f32) -> T) -> Vec<T> {
-    let c = usize::from(p.channels);
-    let plane = p.data.len() / c.max(1);
-    let mut out = Vec::with_capacity(p.data.len());
-    for i in 0..plane {
-        for ch in 0..c {
-            out.push(from_f32(p.data[ch * plane + i]));
+/// One pass per channel over its plane, without index arithmetic or bounds
+/// checks in the loop: on a 1024² answer this is a good share of a bicubic
+/// request's CPU.
+fn interleave<T: Copy + Default>(p: &Planar, from_f32: impl Fn(f32) -> T) -> Vec<T> {
+    let c = usize::from(p.channels).max(1);
+    let plane = p.data.len() / c;
+    let mut out = vec![T::default(); plane * c];
+    for (ch, src) in p.data.chunks_exact(plane.max(1)).enumerate().take(c) {
+        for (dst, &v) in out[ch..].iter_mut().step_by(c).zip(src) {
+            *dst = from_f32(v);
         }
     }
     out
 }
 
+/// `v` in [0, 1] scaled to 0..=`max`, rounded half away from zero exactly
+/// as `f32::round` does, without its libm call (which keeps the loop
+/// scalar): `y - trunc(y)` is exact for these magnitudes.
 #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-fn to_u8(v: f32) -> u8 {
-    (v.clamp(0.0, 1.0) * 255.0).round() as u8
+#[inline]
+fn scale_round(v: f32, max: f32) -> u32 {
+    let y = v.clamp(0.0, 1.0) * max;
+    let t = y as u32;
+    #[allow(clippy::cast_precision_loss)]
+    let up = y - t as f32 >= 0.5;
+    t + u32::from(up)
 }
 
-#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+#[allow(clippy::cast_possible_truncation)]
+fn to_u8(v: f32) -> u8 {
+    scale_round(v, 255.0) as u8
+}
+
+#[allow(clippy::cast_possible_truncation)]
 fn to_u16(v: f32) -> u16 {
-    (v.clamp(0.0, 1.0) * 65535.0).round() as u16
+    scale_round(v, 65535.0) as u16
 }
 
 /// Encodes the backend's output with the input's layout.
@@ -380,6 +396,47 @@ pub fn encode(p: &Planar, layout: Layout) -> Result<Encoded, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    #[test]
+    fn samples_round_as_f32_round_does() {
+        let reference = |v: f32, max: f32| (v.clamp(0.0, 1.0) * max).round() as u32;
+        let mut values = vec![f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -0.0, -1.0, 2.0];
+        // Every tie and its neighbours, and a sweep.
+        for k in 0..=65535u32 {
+            for max in [255.0f32, 65535.0] {
+                let tie = (k as f32 + 0.5) / max;
+                values.extend([tie, tie.next_up(), tie.next_down()]);
+            }
+        }
+        values.extend((0..=100_000).map(|i| i as f32 / 100_000.0));
+        for v in values {
+            assert_eq!(u32::from(to_u8(v)), reference(v, 255.0), "{v:e}");
+            assert_eq!(u32::from(to_u16(v)), reference(v, 65535.0), "{v:e}");
+        }
+    }
+
+    #[test]
+    fn interleaving_puts_each_channel_in_its_place() {
+        for channels in 1..=4u8 {
+            let (w, h) = (5u32, 3u32);
+            let n = usize::from(channels) * (w * h) as usize;
+            #[allow(clippy::cast_precision_loss)]
+            let data: Vec<f32> = (0..n).map(|i| i as f32 / 255.0).collect();
+            let p = Planar {
+                channels,
+                width: w,
+                height: h,
+                data,
+            };
+            let plane = (w * h) as usize;
+            let want: Vec<u8> = (0..plane)
+                .flat_map(|i| (0..usize::from(channels)).map(move |ch| ch * plane + i))
+                .map(|j| u8::try_from(j).expect("small"))
+                .collect();
+            assert_eq!(interleave(&p, to_u8), want, "{channels} channels");
+        }
+    }
 
     #[test]
     fn the_clients_encoding_is_honoured_and_lossless() {

@@ -85,7 +85,7 @@ impl Server {
         Ok(Self {
             state: AppState {
                 core,
-                metrics,
+                metrics: Arc::new(metrics),
                 lifecycle: Arc::new(Lifecycle::new()),
                 limiter,
                 http: Arc::new(config.http),

@@ -2,6 +2,7 @@
 //! rate limit of the upscale routes; `Connection: close` while draining.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
@@ -86,7 +87,7 @@ pub(super) async fn scope_request_id(req: Request, next: Next) -> Response {
 
 /// Records a disconnect when the request future is dropped unfinished.
 struct Pending {
-    metrics: Metrics,
+    metrics: Arc<Metrics>,
     started: Instant,
     done: bool,
 }

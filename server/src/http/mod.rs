@@ -51,8 +51,9 @@ pub const COALESCED_HEADER: &str = "x-hndsr-coalesced";
 pub struct AppState {
     /// The admission core.
     pub core: Core,
-    /// Metrics registry.
-    pub metrics: Metrics,
+    /// Metrics registry (behind an `Arc`: the state is cloned for every
+    /// middleware of every request, and `Metrics` is many handles).
+    pub metrics: Arc<Metrics>,
     /// Readiness.
     pub lifecycle: Arc<Lifecycle>,
     /// Per-client limiter; `None` when disabled.
