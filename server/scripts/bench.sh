@@ -6,8 +6,10 @@
 #
 #   1. EDGE x EDGE PNG (256), scale 4, concurrency 1, 4, 16, 64 (rate limit
 #      off), bicubic and, with BENCH_WEIGHTS, the hndsr fast profile;
-#   2. overload: concurrency 10 x MAX_QUEUE_DEPTH: share of 503s, p99 of the
-#      503s and of the admitted requests, refusals by type;
+#   2. overload: concurrency 10 x MAX_QUEUE_DEPTH, from clients that send
+#      again at once and from clients that honour Retry-After out of step:
+#      share of 503s, p99 of the 503s and of the admitted requests, refusals
+#      by type;
 #   3. 100k requests from 100k distinct client addresses via a trusted
 #      X-Forwarded-For, rate limit on: server RSS before and after;
 #   4. libtorch threads per inference thread: HNDSR_TORCH_THREADS = the
@@ -34,12 +36,15 @@
 #      type, 504s;
 #   9. "soak": BENCH_SOAK_SECONDS (600) at 10x overload, the server's RSS,
 #      open file descriptors and rate-limiter table sampled each minute.
+#  10. "priority": eager and polite clients at 10x overload on the hndsr
+#      fast profile (bicubic without BENCH_WEIGHTS) with HNDSR_INFERENCE_NICE
+#      0 (the default), 5 and 10: the 503s' p50/p90/p99 and the admitted rate.
 #
 # Knobs (env): BENCH_SECONDS (per level, default 15), BENCH_CLIENTS (default
 # 100000), MAX_CONCURRENT (4), MAX_QUEUE_DEPTH (20), BENCH_WEIGHTS (unset),
 # BENCH_TILES, BENCH_EDGE (the input PNGs' edge, default 256), BENCH_SECTIONS
 # (default "load clients threads tiles": 1+2, 3, 4, 5; also "profiles cpu
-# deadline soak"), BENCH_PROFILES, BENCH_SOAK_SECONDS, CARGO_TARGET_DIR,
+# deadline soak priority"), BENCH_PROFILES, BENCH_SOAK_SECONDS, CARGO_TARGET_DIR,
 # BENCH_KEEP=1 (keep the servers' logs and the load generators' results).
 set -euo pipefail
 
@@ -159,27 +164,41 @@ done
 
 OVER=$((10 * MAX_QUEUE_DEPTH))
 "$LOADGEN" run --url "$URL" "${BODY[@]}" -c "$OVER" -d "$SECONDS_PER_LEVEL" --json >"$WORK/over.json"
+# The same load from clients that behave: they honour Retry-After and are
+# out of step (start within the first second, up to half a Retry-After of
+# extra wait), so the 503s' latency is the server's, not a burst's.
+"$LOADGEN" run --url "$URL" "${BODY[@]}" -c "$OVER" -d "$((2 * SECONDS_PER_LEVEL))" \
+  --honour-retry-after --jitter --json >"$WORK/over-polite.json"
 echo
 echo "## Overload: concurrency $OVER (10 x MAX_QUEUE_DEPTH), $label"
 echo
-python3 - "$WORK/over.json" <<'PY'
+echo "Eager clients send again as soon as they are answered; polite ones honour"
+echo "Retry-After and are out of step (\`hndsr-loadgen --honour-retry-after --jitter\`,"
+echo "run twice as long, for as many 503s to rank)."
+echo
+python3 - "$WORK/over.json" "$WORK/over-polite.json" <<'PY'
 import json, sys
-r = json.load(open(sys.argv[1]))
-c, n = r["status_counts"], r["requests"] or 1
-by = r["latency_by_status"]
-def p99(k): return f'{by[k]["p99_ms"]:.1f} ms' if k in by else "-"
-def p50(k): return f'{by[k]["p50_ms"]:.1f} ms' if k in by else "-"
-print("| metric | value |")
-print("|---|---:|")
-print(f'| requests in {r["elapsed_s"]:.1f} s | {r["requests"]} |')
-print(f'| share of 503 | {100.0 * c.get("503", 0) / n:.1f} % |')
-print(f'| p50 / p99 of 503 | {p50("503")} / {p99("503")} |')
-print(f'| admitted (200) per second | {c.get("200", 0) / r["elapsed_s"]:.1f} |')
-print(f'| p50 / p99 of admitted (200) | {p50("200")} / {p99("200")} |')
-print(f'| status counts | {", ".join(f"{k}: {v}" for k, v in sorted(c.items()))} |')
-print(f'| refusals by type | {", ".join(f"{k}: {v}" for k, v in sorted(r["error_types"].items())) or "-"} |')
-for e in r["error_samples"][:2]:
-    print(f'| transport error seen | `{e}` |')
+runs = [json.load(open(p)) for p in sys.argv[1:]]
+def cell(r, f):
+    c, n, by = r["status_counts"], r["requests"] or 1, r["latency_by_status"]
+    def p(k, q): return f'{by[k][q]:.1f} ms' if k in by else "-"
+    return {
+        "requests": f'{r["requests"]} in {r["elapsed_s"]:.1f} s',
+        "share of 503": f'{100.0 * c.get("503", 0) / n:.1f} %',
+        "p50 / p99 of 503": f'{p("503", "p50_ms")} / {p("503", "p99_ms")}',
+        "admitted (200) per second": f'{c.get("200", 0) / r["elapsed_s"]:.1f}',
+        "p50 / p99 of admitted (200)": f'{p("200", "p50_ms")} / {p("200", "p99_ms")}',
+        "status counts": ", ".join(f"{k}: {v}" for k, v in sorted(c.items())),
+        "refusals by type": ", ".join(f"{k}: {v}" for k, v in sorted(r["error_types"].items())) or "-",
+    }[f]
+print("| metric | eager clients | polite clients |")
+print("|---|---:|---:|")
+for f in ["requests", "share of 503", "p50 / p99 of 503", "admitted (200) per second",
+          "p50 / p99 of admitted (200)", "status counts", "refusals by type"]:
+    print(f"| {f} | {cell(runs[0], f)} | {cell(runs[1], f)} |")
+for r in runs:
+    for e in r["error_samples"][:2]:
+        print(f'| transport error seen | `{e}` | |')
 PY
 stop_server
 echo
@@ -467,4 +486,52 @@ print(f'{r["requests"]} requests; statuses: {", ".join(f"{k}: {v}" for k, v in s
       f'types: {", ".join(f"{k}: {v}" for k, v in sorted(r["error_types"].items())) or "-"}')
 PY
   stop_server
+fi
+
+# --- 10: the inference threads' priority under overload ----------------------
+# 10x MAX_QUEUE_DEPTH on the hndsr fast profile (bicubic without
+# BENCH_WEIGHTS) at HNDSR_INFERENCE_NICE 0 (the default), 5 and 10, from
+# eager clients (send again at once) and from polite ones (Retry-After
+# honoured, out of step): how long a refusal takes while inference holds
+# every core, and what serving refusals first costs the admitted requests.
+if want priority; then
+  if [[ -n "${BENCH_WEIGHTS:-}" ]]; then
+    SHA="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["sha256"])' "${BENCH_WEIGHTS%.safetensors}.json")"
+    BACKEND_ARGS=(--backend hndsr --weights-path "$BENCH_WEIGHTS" --weights-sha256 "$SHA" --profile fast)
+    what="hndsr fast profile"
+  else
+    BACKEND_ARGS=(--backend bicubic)
+    what="bicubic"
+  fi
+  echo
+  echo "## Inference thread priority: concurrency $((10 * MAX_QUEUE_DEPTH)), $what, CPU"
+  echo
+  echo "Eager: ${SECONDS_PER_LEVEL} s; polite (\`--honour-retry-after --jitter\`): $((2 * SECONDS_PER_LEVEL)) s."
+  echo
+  echo "| HNDSR_INFERENCE_NICE | clients | requests | 503 | p50 / p90 / p99 ms (503) | 200/s | p50 ms (200) | other statuses |"
+  echo "|---:|---|---:|---:|---:|---:|---:|---|"
+  for nice in 0 5 10; do
+    start_server "$WORK/server-nice$nice.log" --rate-limit-per-hour 0 --request-timeout-s 30 --inference-nice "$nice"
+    URL="http://127.0.0.1:$PORT/v1/upscale?scale=4"
+    "$LOADGEN" run --url "$URL" "${BODY[@]}" -c 2 -n 10 >/dev/null
+    "$LOADGEN" run --url "$URL" "${BODY[@]}" -c "$((10 * MAX_QUEUE_DEPTH))" -d "$SECONDS_PER_LEVEL" \
+      --json >"$WORK/nice$nice-eager.json"
+    "$LOADGEN" run --url "$URL" "${BODY[@]}" -c "$((10 * MAX_QUEUE_DEPTH))" -d "$((2 * SECONDS_PER_LEVEL))" \
+      --honour-retry-after --jitter --json >"$WORK/nice$nice-polite.json"
+    stop_server
+    for clients in eager polite; do
+      python3 - "$nice" "$clients" "$WORK/nice$nice-$clients.json" <<'PY'
+import json, sys
+nice, clients, r = sys.argv[1], sys.argv[2], json.load(open(sys.argv[3]))
+c, by = r["status_counts"], r["latency_by_status"]
+r5 = by.get("503") or {}
+r2 = by.get("200") or {}
+def ms(d, k): return f'{d[k]:.1f}' if k in d else "-"
+others = ", ".join(f"{k}: {v}" for k, v in sorted(c.items()) if k not in ("200", "503")) or "-"
+print(f'| {nice} | {clients} | {r["requests"]} | {c.get("503", 0)} | {ms(r5, "p50_ms")} / {ms(r5, "p90_ms")} / {ms(r5, "p99_ms")} | '
+      f'{c.get("200", 0) / r["elapsed_s"]:.2f} | {ms(r2, "p50_ms")} | {others} |')
+PY
+    done
+  done
+  BACKEND_ARGS=(--backend bicubic)
 fi
