@@ -8,9 +8,10 @@
 //! to the request that asked for it. A panic is caught, answered as
 //! [`Error::BackendPanic`], and the thread goes on serving.
 //!
-//! The threads lower their own OS priority (nice) before they touch the
-//! backend, so the libtorch worker threads they start inherit it: on a busy
-//! CPU the HTTP threads (probes, refusals, uploads) are scheduled first.
+//! With `HNDSR_INFERENCE_NICE` the threads lower their own OS priority
+//! (nice) before they touch the backend, so the libtorch worker threads
+//! they start inherit it: on a busy CPU the HTTP threads (probes, refusals,
+//! uploads) are then scheduled first.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
