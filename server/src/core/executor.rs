@@ -105,7 +105,11 @@ impl Executor {
     ) -> std::io::Result<Self> {
         // Every queued task holds a permit, so `threads` slots always suffice.
         let (tx, rx) = crossbeam_channel::bounded::<Work>(threads);
-        tracing::info!(threads, nice, "inference threads (nice: steps below the HTTP threads)");
+        tracing::info!(
+            threads,
+            nice,
+            "inference threads (nice: steps below the HTTP threads)"
+        );
         let alive = Arc::new(AtomicUsize::new(0));
         let device_lost = Arc::new(AtomicBool::new(false));
         for i in 0..threads {
@@ -314,8 +318,16 @@ mod tests {
         let max = i32::from(crate::config::MAX_NICE);
         let want = (base + 3).min(max);
         assert_eq!(seen_with(3).await, (want, want));
-        assert_eq!(seen_with(0).await, (base, base), "0 leaves the priority alone");
-        assert_eq!(seen_with(19).await, (max, max), "capped at the lowest priority");
+        assert_eq!(
+            seen_with(0).await,
+            (base, base),
+            "0 leaves the priority alone"
+        );
+        assert_eq!(
+            seen_with(19).await,
+            (max, max),
+            "capped at the lowest priority"
+        );
         let after = rustix::process::getpriority_process(None).expect("getpriority");
         assert_eq!(after, base, "the caller's own priority is untouched");
     }

@@ -221,7 +221,7 @@ impl Core {
             limits.inference_nice,
             &metrics,
         )
-            .map_err(|e| BackendError::Load(format!("starting the inference threads: {e}")))?;
+        .map_err(|e| BackendError::Load(format!("starting the inference threads: {e}")))?;
         Ok(Self {
             inner: Arc::new(Inner {
                 permits: Arc::new(Semaphore::new(threads)),
