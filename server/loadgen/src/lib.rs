@@ -27,6 +27,8 @@ use hyper::{Method, Request, Uri};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use rand::rngs::StdRng;
+use rand::{Rng as _, SeedableRng as _};
 use serde::Serialize;
 
 /// Everything one run needs.
@@ -281,23 +283,16 @@ struct Answer {
     ratio: Option<f64>,
 }
 
+/// A pseudo-random duration in `[0, span)`, a function of `seed`, so runs
+/// repeat.
+#[must_use]
+pub fn jitter(seed: u64, span: Duration) -> Duration {
+    span.mul_f64(StdRng::seed_from_u64(seed).random::<f64>())
+}
+
 /// Runs `plan` to completion and reports.
 ///
 /// # Errors
-/// A pseudo-random duration in `[0, span)`, a function of `seed` (the
-/// splitmix64 finaliser), so runs repeat.
-#[must_use]
-pub fn jitter(seed: u64, span: Duration) -> Duration {
-    let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^= z >> 31;
-    // The top 53 bits as a fraction in [0, 1).
-    #[allow(clippy::cast_precision_loss)]
-    let fraction = (z >> 11) as f64 / (1u64 << 53) as f64;
-    span.mul_f64(fraction)
-}
-
 /// A target that is not loopback, or a plan with no stopping rule.
 pub async fn run(plan: Plan) -> anyhow::Result<Report> {
     check_target(&plan.url)?;
