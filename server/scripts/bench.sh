@@ -109,6 +109,12 @@ start_server() {
 }
 
 BACKEND_ARGS=(--backend bicubic)
+# With BENCH_WEIGHTS: their sha256 (from the manifest beside them) and the
+# server arguments of the hndsr fast profile on them.
+if [[ -n "${BENCH_WEIGHTS:-}" ]]; then
+  SHA="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["sha256"])' "${BENCH_WEIGHTS%.safetensors}.json")"
+  HNDSR_FAST=(--backend hndsr --weights-path "$BENCH_WEIGHTS" --weights-sha256 "$SHA" --profile fast)
+fi
 
 # info KEY: one field of the running server's /v1/info.
 info() {
@@ -141,6 +147,19 @@ PY
 BODY=(--png "$EDGE" --png-variants 256)
 
 # --- 1 and 2: throughput and latency, then overload -------------------------
+# overload PREFIX: 10 x MAX_QUEUE_DEPTH clients against $URL, into
+# PREFIX-eager.json (clients that send again at once, SECONDS_PER_LEVEL)
+# and PREFIX-polite.json (clients that honour Retry-After and are out of
+# step: start within the first second, up to half a Retry-After of extra
+# wait, so the 503s' latency is the server's, not a burst's; twice as long,
+# for as many 503s to rank).
+overload() {
+  "$LOADGEN" run --url "$URL" "${BODY[@]}" -c "$((10 * MAX_QUEUE_DEPTH))" -d "$SECONDS_PER_LEVEL" \
+    --json >"$1-eager.json"
+  "$LOADGEN" run --url "$URL" "${BODY[@]}" -c "$((10 * MAX_QUEUE_DEPTH))" -d "$((2 * SECONDS_PER_LEVEL))" \
+    --honour-retry-after --jitter --json >"$1-polite.json"
+}
+
 # load_section LABEL: against a server started with BACKEND_ARGS.
 load_section() {
 local label="$1"
@@ -163,12 +182,7 @@ for c in "${LEVELS[@]}"; do
 done
 
 OVER=$((10 * MAX_QUEUE_DEPTH))
-"$LOADGEN" run --url "$URL" "${BODY[@]}" -c "$OVER" -d "$SECONDS_PER_LEVEL" --json >"$WORK/over.json"
-# The same load from clients that behave: they honour Retry-After and are
-# out of step (start within the first second, up to half a Retry-After of
-# extra wait), so the 503s' latency is the server's, not a burst's.
-"$LOADGEN" run --url "$URL" "${BODY[@]}" -c "$OVER" -d "$((2 * SECONDS_PER_LEVEL))" \
-  --honour-retry-after --jitter --json >"$WORK/over-polite.json"
+overload "$WORK/over"
 echo
 echo "## Overload: concurrency $OVER (10 x MAX_QUEUE_DEPTH), $label"
 echo
@@ -176,7 +190,7 @@ echo "Eager clients send again as soon as they are answered; polite ones honour"
 echo "Retry-After and are out of step (\`hndsr-loadgen --honour-retry-after --jitter\`,"
 echo "run twice as long, for as many 503s to rank)."
 echo
-python3 - "$WORK/over.json" "$WORK/over-polite.json" <<'PY'
+python3 - "$WORK/over-eager.json" "$WORK/over-polite.json" <<'PY'
 import json, sys
 runs = [json.load(open(p)) for p in sys.argv[1:]]
 def cell(r, f):
@@ -206,8 +220,7 @@ echo
 if want load; then
   load_section bicubic
   if [[ -n "${BENCH_WEIGHTS:-}" ]]; then
-    SHA="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["sha256"])' "${BENCH_WEIGHTS%.safetensors}.json")"
-    BACKEND_ARGS=(--backend hndsr --weights-path "$BENCH_WEIGHTS" --weights-sha256 "$SHA" --profile fast)
+    BACKEND_ARGS=("${HNDSR_FAST[@]}")
     load_section "hndsr fast profile"
     BACKEND_ARGS=(--backend bicubic)
   fi
@@ -279,7 +292,6 @@ threads_section() {
   done
 }
 if [[ -n "${BENCH_WEIGHTS:-}" ]]; then
-  SHA="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["sha256"])' "${BENCH_WEIGHTS%.safetensors}.json")"
   HNDSR_ARGS=(--backend hndsr --weights-path "$BENCH_WEIGHTS" --weights-sha256 "$SHA" --sampling-steps 0)
 fi
 if want threads; then
@@ -412,7 +424,7 @@ fi
 # --- 8: deadline-aware admission ----------------------------------------------
 if want deadline; then
   if [[ -n "${BENCH_WEIGHTS:-}" ]]; then
-    BACKEND_ARGS=(--backend hndsr --weights-path "$BENCH_WEIGHTS" --weights-sha256 "$SHA" --profile fast)
+    BACKEND_ARGS=("${HNDSR_FAST[@]}")
     label="hndsr fast"
   else
     BACKEND_ARGS=(--backend bicubic); label=bicubic
@@ -496,8 +508,7 @@ fi
 # every core, and what serving refusals first costs the admitted requests.
 if want priority; then
   if [[ -n "${BENCH_WEIGHTS:-}" ]]; then
-    SHA="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["sha256"])' "${BENCH_WEIGHTS%.safetensors}.json")"
-    BACKEND_ARGS=(--backend hndsr --weights-path "$BENCH_WEIGHTS" --weights-sha256 "$SHA" --profile fast)
+    BACKEND_ARGS=("${HNDSR_FAST[@]}")
     what="hndsr fast profile"
   else
     BACKEND_ARGS=(--backend bicubic)
@@ -514,10 +525,7 @@ if want priority; then
     start_server "$WORK/server-nice$nice.log" --rate-limit-per-hour 0 --request-timeout-s 30 --inference-nice "$nice"
     URL="http://127.0.0.1:$PORT/v1/upscale?scale=4"
     "$LOADGEN" run --url "$URL" "${BODY[@]}" -c 2 -n 10 >/dev/null
-    "$LOADGEN" run --url "$URL" "${BODY[@]}" -c "$((10 * MAX_QUEUE_DEPTH))" -d "$SECONDS_PER_LEVEL" \
-      --json >"$WORK/nice$nice-eager.json"
-    "$LOADGEN" run --url "$URL" "${BODY[@]}" -c "$((10 * MAX_QUEUE_DEPTH))" -d "$((2 * SECONDS_PER_LEVEL))" \
-      --honour-retry-after --jitter --json >"$WORK/nice$nice-polite.json"
+    overload "$WORK/nice$nice"
     stop_server
     for clients in eager polite; do
       python3 - "$nice" "$clients" "$WORK/nice$nice-$clients.json" <<'PY'

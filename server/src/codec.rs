@@ -297,7 +297,7 @@ fn interleave<T: Copy + Default>(p: &Planar, from_f32: impl Fn(f32) -> T) -> Vec
     let c = usize::from(p.channels).max(1);
     let plane = p.data.len() / c;
     let mut out = vec![T::default(); plane * c];
-    for (ch, src) in p.data.chunks_exact(plane.max(1)).enumerate().take(c) {
+    for (ch, src) in p.data.chunks_exact(plane.max(1)).enumerate() {
         for (dst, &v) in out[ch..].iter_mut().step_by(c).zip(src) {
             *dst = from_f32(v);
         }

@@ -695,15 +695,11 @@ mod tests {
             .filter(|&w| jitter(w, Duration::from_secs(1)) >= Duration::from_millis(500))
             .count();
         assert!((1..16).contains(&late), "the seeds make a test: {late}");
-        let report = run(spread).await.unwrap();
+        let report = run(spread.clone()).await.unwrap();
         assert_eq!(report.requests, 16 - late as u64, "{report:?}");
         let together = Plan {
             jitter: false,
-            concurrency: 16,
-            requests: None,
-            duration: Some(Duration::from_millis(500)),
-            honour_retry_after: true,
-            ..plan(addr)
+            ..spread
         };
         assert_eq!(run(together).await.unwrap().requests, 16);
     }
