@@ -81,6 +81,13 @@ impl<K: Eq + Hash + Clone, T: Send, E: Clone + Send> Batcher<K, T, E> {
         }
     }
 
+    /// Whether a call of `weight` items runs alone, at once: it fills a
+    /// batch by itself, or batching is off (no wait).
+    #[must_use]
+    pub fn runs_alone(&self, weight: usize) -> bool {
+        weight >= self.max_items || self.max_wait.is_zero()
+    }
+
     /// Runs `input` (of `weight` items) as part of a batch of calls with the
     /// same `key`. The member that opens a group leads it: it runs `exec`
     /// with every member's input and must return one output per input, in
@@ -98,7 +105,7 @@ impl<K: Eq + Hash + Clone, T: Send, E: Clone + Send> Batcher<K, T, E> {
         exec: impl FnOnce(Merged<'_, T>) -> Result<Vec<T>, E>,
         lost: impl FnOnce(&str) -> E,
     ) -> Result<T, E> {
-        if weight >= self.max_items || self.max_wait.is_zero() {
+        if self.runs_alone(weight) {
             let all_cancelled = || cancelled();
             return exec(Merged {
                 inputs: vec![input],

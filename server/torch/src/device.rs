@@ -92,6 +92,7 @@ pub fn open_device(spec: &str) -> Result<Device, TorchError> {
                     lib.display()
                 )));
             }
+            crate::stream::resolve().map_err(unavailable)?;
             let count = usize::try_from(tch::Cuda::device_count()).unwrap_or(0);
             if ordinal >= count {
                 return Err(unavailable(format!(
@@ -127,6 +128,14 @@ fn load_cuda_backend() -> Result<&'static Path, &'static String> {
         })
         .as_ref()
         .map(|(path, _)| path.as_path())
+}
+
+/// The loaded `libtorch_cuda.so`, once a CUDA device has been opened.
+pub(crate) fn cuda_backend() -> Option<&'static libloading::Library> {
+    CUDA_BACKEND
+        .get()
+        .and_then(|loaded| loaded.as_ref().ok())
+        .map(|(_, lib)| lib)
 }
 
 /// `libtorch_cuda.so` next to the `libtorch_cpu.so` this process mapped;
@@ -167,8 +176,8 @@ fn open_library(path: &Path) -> Result<libloading::Library, libloading::Error> {
     // library is `libtorch_cuda.so` from the same directory as the
     // `libtorch_cpu.so` already mapped into this process, i.e. the same
     // libtorch build; its initialisers only register CUDA hooks and
-    // operator kernels with that libtorch. No symbol is looked up or called
-    // through the handle, and the handle is kept for the life of the process.
+    // operator kernels with that libtorch. The handle is kept for the life
+    // of the process; `crate::stream` looks up its C-ABI stream functions.
     unsafe { libloading::Library::new(path) }
 }
 

@@ -7,6 +7,7 @@
 //! - [`bicubic`]: the bicubic upscaler (`upsample_bicubic2d`).
 //! - [`consistency`]: the training degradation and the projection of an
 //!   upscaled image onto the images that degrade exactly to its input.
+//! - [`stream`]: one CUDA stream per inference thread.
 //! - [`batch`]: dynamic batching of concurrent callers' work into one call.
 //! - [`error`]: one error type; out-of-memory is its own variant.
 //!
@@ -25,6 +26,7 @@ pub mod consistency;
 pub mod device;
 pub mod error;
 pub mod hndsr;
+pub mod stream;
 pub mod tiling;
 
 pub use bicubic::{BICUBIC_TILES, BicubicUpscaler, upsample_bicubic};

@@ -71,3 +71,70 @@ fn the_whole_path_on_cuda_matches_the_cpu() {
         }
     }
 }
+
+/// Concurrent images merged into shared passes while every thread runs on
+/// its own CUDA stream, as the server's inference threads do: tiles cross
+/// from the followers' streams to the leader's and the shares back, and
+/// each image still gets what it gets alone (rounds repeated, so a missing
+/// synchronisation has chances to show).
+#[test]
+fn merged_passes_across_thread_streams_match_each_image_alone() {
+    use std::sync::{Arc, Barrier, Mutex};
+    use std::time::Duration;
+
+    use hndsr_torch::hndsr::TileBatcher;
+    use hndsr_torch::stream::use_own_stream;
+
+    let device = open_device("cuda").expect("a CUDA device");
+    let dir = tempfile::tempdir().unwrap();
+    let weights = dir.path().join("tiny.safetensors");
+    let cpu = HndsrModel::random(&HndsrConfig::tiny(), Device::Cpu, 3).unwrap();
+    let sha256 = cpu
+        .save(&weights, Manifest::untrained(cpu.config(), 0))
+        .unwrap()
+        .sha256;
+    let passes = Arc::new(Mutex::new(Vec::new()));
+    let seen = Arc::clone(&passes);
+    // 40×40 at 16² tiles is 5×5 tiles: a pass of 75 takes the three images.
+    let batcher = Arc::new(TileBatcher::new(
+        75,
+        Duration::from_secs(5),
+        Some(Box::new(move |tiles| seen.lock().unwrap().push(tiles))),
+    ));
+    let start = Arc::new(Barrier::new(3));
+    let handles: Vec<_> = (0..3)
+        .map(|i| {
+            let (batcher, start) = (Arc::clone(&batcher), Arc::clone(&start));
+            let (weights, sha256) = (weights.clone(), sha256.clone());
+            std::thread::spawn(move || {
+                use_own_stream(device).unwrap().expect("a CUDA stream");
+                let model = HndsrModel::load(&weights, &sha256, device, Precision::Fp32)
+                    .unwrap()
+                    .with_tile(16)
+                    .unwrap();
+                let never = || false;
+                let mut worst = 0f64;
+                for round in 0..10 {
+                    let steps = if round % 2 == 0 { 0 } else { 2 };
+                    let input =
+                        Tensor::rand([1, 3, 40, 40], (Kind::Float, Device::Cpu)) + f64::from(i);
+                    let alone = model.upscale_image(&input, steps, 5, &never).unwrap();
+                    start.wait();
+                    let runner = batcher.runner(Arc::new(|| false));
+                    let merged = model
+                        .upscale_image_via(&input, steps, 5, &never, &runner)
+                        .unwrap();
+                    let diff = (&merged - &alone).abs().max().double_value(&[]);
+                    worst = worst.max(diff);
+                }
+                worst
+            })
+        })
+        .collect();
+    for h in handles {
+        let diff = h.join().unwrap();
+        assert!(diff < 2e-3, "merged differs from alone by {diff}");
+    }
+    let passes = passes.lock().unwrap().clone();
+    assert_eq!(passes, vec![75; 10], "three images per pass, every round");
+}

@@ -7,6 +7,7 @@
 //! noise in any batch). Every layer is per-sample (group norm, no batch
 //! norm), so a merged pass gives each caller what a pass of its own would.
 
+use std::cell::Cell;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,6 +16,7 @@ use tch::Tensor;
 use super::{HndsrModel, TileRunner};
 use crate::batch::{Batcher, Merged};
 use crate::error::{TchResultExt as _, TorchError};
+use crate::stream;
 
 /// What batches may merge on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -107,42 +109,80 @@ impl TileRunner for Batched<'_> {
             steps,
             seed: if steps > 0 { seed } else { 0 },
         };
+        let device = tiles.device();
+        let weight = usize::try_from(n).unwrap_or(usize::MAX);
+        if device.is_cuda() && !self.shared.batcher.runs_alone(weight) {
+            // The tiles may go to another thread's stream: finished first.
+            stream::synchronize(device)?;
+        }
+        let led = Cell::new(false);
         let cancelled = Arc::clone(&self.cancelled);
         let observe = self.shared.observe.as_ref();
-        self.shared
+        let out = self
+            .shared
             .batcher
             .submit(
                 key,
                 tiles,
-                usize::try_from(n).unwrap_or(usize::MAX),
+                weight,
                 Box::new(move || cancelled()),
                 |merged: Merged<'_, Tensor>| {
-                    let sizes: Vec<i64> = merged.inputs.iter().map(|t| t.size()[0]).collect();
-                    let mut inputs = merged.inputs;
-                    let all = match inputs.pop() {
-                        Some(only) if inputs.is_empty() => only,
-                        last => {
-                            inputs.extend(last);
-                            Tensor::f_cat(&inputs, 0)
-                                .op("merge tile batches")
-                                .map_err(Arc::new)?
-                        }
-                    };
-                    if let Some(observe) = observe {
-                        observe(sizes.iter().sum::<i64>().try_into().unwrap_or(usize::MAX));
+                    led.set(true);
+                    let members = merged.inputs.len();
+                    let outputs = forward(model, merged, steps, seed, observe);
+                    if members > 1 && device.is_cuda() {
+                        // The followers read their shares on their own
+                        // streams, and give back the memory of their tiles,
+                        // only once this reply arrives.
+                        stream::synchronize(device).map_err(Arc::new)?;
                     }
-                    let out = model
-                        .upscale(&all, steps, seed, merged.all_cancelled)
-                        .map_err(Arc::new)?;
-                    if sizes.len() == 1 {
-                        return Ok(vec![out]);
-                    }
-                    out.f_split_with_sizes(&sizes, 0)
-                        .op("split merged tiles")
-                        .map_err(Arc::new)
+                    outputs
                 },
                 |why| Arc::new(TorchError::Internal(format!("tile batching: {why}"))),
             )
-            .map_err(|e| e.duplicate())
+            .map_err(|e| e.duplicate())?;
+        if led.get() || !device.is_cuda() {
+            return Ok(out);
+        }
+        // A share of the leader's output, in memory of the leader's stream,
+        // which may reuse it once the last share is dropped: copied onto
+        // this thread's stream, and the copy waited for, before letting go.
+        let mut own = out.f_empty_like().op("copy a batch share")?;
+        own.f_copy_(&out).op("copy a batch share")?;
+        stream::synchronize(device)?;
+        Ok(own)
     }
+}
+
+/// One forward pass over every member's tiles; one output per member.
+fn forward(
+    model: &HndsrModel,
+    merged: Merged<'_, Tensor>,
+    steps: u32,
+    seed: u64,
+    observe: Option<&PassObserver>,
+) -> Result<Vec<Tensor>, Arc<TorchError>> {
+    let sizes: Vec<i64> = merged.inputs.iter().map(|t| t.size()[0]).collect();
+    let mut inputs = merged.inputs;
+    let all = match inputs.pop() {
+        Some(only) if inputs.is_empty() => only,
+        last => {
+            inputs.extend(last);
+            Tensor::f_cat(&inputs, 0)
+                .op("merge tile batches")
+                .map_err(Arc::new)?
+        }
+    };
+    if let Some(observe) = observe {
+        observe(sizes.iter().sum::<i64>().try_into().unwrap_or(usize::MAX));
+    }
+    let out = model
+        .upscale(&all, steps, seed, merged.all_cancelled)
+        .map_err(Arc::new)?;
+    if sizes.len() == 1 {
+        return Ok(vec![out]);
+    }
+    out.f_split_with_sizes(&sizes, 0)
+        .op("split merged tiles")
+        .map_err(Arc::new)
 }
