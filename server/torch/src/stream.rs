@@ -19,8 +19,10 @@
 //! calls [`synchronize`] first, so the receiver's stream never reads
 //! unfinished data, and a thread that frees memory another stream allocated
 //! has synchronised with that stream's last use of it (the caching allocator
-//! gives a block back to the stream that allocated it). The batcher is the
-//! one place that happens ([`crate::hndsr::batched`]).
+//! gives a block back to the stream that allocated it). That happens in
+//! two places: merged tile passes ([`crate::hndsr::TileBatcher`]) and model
+//! replicas, which one thread loads and others borrow
+//! ([`crate::hndsr::HndsrModel::load`] waits for its weights).
 
 use std::ffi::c_void;
 use std::sync::OnceLock;

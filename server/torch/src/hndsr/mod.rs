@@ -354,6 +354,9 @@ impl HndsrModel {
         let net = HndsrNet::new(&vs.root(), &manifest.config);
         load_weights_from_bytes(&vs, &bytes, weights)?;
         cast_keeping_spectral(&mut vs, precision);
+        // A replica goes back to a pool that other inference threads, on
+        // other CUDA streams, borrow from: its weights are finished first.
+        crate::stream::synchronize(device)?;
         let refiner_strength = manifest.refiner_strength.unwrap_or(1.0);
         Ok(Self {
             vs,
