@@ -138,3 +138,41 @@ fn merged_passes_across_thread_streams_match_each_image_alone() {
     let passes = passes.lock().unwrap().clone();
     assert_eq!(passes, vec![75; 10], "three images per pass, every round");
 }
+
+/// A replica loaded (and cast to fp16) on one thread's CUDA stream and used
+/// at once on another's, as the server's replica pool lends them: the
+/// weights are complete when the second stream reads them.
+#[test]
+fn a_replica_loaded_on_one_stream_serves_on_another() {
+    use hndsr_torch::stream::use_own_stream;
+
+    let device = open_device("cuda").expect("a CUDA device");
+    let dir = tempfile::tempdir().unwrap();
+    let weights = dir.path().join("tiny.safetensors");
+    let cpu = HndsrModel::random(&HndsrConfig::tiny(), Device::Cpu, 4).unwrap();
+    let sha256 = cpu
+        .save(&weights, Manifest::untrained(cpu.config(), 0))
+        .unwrap()
+        .sha256;
+    let x = Tensor::rand([1, 3, 40, 48], (Kind::Float, Device::Cpu));
+    let never = || false;
+    let want = cpu.upscale_image(&x, 0, 7, &never).unwrap();
+    for round in 0..5 {
+        let (w, s) = (weights.clone(), sha256.clone());
+        let replica = std::thread::spawn(move || {
+            use_own_stream(device).unwrap();
+            HndsrModel::load(&w, &s, device, Precision::Fp16).unwrap()
+        })
+        .join()
+        .unwrap();
+        let x = x.copy();
+        let got = std::thread::spawn(move || {
+            use_own_stream(device).unwrap();
+            replica.upscale_image(&x, 0, 7, &|| false).unwrap()
+        })
+        .join()
+        .unwrap();
+        let diff = (&got - &want).abs().mean(Kind::Float).double_value(&[]);
+        assert!(diff < 2e-2, "round {round}: mean |gpu fp16 - cpu| = {diff}");
+    }
+}
