@@ -395,6 +395,13 @@ pub struct ServingSpec {
     #[serde(rename = "maxPayloadMB")]
     #[schemars(range(min = 1, max = hndsr_contract::limits::MAX_PAYLOAD_MB))]
     pub max_payload_mb: Option<i32>,
+    /// How many nice values (0–19) below the HTTP threads the pods' inference
+    /// threads run (default 0). On a CPU pod at full load, raising it
+    /// answers probes and refusals sooner but serves fewer requests when
+    /// clients retry without waiting; keep 0 on GPU pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = hndsr_contract::limits::MAX_INFERENCE_NICE))]
+    pub inference_nice: Option<i32>,
     /// Seconds a pod drains in-flight requests after SIGTERM (default 30);
     /// the pod's termination grace period covers it.
     #[serde(default, skip_serializing_if = "Option::is_none")]

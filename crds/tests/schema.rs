@@ -248,6 +248,17 @@ fn max_payload_is_bounded_by_what_the_server_accepts() {
 }
 
 #[test]
+fn inference_nice_is_a_nice_value() {
+    let nice =
+        &schema()["properties"]["spec"]["properties"]["serving"]["properties"]["inferenceNice"];
+    assert_eq!(nice["minimum"].as_f64(), Some(0.0));
+    assert_eq!(
+        nice["maximum"].as_f64(),
+        Some(f64::from(hndsr_contract::limits::MAX_INFERENCE_NICE))
+    );
+}
+
+#[test]
 fn tile_is_bounded_by_the_contract() {
     let tile = &schema()["properties"]["spec"]["properties"]["model"]["properties"]["tile"];
     let bound = |key: &str| tile[key].as_f64();

@@ -146,6 +146,7 @@ pub fn validate(svc: &HndsrService, eff: &EffectiveSpec) -> Result<(), InvalidSp
     check_gpu(eff, &mut p);
     check_cpu_and_memory(spec, &mut p);
     check_trusted_proxies(spec, &mut p);
+    check_inference_nice(spec, &mut p);
     check_serving(&eff.serving, &mut p);
     if spec.replicas.is_some_and(|r| r < 0) {
         p.add("spec.replicas", "must not be negative");
@@ -314,6 +315,20 @@ fn check_cpu_and_memory(spec: &HndsrServiceSpec, p: &mut Problems) {
                 format!("{} must not exceed the limit ({})", request.0, limit.0),
             );
         }
+    }
+}
+
+/// The server refuses to start outside 0–19 (the schema's bounds; checked
+/// again here so a spec that got past them is refused, not crash-looped).
+fn check_inference_nice(spec: &HndsrServiceSpec, p: &mut Problems) {
+    let max = i32::from(hndsr_contract::limits::MAX_INFERENCE_NICE);
+    if let Some(nice) = spec.serving.as_ref().and_then(|s| s.inference_nice)
+        && !(0..=max).contains(&nice)
+    {
+        p.add(
+            "spec.serving.inferenceNice",
+            format!("{nice} is not a nice value between 0 and {max}"),
+        );
     }
 }
 

@@ -201,6 +201,24 @@ fn grace_period_covers_the_drain() {
     assert!(pod.termination_grace_period_seconds.unwrap() > i64::from(drain));
 }
 
+/// `serving.inferenceNice` reaches the server as `HNDSR_INFERENCE_NICE`
+/// when set; unset, the server's own default (0) holds.
+#[test]
+fn inference_nice_reaches_the_pods_only_when_set() {
+    let nice = |case: &str| {
+        let c = desired(&load(case), &BuildConfig::default()).unwrap();
+        let pod = c.deployment.spec.template.spec.unwrap();
+        pod.containers[0]
+            .env
+            .iter()
+            .flatten()
+            .find(|e| e.name == hndsr_contract::env::INFERENCE_NICE)
+            .and_then(|e| e.value.clone())
+    };
+    assert_eq!(nice("cpu").as_deref(), Some("5"));
+    assert_eq!(nice("gpu"), None);
+}
+
 #[test]
 fn service_selects_serving_pods_only() {
     let c = desired(&load("cpu"), &BuildConfig::default()).unwrap();

@@ -25,7 +25,7 @@ pub const MAX_SCALE: u32 = 8;
 pub const OUTPUT_PIXELS_FACTOR: u64 = 16;
 
 /// Largest nice value (lowest priority) Linux has.
-pub const MAX_NICE: u8 = 19;
+pub const MAX_NICE: u8 = limits::MAX_INFERENCE_NICE;
 
 /// Largest accepted `--sampling-steps` and per-request `steps`.
 pub const MAX_SAMPLING_STEPS: u32 = 1000;

@@ -150,6 +150,9 @@ pub mod defaults {
 pub mod limits {
     /// Largest [`super::env::MAX_PAYLOAD_MB`].
     pub const MAX_PAYLOAD_MB: u32 = 1024;
+    /// Largest [`super::env::INFERENCE_NICE`]: the lowest priority a Linux
+    /// nice value gives.
+    pub const MAX_INFERENCE_NICE: u8 = 19;
 }
 
 /// LR tile edges, in pixels, the `hndsr` backend accepts for

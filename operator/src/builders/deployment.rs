@@ -296,6 +296,10 @@ fn server_container(ctx: &Ctx<'_>, cfg: &BuildConfig, serving: &EffectiveServing
         env_var(env::LOG_JSON, cfg.log_json.to_string()),
         cpus_from_request(),
     ]);
+    // Only when set: the server's default leaves priorities alone.
+    if let Some(nice) = spec.serving.as_ref().and_then(|s| s.inference_nice) {
+        envs.push(env_var(env::INFERENCE_NICE, nice.to_string()));
+    }
     // Lists only when set: the server's defaults are empty lists.
     let listed = spec.serving.as_ref();
     for (name, list) in [
