@@ -92,12 +92,15 @@ stop_server() { kill "$SERVER_PID" 2>/dev/null; wait "$SERVER_PID" 2>/dev/null; 
 echo
 echo "## 3. The server under load: $(basename "$SAMPLE") (256² RGB) ×4, MAX_CONCURRENT=4"
 echo
-echo "| profile, batching | concurrency | 200/s | p50 ms | p90 ms | p99 ms | other | batch tiles (mean) | est. ratio p50 / p90 |"
-echo "|---|---:|---:|---:|---:|---:|---|---:|---|"
+echo "GPU MiB: device memory in use after the level (nvidia-smi; the caching allocator keeps"
+echo "what each inference thread's stream has used)."
+echo
+echo "| profile, batching | concurrency | 200/s | p50 ms | p90 ms | p99 ms | other | batch tiles (mean) | est. ratio p50 / p90 | GPU MiB |"
+echo "|---|---:|---:|---:|---:|---:|---|---:|---|---:|"
 for profile in fast quality; do
   for batch in 16 0; do
     if ! start_server --profile "$profile" --batch-tiles "$batch"; then
-      echo "| $profile, batch $batch | server did not start | | | | | | | |"; continue
+      echo "| $profile, batch $batch | server did not start | | | | | | | | |"; continue
     fi
     URL="http://127.0.0.1:$PORT/v1/upscale?scale=4"
     "$KIT/hndsr-loadgen" run --url "$URL" --png 256 --png-variants 64 -c 4 -n 16 --timeout 60 >/dev/null 2>&1
@@ -105,9 +108,11 @@ for profile in fast quality; do
       "$KIT/hndsr-loadgen" run --url "$URL" --png 256 --png-variants 64 -c "$c" -d "$SECONDS_PER_LEVEL" \
         --timeout 60 --json >"$WORK/r.json" 2>/dev/null
       curl -fsS "http://127.0.0.1:$PORT/metrics" >"$WORK/m.txt"
-      python3 - "$profile, batch $batch" "$c" "$WORK/r.json" "$WORK/m.txt" <<'PY'
+      gpu_mib="$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits 2>/dev/null | head -1)"
+      python3 - "$profile, batch $batch" "$c" "$WORK/r.json" "$WORK/m.txt" "${gpu_mib:--}" <<'PY'
 import json, sys
 label, c, r, m = sys.argv[1], sys.argv[2], json.load(open(sys.argv[3])), open(sys.argv[4]).read()
+gpu_mib = sys.argv[5].strip()
 ok = r["status_counts"].get("200", 0)
 l = r["latency_by_status"].get("200", {})
 other = ", ".join(f"{k}: {v}" for k, v in r["status_counts"].items() if k != "200") or "-"
@@ -116,7 +121,7 @@ mean = val("hndsr_batch_tiles_sum") / max(val("hndsr_batch_tiles_count"), 1)
 e = r.get("estimate_ratio") or {}
 f = lambda d, k: f'{d[k]:.1f}' if k in d else "-"
 print(f'| {label} | {c} | {ok / r["elapsed_s"]:.1f} | {f(l, "p50_ms")} | {f(l, "p90_ms")} | {f(l, "p99_ms")} | {other} | '
-      f'{mean:.1f} | {e.get("p50", 0):.2f} / {e.get("p90", 0):.2f} |')
+      f'{mean:.1f} | {e.get("p50", 0):.2f} / {e.get("p90", 0):.2f} | {gpu_mib} |')
 PY
     done
     stop_server

@@ -473,9 +473,14 @@ fn check_scale(info: &BackendInfo, scale: u32) -> Result<(), BackendError> {
     )))
 }
 
-/// Loading errors become [`BackendError::Load`] with the model's message.
+/// Loading errors become [`BackendError::Load`] with the model's message,
+/// but a device lost while loading is a lost device (`/healthz` fails).
 fn load_error(e: &HndsrError) -> BackendError {
-    BackendError::Load(format!("loading the hndsr model: {e}"))
+    let message = format!("loading the hndsr model: {e}");
+    match e {
+        HndsrError::Torch(TorchError::DeviceLost { .. }) => BackendError::DeviceLost(message),
+        _ => BackendError::Load(message),
+    }
 }
 
 /// Maps the torch crate's errors onto the server's classes.
@@ -566,6 +571,17 @@ mod tests {
     use assert_matches::assert_matches;
 
     use super::*;
+
+    #[test]
+    fn a_device_lost_while_loading_is_a_lost_device() {
+        let lost = HndsrError::Torch(TorchError::DeviceLost {
+            op: "synchronize a CUDA stream",
+            message: "an illegal memory access was encountered".to_owned(),
+        });
+        assert_matches!(load_error(&lost), BackendError::DeviceLost(m) if m.contains("illegal memory access"));
+        let other = HndsrError::Config("no such block".to_owned());
+        assert_matches!(load_error(&other), BackendError::Load(m) if m.contains("no such block"));
+    }
 
     fn cfg() -> ModelConfig {
         ModelConfig {

@@ -54,7 +54,7 @@ impl std::fmt::Display for StreamHandle {
 /// The pool hands its streams out in turn, so threads that call this get
 /// different streams (up to the pool's size, 32 per device).
 ///
-/// `Ok(None)` on the CPU.
+/// `Ok(None)` on the CPU (and any device without CUDA streams).
 ///
 /// # Errors
 /// When the CUDA backend is not loaded (no [`crate::open_device`] of a CUDA
@@ -115,16 +115,13 @@ pub fn synchronize(device: Device) -> Result<(), TorchError> {
     }
 }
 
-/// The CUDA ordinal of `device`, `None` for the CPU.
+/// The CUDA ordinal of `device`; `None` for devices without CUDA streams.
 fn cuda_index(device: Device) -> Result<Option<i32>, TorchError> {
     match device {
-        Device::Cpu => Ok(None),
         Device::Cuda(n) => i32::try_from(n)
             .map(Some)
             .map_err(|_| TorchError::InvalidInput(format!("CUDA ordinal {n} is out of range"))),
-        other => Err(TorchError::InvalidInput(format!(
-            "streams exist on CUDA devices only, not {other:?}"
-        ))),
+        Device::Cpu | Device::Mps | Device::Vulkan => Ok(None),
     }
 }
 
@@ -255,9 +252,11 @@ mod tests {
     }
 
     #[test]
-    fn other_devices_are_refused() {
-        let err = use_own_stream(Device::Mps).unwrap_err();
-        assert!(matches!(err, TorchError::InvalidInput(_)), "{err:?}");
+    fn only_cuda_devices_have_streams() {
+        for device in [Device::Mps, Device::Vulkan] {
+            assert_eq!(use_own_stream(device).unwrap(), None);
+            synchronize(device).unwrap();
+        }
     }
 
     #[test]

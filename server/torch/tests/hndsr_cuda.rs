@@ -72,18 +72,30 @@ fn the_whole_path_on_cuda_matches_the_cpu() {
     }
 }
 
+/// About 50 ms of GPU work queued on the calling thread's current stream
+/// (sixteen 4096² matmuls): whatever is queued after it finishes late.
+fn busy(device: Device) {
+    let a = Tensor::randn([4096, 4096], (Kind::Float, device)) / 64.0;
+    let mut x = a.shallow_clone();
+    for _ in 0..16 {
+        x = x.matmul(&a);
+    }
+}
+
 /// Concurrent images merged into shared passes while every thread runs on
 /// its own CUDA stream, as the server's inference threads do: tiles cross
 /// from the followers' streams to the leader's and the shares back, and
-/// each image still gets what it gets alone (rounds repeated, so a missing
-/// synchronisation has chances to show).
+/// each image still gets what it gets alone. GPU work queued ahead of each
+/// thread's tiles, and ahead of the merged pass (from the pass observer,
+/// on the leader's stream), makes a missing synchronisation show as
+/// unwritten memory.
 #[test]
 fn merged_passes_across_thread_streams_match_each_image_alone() {
     use std::sync::{Arc, Barrier, Mutex};
     use std::time::Duration;
 
     use hndsr_torch::hndsr::TileBatcher;
-    use hndsr_torch::stream::use_own_stream;
+    use hndsr_torch::stream::{synchronize, use_own_stream};
 
     let device = open_device("cuda").expect("a CUDA device");
     let dir = tempfile::tempdir().unwrap();
@@ -99,7 +111,10 @@ fn merged_passes_across_thread_streams_match_each_image_alone() {
     let batcher = Arc::new(TileBatcher::new(
         75,
         Duration::from_secs(5),
-        Some(Box::new(move |tiles| seen.lock().unwrap().push(tiles))),
+        Some(Box::new(move |tiles| {
+            seen.lock().unwrap().push(tiles);
+            busy(device);
+        })),
     ));
     let start = Arc::new(Barrier::new(3));
     let handles: Vec<_> = (0..3)
@@ -114,15 +129,19 @@ fn merged_passes_across_thread_streams_match_each_image_alone() {
                     .unwrap();
                 let never = || false;
                 let mut worst = 0f64;
-                for round in 0..10 {
-                    let steps = if round % 2 == 0 { 0 } else { 2 };
+                for _ in 0..10 {
+                    // Already on the device, so the tiles are cut by
+                    // kernels queued behind `busy`, not by a synchronous
+                    // copy from the host.
                     let input =
-                        Tensor::rand([1, 3, 40, 40], (Kind::Float, Device::Cpu)) + f64::from(i);
-                    let alone = model.upscale_image(&input, steps, 5, &never).unwrap();
+                        (Tensor::rand([1, 3, 40, 40], (Kind::Float, device)) + f64::from(i)) / 3.0;
+                    let alone = model.upscale_image(&input, 0, 5, &never).unwrap();
+                    synchronize(device).unwrap();
                     start.wait();
+                    busy(device);
                     let runner = batcher.runner(Arc::new(|| false));
                     let merged = model
-                        .upscale_image_via(&input, steps, 5, &never, &runner)
+                        .upscale_image_via(&input, 0, 5, &never, &runner)
                         .unwrap();
                     let diff = (&merged - &alone).abs().max().double_value(&[]);
                     worst = worst.max(diff);

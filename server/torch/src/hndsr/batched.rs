@@ -128,15 +128,7 @@ impl TileRunner for Batched<'_> {
                 Box::new(move || cancelled()),
                 |merged: Merged<'_, Tensor>| {
                     led.set(true);
-                    let members = merged.inputs.len();
-                    let outputs = forward(model, merged, steps, seed, observe);
-                    if members > 1 && device.is_cuda() {
-                        // The followers read their shares on their own
-                        // streams, and give back the memory of their tiles,
-                        // only once this reply arrives.
-                        stream::synchronize(device).map_err(Arc::new)?;
-                    }
-                    outputs
+                    forward(model, merged, steps, seed, observe)
                 },
                 |why| Arc::new(TorchError::Internal(format!("tile batching: {why}"))),
             )
@@ -155,6 +147,11 @@ impl TileRunner for Batched<'_> {
 }
 
 /// One forward pass over every member's tiles; one output per member.
+///
+/// With other members on CUDA, the pass ran on this thread's stream over
+/// tiles from theirs: it is waited for before their tiles are let go (the
+/// memory goes back to their streams, which may reuse it at once) and
+/// before they get their shares, whatever the outcome.
 fn forward(
     model: &HndsrModel,
     merged: Merged<'_, Tensor>,
@@ -162,22 +159,39 @@ fn forward(
     seed: u64,
     observe: Option<&PassObserver>,
 ) -> Result<Vec<Tensor>, Arc<TorchError>> {
-    let sizes: Vec<i64> = merged.inputs.iter().map(|t| t.size()[0]).collect();
-    let mut inputs = merged.inputs;
-    let all = match inputs.pop() {
-        Some(only) if inputs.is_empty() => only,
-        last => {
-            inputs.extend(last);
-            Tensor::f_cat(&inputs, 0)
-                .op("merge tile batches")
-                .map_err(Arc::new)?
-        }
+    let Merged {
+        inputs,
+        all_cancelled,
+    } = merged;
+    let outputs = pass(model, &inputs, steps, seed, all_cancelled, observe);
+    if let [first, _, ..] = inputs.as_slice() {
+        stream::synchronize(first.device()).map_err(Arc::new)?;
+    }
+    drop(inputs);
+    outputs
+}
+
+/// The merged pass itself, split back into one output per input.
+fn pass(
+    model: &HndsrModel,
+    inputs: &[Tensor],
+    steps: u32,
+    seed: u64,
+    all_cancelled: &dyn Fn() -> bool,
+    observe: Option<&PassObserver>,
+) -> Result<Vec<Tensor>, Arc<TorchError>> {
+    let sizes: Vec<i64> = inputs.iter().map(|t| t.size()[0]).collect();
+    let all = match inputs {
+        [only] => only.shallow_clone(),
+        _ => Tensor::f_cat(inputs, 0)
+            .op("merge tile batches")
+            .map_err(Arc::new)?,
     };
     if let Some(observe) = observe {
         observe(sizes.iter().sum::<i64>().try_into().unwrap_or(usize::MAX));
     }
     let out = model
-        .upscale(&all, steps, seed, merged.all_cancelled)
+        .upscale(&all, steps, seed, all_cancelled)
         .map_err(Arc::new)?;
     if sizes.len() == 1 {
         return Ok(vec![out]);
