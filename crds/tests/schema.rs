@@ -238,42 +238,50 @@ spec:
     maxUnavailable: 1
 "#;
 
+/// The schema's `(minimum, maximum)` of `spec.<section>.<field>`.
+fn bounds(section: &str, field: &str) -> (Option<f64>, Option<f64>) {
+    let f = &schema()["properties"]["spec"]["properties"][section]["properties"][field];
+    (f["minimum"].as_f64(), f["maximum"].as_f64())
+}
+
 #[test]
 fn max_payload_is_bounded_by_what_the_server_accepts() {
-    let mb = &schema()["properties"]["spec"]["properties"]["serving"]["properties"]["maxPayloadMB"];
     assert_eq!(
-        mb["maximum"].as_f64(),
+        bounds("serving", "maxPayloadMB").1,
         Some(f64::from(hndsr_contract::limits::MAX_PAYLOAD_MB))
     );
 }
 
 #[test]
 fn inference_nice_is_a_nice_value() {
-    let nice =
-        &schema()["properties"]["spec"]["properties"]["serving"]["properties"]["inferenceNice"];
-    assert_eq!(nice["minimum"].as_f64(), Some(0.0));
     assert_eq!(
-        nice["maximum"].as_f64(),
-        Some(f64::from(hndsr_contract::limits::MAX_INFERENCE_NICE))
+        bounds("serving", "inferenceNice"),
+        (
+            Some(0.0),
+            Some(f64::from(hndsr_contract::limits::MAX_INFERENCE_NICE))
+        )
     );
 }
 
 #[test]
 fn tile_is_bounded_by_the_contract() {
-    let tile = &schema()["properties"]["spec"]["properties"]["model"]["properties"]["tile"];
-    let bound = |key: &str| tile[key].as_f64();
-    assert_eq!(bound("minimum"), Some(f64::from(hndsr_contract::tile::MIN)));
-    assert_eq!(bound("maximum"), Some(f64::from(hndsr_contract::tile::MAX)));
+    assert_eq!(
+        bounds("model", "tile"),
+        (
+            Some(f64::from(hndsr_contract::tile::MIN)),
+            Some(f64::from(hndsr_contract::tile::MAX))
+        )
+    );
 }
 
 #[test]
 fn projection_steps_are_bounded_by_the_contract() {
-    let steps =
-        &schema()["properties"]["spec"]["properties"]["model"]["properties"]["projectionSteps"];
-    assert_eq!(steps["minimum"].as_f64(), Some(0.0));
     assert_eq!(
-        steps["maximum"].as_f64(),
-        Some(f64::from(hndsr_contract::projection::MAX_STEPS))
+        bounds("model", "projectionSteps"),
+        (
+            Some(0.0),
+            Some(f64::from(hndsr_contract::projection::MAX_STEPS))
+        )
     );
 }
 

@@ -75,7 +75,6 @@ fn load(cfg: &ModelConfig) -> Result<Arc<dyn Backend>, BackendError> {
 #[derive(Debug)]
 pub struct TorchBicubic {
     upscaler: BicubicUpscaler,
-    device: Device,
     info: BackendInfo,
     torch_threads: NonZeroUsize,
 }
@@ -118,7 +117,6 @@ impl TorchBicubic {
         };
         Ok(Self {
             upscaler,
-            device,
             info,
             torch_threads: cfg.torch_threads,
         })
@@ -132,7 +130,7 @@ impl Backend for TorchBicubic {
 
     fn init_thread(&self) {
         set_torch_threads(self.torch_threads);
-        use_own_stream(self.device);
+        use_own_stream(self.upscaler.device());
     }
 
     fn warm_up(&self) -> Result<(), BackendError> {

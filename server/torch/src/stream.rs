@@ -84,10 +84,7 @@ pub fn current_stream(device: Device) -> Result<Option<StreamHandle>, TorchError
     let Some(index) = cuda_index(device)? else {
         return Ok(None);
     };
-    api()?
-        .current(index)
-        .map(|s| Some(StreamHandle(s as usize)))
-        .ok_or_else(|| failed(device, "read the thread's current stream"))
+    current(api()?, device, index).map(|s| Some(StreamHandle(s as usize)))
 }
 
 /// Waits until the work queued on the calling thread's current stream on
@@ -102,9 +99,7 @@ pub fn synchronize(device: Device) -> Result<(), TorchError> {
         return Ok(());
     };
     let api = api()?;
-    let stream = api
-        .current(index)
-        .ok_or_else(|| failed(device, "read the thread's current stream"))?;
+    let stream = current(api, device, index)?;
     if api.synchronize(stream, index) {
         Ok(())
     } else {
@@ -123,6 +118,11 @@ fn cuda_index(device: Device) -> Result<Option<i32>, TorchError> {
             .map_err(|_| TorchError::InvalidInput(format!("CUDA ordinal {n} is out of range"))),
         Device::Cpu | Device::Mps | Device::Vulkan => Ok(None),
     }
+}
+
+fn current(api: &ffi::Api, device: Device, index: i32) -> Result<*mut c_void, TorchError> {
+    api.current(index)
+        .ok_or_else(|| failed(device, "read the thread's current stream"))
 }
 
 fn failed(device: Device, what: &str) -> TorchError {
@@ -232,8 +232,7 @@ mod ffi {
         // library is never unloaded, so the copied pointer stays valid.
         unsafe { lib.get::<T>(name) }.map(|f| *f).map_err(|e| {
             format!(
-                "{} has no {}: not the libtorch this server was built for ({e})",
-                "libtorch_cuda.so",
+                "libtorch_cuda.so has no {}: not the libtorch this server was built for ({e})",
                 String::from_utf8_lossy(&name[..name.len() - 1])
             )
         })

@@ -3,19 +3,29 @@
 //! `cargo test -p hndsr-torch --features cuda-tests --test hndsr_cuda`.
 #![cfg(feature = "cuda-tests")]
 
+use std::path::PathBuf;
+
 use hndsr_torch::hndsr::{HndsrConfig, HndsrModel, Manifest, Precision};
 use hndsr_torch::open_device;
 use hndsr_torch::tch::{Device, Kind, Tensor};
 
+/// Tiny random weights, saved: the directory holding them (keep it alive),
+/// the CPU model, its file and its digest.
+fn tiny(seed: u64) -> (tempfile::TempDir, HndsrModel, PathBuf, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let weights = dir.path().join("tiny.safetensors");
+    let cpu = HndsrModel::random(&HndsrConfig::tiny(), Device::Cpu, seed).unwrap();
+    let sha256 = cpu
+        .save(&weights, Manifest::untrained(cpu.config(), 0))
+        .unwrap()
+        .sha256;
+    (dir, cpu, weights, sha256)
+}
+
 #[test]
 fn reduced_precision_on_cuda_stays_close_to_cpu_fp32() {
     let device = open_device("cuda").expect("a CUDA device");
-    let dir = tempfile::tempdir().unwrap();
-    let weights = dir.path().join("tiny.safetensors");
-    let cpu = HndsrModel::random(&HndsrConfig::tiny(), Device::Cpu, 1).unwrap();
-    let manifest = cpu
-        .save(&weights, Manifest::untrained(cpu.config(), 0))
-        .unwrap();
+    let (_dir, cpu, weights, sha256) = tiny(1);
     let x = Tensor::rand([1, 3, 40, 48], (Kind::Float, Device::Cpu));
     let never = || false;
     let want = cpu.upscale_image(&x, 4, 7, &never).unwrap();
@@ -24,7 +34,7 @@ fn reduced_precision_on_cuda_stays_close_to_cpu_fp32() {
         (Precision::Fp16, 2e-2),
         (Precision::Bf16, 5e-2),
     ] {
-        let gpu = HndsrModel::load(&weights, &manifest.sha256, device, precision).unwrap();
+        let gpu = HndsrModel::load(&weights, &sha256, device, precision).unwrap();
         let got = gpu.upscale_image(&x, 4, 7, &never).unwrap();
         let diff = (&got - &want).abs().mean(Kind::Float).double_value(&[]);
         assert!(diff < tol, "{precision}: mean |gpu - cpu| = {diff}");
@@ -37,12 +47,7 @@ fn reduced_precision_on_cuda_stays_close_to_cpu_fp32() {
 #[test]
 fn the_whole_path_on_cuda_matches_the_cpu() {
     let device = open_device("cuda").expect("a CUDA device");
-    let dir = tempfile::tempdir().unwrap();
-    let weights = dir.path().join("tiny.safetensors");
-    let cpu = HndsrModel::random(&HndsrConfig::tiny(), Device::Cpu, 2).unwrap();
-    let manifest = cpu
-        .save(&weights, Manifest::untrained(cpu.config(), 0))
-        .unwrap();
+    let (_dir, cpu, weights, sha256) = tiny(2);
     let setup = |m: HndsrModel| {
         m.with_tile(16)
             .unwrap()
@@ -51,7 +56,7 @@ fn the_whole_path_on_cuda_matches_the_cpu() {
             .unwrap()
     };
     let cpu = setup(cpu);
-    let gpu = setup(HndsrModel::load(&weights, &manifest.sha256, device, Precision::Fp32).unwrap());
+    let gpu = setup(HndsrModel::load(&weights, &sha256, device, Precision::Fp32).unwrap());
     let never = || false;
     for channels in [3, 4, 2] {
         let x = Tensor::rand([1, channels, 40, 48], (Kind::Float, Device::Cpu));
@@ -98,13 +103,7 @@ fn merged_passes_across_thread_streams_match_each_image_alone() {
     use hndsr_torch::stream::{synchronize, use_own_stream};
 
     let device = open_device("cuda").expect("a CUDA device");
-    let dir = tempfile::tempdir().unwrap();
-    let weights = dir.path().join("tiny.safetensors");
-    let cpu = HndsrModel::random(&HndsrConfig::tiny(), Device::Cpu, 3).unwrap();
-    let sha256 = cpu
-        .save(&weights, Manifest::untrained(cpu.config(), 0))
-        .unwrap()
-        .sha256;
+    let (_dir, _, weights, sha256) = tiny(3);
     let passes = Arc::new(Mutex::new(Vec::new()));
     let seen = Arc::clone(&passes);
     // 40×40 at 16² tiles is 5×5 tiles: a pass of 75 takes the three images.
@@ -166,13 +165,7 @@ fn a_replica_loaded_on_one_stream_serves_on_another() {
     use hndsr_torch::stream::use_own_stream;
 
     let device = open_device("cuda").expect("a CUDA device");
-    let dir = tempfile::tempdir().unwrap();
-    let weights = dir.path().join("tiny.safetensors");
-    let cpu = HndsrModel::random(&HndsrConfig::tiny(), Device::Cpu, 4).unwrap();
-    let sha256 = cpu
-        .save(&weights, Manifest::untrained(cpu.config(), 0))
-        .unwrap()
-        .sha256;
+    let (_dir, cpu, weights, sha256) = tiny(4);
     let x = Tensor::rand([1, 3, 40, 48], (Kind::Float, Device::Cpu));
     let never = || false;
     let want = cpu.upscale_image(&x, 0, 7, &never).unwrap();

@@ -111,7 +111,7 @@ impl TileRunner for Batched<'_> {
         };
         let device = tiles.device();
         let weight = usize::try_from(n).unwrap_or(usize::MAX);
-        if device.is_cuda() && !self.shared.batcher.runs_alone(weight) {
+        if !self.shared.batcher.runs_alone(weight) {
             // The tiles may go to another thread's stream: finished first.
             stream::synchronize(device)?;
         }
